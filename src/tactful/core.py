@@ -1,0 +1,384 @@
+"""The core: Decide, ReportOutcome, profiles and the catalog as plain Python.
+
+Nothing here imports gRPC or protobuf; the transport converts messages to the dataclasses of
+``tactful.model`` and calls these objects. Errors are the domain errors of ``tactful.errors``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from tactful import metrics, scoring, validation
+from tactful.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from tactful.model import (
+    Arm,
+    Choice,
+    DecideRequest,
+    Decision,
+    HoldReason,
+    Offer,
+    OutcomeReport,
+    PreferencesUpdate,
+    Profile,
+    Reason,
+    ReasonCode,
+    Signal,
+    Stance,
+)
+from tactful.privacy import Pseudonymizer, in_control_group
+from tactful.settings import Settings
+from tactful.store import LoggedDecision, OutcomeStatus, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+DAY_SECONDS = 86400
+
+
+class CatalogCache:
+    """The offer catalog, cached in process. Every Decide reads the catalog's version in its
+    one round trip; a version this process has not loaded yet triggers a reload, so a change
+    made through any process is seen by all of them on their next request."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._version = -1
+        self._offers: dict[str, Offer] = {}
+
+    def offers(self, version: int) -> Mapping[str, Offer]:
+        if version != self._version:
+            with self._lock:
+                if version != self._version:
+                    self._reload_locked()
+        return self._offers
+
+    def refresh(self) -> Mapping[str, Offer]:
+        with self._lock:
+            self._reload_locked()
+        return self._offers
+
+    def last_known(self) -> Mapping[str, Offer]:
+        """Whatever was loaded last, possibly stale: what a fallback answer is made of."""
+        return self._offers
+
+    def _reload_locked(self) -> None:
+        version, offers = self._store.load_catalog()
+        self._offers = {o.offer_id: o for o in offers}
+        self._version = version
+        metrics.CATALOG_RELOADS.inc()
+
+
+class Decider:
+    def __init__(
+        self,
+        store: Store,
+        catalog: CatalogCache,
+        settings: Settings,
+        *,
+        clock: Clock = time.time,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._policy = settings.policy
+        self._half_life = settings.policy.signal_half_life_hours * 3600.0
+        self._pseudonym = Pseudonymizer(settings.privacy.pseudonym_key)
+        self._clock = clock
+
+    def decide(self, req: DecideRequest) -> Decision:
+        validation.require(validation.check_decide(req))
+        now = self._clock()
+        decision_id = uuid.uuid4().hex
+        try:
+            inputs = self._store.read_for_decision(user_id=req.user_id, request_id=req.request_id)
+            if inputs.replay_decision_id:
+                logged = self._store.get_logged_decision(decision_id=inputs.replay_decision_id)
+                if logged is not None:
+                    return decision_from_log(logged.payload)
+            offers = self._catalog.offers(inputs.catalog_version)
+        except Unavailable:
+            return self._without_store(req, decision_id, now)
+
+        decision = self._choose(req, inputs.profile, offers, decision_id, now)
+        self._count(decision)
+        if not req.dry_run:
+            self._log(req, inputs.profile, decision, now)
+        return decision
+
+    def _choose(
+        self,
+        req: DecideRequest,
+        profile: Profile,
+        offers: Mapping[str, Offer],
+        decision_id: str,
+        now: float,
+    ) -> Decision:
+        control = in_control_group(
+            req.user_id, salt=self._policy.control_salt, share=self._policy.control_share
+        )
+        arm = Arm.CONTROL if control else Arm.PERSONALIZED
+
+        def hold(reason: HoldReason) -> Decision:
+            return Decision(decision_id, (), reason, scoring.MODEL_VERSION, arm)
+
+        if req.channel in profile.opted_out_channels():
+            return hold(HoldReason.CHANNEL_OPTED_OUT)
+        liked = profile.topics_with(Stance.LIKE)
+        disliked = profile.topics_with(Stance.DISLIKE)
+        eligible = [
+            offer
+            for offer in _candidates(req, offers)
+            if offer.is_active(now)
+            and req.channel in offer.channels
+            and disliked.isdisjoint(offer.topics)
+            and (not offer.sensitive or not liked.isdisjoint(offer.topics))
+        ]
+        if not eligible:
+            return hold(HoldReason.NO_ELIGIBLE_OFFER)
+        # Without consent, behaviour is not even read into the view scoring gets.
+        inferred = (
+            self._decayed(profile.signals, now) if profile.consent.inferred_personalization else {}
+        )
+        view = scoring.UserView(liked_topics=liked, inferred=inferred)
+        ranked = scoring.rank([scoring.score_offer(o, view, arm) for o in eligible])
+        # The fixed rule is deterministic: each pick is made with probability 1.
+        choices = tuple(
+            Choice(s.offer.offer_id, s.score, 1.0, s.reasons) for s in ranked[: req.slots or 1]
+        )
+        return Decision(decision_id, choices, HoldReason.NONE, scoring.MODEL_VERSION, arm)
+
+    def _decayed(self, signals: Sequence[Signal], now: float) -> dict[str, float]:
+        return {s.topic: decay(s, now, self._half_life) for s in signals}
+
+    def _without_store(self, req: DecideRequest, decision_id: str, now: float) -> Decision:
+        """Redis is down or slow. A page being rendered still gets an answer from the
+        in-process catalog by business priority; a message that would be sent (email, push,
+        sms) is held, since no preference or cap can be checked."""
+        if req.channel not in self._policy.render_time_channels:
+            metrics.FALLBACKS.labels("held").inc()
+            decision = Decision(
+                decision_id, (), HoldReason.STORE_UNAVAILABLE, scoring.MODEL_VERSION, Arm.FALLBACK
+            )
+            self._count(decision)
+            return decision
+        # Sensitive offers need an explicit LIKE we cannot read: never in a fallback.
+        eligible = [
+            o
+            for o in _candidates(req, self._catalog.last_known())
+            if o.is_active(now) and req.channel in o.channels and not o.sensitive
+        ]
+        view = scoring.UserView(liked_topics=frozenset(), inferred={})
+        ranked = scoring.rank([scoring.score_offer(o, view, Arm.FALLBACK) for o in eligible])
+        choices = tuple(
+            Choice(s.offer.offer_id, s.score, 1.0, s.reasons) for s in ranked[: req.slots or 1]
+        )
+        hold = HoldReason.NONE if choices else HoldReason.STORE_UNAVAILABLE
+        metrics.FALLBACKS.labels("fallback" if choices else "held").inc()
+        decision = Decision(decision_id, choices, hold, scoring.MODEL_VERSION, Arm.FALLBACK)
+        self._count(decision)
+        return decision
+
+    def _log(self, req: DecideRequest, profile: Profile, decision: Decision, now: float) -> None:
+        contacts: list[tuple[str, str]] = []
+        if decision.choices:
+            contacts.append((req.channel, ""))
+            contacts += [(req.channel, c.offer_id) for c in decision.choices]
+        payload = decision_to_log(decision)
+        payload.update(
+            ts=now,
+            user=self._pseudonym(req.user_id),
+            channel=req.channel,
+            placement=req.placement,
+            numeric_context=dict(req.numeric_context),
+            categorical_context=dict(req.categorical_context),
+        )
+        window_start = now - now % DAY_SECONDS
+        expired = [c for c in profile.contact_counters if c.window_start != window_start]
+        try:
+            self._store.log_decision(
+                user_id=req.user_id,
+                decision=LoggedDecision(decision.decision_id, payload),
+                contacts=contacts,
+                window_start=window_start,
+                expired=expired,
+                request_id=req.request_id,
+            )
+        except Unavailable:
+            # The answer is still worth more to the page than an error; the decision just
+            # cannot be joined with an outcome later. Counted so ops can see it.
+            metrics.DECISION_LOG_FAILURES.inc()
+            log.warning(
+                "decision %s answered but not logged: store unavailable", decision.decision_id
+            )
+
+    @staticmethod
+    def _count(decision: Decision) -> None:
+        metrics.DECISIONS.labels(decision.arm.name, decision.hold_reason.name).inc()
+        for choice in decision.choices:
+            for reason in choice.reasons:
+                metrics.CHOICES.labels(reason.code.name).inc()
+
+    def record_outcome(self, report: OutcomeReport) -> bool:
+        """Store an outcome against its logged decision; True if new, False if a duplicate."""
+        validation.require(validation.check_outcome(report))
+        assert report.event is not None
+        outcome: dict[str, Any] = {
+            "outcome_id": report.outcome_id,
+            "offer_id": report.offer_id,
+            "event": report.event.name,
+            "value": report.value,
+            "reward": report.reward(),
+            "ts": self._clock(),
+        }
+        status = self._store.record_outcome(
+            decision_id=report.decision_id,
+            offer_id=report.offer_id,
+            outcome_id=report.outcome_id,
+            outcome=outcome,
+        )
+        if status == OutcomeStatus.UNKNOWN_DECISION:
+            metrics.OUTCOMES.labels(report.event.name, "unknown_decision").inc()
+            raise NotFound(f"decision {report.decision_id[:64]!r} is unknown or has expired")
+        if status == OutcomeStatus.OFFER_NOT_IN_DECISION:
+            raise InvalidArgument([FieldViolation("offer_id", "was not chosen in this decision")])
+        recorded = status == OutcomeStatus.RECORDED
+        metrics.OUTCOMES.labels(report.event.name, "recorded" if recorded else "duplicate").inc()
+        return recorded
+
+
+def decay(signal: Signal, now: float, half_life_seconds: float) -> float:
+    age = max(0.0, now - signal.observed_at)
+    return float(signal.weight * 0.5 ** (age / half_life_seconds))
+
+
+def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:
+    if not req.candidate_offer_ids:
+        return list(offers.values())
+    # Ids the catalog does not know (yet, or any more) are skipped, not an error: the page
+    # that asked must still render.
+    return [offers[i] for i in dict.fromkeys(req.candidate_offer_ids) if i in offers]
+
+
+def decision_to_log(decision: Decision) -> dict[str, Any]:
+    return {
+        "decision_id": decision.decision_id,
+        "arm": decision.arm.name,
+        "hold_reason": decision.hold_reason.name,
+        "model_version": decision.model_version,
+        "offer_ids": [c.offer_id for c in decision.choices],
+        "choices": [
+            {
+                "offer_id": c.offer_id,
+                "score": c.score,
+                "propensity": c.propensity,
+                "reasons": [[r.code.name, r.detail] for r in c.reasons],
+            }
+            for c in decision.choices
+        ],
+    }
+
+
+def decision_from_log(payload: Mapping[str, Any]) -> Decision:
+    return Decision(
+        decision_id=payload["decision_id"],
+        choices=tuple(
+            Choice(
+                c["offer_id"],
+                c["score"],
+                c["propensity"],
+                tuple(Reason(ReasonCode[code], detail) for code, detail in c["reasons"]),
+            )
+            for c in payload["choices"]
+        ),
+        hold_reason=HoldReason[payload["hold_reason"]],
+        model_version=payload["model_version"],
+        arm=Arm[payload["arm"]],
+    )
+
+
+class ProfileService:
+    def __init__(self, store: Store, settings: Settings, *, clock: Clock = time.time) -> None:
+        self._store = store
+        self._half_life = settings.policy.signal_half_life_hours * 3600.0
+        self._clock = clock
+
+    def set_preferences(self, update: PreferencesUpdate) -> Profile:
+        validation.require(validation.check_preferences(update))
+        now = self._clock()
+        return self._present(self._store.set_preferences(update=update, now=now), now)
+
+    def record_signals(self, user_id: str, signals: Sequence[Signal]) -> None:
+        now = self._clock()
+        # An unset observed_at means "just now".
+        signals = [s if s.observed_at > 0 else replace(s, observed_at=now) for s in signals]
+        validation.require(validation.check_signals(user_id, signals, now))
+        self._store.record_signals(user_id=user_id, signals=signals)
+
+    def get_profile(self, user_id: str) -> Profile:
+        validation.require(validation.check_user_id(user_id))
+        return self._present(self._store.get_profile(user_id=user_id), self._clock())
+
+    def delete_profile(self, user_id: str) -> None:
+        validation.require(validation.check_user_id(user_id))
+        self._store.delete_profile(user_id=user_id)
+
+    def _present(self, profile: Profile, now: float) -> Profile:
+        """Signals as the customer should see them: decayed to now."""
+        signals = tuple(replace(s, weight=decay(s, now, self._half_life)) for s in profile.signals)
+        return replace(profile, signals=signals)
+
+
+class CatalogService:
+    DEFAULT_PAGE_SIZE = 100
+
+    def __init__(self, store: Store, catalog: CatalogCache) -> None:
+        self._store = store
+        self._catalog = catalog
+
+    def put_offer(self, offer: Offer) -> Offer:
+        validation.require(validation.check_offer(offer))
+        self._store.put_offer(offer=offer)
+        return offer
+
+    def get_offer(self, offer_id: str) -> Offer:
+        validation.require(validation.check_offer_id(offer_id))
+        offer = self._store.get_offer(offer_id=offer_id)
+        if offer is None:
+            raise NotFound(f"offer {offer_id!r} not found")
+        return offer
+
+    def delete_offer(self, offer_id: str) -> None:
+        validation.require(validation.check_offer_id(offer_id))
+        if not self._store.delete_offer(offer_id=offer_id):
+            raise NotFound(f"offer {offer_id!r} not found")
+
+    def list_offers(self, page_size: int, page_token: str) -> tuple[list[Offer], str]:
+        violations = validation.check_page(page_size)
+        after = ""
+        if page_token:
+            try:
+                after = base64.urlsafe_b64decode(page_token.encode()).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                violations.append(FieldViolation("page_token", "is not a token ListOffers gave"))
+        validation.require(violations)
+        offers = self._catalog.offers(self._store.catalog_version())
+        ordered = sorted((o for o in offers.values() if o.offer_id > after), key=_offer_key)
+        page = ordered[: page_size or self.DEFAULT_PAGE_SIZE]
+        more = len(ordered) > len(page)
+        token = base64.urlsafe_b64encode(page[-1].offer_id.encode()).decode() if more else ""
+        return page, token
+
+    def is_empty(self) -> bool:
+        return not self._catalog.refresh()
+
+
+def _offer_key(offer: Offer) -> str:
+    return offer.offer_id

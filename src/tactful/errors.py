@@ -1,0 +1,29 @@
+"""Domain errors. The transport maps each to one gRPC status in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str  # path in the request message, e.g. "offer.topics[2]"
+    description: str
+
+
+class TactfulError(Exception):
+    """Base of the errors a caller can act on."""
+
+
+class InvalidArgument(TactfulError):
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = tuple(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class NotFound(TactfulError):
+    pass
+
+
+class Unavailable(TactfulError):
+    """The store could not be reached; nothing was written."""

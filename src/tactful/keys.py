@@ -1,0 +1,49 @@
+"""Every Redis key tactful uses is built here.
+
+All keys of one user share the hash tag ``{u:<digest>}`` so multi-key scripts and
+transactions on a user stay in one Redis Cluster slot; the catalog shares ``{catalog}`` and
+a decision and its outcomes share ``{d:<decision_id>}``. User ids are digested (not keyed:
+this is for fixed-length, cluster-safe keys, not for secrecy) so any byte string is a safe id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+PREFIX = "tactful"
+
+CATALOG_OFFERS = f"{PREFIX}:{{catalog}}:offers"
+CATALOG_VERSION = f"{PREFIX}:{{catalog}}:version"
+
+
+def user_digest(user_id: str) -> str:
+    return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    profile: str  # hash: stated preferences, consent, limits
+    signals: str  # hash: topic -> "weight|observed_at"
+    contacts: str  # hash: "window_start|channel|offer_id" -> count
+    requests: str  # hash: request_id -> decision_id (Decide idempotency)
+
+    @classmethod
+    def of(cls, user_id: str) -> UserKeys:
+        base = f"{PREFIX}:{{u:{user_digest(user_id)}}}"
+        return cls(f"{base}:profile", f"{base}:signals", f"{base}:contacts", f"{base}:requests")
+
+    def all(self) -> tuple[str, ...]:
+        """Every key of the user: what erasure deletes."""
+        return (self.profile, self.signals, self.contacts, self.requests)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionKeys:
+    record: str  # string: the logged decision, JSON
+    outcomes: str  # hash: outcome_id -> outcome JSON
+
+    @classmethod
+    def of(cls, decision_id: str) -> DecisionKeys:
+        base = f"{PREFIX}:{{d:{decision_id}}}"
+        return cls(f"{base}:decision", f"{base}:outcomes")

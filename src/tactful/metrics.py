@@ -1,0 +1,60 @@
+"""Every Prometheus metric tactful exports, defined once at import time.
+
+Labels are low-cardinality enums only: never a user id, an offer id or a free-form channel.
+Latency buckets start at 0.25 ms because a Decide is expected to take about one millisecond.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, disable_created_metrics
+
+# The *_created series double the exposition and no dashboard of ours reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+LATENCY_BUCKETS = (
+    0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+# gRPC server metrics, under the names go-grpc-prometheus dashboards already use.
+GRPC_STARTED = Counter(
+    "grpc_server_started_total",
+    "RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC on the server, until its response is ready.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS,
+)
+
+# Domain metrics.
+DECISIONS = Counter(
+    "tactful_decisions_total", "Decide answers, by arm and hold reason.", ["arm", "hold_reason"]
+)
+CHOICES = Counter(
+    "tactful_choices_total", "Offers returned, by the reasons given for them.", ["reason"]
+)
+OUTCOMES = Counter(
+    "tactful_outcomes_total",
+    "ReportOutcome calls by event and result (recorded, duplicate, unknown_decision).",
+    ["event", "result"],
+)
+FALLBACKS = Counter(
+    "tactful_store_fallbacks_total",
+    "Decide answers made without the store, by what the caller got (fallback or held).",
+    ["result"],
+)
+DECISION_LOG_FAILURES = Counter(
+    "tactful_decision_log_failures_total",
+    "Decisions answered but not logged because the store failed in between.",
+)
+CATALOG_RELOADS = Counter(
+    "tactful_catalog_reloads_total", "Times this process reloaded the offer catalog."
+)

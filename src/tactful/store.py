@@ -1,0 +1,430 @@
+"""Storage: a small interface the core depends on, and its Redis implementation.
+
+The hot path touches Redis at most twice per Decide: ``read_for_decision`` (profile, signals,
+contact counters, catalog version, request-id replay: one pipelined round trip) and
+``log_decision`` (decision log, contact counters, request id: one more). Writes that touch
+several keys of a user run in MULTI/EXEC or in one Lua script, so they are all or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tactful import keys
+from tactful.errors import Unavailable
+from tactful.model import (
+    ChannelPreference,
+    Consent,
+    ContactCounter,
+    Offer,
+    PreferencesUpdate,
+    Profile,
+    QuietHours,
+    Signal,
+    Stance,
+    TopicPreference,
+)
+
+log = logging.getLogger(__name__)
+
+# Contact counters outlive their one-day window by a day, so a quiet user's hash goes away.
+CONTACTS_TTL_SECONDS = 2 * 86400
+
+# Errors that mean "the store is unreachable or too slow", as opposed to a bug.
+STORE_DOWN_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    OSError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionInputs:
+    """Everything Decide reads from the store, fetched in one round trip."""
+
+    profile: Profile
+    catalog_version: int
+    replay_decision_id: str | None  # set when this request_id was already decided
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDecision:
+    """A decision as the decision log keeps it (the x, a, p of an (x, a, r, p) tuple)."""
+
+    decision_id: str
+    payload: dict[str, Any]  # JSON-ready: the response, context, pseudonymous user, time
+
+
+class OutcomeStatus:
+    RECORDED = 1
+    DUPLICATE = 0
+    UNKNOWN_DECISION = -1
+    OFFER_NOT_IN_DECISION = -2
+
+
+class Store(Protocol):
+    def read_for_decision(self, *, user_id: str, request_id: str) -> DecisionInputs: ...
+
+    def log_decision(
+        self,
+        *,
+        user_id: str,
+        decision: LoggedDecision,
+        contacts: Sequence[tuple[str, str]],
+        window_start: float,
+        expired: Sequence[ContactCounter],
+        request_id: str,
+    ) -> None: ...
+
+    def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None: ...
+
+    def record_outcome(
+        self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
+    ) -> int: ...
+
+    def get_profile(self, *, user_id: str) -> Profile: ...
+
+    def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile: ...
+
+    def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> None: ...
+
+    def delete_profile(self, *, user_id: str) -> None: ...
+
+    def catalog_version(self) -> int: ...
+
+    def load_catalog(self) -> tuple[int, list[Offer]]: ...
+
+    def put_offer(self, *, offer: Offer) -> None: ...
+
+    def get_offer(self, *, offer_id: str) -> Offer | None: ...
+
+    def delete_offer(self, *, offer_id: str) -> bool: ...
+
+
+# Adds inferred signals, decaying what is stored to the new observation's time, atomically.
+# KEYS[1] signals hash; ARGV[1] half-life seconds; then (topic, weight, observed_at) triples.
+_RECORD_SIGNALS_LUA = """
+local half_life = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  local topic, w, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local old = redis.call('HGET', KEYS[1], topic)
+  if old then
+    local sep = string.find(old, '|', 1, true)
+    local w0, t0 = tonumber(string.sub(old, 1, sep - 1)), tonumber(string.sub(old, sep + 1))
+    if t >= t0 then
+      w = w0 * (0.5 ^ ((t - t0) / half_life)) + w
+    else
+      w = w0 + w * (0.5 ^ ((t0 - t) / half_life))
+      t = t0
+    end
+  end
+  redis.call('HSET', KEYS[1], topic, string.format('%.17g|%.6f', w, t))
+end
+return 1
+"""
+
+# Stores an outcome once per outcome_id, only for a logged decision that chose the offer.
+# KEYS[1] decision record; KEYS[2] outcomes hash; ARGV offer_id, outcome_id, outcome JSON.
+_RECORD_OUTCOME_LUA = """
+local record = redis.call('GET', KEYS[1])
+if not record then return -1 end
+local offers = cjson.decode(record)['offer_ids']
+local chosen = false
+for _, id in ipairs(offers) do if id == ARGV[1] then chosen = true end end
+if not chosen then return -2 end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """Turn 'Redis is unreachable' into the domain's Unavailable; let bugs through."""
+    try:
+        yield
+    except STORE_DOWN_ERRORS as exc:
+        raise Unavailable(f"store unavailable: {type(exc).__name__}") from exc
+
+
+def connect(
+    url: str,
+    *,
+    socket_timeout: float,
+    connect_timeout: float,
+    max_connections: int,
+    **options: Any,
+) -> redis.Redis:
+    """A client tuned for the render path: short timeouts and a single immediate retry
+    (enough to replace a connection a restarted Redis closed, never a slow backoff loop)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[redis.exceptions.ConnectionError],
+        max_connections=max_connections,
+        health_check_interval=0,
+        **options,
+    )
+
+
+class RedisStore:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        signal_half_life_seconds: float,
+        decision_ttl_seconds: int,
+        request_id_ttl_seconds: int,
+    ) -> None:
+        self.client = client
+        self._half_life = signal_half_life_seconds
+        self._decision_ttl = decision_ttl_seconds
+        self._request_ttl = request_id_ttl_seconds
+        self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
+        self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
+
+    def ping(self) -> bool:
+        with store_errors():
+            return bool(self.client.ping())
+
+    # --- decisions ------------------------------------------------------------------------
+
+    def read_for_decision(self, *, user_id: str, request_id: str) -> DecisionInputs:
+        k = keys.UserKeys.of(user_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(k.profile)
+        pipe.hgetall(k.signals)
+        pipe.hgetall(k.contacts)
+        pipe.get(keys.CATALOG_VERSION)
+        if request_id:
+            pipe.hget(k.requests, request_id)
+        with store_errors():
+            replies = pipe.execute()
+        profile = _decode_profile(user_id, replies[0], replies[1], replies[2])
+        return DecisionInputs(
+            profile=profile,
+            catalog_version=int(replies[3] or 0),
+            replay_decision_id=replies[4] if request_id else None,
+        )
+
+    def log_decision(
+        self,
+        *,
+        user_id: str,
+        decision: LoggedDecision,
+        contacts: Sequence[tuple[str, str]],
+        window_start: float,
+        expired: Sequence[ContactCounter],
+        request_id: str,
+    ) -> None:
+        """Log the decision and count its contacts in one round trip of plain commands.
+
+        Counters are hash fields ``window|channel|offer_id`` incremented with HINCRBY (atomic
+        under concurrency); fields of past windows that the read saw are dropped here, so the
+        hash holds one window per counter. No script: a script inside a pipeline costs
+        redis-py an extra SCRIPT EXISTS round trip."""
+        k = keys.UserKeys.of(user_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(
+            keys.DecisionKeys.of(decision.decision_id).record,
+            json.dumps(decision.payload, separators=(",", ":")),
+            ex=self._decision_ttl,
+        )
+        if contacts:
+            for channel, offer_id in contacts:
+                pipe.hincrby(k.contacts, _contact_field(window_start, channel, offer_id), 1)
+            if expired:
+                pipe.hdel(
+                    k.contacts,
+                    *(_contact_field(c.window_start, c.channel, c.offer_id) for c in expired),
+                )
+            pipe.expire(k.contacts, CONTACTS_TTL_SECONDS)
+        if request_id:
+            pipe.hset(k.requests, request_id, decision.decision_id)
+            pipe.expire(k.requests, self._request_ttl)
+        with store_errors():
+            pipe.execute()
+
+    def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None:
+        with store_errors():
+            raw = self.client.get(keys.DecisionKeys.of(decision_id).record)
+        if raw is None:
+            return None
+        return LoggedDecision(decision_id=decision_id, payload=json.loads(raw))
+
+    def record_outcome(
+        self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
+    ) -> int:
+        k = keys.DecisionKeys.of(decision_id)
+        with store_errors():
+            status = self._record_outcome(
+                keys=[k.record, k.outcomes],
+                args=[offer_id, outcome_id, json.dumps(outcome, separators=(",", ":"))],
+            )
+        return int(status)
+
+    # --- profiles -------------------------------------------------------------------------
+
+    def get_profile(self, *, user_id: str) -> Profile:
+        k = keys.UserKeys.of(user_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(k.profile)
+        pipe.hgetall(k.signals)
+        pipe.hgetall(k.contacts)
+        with store_errors():
+            profile, signals, contacts = pipe.execute()
+        return _decode_profile(user_id, profile, signals, contacts)
+
+    def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile:
+        k = keys.UserKeys.of(update.user_id)
+        to_set: dict[str, str] = {}
+        to_clear: list[str] = []
+        for pref in update.topic_preferences:
+            field = f"t:{pref.topic}"
+            if pref.stance is Stance.NEUTRAL:
+                to_clear.append(field)
+            else:
+                to_set[field] = f"{int(pref.stance or 0)}|{now:.6f}"
+        for channel_pref in update.channel_preferences:
+            to_set[f"c:{channel_pref.channel}"] = f"{int(channel_pref.opted_in)}|{now:.6f}"
+        if update.max_messages_per_day is not None:
+            to_set["max_per_day"] = str(update.max_messages_per_day)
+        if update.quiet_hours is not None:
+            quiet = update.quiet_hours
+            to_set["quiet"] = f"{quiet.start_hour}|{quiet.end_hour}|{quiet.time_zone}"
+        if update.consent is not None:
+            to_set["consent"] = f"{int(update.consent.inferred_personalization)}|{now:.6f}"
+        # One MULTI/EXEC: the merge is all or nothing, and the profile we return is the state
+        # right after it, not after a concurrent writer.
+        pipe = self.client.pipeline(transaction=True)
+        if to_clear:
+            pipe.hdel(k.profile, *to_clear)
+        if to_set:
+            pipe.hset(k.profile, mapping=to_set)  # type: ignore[arg-type]
+        pipe.hgetall(k.profile)
+        pipe.hgetall(k.signals)
+        pipe.hgetall(k.contacts)
+        with store_errors():
+            replies = pipe.execute()
+        return _decode_profile(update.user_id, *replies[-3:])
+
+    def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> None:
+        args: list[Any] = [self._half_life]
+        for signal in signals:
+            args += [signal.topic, repr(float(signal.weight)), f"{signal.observed_at:.6f}"]
+        with store_errors():
+            self._record_signals(keys=[keys.UserKeys.of(user_id).signals], args=args)
+
+    def delete_profile(self, *, user_id: str) -> None:
+        with store_errors():
+            self.client.delete(*keys.UserKeys.of(user_id).all())
+
+    # --- catalog --------------------------------------------------------------------------
+
+    def catalog_version(self) -> int:
+        with store_errors():
+            return int(self.client.get(keys.CATALOG_VERSION) or 0)
+
+    def load_catalog(self) -> tuple[int, list[Offer]]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(keys.CATALOG_VERSION)
+        pipe.hgetall(keys.CATALOG_OFFERS)
+        with store_errors():
+            version, raw = pipe.execute()
+        return int(version or 0), [_decode_offer(v) for v in raw.values()]
+
+    def put_offer(self, *, offer: Offer) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(keys.CATALOG_OFFERS, offer.offer_id, json.dumps(asdict(offer)))
+        pipe.incr(keys.CATALOG_VERSION)
+        with store_errors():
+            pipe.execute()
+
+    def get_offer(self, *, offer_id: str) -> Offer | None:
+        with store_errors():
+            raw = self.client.hget(keys.CATALOG_OFFERS, offer_id)
+        return None if raw is None else _decode_offer(str(raw))
+
+    def delete_offer(self, *, offer_id: str) -> bool:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hdel(keys.CATALOG_OFFERS, offer_id)
+        pipe.incr(keys.CATALOG_VERSION)
+        with store_errors():
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+
+def _contact_field(window_start: float, channel: str, offer_id: str) -> str:
+    return f"{int(window_start)}|{channel}|{offer_id}"
+
+
+def _decode_offer(raw: str) -> Offer:
+    data = json.loads(raw)
+    data["topics"] = tuple(data["topics"])
+    data["channels"] = tuple(data["channels"])
+    return Offer(**data)
+
+
+def _split_ts(value: str) -> tuple[str, float]:
+    head, _, ts = value.partition("|")
+    return head, float(ts or 0)
+
+
+def _decode_profile(
+    user_id: str, fields: dict[str, str], signals: dict[str, str], contacts: dict[str, str]
+) -> Profile:
+    topics: list[TopicPreference] = []
+    channels: list[ChannelPreference] = []
+    max_per_day = 0
+    quiet: QuietHours | None = None
+    consent = Consent()
+    for name, value in fields.items():
+        kind, _, key = name.partition(":")
+        if kind == "t":
+            stance, ts = _split_ts(value)
+            topics.append(TopicPreference(key, Stance(int(stance)), ts))
+        elif kind == "c":
+            opted_in, ts = _split_ts(value)
+            channels.append(ChannelPreference(key, opted_in == "1", ts))
+        elif name == "max_per_day":
+            max_per_day = int(value)
+        elif name == "quiet":
+            start, end, tz = value.split("|", 2)
+            quiet = QuietHours(int(start), int(end), tz)
+        elif name == "consent":
+            given, ts = _split_ts(value)
+            consent = Consent(given == "1", ts)
+    decoded_signals = []
+    for topic, value in signals.items():
+        weight, _, observed = value.partition("|")
+        decoded_signals.append(Signal(topic, float(weight), float(observed)))
+    counters = []
+    for field, count in contacts.items():
+        window, channel, offer_id = field.split("|", 2)
+        counters.append(ContactCounter(channel, offer_id, int(count), float(window)))
+    return Profile(
+        user_id=user_id,
+        topic_preferences=tuple(sorted(topics, key=lambda p: p.topic)),
+        channel_preferences=tuple(sorted(channels, key=lambda c: c.channel)),
+        max_messages_per_day=max_per_day,
+        quiet_hours=quiet,
+        consent=consent,
+        signals=tuple(sorted(decoded_signals, key=lambda s: s.topic)),
+        contact_counters=tuple(sorted(counters, key=lambda c: (c.channel, c.offer_id))),
+    )

@@ -1,0 +1,203 @@
+"""Protobuf messages <-> domain dataclasses. The only module that knows both sides."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tactful import model
+from tactful.v1 import catalog_pb2, decisioning_pb2, profiles_pb2
+
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _enum(cls: type[E], number: int) -> E | None:
+    """A known, non-zero enum value, or None (which validation reports)."""
+    try:
+        return cls(number)
+    except ValueError:
+        return None
+
+
+def _wire(value: enum.IntEnum | None) -> Any:
+    """A domain enum as the protobuf enum number (0, UNSPECIFIED, for None)."""
+    return 0 if value is None else int(value)
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    whole = int(seconds)
+    ts.seconds, ts.nanos = whole, round((seconds - whole) * 1e9) % 1_000_000_000
+    return ts
+
+
+# --- Decisioning ---------------------------------------------------------------------------
+
+
+def decide_request(msg: decisioning_pb2.DecideRequest) -> model.DecideRequest:
+    return model.DecideRequest(
+        user_id=msg.user_id,
+        channel=msg.channel,
+        placement=msg.placement,
+        numeric_context=tuple(msg.numeric_context.items()),
+        categorical_context=tuple(msg.categorical_context.items()),
+        candidate_offer_ids=tuple(msg.candidate_offer_ids),
+        slots=msg.slots,
+        dry_run=msg.dry_run,
+        request_id=msg.request_id,
+    )
+
+
+def decide_response(decision: model.Decision) -> decisioning_pb2.DecideResponse:
+    return decisioning_pb2.DecideResponse(
+        decision_id=decision.decision_id,
+        choices=[
+            decisioning_pb2.Choice(
+                offer_id=c.offer_id,
+                score=c.score,
+                propensity=c.propensity,
+                reasons=[
+                    decisioning_pb2.Reason(code=_wire(r.code), detail=r.detail) for r in c.reasons
+                ],
+            )
+            for c in decision.choices
+        ],
+        hold_reason=_wire(decision.hold_reason),
+        model_version=decision.model_version,
+        arm=_wire(decision.arm),
+    )
+
+
+def outcome_report(msg: decisioning_pb2.ReportOutcomeRequest) -> model.OutcomeReport:
+    return model.OutcomeReport(
+        decision_id=msg.decision_id,
+        offer_id=msg.offer_id,
+        event=_enum(model.OutcomeEvent, msg.event),
+        outcome_id=msg.outcome_id,
+        value=msg.value if msg.HasField("value") else None,
+    )
+
+
+# --- Profiles ------------------------------------------------------------------------------
+
+
+def preferences_update(msg: profiles_pb2.SetPreferencesRequest) -> model.PreferencesUpdate:
+    return model.PreferencesUpdate(
+        user_id=msg.user_id,
+        topic_preferences=tuple(
+            model.TopicPreference(p.topic, _enum(model.Stance, p.stance))
+            for p in msg.topic_preferences
+        ),
+        channel_preferences=tuple(
+            model.ChannelPreference(c.channel, c.opted_in) for c in msg.channel_preferences
+        ),
+        max_messages_per_day=(
+            msg.max_messages_per_day if msg.HasField("max_messages_per_day") else None
+        ),
+        quiet_hours=(
+            model.QuietHours(
+                msg.quiet_hours.start_hour, msg.quiet_hours.end_hour, msg.quiet_hours.time_zone
+            )
+            if msg.HasField("quiet_hours")
+            else None
+        ),
+        consent=(
+            model.Consent(msg.consent.inferred_personalization) if msg.HasField("consent") else None
+        ),
+    )
+
+
+def signals(msgs: list[profiles_pb2.Signal]) -> list[model.Signal]:
+    return [
+        model.Signal(
+            s.topic, s.weight, _seconds(s.observed_at) if s.HasField("observed_at") else 0.0
+        )
+        for s in msgs
+    ]
+
+
+def profile(p: model.Profile) -> profiles_pb2.Profile:
+    msg = profiles_pb2.Profile(
+        user_id=p.user_id,
+        topic_preferences=[
+            profiles_pb2.TopicPreference(
+                topic=t.topic, stance=_wire(t.stance), updated_at=_timestamp(t.updated_at)
+            )
+            for t in p.topic_preferences
+        ],
+        channel_preferences=[
+            profiles_pb2.ChannelPreference(
+                channel=c.channel, opted_in=c.opted_in, updated_at=_timestamp(c.updated_at)
+            )
+            for c in p.channel_preferences
+        ],
+        max_messages_per_day=p.max_messages_per_day,
+        consent=profiles_pb2.Consent(
+            inferred_personalization=p.consent.inferred_personalization,
+            updated_at=_timestamp(p.consent.updated_at) if p.consent.updated_at else None,
+        ),
+        signals=[
+            profiles_pb2.Signal(
+                topic=s.topic, weight=s.weight, observed_at=_timestamp(s.observed_at)
+            )
+            for s in p.signals
+        ],
+        contact_counters=[
+            profiles_pb2.ContactCounter(
+                channel=c.channel,
+                offer_id=c.offer_id,
+                count=c.count,
+                window_start=_timestamp(c.window_start),
+            )
+            for c in p.contact_counters
+        ],
+    )
+    if p.quiet_hours is not None:
+        msg.quiet_hours.CopyFrom(
+            profiles_pb2.QuietHours(
+                start_hour=p.quiet_hours.start_hour,
+                end_hour=p.quiet_hours.end_hour,
+                time_zone=p.quiet_hours.time_zone,
+            )
+        )
+    return msg
+
+
+# --- Catalog -------------------------------------------------------------------------------
+
+
+def offer_from_proto(msg: catalog_pb2.Offer) -> model.Offer:
+    return model.Offer(
+        offer_id=msg.offer_id,
+        title=msg.title,
+        topics=tuple(msg.topics),
+        channels=tuple(msg.channels),
+        priority=msg.priority,
+        sensitive=msg.sensitive,
+        start_time=_seconds(msg.start_time) if msg.HasField("start_time") else None,
+        end_time=_seconds(msg.end_time) if msg.HasField("end_time") else None,
+        max_per_user_per_day=msg.max_per_user_per_day,
+    )
+
+
+def offer_to_proto(offer: model.Offer) -> catalog_pb2.Offer:
+    msg = catalog_pb2.Offer(
+        offer_id=offer.offer_id,
+        title=offer.title,
+        topics=offer.topics,
+        channels=offer.channels,
+        priority=offer.priority,
+        sensitive=offer.sensitive,
+        max_per_user_per_day=offer.max_per_user_per_day,
+    )
+    if offer.start_time is not None:
+        msg.start_time.CopyFrom(_timestamp(offer.start_time))
+    if offer.end_time is not None:
+        msg.end_time.CopyFrom(_timestamp(offer.end_time))
+    return msg

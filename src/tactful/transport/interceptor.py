@@ -1,0 +1,82 @@
+"""One server interceptor: gRPC metrics for every unary RPC, and the one place where domain
+errors become gRPC statuses (INVALID_ARGUMENT carries google.rpc.BadRequest details)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tactful import metrics
+from tactful.errors import InvalidArgument, NotFound, TactfulError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def to_status(error: TactfulError) -> status_pb2.Status:
+    if isinstance(error, InvalidArgument):
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+        return status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT, message=str(error)[:1000], details=[detail]
+        )
+    if isinstance(error, NotFound):
+        return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(error))
+    if isinstance(error, Unavailable):
+        return status_pb2.Status(
+            code=code_pb2.UNAVAILABLE, message="the store is unavailable; nothing was written"
+        )
+    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+
+
+class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming RPCs (health Watch, reflection) pass through untouched
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        behavior = handler.unary_unary
+        started = metrics.GRPC_STARTED.labels("unary", service, method)
+        latency = metrics.GRPC_HANDLING_SECONDS.labels("unary", service, method)
+
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            started.inc()
+            start = time.perf_counter()
+            try:
+                return behavior(request, context)
+            except TactfulError as error:
+                context.abort_with_status(rpc_status.to_status(to_status(error)))
+            except Exception:
+                if context.code() is None:  # not an abort() of the servicer's own
+                    log.exception("unhandled error in %s", method)
+                    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                raise
+            finally:
+                latency.observe(time.perf_counter() - start)
+                code = context.code() or grpc.StatusCode.OK
+                metrics.GRPC_HANDLED.labels("unary", service, method, code.name).inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,95 @@
+"""Building and running the gRPC server: services, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tactful.core import CatalogCache, CatalogService, Decider, ProfileService
+from tactful.settings import Settings
+from tactful.store import Store
+from tactful.transport.interceptor import ServerInterceptor
+from tactful.transport.servicers import CatalogServicer, DecisioningServicer, ProfilesServicer
+from tactful.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    decisioning_pb2,
+    decisioning_pb2_grpc,
+    profiles_pb2,
+    profiles_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    decisioning_pb2.DESCRIPTOR.services_by_name["Decisioning"].full_name,
+    profiles_pb2.DESCRIPTOR.services_by_name["Profiles"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
+)
+
+
+@dataclass
+class Running:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    decider: Decider
+    catalog: CatalogService
+
+    def stop(self, grace: float) -> None:
+        """Graceful: report NOT_SERVING first so balancers drain us, then let in-flight
+        RPCs finish within the grace period."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def build_server(settings: Settings, store: Store, *, port: int | None = None) -> Running:
+    """Create and start a server; ``port=0`` binds a free port (tests). Returns it running."""
+    catalog_cache = CatalogCache(store)
+    decider = Decider(store, catalog_cache, settings)
+    catalog = CatalogService(store, catalog_cache)
+    profiles = ProfileService(store, settings)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=settings.server.max_workers, thread_name_prefix="rpc"
+        ),
+        interceptors=[ServerInterceptor()],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    decisioning_pb2_grpc.add_DecisioningServicer_to_server(DecisioningServicer(decider), server)
+    profiles_pb2_grpc.add_ProfilesServicer_to_server(ProfilesServicer(profiles), server)
+    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), server)
+
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    bind_port = settings.server.grpc_port if port is None else port
+    bound = server.add_insecure_port(f"{settings.server.host}:{bind_port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind gRPC port {settings.server.host}:{bind_port}")
+    server.start()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, bound, health_servicer, decider, catalog)
+
+
+def serve_until_signalled(running: Running, settings: Settings, stop: threading.Event) -> None:
+    """Block until ``stop`` is set (by the SIGTERM/SIGINT handler), then stop gracefully."""
+    stop.wait()
+    log.info(
+        "stopping: draining in-flight RPCs for up to %.1fs", settings.server.shutdown_grace_seconds
+    )
+    running.stop(settings.server.shutdown_grace_seconds)

@@ -1,0 +1,88 @@
+"""gRPC servicers: convert, call the core, convert back. Nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from tactful.core import CatalogService, Decider, ProfileService
+from tactful.transport import converters as conv
+from tactful.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    decisioning_pb2,
+    decisioning_pb2_grpc,
+    profiles_pb2,
+    profiles_pb2_grpc,
+)
+
+
+class DecisioningServicer(decisioning_pb2_grpc.DecisioningServicer):
+    def __init__(self, decider: Decider) -> None:
+        self._decider = decider
+
+    def Decide(
+        self, request: decisioning_pb2.DecideRequest, context: grpc.ServicerContext
+    ) -> decisioning_pb2.DecideResponse:
+        return conv.decide_response(self._decider.decide(conv.decide_request(request)))
+
+    def ReportOutcome(
+        self, request: decisioning_pb2.ReportOutcomeRequest, context: grpc.ServicerContext
+    ) -> decisioning_pb2.ReportOutcomeResponse:
+        recorded = self._decider.record_outcome(conv.outcome_report(request))
+        return decisioning_pb2.ReportOutcomeResponse(recorded=recorded)
+
+
+class ProfilesServicer(profiles_pb2_grpc.ProfilesServicer):
+    def __init__(self, profiles: ProfileService) -> None:
+        self._profiles = profiles
+
+    def SetPreferences(
+        self, request: profiles_pb2.SetPreferencesRequest, context: grpc.ServicerContext
+    ) -> profiles_pb2.Profile:
+        return conv.profile(self._profiles.set_preferences(conv.preferences_update(request)))
+
+    def RecordSignals(
+        self, request: profiles_pb2.RecordSignalsRequest, context: grpc.ServicerContext
+    ) -> profiles_pb2.RecordSignalsResponse:
+        self._profiles.record_signals(request.user_id, conv.signals(list(request.signals)))
+        return profiles_pb2.RecordSignalsResponse()
+
+    def GetProfile(
+        self, request: profiles_pb2.GetProfileRequest, context: grpc.ServicerContext
+    ) -> profiles_pb2.Profile:
+        return conv.profile(self._profiles.get_profile(request.user_id))
+
+    def DeleteProfile(
+        self, request: profiles_pb2.DeleteProfileRequest, context: grpc.ServicerContext
+    ) -> profiles_pb2.DeleteProfileResponse:
+        self._profiles.delete_profile(request.user_id)
+        return profiles_pb2.DeleteProfileResponse()
+
+
+class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
+    def __init__(self, catalog: CatalogService) -> None:
+        self._catalog = catalog
+
+    def PutOffer(
+        self, request: catalog_pb2.PutOfferRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.Offer:
+        return conv.offer_to_proto(self._catalog.put_offer(conv.offer_from_proto(request.offer)))
+
+    def GetOffer(
+        self, request: catalog_pb2.GetOfferRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.Offer:
+        return conv.offer_to_proto(self._catalog.get_offer(request.offer_id))
+
+    def ListOffers(
+        self, request: catalog_pb2.ListOffersRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.ListOffersResponse:
+        offers, token = self._catalog.list_offers(request.page_size, request.page_token)
+        return catalog_pb2.ListOffersResponse(
+            offers=[conv.offer_to_proto(o) for o in offers], next_page_token=token
+        )
+
+    def DeleteOffer(
+        self, request: catalog_pb2.DeleteOfferRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.DeleteOfferResponse:
+        self._catalog.delete_offer(request.offer_id)
+        return catalog_pb2.DeleteOfferResponse()

@@ -1,0 +1,245 @@
+"""Every rule a request must meet, in one place. Each function returns field violations;
+``require`` raises them together so a caller sees every problem at once."""
+
+from __future__ import annotations
+
+import math
+import re
+import zoneinfo
+from collections.abc import Iterable
+
+from tactful.errors import FieldViolation, InvalidArgument
+from tactful.model import (
+    DecideRequest,
+    Offer,
+    OutcomeReport,
+    PreferencesUpdate,
+    Signal,
+)
+
+MAX_USER_ID_BYTES = 256
+MAX_CANDIDATES = 1000
+MAX_SLOTS = 10
+MAX_CONTEXT_ENTRIES = 64
+MAX_CONTEXT_KEY_BYTES = 64
+MAX_CONTEXT_VALUE_BYTES = 256
+MAX_PLACEMENT_BYTES = 128
+MAX_KEY_BYTES = 128  # request_id, outcome_id, decision_id
+MAX_PREFERENCES = 256
+MAX_SIGNALS = 256
+MAX_SIGNAL_WEIGHT = 1e6
+MAX_MESSAGES_PER_DAY = 1000
+MAX_PAGE_SIZE = 1000
+FUTURE_SKEW_SECONDS = 300.0
+
+CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+TOPIC_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+OFFER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+Violations = list[FieldViolation]
+
+
+def require(violations: Violations) -> None:
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_user_id(user_id: str, field: str = "user_id") -> Violations:
+    if not user_id:
+        return [FieldViolation(field, "must not be empty")]
+    if _utf8_len(user_id) > MAX_USER_ID_BYTES:
+        return [FieldViolation(field, f"must be at most {MAX_USER_ID_BYTES} bytes")]
+    return []
+
+
+def _check_pattern(value: str, pattern: re.Pattern[str], field: str, what: str) -> Violations:
+    if not value:
+        return [FieldViolation(field, "must not be empty")]
+    if not pattern.fullmatch(value):
+        return [FieldViolation(field, f"{value[:40]!r} is not a valid {what}")]
+    return []
+
+
+def check_channel(channel: str, field: str = "channel") -> Violations:
+    return _check_pattern(
+        channel, CHANNEL_RE, field, "channel (a-z, 0-9, '_', '-', starting with a letter, <= 32)"
+    )
+
+
+def check_topic(topic: str, field: str) -> Violations:
+    return _check_pattern(topic, TOPIC_RE, field, "topic (a-z, 0-9, '_', '-', <= 64)")
+
+
+def check_offer_id(offer_id: str, field: str = "offer_id") -> Violations:
+    return _check_pattern(
+        offer_id, OFFER_ID_RE, field, "offer id (A-Z, a-z, 0-9, '.', '_', ':', '-', <= 128)"
+    )
+
+
+def _check_key(value: str, field: str, *, required: bool) -> Violations:
+    if not value:
+        return [FieldViolation(field, "must not be empty")] if required else []
+    if _utf8_len(value) > MAX_KEY_BYTES:
+        return [FieldViolation(field, f"must be at most {MAX_KEY_BYTES} bytes")]
+    return []
+
+
+def _check_finite(value: float, field: str) -> Violations:
+    if not math.isfinite(value):
+        return [FieldViolation(field, "must be a finite number (not NaN or infinite)")]
+    return []
+
+
+def _check_context_key(key: str, field: str) -> Violations:
+    if not key or _utf8_len(key) > MAX_CONTEXT_KEY_BYTES:
+        return [FieldViolation(field, f"keys must be 1 to {MAX_CONTEXT_KEY_BYTES} bytes")]
+    return []
+
+
+def check_decide(req: DecideRequest) -> Violations:
+    out = check_user_id(req.user_id) + check_channel(req.channel)
+    if _utf8_len(req.placement) > MAX_PLACEMENT_BYTES:
+        out.append(FieldViolation("placement", f"must be at most {MAX_PLACEMENT_BYTES} bytes"))
+    for name, entries in (
+        ("numeric_context", req.numeric_context),
+        ("categorical_context", req.categorical_context),
+    ):
+        if len(entries) > MAX_CONTEXT_ENTRIES:
+            out.append(FieldViolation(name, f"at most {MAX_CONTEXT_ENTRIES} entries"))
+    for key, number in req.numeric_context:
+        out += _check_context_key(key, f"numeric_context[{key[:40]!r}]")
+        out += _check_finite(number, f"numeric_context[{key[:40]!r}]")
+    for key, text in req.categorical_context:
+        out += _check_context_key(key, f"categorical_context[{key[:40]!r}]")
+        if _utf8_len(text) > MAX_CONTEXT_VALUE_BYTES:
+            out.append(
+                FieldViolation(
+                    f"categorical_context[{key[:40]!r}]",
+                    f"values must be at most {MAX_CONTEXT_VALUE_BYTES} bytes",
+                )
+            )
+    if len(req.candidate_offer_ids) > MAX_CANDIDATES:
+        out.append(FieldViolation("candidate_offer_ids", f"at most {MAX_CANDIDATES} candidates"))
+    else:
+        for i, offer_id in enumerate(req.candidate_offer_ids):
+            out += check_offer_id(offer_id, f"candidate_offer_ids[{i}]")
+    if not 0 <= req.slots <= MAX_SLOTS:
+        out.append(FieldViolation("slots", f"must be between 0 and {MAX_SLOTS}"))
+    out += _check_key(req.request_id, "request_id", required=False)
+    return out
+
+
+def check_outcome(report: OutcomeReport) -> Violations:
+    out = _check_key(report.decision_id, "decision_id", required=True)
+    out += check_offer_id(report.offer_id)
+    if report.event is None:
+        out.append(FieldViolation("event", "must be a known OutcomeEvent other than UNSPECIFIED"))
+    out += _check_key(report.outcome_id, "outcome_id", required=True)
+    if report.value is not None:
+        out += _check_finite(report.value, "value")
+    return out
+
+
+def check_preferences(update: PreferencesUpdate) -> Violations:
+    out = check_user_id(update.user_id)
+    if len(update.topic_preferences) > MAX_PREFERENCES:
+        out.append(FieldViolation("topic_preferences", f"at most {MAX_PREFERENCES} entries"))
+    seen: set[str] = set()
+    for i, pref in enumerate(update.topic_preferences):
+        out += check_topic(pref.topic, f"topic_preferences[{i}].topic")
+        if pref.topic in seen:
+            out.append(FieldViolation(f"topic_preferences[{i}].topic", "given twice"))
+        seen.add(pref.topic)
+        if pref.stance is None:
+            out.append(
+                FieldViolation(f"topic_preferences[{i}].stance", "must be LIKE, DISLIKE or NEUTRAL")
+            )
+    if len(update.channel_preferences) > MAX_PREFERENCES:
+        out.append(FieldViolation("channel_preferences", f"at most {MAX_PREFERENCES} entries"))
+    seen.clear()
+    for i, channel_pref in enumerate(update.channel_preferences):
+        out += check_channel(channel_pref.channel, f"channel_preferences[{i}].channel")
+        if channel_pref.channel in seen:
+            out.append(FieldViolation(f"channel_preferences[{i}].channel", "given twice"))
+        seen.add(channel_pref.channel)
+    if update.max_messages_per_day is not None and not (
+        0 <= update.max_messages_per_day <= MAX_MESSAGES_PER_DAY
+    ):
+        out.append(
+            FieldViolation("max_messages_per_day", f"must be between 0 and {MAX_MESSAGES_PER_DAY}")
+        )
+    if update.quiet_hours is not None:
+        quiet = update.quiet_hours
+        for name, hour in (("start_hour", quiet.start_hour), ("end_hour", quiet.end_hour)):
+            if not 0 <= hour <= 23:
+                out.append(FieldViolation(f"quiet_hours.{name}", "must be between 0 and 23"))
+        out += check_time_zone(quiet.time_zone, "quiet_hours.time_zone")
+    return out
+
+
+def check_time_zone(name: str, field: str) -> Violations:
+    if not name:
+        return [FieldViolation(field, "must name an IANA time zone, e.g. Europe/Paris")]
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return [FieldViolation(field, f"{name[:40]!r} is not a known IANA time zone")]
+    return []
+
+
+def check_signals(user_id: str, signals: Iterable[Signal], now: float) -> Violations:
+    out = check_user_id(user_id)
+    signals = list(signals)
+    if not signals:
+        out.append(FieldViolation("signals", "must not be empty"))
+    if len(signals) > MAX_SIGNALS:
+        out.append(FieldViolation("signals", f"at most {MAX_SIGNALS} entries"))
+        return out
+    for i, signal in enumerate(signals):
+        out += check_topic(signal.topic, f"signals[{i}].topic")
+        if not math.isfinite(signal.weight) or not 0 <= signal.weight <= MAX_SIGNAL_WEIGHT:
+            out.append(
+                FieldViolation(
+                    f"signals[{i}].weight", f"must be between 0 and {MAX_SIGNAL_WEIGHT:g}"
+                )
+            )
+        if signal.observed_at > now + FUTURE_SKEW_SECONDS:
+            out.append(FieldViolation(f"signals[{i}].observed_at", "must not be in the future"))
+    return out
+
+
+def check_offer(offer: Offer) -> Violations:
+    out = check_offer_id(offer.offer_id, "offer.offer_id")
+    if not offer.title.strip():
+        out.append(FieldViolation("offer.title", "must not be empty"))
+    elif len(offer.title) > 200:
+        out.append(FieldViolation("offer.title", "must be at most 200 characters"))
+    if not offer.topics:
+        out.append(FieldViolation("offer.topics", "must name at least one topic"))
+    for i, topic in enumerate(offer.topics):
+        out += check_topic(topic, f"offer.topics[{i}]")
+    if not offer.channels:
+        out.append(FieldViolation("offer.channels", "must name at least one channel"))
+    for i, channel in enumerate(offer.channels):
+        out += check_channel(channel, f"offer.channels[{i}]")
+    if not math.isfinite(offer.priority) or offer.priority < 0:
+        out.append(FieldViolation("offer.priority", "must be a finite number >= 0"))
+    if offer.max_per_user_per_day < 0:
+        out.append(FieldViolation("offer.max_per_user_per_day", "must be >= 0"))
+    if (
+        offer.start_time is not None
+        and offer.end_time is not None
+        and offer.end_time <= offer.start_time
+    ):
+        out.append(FieldViolation("offer.end_time", "must be after start_time"))
+    return out
+
+
+def check_page(page_size: int) -> Violations:
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        return [FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")]
+    return []

