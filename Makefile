@@ -31,12 +31,12 @@ serve: setup ## start tactful on :50051 (metrics :9464) with an embedded redis-s
 	$(BIN)/python -m tactful serve
 
 test: setup ## lint, type-check and run the test suite (starts its own redis-servers)
-	$(BIN)/ruff check src tests bench loadtests
+	$(BIN)/ruff check
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff only
-	$(BIN)/ruff check src tests bench loadtests
+	$(BIN)/ruff check
 
 typecheck: setup ## mypy only
 	$(BIN)/mypy
