@@ -6,7 +6,6 @@ import time
 
 import grpc
 import pytest
-from conftest import RoundTrips, make_settings, make_store, offer, redis_url
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tactful.privacy import in_control_group
@@ -14,6 +13,8 @@ from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
+
+from conftest import RoundTrips, make_settings, make_store, offer, redis_url
 
 LIKE, DISLIKE, NEUTRAL = p.STANCE_LIKE, p.STANCE_DISLIKE, p.STANCE_NEUTRAL
 

@@ -1,0 +1,64 @@
+"""The API contract: enum numbers shared by the domain and the protos, and the names
+clients are written against."""
+
+from __future__ import annotations
+
+import enum
+
+import pytest
+
+from tactful import model
+from tactful.v1 import catalog_pb2, decisioning_pb2, profiles_pb2
+
+
+@pytest.mark.parametrize(
+    ("domain", "proto", "prefix"),
+    [
+        (model.ReasonCode, decisioning_pb2.ReasonCode, "REASON_CODE_"),
+        (model.HoldReason, decisioning_pb2.HoldReason, "HOLD_REASON_"),
+        (model.Arm, decisioning_pb2.Arm, "ARM_"),
+        (model.OutcomeEvent, decisioning_pb2.OutcomeEvent, "OUTCOME_EVENT_"),
+        (model.Stance, profiles_pb2.Stance, "STANCE_"),
+    ],
+)
+def test_domain_enums_mirror_the_protos(domain: type[enum.IntEnum], proto, prefix: str):
+    wire = {name.removeprefix(prefix): number for name, number in proto.items()}
+    wire.pop("UNSPECIFIED")
+    ours = {member.name: member.value for member in domain if member.value != 0}
+    assert ours == wire
+
+
+def test_service_and_method_names():
+    methods = {
+        service.full_name: sorted(m.name for m in service.methods)
+        for module in (decisioning_pb2, profiles_pb2, catalog_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    }
+    assert methods == {
+        "tactful.v1.Decisioning": ["Decide", "ReportOutcome"],
+        "tactful.v1.Profiles": ["DeleteProfile", "GetProfile", "RecordSignals", "SetPreferences"],
+        "tactful.v1.Catalog": ["DeleteOffer", "GetOffer", "ListOffers", "PutOffer"],
+    }
+
+
+def test_field_numbers_are_stable():
+    fields = {f.name: f.number for f in decisioning_pb2.DecideRequest.DESCRIPTOR.fields}
+    assert fields == {
+        "user_id": 1,
+        "channel": 2,
+        "placement": 3,
+        "numeric_context": 4,
+        "categorical_context": 5,
+        "candidate_offer_ids": 6,
+        "slots": 7,
+        "dry_run": 8,
+        "request_id": 9,
+    }
+    response = {f.name: f.number for f in decisioning_pb2.DecideResponse.DESCRIPTOR.fields}
+    assert response == {
+        "decision_id": 1,
+        "choices": 2,
+        "hold_reason": 3,
+        "model_version": 4,
+        "arm": 5,
+    }
