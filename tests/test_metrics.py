@@ -1,0 +1,58 @@
+"""Prometheus exposition, scraped over HTTP as Prometheus would."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client import start_http_server
+
+from tactful.v1 import catalog_pb2
+from tactful.v1 import decisioning_pb2 as d
+
+from conftest import offer
+
+
+@pytest.fixture(scope="module")
+def metrics_url():
+    server, thread = start_http_server(0, addr="127.0.0.1")
+    yield f"http://127.0.0.1:{server.server_port}/metrics"
+    server.shutdown()
+    thread.join()
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(text: str, prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_grpc_and_domain_metrics_without_user_ids(metrics_url, catalog, decisioning):
+    ok = (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="Decide",'
+        'grpc_service="tactful.v1.Decisioning",grpc_type="unary"}'
+    )
+    invalid = ok.replace('grpc_code="OK"', 'grpc_code="INVALID_ARGUMENT"')
+    before = scrape(metrics_url)
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a")))
+    for i in range(3):
+        decisioning.Decide(d.DecideRequest(user_id=f"secret-user-{i}", channel="web"))
+    with pytest.raises(grpc.RpcError):
+        decisioning.Decide(d.DecideRequest(user_id="secret-user-x", channel="Not A Channel"))
+    after = scrape(metrics_url)
+
+    assert sample(after, ok) == sample(before, ok) + 3
+    assert sample(after, invalid) == sample(before, invalid) + 1
+    assert "grpc_server_started_total{" in after
+    assert 'grpc_server_handling_seconds_bucket{grpc_method="Decide"' in after
+    assert 'le="0.00025"' in after  # sub-millisecond buckets
+    assert 'tactful_decisions_total{arm="PERSONALIZED",hold_reason="NONE"}' in after
+    assert 'tactful_choices_total{reason="BUSINESS_PRIORITY"}' in after
+    assert "secret-user" not in after

@@ -1,0 +1,140 @@
+"""`tactful serve` as `make serve` runs it: a real process with its own redis-server, the
+demo catalog, health, and a clean stop on SIGTERM that keeps the data on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tactful.v1 import decisioning_pb2 as d
+from tactful.v1 import decisioning_pb2_grpc, profiles_pb2_grpc
+from tactful.v1 import profiles_pb2 as p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="tactful-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TACTFUL_")}
+    environment.update(
+        TACTFUL_DATA_DIR=str(data_dir),
+        TACTFUL_GRPC_PORT=str(port),
+        TACTFUL_METRICS_PORT=str(free_port()),
+        TACTFUL_GRPC_HOST="127.0.0.1",
+    )
+    environment.update(env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tactful", "serve"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_serving(port: int, process: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError("tactful did not become SERVING")
+
+
+def redis_pid(data_dir: Path) -> int:
+    return int((data_dir / "redis.pid").read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
+    port = free_port()
+    process = start(data_dir, port)
+    try:
+        wait_serving(port, process)
+        pid = redis_pid(data_dir)
+        assert alive(pid)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            decide = decisioning_pb2_grpc.DecisioningStub(channel).Decide
+            response = decide(d.DecideRequest(user_id="alice", channel="web", slots=3))
+            assert len(response.choices) == 3 and response.arm
+            profiles_pb2_grpc.ProfilesStub(channel).SetPreferences(
+                p.SetPreferencesRequest(
+                    user_id="alice",
+                    topic_preferences=[p.TopicPreference(topic="yoga", stance=p.STANCE_LIKE)],
+                )
+            )
+    finally:
+        output = stop(process)
+    assert "demo catalog" in output
+    assert "alice" not in output  # no user id in clear in the logs
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid), "the embedded redis-server must stop with tactful"
+
+    # Data is kept on disk: a restart finds the profile, and does not reload the demo.
+    process = start(data_dir, port)
+    try:
+        wait_serving(port, process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            profile = profiles_pb2_grpc.ProfilesStub(channel).GetProfile(
+                p.GetProfileRequest(user_id="alice")
+            )
+            assert [t.topic for t in profile.topic_preferences] == ["yoga"]
+            liked = decisioning_pb2_grpc.DecisioningStub(channel).Decide(
+                d.DecideRequest(user_id="alice", channel="web")
+            )
+            assert liked.choices[0].offer_id == "yoga-mat"
+    finally:
+        output = stop(process)
+    assert "demo catalog" not in output
+
+
+def test_bad_settings_stop_with_a_clear_message(data_dir: Path):
+    process = start(data_dir, free_port(), TACTFUL_GRPC_PORT="http", TACTFUL_CONTROL_SHARE="2")
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 2
+    assert "TACTFUL_GRPC_PORT" in output and "TACTFUL_CONTROL_SHARE" in output

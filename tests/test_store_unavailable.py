@@ -1,0 +1,151 @@
+"""When Redis goes away: Decide still answers, writes say UNAVAILABLE, nothing acknowledged
+is lost. Uses tactful's own embedded redis-server, a real process this test kills."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tactful.embedded_redis import EmbeddedRedis
+from tactful.transport.server import Running, build_server
+from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
+from tactful.v1 import decisioning_pb2 as d
+from tactful.v1 import profiles_pb2 as p
+
+from conftest import make_settings, make_store, offer
+
+
+@pytest.fixture
+def data_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="tactful-", dir="/tmp")  # short: it holds a Unix socket
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server(data_dir: str) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(data_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def running(redis_server: EmbeddedRedis) -> Iterator[Running]:
+    settings = make_settings()
+    store = make_store(redis_server.url, settings)
+    server = build_server(settings, store, port=0)
+    yield server
+    server.stop(None)  # type: ignore[arg-type]
+    store.client.close()
+
+
+def stubs(running: Running):
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    return (
+        channel,
+        decisioning_pb2_grpc.DecisioningStub(channel),
+        profiles_pb2_grpc.ProfilesStub(channel),
+        catalog_pb2_grpc.CatalogStub(channel),
+    )
+
+
+def test_decide_falls_back_and_writes_fail_cleanly(redis_server, running):
+    channel, decisioning, profiles, catalog = stubs(running)
+    with channel:
+        for o in (
+            offer("top", priority=0.9, channels=["web", "email"]),
+            offer("next", priority=0.5),
+            offer("private", ("finance",), priority=5.0, sensitive=True),
+        ):
+            catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=o))
+        profiles.SetPreferences(
+            p.SetPreferencesRequest(
+                user_id="alice",
+                topic_preferences=[p.TopicPreference(topic="finance", stance=p.STANCE_LIKE)],
+            )
+        )
+        healthy = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web", slots=3))
+        assert healthy.arm == d.ARM_PERSONALIZED and healthy.choices[0].offer_id == "private"
+
+        redis_server.kill()
+
+        web = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web", slots=3))
+        assert web.arm == d.ARM_FALLBACK and web.hold_reason == d.HOLD_REASON_UNSPECIFIED
+        assert [c.offer_id for c in web.choices] == ["top", "next"]  # never the sensitive one
+        assert all([r.code for r in c.reasons] == [d.REASON_CODE_FALLBACK] for c in web.choices)
+        email = decisioning.Decide(d.DecideRequest(user_id="alice", channel="email"))
+        assert email.arm == d.ARM_FALLBACK and email.choices == []
+        assert email.hold_reason == d.HOLD_REASON_STORE_UNAVAILABLE
+
+        writes = [
+            lambda: profiles.SetPreferences(
+                p.SetPreferencesRequest(user_id="alice", max_messages_per_day=1)
+            ),
+            lambda: profiles.RecordSignals(
+                p.RecordSignalsRequest(user_id="alice", signals=[p.Signal(topic="x", weight=1)])
+            ),
+            lambda: profiles.DeleteProfile(p.DeleteProfileRequest(user_id="alice")),
+            lambda: decisioning.ReportOutcome(
+                d.ReportOutcomeRequest(
+                    decision_id=healthy.decision_id,
+                    offer_id="private",
+                    event=d.OUTCOME_EVENT_CLICK,
+                    outcome_id="o1",
+                )
+            ),
+            lambda: catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("late"))),
+        ]
+        for write in writes:
+            with pytest.raises(grpc.RpcError) as err:
+                write()
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # Redis comes back: full service on the next request, no restart of tactful.
+        redis_server.start()
+        back = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web", slots=3))
+        assert back.arm == d.ARM_PERSONALIZED and back.choices[0].offer_id == "private"
+
+
+def test_acknowledged_writes_survive_a_redis_crash(redis_server, running):
+    channel, decisioning, profiles, catalog = stubs(running)
+    with channel:
+        catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a")))
+        acknowledged = []
+        for i in range(50):
+            profiles.SetPreferences(
+                p.SetPreferencesRequest(
+                    user_id=f"user-{i}",
+                    topic_preferences=[p.TopicPreference(topic=f"t{i}", stance=p.STANCE_LIKE)],
+                )
+            )
+            acknowledged.append(i)
+        decision = decisioning.Decide(d.DecideRequest(user_id="user-0", channel="web"))
+        decisioning.ReportOutcome(
+            d.ReportOutcomeRequest(
+                decision_id=decision.decision_id,
+                offer_id="a",
+                event=d.OUTCOME_EVENT_CLICK,
+                outcome_id="o1",
+            )
+        )
+
+        redis_server.kill()  # SIGKILL: no chance to save anything more
+        redis_server.start()  # replays its append-only file
+
+        for i in acknowledged:
+            profile = profiles.GetProfile(p.GetProfileRequest(user_id=f"user-{i}"))
+            assert [t.topic for t in profile.topic_preferences] == [f"t{i}"]
+        assert catalog.GetOffer(catalog_pb2.GetOfferRequest(offer_id="a")).offer_id == "a"
+        again = decisioning.ReportOutcome(
+            d.ReportOutcomeRequest(
+                decision_id=decision.decision_id,
+                offer_id="a",
+                event=d.OUTCOME_EVENT_CLICK,
+                outcome_id="o1",
+            )
+        )
+        assert again.recorded is False  # the first report survived too
