@@ -30,13 +30,15 @@ proto: $(STUBS) ## regenerate the gRPC stubs from proto/
 serve: setup ## start tactful on :50051 (metrics :9464) with an embedded redis-server in .tactful/
 	$(BIN)/python -m tactful serve
 
-test: setup ## lint, type-check and run the test suite (starts its own redis-servers)
+test: setup ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check
+	$(BIN)/buf lint
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: setup ## ruff only
+lint: setup ## ruff on the Python, buf on the protos
 	$(BIN)/ruff check
+	$(BIN)/buf lint
 
 typecheck: setup ## mypy only
 	$(BIN)/mypy
