@@ -24,6 +24,7 @@ from tactful.model import (
     DecideRequest,
     Decision,
     HoldReason,
+    ObservedSignal,
     Offer,
     OutcomeReport,
     PreferencesUpdate,
@@ -315,10 +316,12 @@ class ProfileService:
         now = self._clock()
         return self._present(self._store.set_preferences(update=update, now=now), now)
 
-    def record_signals(self, user_id: str, signals: Sequence[Signal]) -> None:
+    def record_signals(self, user_id: str, observed: Sequence[ObservedSignal]) -> None:
         now = self._clock()
-        # An unset observed_at means "just now".
-        signals = [s if s.observed_at > 0 else replace(s, observed_at=now) for s in signals]
+        signals = [
+            Signal(s.topic, s.weight, now if s.observed_at is None else s.observed_at)
+            for s in observed
+        ]
         validation.require(validation.check_signals(user_id, signals, now))
         self._store.record_signals(user_id=user_id, signals=signals)
 
@@ -365,8 +368,10 @@ class CatalogService:
         after = ""
         if page_token:
             try:
-                after = base64.urlsafe_b64decode(page_token.encode()).decode()
+                after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode()
             except (binascii.Error, UnicodeDecodeError, ValueError):
+                after = ""
+            if not validation.OFFER_ID_RE.fullmatch(after):
                 violations.append(FieldViolation("page_token", "is not a token ListOffers gave"))
         validation.require(violations)
         offers = self._catalog.offers(self._store.catalog_version())

@@ -107,6 +107,15 @@ class Signal:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservedSignal:
+    """A signal as RecordSignals receives it: ``observed_at`` None means "just now"."""
+
+    topic: str
+    weight: float
+    observed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ContactCounter:
     channel: str
     offer_id: str  # "" = all offers on the channel

@@ -31,6 +31,8 @@ MAX_SIGNAL_WEIGHT = 1e6
 MAX_MESSAGES_PER_DAY = 1000
 MAX_PAGE_SIZE = 1000
 FUTURE_SKEW_SECONDS = 300.0
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP, MAX_TIMESTAMP = -62_135_596_800, 253_402_300_799
 
 CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 TOPIC_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -91,6 +93,12 @@ def _check_key(value: str, field: str, *, required: bool) -> Violations:
 def _check_finite(value: float, field: str) -> Violations:
     if not math.isfinite(value):
         return [FieldViolation(field, "must be a finite number (not NaN or infinite)")]
+    return []
+
+
+def check_timestamp(seconds: float | None, field: str) -> Violations:
+    if seconds is not None and not MIN_TIMESTAMP <= seconds <= MAX_TIMESTAMP:
+        return [FieldViolation(field, "must be a Timestamp between years 0001 and 9999")]
     return []
 
 
@@ -207,6 +215,7 @@ def check_signals(user_id: str, signals: Iterable[Signal], now: float) -> Violat
                     f"signals[{i}].weight", f"must be between 0 and {MAX_SIGNAL_WEIGHT:g}"
                 )
             )
+        out += check_timestamp(signal.observed_at, f"signals[{i}].observed_at")
         if signal.observed_at > now + FUTURE_SKEW_SECONDS:
             out.append(FieldViolation(f"signals[{i}].observed_at", "must not be in the future"))
     return out
@@ -230,6 +239,8 @@ def check_offer(offer: Offer) -> Violations:
         out.append(FieldViolation("offer.priority", "must be a finite number >= 0"))
     if offer.max_per_user_per_day < 0:
         out.append(FieldViolation("offer.max_per_user_per_day", "must be >= 0"))
+    out += check_timestamp(offer.start_time, "offer.start_time")
+    out += check_timestamp(offer.end_time, "offer.end_time")
     if (
         offer.start_time is not None
         and offer.end_time is not None

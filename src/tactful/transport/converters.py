@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -32,7 +33,7 @@ def _seconds(ts: Timestamp) -> float:
 
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
-    whole = int(seconds)
+    whole = math.floor(seconds)
     ts.seconds, ts.nanos = whole, round((seconds - whole) * 1e9) % 1_000_000_000
     return ts
 
@@ -113,10 +114,10 @@ def preferences_update(msg: profiles_pb2.SetPreferencesRequest) -> model.Prefere
     )
 
 
-def signals(msgs: list[profiles_pb2.Signal]) -> list[model.Signal]:
+def signals(msgs: list[profiles_pb2.Signal]) -> list[model.ObservedSignal]:
     return [
-        model.Signal(
-            s.topic, s.weight, _seconds(s.observed_at) if s.HasField("observed_at") else 0.0
+        model.ObservedSignal(
+            s.topic, s.weight, _seconds(s.observed_at) if s.HasField("observed_at") else None
         )
         for s in msgs
     ]
