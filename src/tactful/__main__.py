@@ -55,7 +55,7 @@ def serve(settings: Settings) -> int:
                     len(demo.DEMO_OFFERS),
                 )
         if settings.server.metrics_port:
-            start_http_server(settings.server.metrics_port)
+            start_http_server(settings.server.metrics_port, addr=settings.server.host)
         running = build_server(settings, store)
         log.info(
             "tactful serving gRPC on %s:%d, metrics on :%d, store %s",

@@ -24,7 +24,9 @@ def _setting(env: str, default: Any, doc: str, **checks: Any) -> Any:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = _setting("TACTFUL_GRPC_HOST", "0.0.0.0", "Address the gRPC server binds.")
+    host: str = _setting(
+        "TACTFUL_GRPC_HOST", "0.0.0.0", "Address the gRPC server and the metrics endpoint bind."
+    )
     grpc_port: int = _setting(
         "TACTFUL_GRPC_PORT", 50051, "gRPC port (0 picks a free one).", min=0, max=65535
     )
@@ -70,12 +72,13 @@ class RedisSettings:
     )
     socket_timeout_ms: float = _setting(
         "TACTFUL_REDIS_SOCKET_TIMEOUT_MS",
-        100.0,
-        "Per-command timeout; past it Decide answers without the store.",
+        25.0,
+        "Per-command timeout, kept well inside a render-time deadline: past it Decide answers "
+        "without the store (fallback or hold) and writes return UNAVAILABLE.",
         min=1.0,
     )
     connect_timeout_ms: float = _setting(
-        "TACTFUL_REDIS_CONNECT_TIMEOUT_MS", 100.0, "Connection timeout.", min=1.0
+        "TACTFUL_REDIS_CONNECT_TIMEOUT_MS", 25.0, "Connection timeout.", min=1.0
     )
     max_connections: int = _setting(
         "TACTFUL_REDIS_MAX_CONNECTIONS", 64, "Connection pool size per process.", min=1

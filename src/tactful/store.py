@@ -168,14 +168,15 @@ def connect(
     max_connections: int,
     **options: Any,
 ) -> redis.Redis:
-    """A client tuned for the render path: short timeouts and a single immediate retry
-    (enough to replace a connection a restarted Redis closed, never a slow backoff loop)."""
+    """A client tuned for the render path: short timeouts, and one immediate retry on a
+    broken connection only (enough to replace a connection a restarted Redis closed). A
+    timeout is not retried: a slow Redis would otherwise cost the caller twice."""
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         retry_on_error=[redis.exceptions.ConnectionError],
         max_connections=max_connections,
         health_check_interval=0,

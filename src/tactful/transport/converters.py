@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,8 +32,7 @@ def _seconds(ts: Timestamp) -> float:
 
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
-    whole = math.floor(seconds)
-    ts.seconds, ts.nanos = whole, round((seconds - whole) * 1e9) % 1_000_000_000
+    ts.seconds, ts.nanos = divmod(round(seconds * 1e9), 1_000_000_000)
     return ts
 
 
