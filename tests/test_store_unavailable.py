@@ -3,7 +3,9 @@ is lost. Uses tactful's own embedded redis-server, a real process this test kill
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -149,3 +151,24 @@ def test_acknowledged_writes_survive_a_redis_crash(redis_server, running):
             )
         )
         assert again.recorded is False  # the first report survived too
+
+
+def test_a_frozen_redis_still_gets_a_fallback_answer_inside_a_render_deadline(
+    redis_server, running
+):
+    channel, decisioning, _, catalog = stubs(running)
+    with channel:
+        catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("top", priority=0.9)))
+        decisioning.Decide(d.DecideRequest(user_id="alice", channel="web"))  # loads the catalog
+        pid = int((redis_server.data_dir / "redis.pid").read_text())
+        os.kill(pid, signal.SIGSTOP)  # alive, accepting nothing: the worst kind of slow
+        try:
+            response = decisioning.Decide(
+                d.DecideRequest(user_id="alice", channel="web"), timeout=0.2
+            )
+            assert response.arm == d.ARM_FALLBACK
+            assert [c.offer_id for c in response.choices] == ["top"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        healthy = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web"))
+        assert healthy.arm == d.ARM_PERSONALIZED
