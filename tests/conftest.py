@@ -29,7 +29,9 @@ redisdb = factories.redisdb("redis_proc", decode=True)
 
 
 def make_settings(**policy: Any) -> Settings:
-    base = Settings.from_env({"TACTFUL_PSEUDONYM_KEY": "test-key", "TACTFUL_CONTROL_SHARE": "0"})
+    base = Settings.from_env(
+        {"TACTFUL_PSEUDONYM_KEY": "test-key", "TACTFUL_CONTROL_SHARE": "0", "TACTFUL_SEED": "7"}
+    )
     return dataclasses.replace(
         base,
         server=dataclasses.replace(base.server, host="127.0.0.1", grpc_port=0, max_workers=8),

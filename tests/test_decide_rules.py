@@ -117,14 +117,15 @@ def test_without_consent_signals_change_nothing(catalog, decisioning, profiles):
         offer("b", ("cycling",), priority=0.5),
         offer("c", ("yoga",), priority=0.6),
     )
-    before = _strip_ids(decide(decisioning, dry_run=True))
+    # The same request_id draws the same exploration, so only the signals differ.
+    before = _strip_ids(decide(decisioning, dry_run=True, request_id="r"))
     profiles.RecordSignals(
         p.RecordSignalsRequest(
             user_id="alice",
             signals=[p.Signal(topic="running", weight=50), p.Signal(topic="cycling", weight=5)],
         )
     )
-    after = _strip_ids(decide(decisioning, dry_run=True))
+    after = _strip_ids(decide(decisioning, dry_run=True, request_id="r"))
     assert after == before  # ranking, scores and reasons alike
     assert all(d.REASON_CODE_INFERRED_INTEREST not in codes(c) for c in after.choices)
     # Consent is what turns them on; withdrawing it turns them off again.
@@ -133,7 +134,7 @@ def test_without_consent_signals_change_nothing(catalog, decisioning, profiles):
     assert ids(with_consent)[0] == "a"
     assert d.REASON_CODE_INFERRED_INTEREST in codes(with_consent.choices[0])
     prefs(profiles, consent=p.Consent(inferred_personalization=False))
-    assert _strip_ids(decide(decisioning, dry_run=True)) == before
+    assert _strip_ids(decide(decisioning, dry_run=True, request_id="r")) == before
 
 
 def test_consent_defaults_to_false(profiles):
@@ -174,7 +175,7 @@ def test_choices_are_ordered_by_score(catalog, decisioning):
     response = decide(decisioning, slots=5)
     scores = [c.score for c in response.choices]
     assert scores == sorted(scores, reverse=True) and len(scores) == 5
-    assert all(c.propensity == 1.0 for c in response.choices)
+    assert all(0 < c.propensity <= 1.0 for c in response.choices)
     assert response.arm == d.ARM_PERSONALIZED
     assert response.model_version
 
@@ -298,7 +299,8 @@ def test_decision_is_logged_with_context_and_propensities(store, catalog, decisi
     logged = json.loads(raw)
     assert logged["decision_id"] == response.decision_id
     assert logged["offer_ids"] == ["a", "b"]
-    assert [c["propensity"] for c in logged["choices"]] == [1.0, 1.0]
+    assert [c["propensity"] for c in logged["choices"]] == [c.propensity for c in response.choices]
+    assert set(logged["features"]) == {"a", "b"}  # x of each (x, a, r, p), for the learner
     assert logged["model_version"] == response.model_version
     assert logged["placement"] == "home_hero"
     assert logged["numeric_context"] == {"cart_value": 42.5}

@@ -10,7 +10,8 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tactful.core import CatalogCache, Decider, ProfileService
+from tactful.core import CatalogCache, Decider, ModelCache, ProfileService
+from tactful.features import FeatureSpace
 from tactful.model import (
     ChannelPreference,
     Consent,
@@ -75,11 +76,14 @@ def setup_world(store, offers, stances, signals, consent, opted_out=False, user=
     if signals:
         now = time.time()
         store.record_signals(user_id=user, signals=[Signal(t, w, now) for t, w in signals.items()])
-    return Decider(store, CatalogCache(store), cfg)
+    space = FeatureSpace(cfg.learning.hashed_bits)
+    return Decider(store, CatalogCache(store), ModelCache(store, space, cfg.learning.kappa), cfg)
 
 
 def decide(decider, user="u", channel="web"):
-    return decider.decide(DecideRequest(user_id=user, channel=channel, slots=10, dry_run=True))
+    return decider.decide(
+        DecideRequest(user_id=user, channel=channel, slots=10, dry_run=True, request_id="same")
+    )
 
 
 @FAST

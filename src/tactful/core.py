@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -16,8 +18,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from tactful import metrics, scoring, validation
+from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
 from tactful.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from tactful.features import (
+    FeatureSpace,
+    RequestContext,
+    SparseVector,
+    UserEvidence,
+    dot_many,
+    squash,
+)
 from tactful.model import (
     Arm,
     Choice,
@@ -42,6 +55,8 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 DAY_SECONDS = 86400
+CONTROL_MODEL = "priority"  # the model_version of control-arm answers
+FALLBACK_MODEL = "fallback-priority"
 
 
 class CatalogCache:
@@ -78,21 +93,69 @@ class CatalogCache:
         metrics.CATALOG_RELOADS.inc()
 
 
+class ModelCache:
+    """The model this process decides with. Like the catalog, its version comes with every
+    Decide's one read; a new version is loaded once (one GET), and a snapshot that cannot be
+    used is rejected with a log line while the previous model stays in service."""
+
+    def __init__(self, store: Store, space: FeatureSpace, kappa: float) -> None:
+        self._store = store
+        self._space = space
+        self._lock = threading.Lock()
+        self._version = 0
+        self._model = LinearModel("prior", project(prior_theta(space.dim), kappa), space.layout)
+        self._rejected: set[int] = set()
+
+    @property
+    def space(self) -> FeatureSpace:
+        return self._space
+
+    def model(self, version: int) -> LinearModel:
+        if version == self._version or version == 0 or version in self._rejected:
+            return self._model
+        with self._lock:
+            if version != self._version and version not in self._rejected:
+                self._load_locked(version)
+        return self._model
+
+    def _load_locked(self, version: int) -> None:
+        raw = self._store.load_model(version=version)
+        try:
+            if raw is None:
+                raise SnapshotError("snapshot missing")
+            model = LinearModel.from_bytes(raw, self._space)
+        except SnapshotError as exc:
+            self._rejected.add(version)
+            metrics.MODEL_REJECTED.inc()
+            log.error(
+                "model version %d rejected, keeping %s: %s", version, self._model.version, exc
+            )
+            return
+        self._model, self._version = model, version
+        metrics.MODEL_INFO.info({"version": model.version})
+
+
 class Decider:
     def __init__(
         self,
         store: Store,
         catalog: CatalogCache,
+        models: ModelCache,
         settings: Settings,
         *,
         clock: Clock = time.time,
     ) -> None:
         self._store = store
         self._catalog = catalog
+        self._models = models
+        self._space = models.space
         self._policy = settings.policy
+        self._learning = settings.learning
         self._half_life = settings.policy.signal_half_life_hours * 3600.0
         self._pseudonym = Pseudonymizer(settings.privacy.pseudonym_key)
         self._clock = clock
+        seed = settings.learning.seed
+        self._seed = secrets.randbits(63) if seed < 0 else seed
 
     def decide(self, req: DecideRequest) -> Decision:
         validation.require(validation.check_decide(req))
@@ -105,13 +168,14 @@ class Decider:
                 if logged is not None:
                     return decision_from_log(logged.payload)
             offers = self._catalog.offers(inputs.catalog_version)
+            model = self._models.model(inputs.model_version)
         except Unavailable:
             return self._without_store(req, decision_id, now)
 
-        decision = self._choose(req, inputs.profile, offers, decision_id, now)
+        decision, features = self._choose(req, inputs.profile, offers, model, decision_id, now)
         self._count(decision)
         if not req.dry_run:
-            self._log(req, inputs.profile, decision, now)
+            self._log(req, inputs.profile, decision, features, now)
         return decision
 
     def _choose(
@@ -119,21 +183,24 @@ class Decider:
         req: DecideRequest,
         profile: Profile,
         offers: Mapping[str, Offer],
+        model: LinearModel,
         decision_id: str,
         now: float,
-    ) -> Decision:
+    ) -> tuple[Decision, dict[str, SparseVector]]:
         control = in_control_group(
             req.user_id, salt=self._policy.control_salt, share=self._policy.control_share
         )
         arm = Arm.CONTROL if control else Arm.PERSONALIZED
+        version = CONTROL_MODEL if control else model.version
 
-        def hold(reason: HoldReason) -> Decision:
-            return Decision(decision_id, (), reason, scoring.MODEL_VERSION, arm)
+        def hold(reason: HoldReason) -> tuple[Decision, dict[str, SparseVector]]:
+            return Decision(decision_id, (), reason, version, arm), {}
 
         if req.channel in profile.opted_out_channels():
             return hold(HoldReason.CHANNEL_OPTED_OUT)
         liked = profile.topics_with(Stance.LIKE)
         disliked = profile.topics_with(Stance.DISLIKE)
+        # Hard rules first: the model only ever ranks what the customer allows.
         eligible = [
             offer
             for offer in _candidates(req, offers)
@@ -144,17 +211,70 @@ class Decider:
         ]
         if not eligible:
             return hold(HoldReason.NO_ELIGIBLE_OFFER)
-        # Without consent, behaviour is not even read into the view scoring gets.
+        slots = req.slots or 1
+        if control:
+            choices = tuple(
+                Choice(o.offer_id, o.priority, 1.0, (scoring.CONTROL_REASON,))
+                for o in scoring.by_priority(eligible)[:slots]
+            )
+            return Decision(decision_id, choices, HoldReason.NONE, version, arm), {}
+
+        # Without consent, behaviour is not even read into the view the model gets.
         inferred = (
             self._decayed(profile.signals, now) if profile.consent.inferred_personalization else {}
         )
         view = scoring.UserView(liked_topics=liked, inferred=inferred)
-        ranked = scoring.rank([scoring.score_offer(o, view, arm) for o in eligible])
-        # The fixed rule is deterministic: each pick is made with probability 1.
-        choices = tuple(
-            Choice(s.offer.offer_id, s.score, 1.0, s.reasons) for s in ranked[: req.slots or 1]
+        window_start = now - now % DAY_SECONDS
+        contacts_today = sum(
+            c.count
+            for c in profile.contact_counters
+            if c.channel == req.channel and not c.offer_id and c.window_start == window_start
         )
-        return Decision(decision_id, choices, HoldReason.NONE, scoring.MODEL_VERSION, arm)
+        context = RequestContext(
+            channel=req.channel,
+            placement=req.placement,
+            hour=int(now % DAY_SECONDS) // 3600,
+            categorical=req.categorical_context,
+            numeric=req.numeric_context,
+        )
+        vectors = [
+            self._space.featurize(
+                context,
+                offer,
+                UserEvidence(
+                    liked=bool(view.liked(offer)),
+                    inferred=squash(view.strongest_inferred(offer)[1]),
+                    contacts_today=contacts_today,
+                ),
+            )
+            for offer in eligible
+        ]
+        predicted = dot_many(model.theta, vectors)
+        picks = pick_slate(
+            predicted, slots, self._learning.exploration_gamma, self._rng(req, decision_id)
+        )
+        # Choices are listed best score first, whatever order the slots were drawn in.
+        picks.sort(key=lambda pick: (-predicted[pick.index], eligible[pick.index].offer_id))
+        choices = tuple(
+            Choice(
+                eligible[pick.index].offer_id,
+                float(predicted[pick.index]),
+                pick.propensity,
+                scoring.personal_reasons(eligible[pick.index], view, explored=pick.explored),
+            )
+            for pick in picks
+        )
+        features = {eligible[p.index].offer_id: vectors[p.index] for p in picks}
+        return Decision(decision_id, choices, HoldReason.NONE, version, arm), features
+
+    def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:
+        """A generator seeded by (process seed, request_id or decision_id), as VW's explore
+        library seeds from the event id: the same request with the same inputs draws the same
+        slate (reproducible tests and replays), different requests draw independently, and no
+        lock is shared between threads."""
+        key = (req.request_id or decision_id).encode("utf-8", "surrogatepass")
+        entropy = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+        return np.random.default_rng([self._seed, entropy])
 
     def _decayed(self, signals: Sequence[Signal], now: float) -> dict[str, float]:
         return {s.topic: decay(s, now, self._half_life) for s in signals}
@@ -166,7 +286,7 @@ class Decider:
         if req.channel not in self._policy.render_time_channels:
             metrics.FALLBACKS.labels("held").inc()
             decision = Decision(
-                decision_id, (), HoldReason.STORE_UNAVAILABLE, scoring.MODEL_VERSION, Arm.FALLBACK
+                decision_id, (), HoldReason.STORE_UNAVAILABLE, FALLBACK_MODEL, Arm.FALLBACK
             )
             self._count(decision)
             return decision
@@ -176,18 +296,24 @@ class Decider:
             for o in _candidates(req, self._catalog.last_known())
             if o.is_active(now) and req.channel in o.channels and not o.sensitive
         ]
-        view = scoring.UserView(liked_topics=frozenset(), inferred={})
-        ranked = scoring.rank([scoring.score_offer(o, view, Arm.FALLBACK) for o in eligible])
         choices = tuple(
-            Choice(s.offer.offer_id, s.score, 1.0, s.reasons) for s in ranked[: req.slots or 1]
+            Choice(o.offer_id, o.priority, 1.0, (scoring.FALLBACK_REASON,))
+            for o in scoring.by_priority(eligible)[: req.slots or 1]
         )
         hold = HoldReason.NONE if choices else HoldReason.STORE_UNAVAILABLE
         metrics.FALLBACKS.labels("fallback" if choices else "held").inc()
-        decision = Decision(decision_id, choices, hold, scoring.MODEL_VERSION, Arm.FALLBACK)
+        decision = Decision(decision_id, choices, hold, FALLBACK_MODEL, Arm.FALLBACK)
         self._count(decision)
         return decision
 
-    def _log(self, req: DecideRequest, profile: Profile, decision: Decision, now: float) -> None:
+    def _log(
+        self,
+        req: DecideRequest,
+        profile: Profile,
+        decision: Decision,
+        features: Mapping[str, SparseVector],
+        now: float,
+    ) -> None:
         contacts: list[tuple[str, str]] = []
         if decision.choices:
             contacts.append((req.channel, ""))
@@ -201,6 +327,9 @@ class Decider:
             numeric_context=dict(req.numeric_context),
             categorical_context=dict(req.categorical_context),
         )
+        if features:
+            # x of the (x, a, r, p) tuple: what the learner regresses the reward on.
+            payload["features"] = {offer_id: x.to_json() for offer_id, x in features.items()}
         window_start = now - now % DAY_SECONDS
         expired = [c for c in profile.contact_counters if c.window_start != window_start]
         try:
@@ -211,6 +340,7 @@ class Decider:
                 window_start=window_start,
                 expired=expired,
                 request_id=req.request_id,
+                learn_after=now + self._learning.reward_window_seconds if features else None,
             )
         except Unavailable:
             # The answer is still worth more to the page than an error; the decision just

@@ -17,6 +17,22 @@ CATALOG_OFFERS = f"{PREFIX}:{{catalog}}:offers"
 CATALOG_VERSION = f"{PREFIX}:{{catalog}}:version"
 
 
+# The model and the learner share the {model} slot, so a publish or a checkpoint (with the
+# XACK of what it applied) is one MULTI/EXEC.
+MODEL_CURRENT = f"{PREFIX}:{{model}}:current"  # string: the version servers decide with
+MODEL_SEQ = f"{PREFIX}:{{model}}:seq"  # counter of published versions
+MODEL_VERSIONS = f"{PREFIX}:{{model}}:versions"  # zset: version -> published at
+MODEL_PINNED = f"{PREFIX}:{{model}}:pinned"  # set by a rollback: the learner stops publishing
+LEARNER_STATE = f"{PREFIX}:{{model}}:learner"  # the learner's A^-1, b and last applied id
+OUTCOME_STREAM = f"{PREFIX}:{{model}}:rewards"  # stream of rewards to learn from
+LEARNER_GROUP = "learner"
+AWAITING = f"{PREFIX}:{{model}}:awaiting"  # zset: decision_id -> reward window end
+
+
+def model_snapshot(version: int) -> str:
+    return f"{PREFIX}:{{model}}:snapshot:{version}"
+
+
 def user_digest(user_id: str) -> str:
     return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
@@ -42,8 +58,9 @@ class UserKeys:
 class DecisionKeys:
     record: str  # string: the logged decision, JSON
     outcomes: str  # hash: outcome_id -> outcome JSON
+    learned: str  # hash: offer_id -> when its reward went to the learner (once per offer)
 
     @classmethod
     def of(cls, decision_id: str) -> DecisionKeys:
         base = f"{PREFIX}:{{d:{decision_id}}}"
-        return cls(f"{base}:decision", f"{base}:outcomes")
+        return cls(f"{base}:decision", f"{base}:outcomes", f"{base}:learned")

@@ -6,7 +6,7 @@ Latency buckets start at 0.25 ms because a Decide is expected to take about one 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
 
 # The *_created series double the exposition and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -58,3 +58,16 @@ DECISION_LOG_FAILURES = Counter(
 CATALOG_RELOADS = Counter(
     "tactful_catalog_reloads_total", "Times this process reloaded the offer catalog."
 )
+MODEL_INFO = Info("tactful_model", "The model version this process decides with.")
+MODEL_REJECTED = Counter(
+    "tactful_model_rejected_total", "Model snapshots refused (corrupt or another feature layout)."
+)
+LEARNER_APPLIED = Counter(
+    "tactful_learner_rewards_applied_total", "Rewards the learner applied to the model."
+)
+LEARNER_LAG_SECONDS = Histogram(
+    "tactful_learner_lag_seconds",
+    "From an outcome (or a closed reward window) to the model version that includes it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
+)
+LEARNER_BACKLOG = Gauge("tactful_learner_backlog", "Rewards in the stream not yet applied.")

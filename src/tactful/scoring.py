@@ -1,14 +1,7 @@
-"""The fixed scoring rule of the foundation (the learning bandit replaces only this module).
+"""What a choice says about itself (reasons), and the non-learning rankings.
 
-What customers said outranks what was inferred, by construction:
-
-    score = priority + EXPLICIT_WEIGHT * liked + INFERRED_WEIGHT * squash(inferred)
-
-``liked`` is 1 when the customer explicitly LIKEs one of the offer's topics, and
-``squash(w) = w / (1 + w)`` maps an inferred strength of any size into [0, 1). Because
-EXPLICIT_WEIGHT >= INFERRED_WEIGHT and squash < 1, an explicit LIKE always scores strictly
-higher than an inferred signal of any strength at equal priority. Without consent the inferred
-strengths are empty, so they change nothing: not the score, not the reasons.
+The personalised arm is scored by the learned model (``tactful.bandit``); the control arm
+and the store-unavailable fallback rank by business priority alone.
 """
 
 from __future__ import annotations
@@ -16,16 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tactful.model import Arm, Offer, Reason, ReasonCode
-
-MODEL_VERSION = "fixed-rules-1"
-EXPLICIT_WEIGHT = 1.0
-INFERRED_WEIGHT = 0.5
-assert EXPLICIT_WEIGHT >= INFERRED_WEIGHT  # the rule this module exists to keep
-
-
-def squash(strength: float) -> float:
-    return strength / (1.0 + strength) if strength > 0 else 0.0
+from tactful.model import Offer, Reason, ReasonCode
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,47 +20,47 @@ class UserView:
     liked_topics: frozenset[str]
     inferred: Mapping[str, float]
 
+    def liked(self, offer: Offer) -> list[str]:
+        return sorted(t for t in offer.topics if t in self.liked_topics)
 
-@dataclass(frozen=True, slots=True)
-class Scored:
-    offer: Offer
-    score: float
-    reasons: tuple[Reason, ...]
+    def strongest_inferred(self, offer: Offer) -> tuple[str, float]:
+        best_topic, best_strength = "", 0.0
+        for topic in offer.topics:
+            strength = self.inferred.get(topic, 0.0)
+            if strength > best_strength:
+                best_topic, best_strength = topic, strength
+        return best_topic, best_strength
 
 
-def score_offer(offer: Offer, user: UserView, arm: Arm) -> Scored:
-    if arm is Arm.CONTROL:
-        return Scored(offer, offer.priority, (_CONTROL_REASON,))
-    if arm is Arm.FALLBACK:
-        return Scored(offer, offer.priority, (_FALLBACK_REASON,))
+def personal_reasons(offer: Offer, user: UserView, *, explored: bool) -> tuple[Reason, ...]:
+    """Say which evidence the choice rests on: what the customer said first, then what
+    (with consent) they showed; business priority when there is neither."""
     reasons: list[Reason] = []
-    score = offer.priority
-    liked = sorted(t for t in offer.topics if t in user.liked_topics)
+    liked = user.liked(offer)
     if liked:
-        score += EXPLICIT_WEIGHT
         reasons.append(Reason(ReasonCode.EXPLICIT_LIKE, f"you said you like {liked[0]}"))
-    best_topic, best_strength = "", 0.0
-    for topic in offer.topics:
-        strength = user.inferred.get(topic, 0.0)
-        if strength > best_strength:
-            best_topic, best_strength = topic, strength
-    if best_strength > 0:
-        score += INFERRED_WEIGHT * squash(best_strength)
+    topic, strength = user.strongest_inferred(offer)
+    if strength > 0:
         reasons.append(
-            Reason(ReasonCode.INFERRED_INTEREST, f"you recently showed interest in {best_topic}")
+            Reason(ReasonCode.INFERRED_INTEREST, f"you recently showed interest in {topic}")
         )
     if not reasons:
-        reasons.append(_PRIORITY_REASON)
-    return Scored(offer, score, tuple(reasons))
+        reasons.append(PRIORITY_REASON)
+    if explored:
+        reasons.append(EXPLORATION_REASON)
+    return tuple(reasons)
 
 
-def rank(scored: list[Scored]) -> list[Scored]:
-    """Best first; ties broken by priority, then offer id, so answers are reproducible."""
-    return sorted(scored, key=lambda s: (-s.score, -s.offer.priority, s.offer.offer_id))
+def by_priority(offers: list[Offer]) -> list[Offer]:
+    """Best first; ties broken by offer id, so answers are reproducible."""
+    return sorted(offers, key=lambda o: (-o.priority, o.offer_id))
 
 
-_PRIORITY_REASON = Reason(ReasonCode.BUSINESS_PRIORITY, "a featured offer")
-_CONTROL_REASON = Reason(ReasonCode.CONTROL_GROUP, "ranked by business priority (control group)")
-_FALLBACK_REASON = Reason(
+PRIORITY_REASON = Reason(ReasonCode.BUSINESS_PRIORITY, "a featured offer")
+EXPLORATION_REASON = Reason(
+    ReasonCode.EXPLORATION, "shown now and then so we learn what you like (chosen at random)"
+)
+CONTROL_REASON = Reason(ReasonCode.CONTROL_GROUP, "ranked by business priority (control group)")
+FALLBACK_REASON = Reason(
     ReasonCode.FALLBACK, "ranked by business priority (personal data unavailable right now)"
 )

@@ -126,6 +126,57 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class LearningSettings:
+    exploration_gamma: float = _setting(
+        "TACTFUL_EXPLORATION_GAMMA",
+        200.0,
+        "Inverse-gap-weighting gamma: higher explores less (0 = uniform among eligible offers).",
+        min=0.0,
+    )
+    kappa: float = _setting(
+        "TACTFUL_EXPLICIT_KAPPA",
+        1.0,
+        "The learned explicit-like weight is kept >= kappa x the inferred-interest weight.",
+        min=1.0,
+    )
+    l2: float = _setting(
+        "TACTFUL_RIDGE_L2", 1.0, "Ridge prior strength (pull towards the fixed rule).", min=1e-6
+    )
+    hashed_bits: int = _setting(
+        "TACTFUL_FEATURE_HASH_BITS", 9, "2^bits buckets for hashed features.", min=4, max=14
+    )
+    reward_window_seconds: float = _setting(
+        "TACTFUL_REWARD_WINDOW_SECONDS",
+        600.0,
+        "An offer with no outcome this long after its decision is learned with reward 0.",
+        min=1.0,
+    )
+    publish_interval_ms: float = _setting(
+        "TACTFUL_MODEL_PUBLISH_INTERVAL_MS",
+        50.0,
+        "At most one new model version per this interval.",
+        min=0.0,
+    )
+    checkpoint_interval_seconds: float = _setting(
+        "TACTFUL_LEARNER_CHECKPOINT_SECONDS",
+        1.0,
+        "How often the learner saves its state and acknowledges what it applied.",
+        min=0.0,
+    )
+    keep_versions: int = _setting(
+        "TACTFUL_MODEL_KEEP_VERSIONS", 20, "Model versions kept for rollback.", min=1
+    )
+    embedded_learner: bool = _setting(
+        "TACTFUL_EMBEDDED_LEARNER",
+        True,
+        "Run the learner inside `tactful serve` (one process). False: run `tactful learn`.",
+    )
+    seed: int = _setting(
+        "TACTFUL_SEED", -1, "Seed of the exploration RNG (-1: from the OS).", min=-1
+    )
+
+
+@dataclass(frozen=True)
 class PrivacySettings:
     pseudonym_key: str = _setting(
         "TACTFUL_PSEUDONYM_KEY",
@@ -140,6 +191,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    learning: LearningSettings = field(default_factory=LearningSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     @classmethod
@@ -148,8 +200,7 @@ class Settings:
         env = os.environ if env is None else env
         errors: list[str] = []
         groups = {
-            f.name: _load_group(f.default_factory, env, errors)
-            for f in dataclasses.fields(cls)
+            f.name: _load_group(f.default_factory, env, errors) for f in dataclasses.fields(cls)
         }
         known = {e for _, meta in iter_fields() for e in [meta["env"]]}
         unknown = sorted(k for k in env if k.startswith("TACTFUL_") and k not in known)

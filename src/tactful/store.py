@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -56,6 +56,7 @@ class DecisionInputs:
 
     profile: Profile
     catalog_version: int
+    model_version: int  # 0: no model published yet (the prior)
     replay_decision_id: str | None  # set when this request_id was already decided
 
 
@@ -86,6 +87,7 @@ class Store(Protocol):
         window_start: float,
         expired: Sequence[ContactCounter],
         request_id: str,
+        learn_after: float | None,
     ) -> None: ...
 
     def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None: ...
@@ -103,6 +105,8 @@ class Store(Protocol):
     def delete_profile(self, *, user_id: str) -> None: ...
 
     def catalog_version(self) -> int: ...
+
+    def load_model(self, *, version: int) -> bytes | None: ...
 
     def load_catalog(self) -> tuple[int, list[Offer]]: ...
 
@@ -135,19 +139,54 @@ end
 return 1
 """
 
-# Stores an outcome once per outcome_id, only for a logged decision that chose the offer.
-# KEYS[1] decision record; KEYS[2] outcomes hash; ARGV offer_id, outcome_id, outcome JSON.
+# Stores an outcome once per outcome_id, only for a logged decision that chose the offer, and
+# sends the first outcome of each offer to the learner (unless its reward window closed first).
+# KEYS decision record, outcomes hash, learned hash, reward stream.
+# ARGV offer_id, outcome_id, outcome JSON, reward, now, decision_id.
+# The stream lives in another cluster slot: on Redis Cluster this script needs the
+# stream moved under the decision's tag (issue: scale-out).
 _RECORD_OUTCOME_LUA = """
 local record = redis.call('GET', KEYS[1])
 if not record then return -1 end
-local offers = cjson.decode(record)['offer_ids']
+local decision = cjson.decode(record)
 local chosen = false
-for _, id in ipairs(offers) do if id == ARGV[1] then chosen = true end end
+for _, id in ipairs(decision['offer_ids']) do if id == ARGV[1] then chosen = true end end
 if not chosen then return -2 end
 if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
 local ttl = redis.call('TTL', KEYS[1])
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+local features = decision['features']
+if type(features) == 'table' and features[ARGV[1]] then
+  if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[5]) == 1 then
+    if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+    redis.call('XADD', KEYS[4], '*', 'd', ARGV[6], 'o', ARGV[1], 'r', ARGV[4],
+      'x', cjson.encode(features[ARGV[1]]), 't', ARGV[5])
+  end
+end
 return 1
+"""
+
+# Closes a decision's reward window: every chosen offer that got no outcome is sent to the
+# learner with reward 0 (the default reward), once. KEYS record, learned hash, reward stream,
+# awaiting zset; ARGV now, decision_id.
+_CLOSE_WINDOW_LUA = """
+redis.call('ZREM', KEYS[4], ARGV[2])
+local record = redis.call('GET', KEYS[1])
+if not record then return 0 end
+local decision = cjson.decode(record)
+local features = decision['features']
+if type(features) ~= 'table' then return 0 end
+local sent = 0
+for _, id in ipairs(decision['offer_ids']) do
+  if features[id] and redis.call('HSETNX', KEYS[2], id, ARGV[1]) == 1 then
+    redis.call('XADD', KEYS[3], '*', 'd', ARGV[2], 'o', id, 'r', '0',
+      'x', cjson.encode(features[id]), 't', ARGV[1])
+    sent = sent + 1
+  end
+end
+local ttl = redis.call('TTL', KEYS[1])
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return sent
 """
 
 
@@ -199,6 +238,8 @@ class RedisStore:
         self._request_ttl = request_id_ttl_seconds
         self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
+        # Model snapshots are bytes: a second client on the same server that does not decode.
+        self.binary = _binary_twin(client)
 
     def ping(self) -> bool:
         with store_errors():
@@ -213,6 +254,7 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.get(keys.CATALOG_VERSION)
+        pipe.get(keys.MODEL_CURRENT)
         if request_id:
             pipe.hget(k.requests, request_id)
         with store_errors():
@@ -221,7 +263,8 @@ class RedisStore:
         return DecisionInputs(
             profile=profile,
             catalog_version=int(replies[3] or 0),
-            replay_decision_id=replies[4] if request_id else None,
+            model_version=int(replies[4] or 0),
+            replay_decision_id=replies[5] if request_id else None,
         )
 
     def log_decision(
@@ -233,6 +276,7 @@ class RedisStore:
         window_start: float,
         expired: Sequence[ContactCounter],
         request_id: str,
+        learn_after: float | None,
     ) -> None:
         """Log the decision and count its contacts in one round trip of plain commands.
 
@@ -259,6 +303,8 @@ class RedisStore:
         if request_id:
             pipe.hset(k.requests, request_id, decision.decision_id)
             pipe.expire(k.requests, self._request_ttl)
+        if learn_after is not None:
+            pipe.zadd(keys.AWAITING, {decision.decision_id: learn_after})
         with store_errors():
             pipe.execute()
 
@@ -275,8 +321,15 @@ class RedisStore:
         k = keys.DecisionKeys.of(decision_id)
         with store_errors():
             status = self._record_outcome(
-                keys=[k.record, k.outcomes],
-                args=[offer_id, outcome_id, json.dumps(outcome, separators=(",", ":"))],
+                keys=[k.record, k.outcomes, k.learned, keys.OUTCOME_STREAM],
+                args=[
+                    offer_id,
+                    outcome_id,
+                    json.dumps(outcome, separators=(",", ":")),
+                    repr(float(outcome["reward"])),
+                    repr(float(outcome["ts"])),
+                    decision_id,
+                ],
             )
         return int(status)
 
@@ -342,6 +395,11 @@ class RedisStore:
         with store_errors():
             return int(self.client.get(keys.CATALOG_VERSION) or 0)
 
+    def load_model(self, *, version: int) -> bytes | None:
+        with store_errors():
+            raw: Any = self.binary.get(keys.model_snapshot(version))
+        return None if raw is None else bytes(raw)
+
     def load_catalog(self) -> tuple[int, list[Offer]]:
         pipe = self.client.pipeline(transaction=True)
         pipe.get(keys.CATALOG_VERSION)
@@ -369,6 +427,131 @@ class RedisStore:
         with store_errors():
             deleted, _ = pipe.execute()
         return bool(deleted)
+
+
+def _binary_twin(client: redis.Redis) -> redis.Redis:
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["decode_responses"] = False
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+        )
+    )
+
+
+class ModelStore:
+    """What the learner and the model CLI need: the reward stream, the learner's checkpoint,
+    and the versioned model snapshots (all in the {model} slot)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.binary = _binary_twin(client)
+        self._close_window = client.register_script(_CLOSE_WINDOW_LUA)
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(
+                keys.OUTCOME_STREAM, keys.LEARNER_GROUP, id="0", mkstream=True
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def claim_all(self, consumer: str) -> list[tuple[str, dict[str, str]]]:
+        """Take over every entry delivered to a consumer that never acknowledged it (a learner
+        that died); only one learner runs at a time, so nothing idle is still being worked on."""
+        claimed: list[tuple[str, dict[str, str]]] = []
+        start = "0-0"
+        while True:
+            reply: Any = self.client.xautoclaim(
+                keys.OUTCOME_STREAM, keys.LEARNER_GROUP, consumer, 0, start, count=500
+            )
+            start, entries = reply[0], reply[1]
+            claimed += [(entry_id, fields) for entry_id, fields in entries if fields]
+            if start == "0-0":
+                return claimed
+
+    def read_new(
+        self, consumer: str, *, count: int, block_ms: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        reply: Any = self.client.xreadgroup(
+            keys.LEARNER_GROUP,
+            consumer,
+            {keys.OUTCOME_STREAM: ">"},
+            count=count,
+            block=block_ms or None,
+        )
+        return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
+    def close_due_windows(self, now: float, *, limit: int = 500) -> int:
+        """Send reward 0 for every chosen offer whose reward window ended without an outcome."""
+        due: Any = self.client.zrangebyscore(keys.AWAITING, "-inf", now, start=0, num=limit)
+        sent = 0
+        for decision_id in due:
+            k = keys.DecisionKeys.of(decision_id)
+            sent += int(
+                self._close_window(
+                    keys=[k.record, k.learned, keys.OUTCOME_STREAM, keys.AWAITING],
+                    args=[repr(now), decision_id],
+                )
+            )
+        return sent
+
+    def load_checkpoint(self) -> tuple[bytes, str] | None:
+        raw: Any = self.binary.hmget(keys.LEARNER_STATE, ["state", "last_id"])
+        if raw[0] is None:
+            return None
+        return bytes(raw[0]), raw[1].decode()
+
+    def checkpoint(self, state: bytes, last_id: str, acked: Sequence[str]) -> None:
+        """Save the learner's state and acknowledge what it holds, together: after a crash
+        the stream's pending entries are exactly those the saved state has not applied."""
+        pipe = self.binary.pipeline(transaction=True)
+        pipe.hset(keys.LEARNER_STATE, mapping={"state": state, "last_id": last_id})
+        if acked:
+            pipe.xack(keys.OUTCOME_STREAM, keys.LEARNER_GROUP, *acked)
+        pipe.execute()
+
+    def publish(self, snapshot: Callable[[int], bytes], *, keep: int, now: float) -> int | None:
+        """Publish a new model version unless a rollback pinned an older one."""
+        if self.client.exists(keys.MODEL_PINNED):
+            return None
+        version = int(self.client.incr(keys.MODEL_SEQ))
+        pipe = self.binary.pipeline(transaction=True)
+        pipe.set(keys.model_snapshot(version), snapshot(version))
+        pipe.zadd(keys.MODEL_VERSIONS, {str(version): now})
+        pipe.set(keys.MODEL_CURRENT, version)
+        pipe.execute()
+        old: Any = self.client.zrange(keys.MODEL_VERSIONS, 0, -(keep + 1))
+        if old:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(*(keys.model_snapshot(int(v)) for v in old))
+            pipe.zrem(keys.MODEL_VERSIONS, *old)
+            pipe.execute()
+        return version
+
+    def versions(self) -> tuple[int, list[tuple[int, float]]]:
+        current = int(self.client.get(keys.MODEL_CURRENT) or 0)
+        listed: Any = self.client.zrange(keys.MODEL_VERSIONS, 0, -1, withscores=True)
+        return current, [(int(v), float(ts)) for v, ts in listed]
+
+    def rollback(self, version: int) -> None:
+        """Serve ``version`` again and pin it: the learner keeps learning but publishes
+        nothing until ``unpin``."""
+        if not self.client.exists(keys.model_snapshot(version)):
+            raise KeyError(version)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(keys.MODEL_CURRENT, version)
+        pipe.set(keys.MODEL_PINNED, version)
+        pipe.execute()
+
+    def unpin(self) -> None:
+        self.client.delete(keys.MODEL_PINNED)
+
+    def backlog(self) -> int:
+        groups: Any = self.client.xinfo_groups(keys.OUTCOME_STREAM)
+        return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups)
 
 
 def _contact_field(window_start: float, channel: str, offer_id: str) -> str:

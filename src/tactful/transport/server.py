@@ -11,7 +11,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tactful.core import CatalogCache, CatalogService, Decider, ProfileService
+from tactful.core import CatalogCache, CatalogService, Decider, ModelCache, ProfileService
+from tactful.features import FeatureSpace
 from tactful.settings import Settings
 from tactful.store import Store
 from tactful.transport.interceptor import ServerInterceptor
@@ -52,7 +53,8 @@ class Running:
 def build_server(settings: Settings, store: Store, *, port: int | None = None) -> Running:
     """Create and start a server; ``port=0`` binds a free port (tests). Returns it running."""
     catalog_cache = CatalogCache(store)
-    decider = Decider(store, catalog_cache, settings)
+    models = ModelCache(store, FeatureSpace(settings.learning.hashed_bits), settings.learning.kappa)
+    decider = Decider(store, catalog_cache, models, settings)
     catalog = CatalogService(store, catalog_cache)
     profiles = ProfileService(store, settings)
 

@@ -1,0 +1,177 @@
+"""The contextual bandit: a ridge reward model learned online, and an exploration policy
+whose every pick carries its exact probability.
+
+Model. Rewards are regressed on the features of ``tactful.features`` with a ridge prior
+centred on the foundation's fixed rule (explicit like 1.0, inferred 0.5, priority 1.0), so an
+untrained model decides as the fixed rule did and learning moves away from it only as
+evidence comes in. The learner keeps ``A^-1`` (A = l2*I + sum x x^T) and ``b`` and applies
+each reward with a Sherman-Morrison rank-one update, O(d^2); no matrix is ever inverted, and
+the request path only takes a dot product with the published ``theta = A^-1 b``.
+
+Guarantee. Before ``theta`` is published it is projected so that
+``w_explicit >= max(kappa * w_inferred, epsilon)`` and ``w_inferred >= 0`` (kappa >= 1).
+Inferred evidence is squashed into [0, 1), so for two offers equal in every other feature,
+the explicitly liked one scores ``w_explicit - w_inferred * s > 0`` higher: no inferred signal
+of any strength outranks an explicit like, whatever was learned.
+
+Policy. Inverse gap weighting (SquareCB): among K eligible offers with predicted rewards
+y, an offer a other than the best gets p(a) = 1 / (K + gamma * (y_best - y_a)), and the best
+gets the rest. With ``slots`` > 1, slots are filled one after another without replacement,
+each from the IGW distribution over the offers still left; a choice's ``propensity`` is its
+probability *at its slot given the picks before it*, and the probability of the whole slate
+(in pick order) is the product of its choices' propensities.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tactful.features import (
+    EXPLICIT_LIKE,
+    INFERRED_INTEREST,
+    PRIORITY,
+    FeatureSpace,
+    FloatArray,
+    SparseVector,
+)
+
+PRIOR = {EXPLICIT_LIKE: 1.0, INFERRED_INTEREST: 0.5, PRIORITY: 1.0}
+EPSILON = 1e-3
+
+
+class SnapshotError(ValueError):
+    """A model snapshot that cannot be used (corrupt, or built for another feature layout)."""
+
+
+def prior_theta(dim: int) -> FloatArray:
+    theta = np.zeros(dim)
+    for index, weight in PRIOR.items():
+        theta[index] = weight
+    return theta
+
+
+def project(theta: FloatArray, kappa: float) -> FloatArray:
+    """The closest theta (in the explicit/inferred plane) that keeps explicit >= kappa *
+    inferred >= 0 and explicit >= EPSILON; every other weight is left as learned."""
+    out = theta.copy()
+    explicit, inferred = float(out[EXPLICIT_LIKE]), max(0.0, float(out[INFERRED_INTEREST]))
+    if explicit < kappa * inferred:
+        t = (kappa * explicit + inferred) / (kappa * kappa + 1.0)
+        explicit, inferred = kappa * t, t
+        inferred = max(0.0, inferred)
+    out[EXPLICIT_LIKE] = max(explicit, kappa * inferred, EPSILON)
+    out[INFERRED_INTEREST] = inferred
+    return out
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """What a server needs to decide: a published, projected theta and its version."""
+
+    version: str
+    theta: FloatArray
+    layout: str
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        header = json.dumps({"version": self.version, "layout": self.layout}).encode()
+        buffer.write(len(header).to_bytes(4, "big") + header)
+        np.save(buffer, self.theta, allow_pickle=False)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, space: FeatureSpace) -> LinearModel:
+        try:
+            size = int.from_bytes(raw[:4], "big")
+            header = json.loads(raw[4 : 4 + size])
+            theta = np.load(io.BytesIO(raw[4 + size :]), allow_pickle=False)
+        except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+            raise SnapshotError(f"corrupt model snapshot: {exc}") from exc
+        if header.get("layout") != space.layout or theta.shape != (space.dim,):
+            raise SnapshotError(
+                f"snapshot for layout {header.get('layout')!r} {theta.shape}, "
+                f"this server uses {space.layout!r} ({space.dim},)"
+            )
+        if theta.dtype != np.float64 or not np.all(np.isfinite(theta)):
+            raise SnapshotError("model snapshot holds non-finite weights")
+        return cls(str(header["version"]), theta, space.layout)
+
+
+class RidgeLearner:
+    """Online ridge regression with rank-one updates of A^-1."""
+
+    def __init__(self, space: FeatureSpace, *, l2: float, kappa: float) -> None:
+        self.space = space
+        self.kappa = kappa
+        self.l2 = l2
+        self.a_inv = np.eye(space.dim) / l2
+        self.b = prior_theta(space.dim) * l2  # so that A^-1 b starts at the prior
+        self.updates = 0
+
+    def update(self, x: SparseVector, reward: float) -> None:
+        idx = np.asarray(x.indices, dtype=np.int64)
+        vals = np.asarray(x.values, dtype=np.float64)
+        # Duplicate hashed indices must add up, as they do in the dense x.
+        idx, inverse = np.unique(idx, return_inverse=True)
+        vals = np.bincount(inverse, weights=vals).astype(np.float64)
+        u = self.a_inv[:, idx] @ vals  # A^-1 x
+        denominator = 1.0 + float(vals @ u[idx])
+        self.a_inv -= np.outer(u, u) / denominator
+        self.b[idx] += reward * vals
+        self.updates += 1
+
+    def theta(self) -> FloatArray:
+        raw: FloatArray = self.a_inv @ self.b
+        return project(raw, self.kappa)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, a_inv=self.a_inv, b=self.b, updates=np.array(self.updates))
+        return buffer.getvalue()
+
+    def restore(self, raw: bytes) -> None:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+            a_inv, b = data["a_inv"], data["b"]
+            if a_inv.shape != (self.space.dim, self.space.dim) or b.shape != (self.space.dim,):
+                raise SnapshotError("learner state built for another feature layout")
+            self.a_inv, self.b, self.updates = a_inv, b, int(data["updates"])
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    index: int  # position in the candidate list
+    propensity: float  # probability of this pick at its slot, given the picks before it
+    explored: bool  # not the policy's best remaining offer
+
+
+def igw_probabilities(predicted: FloatArray, gamma: float) -> FloatArray:
+    k = len(predicted)
+    best = int(np.argmax(predicted))
+    probs: FloatArray = 1.0 / (k + gamma * (predicted[best] - predicted))
+    probs[best] = 0.0
+    probs[best] = 1.0 - probs.sum()
+    return probs
+
+
+def pick_slate(
+    predicted: FloatArray, slots: int, gamma: float, rng: np.random.Generator
+) -> list[Pick]:
+    remaining = np.arange(len(predicted))
+    picks: list[Pick] = []
+    for _ in range(min(slots, len(predicted))):
+        probs = igw_probabilities(predicted[remaining], gamma)
+        at = int(rng.choice(len(remaining), p=probs))
+        best = int(np.argmax(predicted[remaining]))
+        picks.append(Pick(int(remaining[at]), float(probs[at]), at != best))
+        remaining = np.delete(remaining, at)
+    return picks
+
+
+def greedy_slate(predicted: Sequence[float], slots: int) -> list[Pick]:
+    order = sorted(range(len(predicted)), key=lambda i: -predicted[i])
+    return [Pick(i, 1.0, False) for i in order[:slots]]
