@@ -1,4 +1,6 @@
-"""Command line: ``tactful serve`` runs the server; ``tactful settings`` prints the settings."""
+"""Command line: ``tactful serve`` (the server, with its learner unless told otherwise),
+``tactful learn`` (a learner on its own), ``tactful model list|rollback|unpin``, and
+``tactful settings`` (the settings table)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import logging
 import signal
 import sys
 import threading
+import time
 from types import FrameType
+from typing import Any
 
 from prometheus_client import start_http_server
 
@@ -16,12 +20,63 @@ from tactful.settings import Settings, SettingsError, settings_table
 log = logging.getLogger("tactful")
 
 
+def _client(settings: Settings, url: str) -> Any:
+    from tactful.store import connect
+
+    return connect(
+        url,
+        socket_timeout=settings.redis.socket_timeout_ms / 1000,
+        connect_timeout=settings.redis.connect_timeout_ms / 1000,
+        max_connections=settings.redis.max_connections,
+    )
+
+
+def _learner_client(settings: Settings, url: str) -> Any:
+    """The learner is not on a render path: it can wait for a busy Redis longer."""
+    from tactful.store import connect
+
+    return connect(url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4)
+
+
+def _start_learner(settings: Settings, url: str, stop: threading.Event) -> threading.Thread:
+    from tactful.features import FeatureSpace
+    from tactful.learner import Learner
+    from tactful.store import ModelStore
+
+    learner = Learner(
+        ModelStore(_learner_client(settings, url)),
+        FeatureSpace(settings.learning.hashed_bits),
+        settings.learning,
+    )
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                learner.run(stop)
+            except Exception:  # a Redis outage must not end learning for good
+                log.exception("learner failed; retrying in 1 s")
+                stop.wait(1.0)
+
+    thread = threading.Thread(target=run, name="learner", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 def serve(settings: Settings) -> int:
     # Imported here so `tactful settings` works without generated stubs.
     from tactful import demo
     from tactful.core import CatalogCache, CatalogService
     from tactful.embedded_redis import EmbeddedRedis
-    from tactful.store import RedisStore, connect
+    from tactful.store import RedisStore
     from tactful.transport.server import build_server, serve_until_signalled
 
     embedded: EmbeddedRedis | None = None
@@ -35,12 +90,7 @@ def serve(settings: Settings) -> int:
         url = embedded.url
     try:
         store = RedisStore(
-            connect(
-                url,
-                socket_timeout=settings.redis.socket_timeout_ms / 1000,
-                connect_timeout=settings.redis.connect_timeout_ms / 1000,
-                max_connections=settings.redis.max_connections,
-            ),
+            _client(settings, url),
             signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
             decision_ttl_seconds=settings.policy.decision_ttl_seconds,
             request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
@@ -65,14 +115,13 @@ def serve(settings: Settings) -> int:
             "embedded redis-server in " + settings.redis.data_dir if embedded else "external Redis",
         )
         stop = threading.Event()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        _stop_on_signals(stop)
+        learner = (
+            _start_learner(settings, url, stop) if settings.learning.embedded_learner else None
+        )
         serve_until_signalled(running, settings, stop)
+        if learner is not None:
+            learner.join(timeout=10)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -80,10 +129,66 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def learn(settings: Settings) -> int:
+    """A learner on its own (with TACTFUL_EMBEDDED_LEARNER=false on the servers)."""
+    if not settings.redis.url:
+        print("tactful learn: set TACTFUL_REDIS_URL to the servers' Redis", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    _start_learner(settings, settings.redis.url, stop).join()
+    return 0
+
+
+def model_command(settings: Settings, args: argparse.Namespace) -> int:
+    from tactful.embedded_redis import EmbeddedRedis
+    from tactful.store import ModelStore
+
+    embedded = None
+    url = settings.redis.url
+    if not url:  # the embedded store of `make serve`, when it is not running
+        socket_path = EmbeddedRedis(settings.redis.data_dir).socket
+        if socket_path.exists():
+            url = f"unix://{socket_path}"
+        else:
+            embedded = EmbeddedRedis(settings.redis.data_dir).start()
+            url = embedded.url
+    try:
+        models = ModelStore(_learner_client(settings, url))
+        if args.action == "list":
+            current, versions = models.versions()
+            for version, published in versions:
+                mark = "*" if version == current else " "
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(published))
+                print(f"{mark} {version:>8}  {when} UTC")
+            print(f"serving: {current or 'prior'}")
+        elif args.action == "rollback":
+            try:
+                models.rollback(args.version)
+            except KeyError:
+                print(f"tactful model: no snapshot of version {args.version}", file=sys.stderr)
+                return 1
+            print(f"serving version {args.version}; new versions held until `tactful model unpin`")
+        else:
+            models.unpin()
+            print("unpinned: the learner publishes new versions again")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tactful", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the gRPC server (settings from TACTFUL_* variables)")
+    sub.add_parser("learn", help="run a learner on its own against TACTFUL_REDIS_URL")
+    model = sub.add_parser("model", help="list model versions, roll back, unpin")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    model_sub.add_parser("list", help="model versions kept for rollback")
+    rollback = model_sub.add_parser("rollback", help="serve an earlier version and pin it")
+    rollback.add_argument("version", type=int)
+    model_sub.add_parser("unpin", help="let the learner publish new versions again")
     sub.add_parser("settings", help="print the settings table (Markdown)")
     args = parser.parse_args(argv)
     if args.command == "settings":
@@ -98,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if args.command == "learn":
+        return learn(settings)
+    if args.command == "model":
+        return model_command(settings, args)
     return serve(settings)
 
 

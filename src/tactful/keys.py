@@ -26,6 +26,7 @@ MODEL_PINNED = f"{PREFIX}:{{model}}:pinned"  # set by a rollback: the learner st
 LEARNER_STATE = f"{PREFIX}:{{model}}:learner"  # the learner's A^-1, b and last applied id
 OUTCOME_STREAM = f"{PREFIX}:{{model}}:rewards"  # stream of rewards to learn from
 LEARNER_GROUP = "learner"
+LEARNER_LEASE = f"{PREFIX}:{{model}}:lease"  # who is the one active learner
 AWAITING = f"{PREFIX}:{{model}}:awaiting"  # zset: decision_id -> reward window end
 
 

@@ -190,6 +190,15 @@ return sent
 """
 
 
+# Renews (or, with ttl 1, lets go of) the learner lease if this token holds it.
+_RENEW_LEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
     """Turn 'Redis is unreachable' into the domain's Unavailable; let bugs through."""
@@ -448,6 +457,16 @@ class ModelStore:
         self.client = client
         self.binary = _binary_twin(client)
         self._close_window = client.register_script(_CLOSE_WINDOW_LUA)
+        self._renew_lease = client.register_script(_RENEW_LEASE_LUA)
+
+    def hold_lease(self, token: str, ttl_ms: int) -> bool:
+        """Take the learner lease, or renew it if this token holds it."""
+        if self.client.set(keys.LEARNER_LEASE, token, nx=True, px=ttl_ms):
+            return True
+        return bool(self._renew_lease(keys=[keys.LEARNER_LEASE], args=[token, ttl_ms]))
+
+    def release_lease(self, token: str) -> None:
+        self._renew_lease(keys=[keys.LEARNER_LEASE], args=[token, 1])
 
     def ensure_group(self) -> None:
         try:
@@ -511,6 +530,8 @@ class ModelStore:
         pipe.hset(keys.LEARNER_STATE, mapping={"state": state, "last_id": last_id})
         if acked:
             pipe.xack(keys.OUTCOME_STREAM, keys.LEARNER_GROUP, *acked)
+            # Entries before the last applied one are in the state: the stream can drop them.
+            pipe.xtrim(keys.OUTCOME_STREAM, minid=last_id, approximate=False)
         pipe.execute()
 
     def publish(self, snapshot: Callable[[int], bytes], *, keep: int, now: float) -> int | None:
