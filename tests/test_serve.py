@@ -138,3 +138,47 @@ def test_bad_settings_stop_with_a_clear_message(data_dir: Path):
     output, _ = process.communicate(timeout=20)
     assert process.returncode == 2
     assert "TACTFUL_GRPC_PORT" in output and "TACTFUL_CONTROL_SHARE" in output
+
+
+def test_two_server_processes_pick_up_a_new_model_without_restart(
+    redis_proc, redisdb, data_dir: Path
+):
+    """Two `tactful serve` processes on one Redis, the first running the learner: an outcome
+    reported to the first changes the model the second decides with."""
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    port_a, port_b = free_port(), free_port()
+    a = start(data_dir, port_a, TACTFUL_REDIS_URL=url)
+    b = start(data_dir, port_b, TACTFUL_REDIS_URL=url, TACTFUL_EMBEDDED_LEARNER="false")
+    try:
+        wait_serving(port_a, a)
+        wait_serving(port_b, b)
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port_a}") as ch_a,
+            grpc.insecure_channel(f"127.0.0.1:{port_b}") as ch_b,
+        ):
+            stub_a = decisioning_pb2_grpc.DecisioningStub(ch_a)
+            stub_b = decisioning_pb2_grpc.DecisioningStub(ch_b)
+            request = d.DecideRequest(user_id="alice", channel="web", request_id="fixed")
+            before = stub_b.Decide(d.DecideRequest(user_id="bob", channel="web", dry_run=True))
+            response = stub_a.Decide(request)
+            started = time.perf_counter()
+            stub_a.ReportOutcome(
+                d.ReportOutcomeRequest(
+                    decision_id=response.decision_id,
+                    offer_id=response.choices[0].offer_id,
+                    event=d.OUTCOME_EVENT_CLICK,
+                    outcome_id="click-1",
+                )
+            )
+            version = before.model_version
+            while version == before.model_version and time.perf_counter() - started < 10:
+                version = stub_b.Decide(
+                    d.DecideRequest(user_id="bob", channel="web", dry_run=True)
+                ).model_version
+            delay = time.perf_counter() - started
+    finally:
+        stop(a)
+        stop(b)
+    assert before.model_version == "prior"
+    assert version.startswith("ridge-")
+    print(f"outcome on process A to new model on process B: {delay * 1000:.0f} ms")
