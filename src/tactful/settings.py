@@ -126,6 +126,53 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class ContactSettings:
+    daily_cap: int = _setting(
+        "TACTFUL_DAILY_CAP",
+        0,
+        "Messages per user per day over all channels together (0: no such cap).",
+        min=0,
+        max=10_000,
+    )
+    channel_caps: tuple[tuple[str, float], ...] = _setting(
+        "TACTFUL_CHANNEL_CAPS",
+        (("email", 2.0), ("push", 3.0), ("sms", 1.0)),
+        "Messages per user per day on a channel, as channel=n pairs; unlisted channels have no "
+        "cap of their own.",
+        per_channel=True,
+        min=1,
+        max=10_000,
+    )
+    min_gap_seconds: tuple[tuple[str, float], ...] = _setting(
+        "TACTFUL_MIN_GAP_SECONDS",
+        (),
+        "Least time between two messages on a channel, as channel=seconds pairs (e.g. "
+        "push=3600); none by default, and render-time channels rarely want one.",
+        per_channel=True,
+        min=1,
+        max=30 * 86400,
+    )
+    interruptive_channels: tuple[str, ...] = _setting(
+        "TACTFUL_INTERRUPTIVE_CHANNELS",
+        ("email", "push", "sms"),
+        "Channels that interrupt: held in quiet hours, and counted against the customer's own "
+        "max_messages_per_day.",
+    )
+    dismiss_cooldown_hours: float = _setting(
+        "TACTFUL_DISMISS_COOLDOWN_HOURS",
+        72.0,
+        "A dismissed offer is not shown to that user again for this long (0: no cooldown).",
+        min=0.0,
+        max=24 * 365,
+    )
+    dismiss_cools_topics: bool = _setting(
+        "TACTFUL_DISMISS_COOLS_TOPICS",
+        False,
+        "A dismiss also cools down every offer sharing a topic with the dismissed one.",
+    )
+
+
+@dataclass(frozen=True)
 class LearningSettings:
     exploration_gamma: float = _setting(
         "TACTFUL_EXPLORATION_GAMMA",
@@ -191,6 +238,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    contact: ContactSettings = field(default_factory=ContactSettings)
     learning: LearningSettings = field(default_factory=LearningSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
@@ -252,6 +300,9 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         value = float(raw)
         if not math.isfinite(value):
             raise ValueError("expected a finite number")
+    elif meta.get("per_channel"):
+        value = _parse_per_channel(raw, meta)
+        return value
     elif kind is tuple:
         value = tuple(part.strip() for part in raw.split(",") if part.strip())
     else:
@@ -265,12 +316,35 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     return value
 
 
+def _parse_per_channel(raw: str, meta: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    """``email=2,push=3`` -> (("email", 2.0), ("push", 3.0)), each number range-checked."""
+    out: list[tuple[str, float]] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        channel, sep, number = part.partition("=")
+        channel = channel.strip()
+        if not sep or not channel:
+            raise ValueError(f"{part!r}: expected channel=number, e.g. email=2")
+        value = float(number)
+        if not math.isfinite(value) or value < meta.get("min", 0) or value > meta["max"]:
+            raise ValueError(f"{part!r}: must be between {meta.get('min', 0)} and {meta['max']}")
+        out.append((channel, value))
+    return tuple(out)
+
+
+def _item(item: Any) -> str:
+    if isinstance(item, tuple):
+        return f"{item[0]}={item[1]:g}"
+    return str(item)
+
+
 def settings_table() -> str:
     """The configuration table, as Markdown (the README embeds it)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f, meta in iter_fields():
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(default)
+        default = (
+            ",".join(_item(i) for i in f.default) if isinstance(f.default, tuple) else f.default
+        )
         rows.append(f"| `{meta['env']}` | `{default}` | {meta['doc']} |")
     return "\n".join(rows)
