@@ -1,0 +1,212 @@
+"""The contact policy: how often, when, and after what a user may be contacted.
+
+Caps (all counted per user per *calendar day in the user's time zone*: the zone of their quiet
+hours, UTC when they set none; a day, not a sliding 24 h, because that is what a customer
+means by "at most two e-mails a day", and the preference centre can say when it resets):
+
+- ``TACTFUL_DAILY_CAP``: messages over all channels together;
+- ``TACTFUL_CHANNEL_CAPS``: messages on one channel;
+- the customer's own ``max_messages_per_day``: messages on interruptive channels together;
+- the offer's own ``max_per_user_per_day``: that offer, over all channels.
+
+The lowest applicable cap wins. ``TACTFUL_MIN_GAP_SECONDS`` keeps a least time between two
+messages on a channel. Quiet hours hold interruptive channels (``TACTFUL_INTERRUPTIVE_CHANNELS``)
+in the customer's own time zone. A DISMISS puts the offer (and, if configured, its topics) on a
+cooldown for that user.
+
+Decide checks caps twice: first against the counters its one read returned (so it draws no
+more slots than remain, and leaves out offers at their own cap), then atomically in Redis
+(``CONSUME_CONTACTS_LUA``) when it consumes what it returns, so concurrent Decides for the same
+user, in any number of processes, can never exceed a cap. Only what is returned, and not in a
+dry run, is counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tactful.model import Offer, Profile
+from tactful.settings import ContactSettings
+
+ALL_CHANNELS = "*"  # counter of every channel together
+INTERRUPTIVE = "!"  # counter of the interruptive channels together
+COUNTER_TTL_SECONDS = 3 * 86400  # a day's counters, plus slack for any time zone
+
+
+@lru_cache(maxsize=1024)
+def _zone(name: str) -> dt.tzinfo:
+    try:
+        return zoneinfo.ZoneInfo(name) if name else dt.UTC
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return dt.UTC
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The user's current calendar day."""
+
+    start: float
+    end: float
+
+    @property
+    def key(self) -> str:
+        return str(int(self.start))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The caps that apply to one user on one channel; 0 means no such cap."""
+
+    daily: int
+    channel: int
+    user: int  # the customer's own, when the channel interrupts
+    gap_seconds: float
+    interruptive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What the counters of the read allow: how many more messages, and from when on the
+    channel is open again if it is closed."""
+
+    remaining: int  # -1: unlimited
+    open_again: float | None
+
+
+def counter_field(window: Window | str, channel: str, offer_id: str = "") -> str:
+    key = window.key if isinstance(window, Window) else window
+    return f"{key}|{channel}|{offer_id}"
+
+
+class ContactPolicy:
+    def __init__(self, settings: ContactSettings) -> None:
+        self.daily_cap = settings.daily_cap
+        self.channel_caps = {ch: int(n) for ch, n in settings.channel_caps}
+        self.gaps = dict(settings.min_gap_seconds)
+        self.interruptive = frozenset(settings.interruptive_channels)
+        self.cooldown_seconds = settings.dismiss_cooldown_hours * 3600.0
+        self.cools_topics = settings.dismiss_cools_topics
+
+    def window(self, now: float, profile: Profile) -> Window:
+        zone = _zone(profile.quiet_hours.time_zone if profile.quiet_hours else "")
+        local = dt.datetime.fromtimestamp(now, zone)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        tomorrow = (midnight + dt.timedelta(days=1)).replace(tzinfo=None)
+        end = tomorrow.replace(tzinfo=zone).timestamp()  # DST-safe: local midnight again
+        return Window(midnight.timestamp(), end)
+
+    def quiet_until(self, now: float, profile: Profile, channel: str) -> float | None:
+        """When the user's quiet hours end, if they hold this channel now."""
+        quiet = profile.quiet_hours
+        if channel not in self.interruptive or quiet is None or quiet.start_hour == quiet.end_hour:
+            return None
+        local = dt.datetime.fromtimestamp(now, _zone(quiet.time_zone))
+        hour = local.hour
+        if quiet.start_hour < quiet.end_hour:
+            inside = quiet.start_hour <= hour < quiet.end_hour
+        else:  # wraps midnight, e.g. 22 -> 7
+            inside = hour >= quiet.start_hour or hour < quiet.end_hour
+        if not inside:
+            return None
+        end = local.replace(hour=quiet.end_hour, minute=0, second=0, microsecond=0)
+        if end <= local:
+            end += dt.timedelta(days=1)
+        return end.timestamp()
+
+    def limits(self, channel: str, profile: Profile) -> Limits:
+        interruptive = channel in self.interruptive
+        return Limits(
+            daily=self.daily_cap,
+            channel=self.channel_caps.get(channel, 0),
+            user=profile.max_messages_per_day if interruptive else 0,
+            gap_seconds=self.gaps.get(channel, 0.0),
+            interruptive=interruptive,
+        )
+
+    def capacity(
+        self,
+        now: float,
+        window: Window,
+        limits: Limits,
+        counts: Mapping[str, int],
+        last_contact: float,
+        channel: str,
+    ) -> Capacity:
+        if limits.gap_seconds and now - last_contact < limits.gap_seconds:
+            return Capacity(0, last_contact + limits.gap_seconds)
+        remaining = -1
+        for cap, counter in (
+            (limits.daily, ALL_CHANNELS),
+            (limits.channel, channel),
+            (limits.user, INTERRUPTIVE),
+        ):
+            if cap:
+                left = max(0, cap - counts.get(counter_field(window, counter), 0))
+                remaining = left if remaining < 0 else min(remaining, left)
+        return Capacity(remaining, window.end if remaining == 0 else None)
+
+    def under_offer_cap(self, offer: Offer, window: Window, counts: Mapping[str, int]) -> bool:
+        cap = offer.max_per_user_per_day
+        return not cap or counts.get(counter_field(window, ALL_CHANNELS, offer.offer_id), 0) < cap
+
+    def cooldown_fields(self, dismissed: Offer) -> list[str]:
+        """What a DISMISS puts on cooldown: the offer (``o:<id>``) and, if configured, its
+        topics (``t:<topic>``)."""
+        fields = [f"o:{dismissed.offer_id}"]
+        if self.cools_topics:
+            fields += [f"t:{topic}" for topic in dismissed.topics]
+        return fields
+
+
+# Check-and-consume, atomically, for one user. Counters live in the user's contacts hash:
+#   "<day>|*|"  every channel   "<day>|!|"  interruptive channels   "<day>|<ch>|"  one channel
+#   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
+#   "last|<ch>"  when the channel was last used (for minimum gaps)
+# KEYS[1] contacts hash.
+# ARGV: day, now, channel, daily cap, channel cap, user cap, interruptive (1/0), gap seconds,
+#       counter TTL, slots wanted, n stale fields, stale fields..., then (offer_id, offer cap)
+#       pairs in the policy's order: the best-ranked offer wins the last unit of a cap.
+# Returns the offers consumed; an empty list when a cap or the gap left nothing.
+CONSUME_CONTACTS_LUA = """
+local day, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local daily, chcap, ucap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local interruptive, gap = ARGV[7] == '1', tonumber(ARGV[8])
+local ttl, want, n_stale = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+for i = 12, 11 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
+if gap > 0 then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'last|' .. channel) or '0')
+  if now - last < gap then return {} end
+end
+local function count(field) return tonumber(redis.call('HGET', KEYS[1], field) or '0') end
+local f_all, f_int, f_ch = day .. '|*|', day .. '|!|', day .. '|' .. channel .. '|'
+local n_all, n_int, n_ch = count(f_all), count(f_int), count(f_ch)
+local chosen = {}
+for i = 12 + n_stale, #ARGV, 2 do
+  if #chosen >= want then break end
+  if (daily > 0 and n_all >= daily) or (chcap > 0 and n_ch >= chcap)
+     or (interruptive and ucap > 0 and n_int >= ucap) then break end
+  local offer, ocap = ARGV[i], tonumber(ARGV[i + 1])
+  local f_offer = day .. '|*|' .. offer
+  if ocap == 0 or count(f_offer) < ocap then
+    redis.call('HINCRBY', KEYS[1], f_all, 1)
+    redis.call('HINCRBY', KEYS[1], f_ch, 1)
+    redis.call('HINCRBY', KEYS[1], f_offer, 1)
+    redis.call('HINCRBY', KEYS[1], day .. '|' .. channel .. '|' .. offer, 1)
+    n_all, n_ch = n_all + 1, n_ch + 1
+    if interruptive then
+      redis.call('HINCRBY', KEYS[1], f_int, 1)
+      n_int = n_int + 1
+    end
+    chosen[#chosen + 1] = offer
+  end
+end
+if #chosen > 0 then
+  redis.call('HSET', KEYS[1], 'last|' .. channel, ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+return chosen
+"""

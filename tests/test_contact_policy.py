@@ -1,0 +1,144 @@
+"""The contact policy's pieces: calendar days and quiet hours in the user's zone, the
+capacity the counters leave, and the atomic check-and-consume script on a real Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tactful.contact_policy import (
+    CONSUME_CONTACTS_LUA,
+    ContactPolicy,
+    Limits,
+    Window,
+    counter_field,
+)
+from tactful.model import Profile, QuietHours
+from tactful.settings import ContactSettings
+
+POLICY = ContactPolicy(ContactSettings())
+
+
+def ts(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def test_a_day_is_the_calendar_day_in_the_users_zone():
+    paris = Profile("u", quiet_hours=QuietHours(22, 7, "Europe/Paris"))
+    window = POLICY.window(ts("2026-11-26T23:30:00+00:00"), paris)  # 00:30 on the 27th in Paris
+    assert window.start == ts("2026-11-27T00:00:00+01:00")
+    assert window.end == ts("2026-11-28T00:00:00+01:00")
+    utc = POLICY.window(ts("2026-11-26T23:30:00+00:00"), Profile("u"))
+    assert utc.start == ts("2026-11-26T00:00:00+00:00")
+
+
+def test_a_day_across_a_dst_change_is_23_hours():
+    paris = Profile("u", quiet_hours=QuietHours(0, 0, "Europe/Paris"))
+    window = POLICY.window(ts("2026-03-29T12:00:00+02:00"), paris)
+    assert window.end - window.start == 23 * 3600
+
+
+@pytest.mark.parametrize(
+    ("local_time", "channel", "held_until"),
+    [
+        ("2026-11-26T23:00:00+01:00", "push", "2026-11-27T07:00:00+01:00"),
+        ("2026-11-27T06:59:00+01:00", "email", "2026-11-27T07:00:00+01:00"),
+        ("2026-11-27T07:00:00+01:00", "push", None),
+        ("2026-11-26T21:59:00+01:00", "push", None),
+        ("2026-11-26T23:00:00+01:00", "web", None),  # render-time channels are not held
+    ],
+)
+def test_quiet_hours_wrap_midnight_in_the_users_zone(local_time, channel, held_until):
+    profile = Profile("u", quiet_hours=QuietHours(22, 7, "Europe/Paris"))
+    until = POLICY.quiet_until(ts(local_time), profile, channel)
+    assert until == (ts(held_until) if held_until else None)
+
+
+def test_the_lowest_applicable_cap_wins():
+    policy = ContactPolicy(ContactSettings(daily_cap=5, channel_caps=(("email", 3.0),)))
+    profile = Profile("u", max_messages_per_day=2)
+    window = Window(0.0, 86400.0)
+    limits = policy.limits("email", profile)
+    assert limits == Limits(daily=5, channel=3, user=2, gap_seconds=0.0, interruptive=True)
+    assert policy.capacity(10, window, limits, {}, 0.0, "email").remaining == 2
+    counts = {counter_field(window, "!"): 2}
+    full = policy.capacity(10, window, limits, counts, 0.0, "email")
+    assert full.remaining == 0 and full.open_again == 86400.0
+    web = policy.limits("web", profile)  # the customer's own cap counts interruptions only
+    assert policy.capacity(10, window, web, counts, 0.0, "web").remaining == 5
+
+
+def test_a_minimum_gap_closes_the_channel_until_it_has_passed():
+    policy = ContactPolicy(ContactSettings(min_gap_seconds=(("push", 3600.0),)))
+    limits = policy.limits("push", Profile("u"))
+    capacity = policy.capacity(1000.0, Window(0, 86400), limits, {}, 500.0, "push")
+    assert capacity.remaining == 0 and capacity.open_again == 4100.0
+
+
+# --- the script, on a real Redis -----------------------------------------------------------
+
+
+@pytest.fixture
+def consume(redisdb):
+    script = redisdb.register_script(CONSUME_CONTACTS_LUA)
+
+    def run(offers, *, slots=1, daily=0, chcap=0, ucap=0, interruptive=True, gap=0, now=100.0,
+            day="0", channel="email", stale=()):  # fmt: skip
+        args = [day, now, channel, daily, chcap, ucap, int(interruptive), gap, 3600, slots]
+        args += [len(stale), *stale]
+        for offer_id, cap in offers:
+            args += [offer_id, cap]
+        return script(keys=["contacts"], args=args)
+
+    return run
+
+
+def test_script_consumes_best_ranked_first_and_stops_at_a_cap(consume, redisdb):
+    assert consume([("a", 0), ("b", 0), ("c", 0)], slots=3, chcap=2) == ["a", "b"]
+    assert consume([("c", 0)], chcap=2) == []  # channel cap reached
+    assert redisdb.hget("contacts", "0|email|") == "2"
+    assert redisdb.hget("contacts", "0|*|a") == "1"
+    assert consume([("c", 0)], chcap=2, day="1", stale=["0|email|"]) == ["c"]  # a new day
+    assert redisdb.hget("contacts", "0|email|") is None
+
+
+def test_script_skips_an_offer_at_its_own_cap_for_the_next(consume):
+    assert consume([("a", 1)]) == ["a"]
+    assert consume([("a", 1), ("b", 0)]) == ["b"]
+
+
+def test_script_honours_the_gap(consume):
+    assert consume([("a", 0)], gap=60, now=100.0) == ["a"]
+    assert consume([("b", 0)], gap=60, now=159.0) == []
+    assert consume([("b", 0)], gap=60, now=160.0) == ["b"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(1, 5),
+    st.lists(st.tuples(st.integers(1, 3), st.integers(0, 2)), min_size=1, max_size=40),
+)
+def test_no_cap_is_ever_exceeded_under_concurrency(redisdb, consume, cap, requests):
+    """Many threads consume at once; whatever they asked for, the counters never pass the
+    cap and every unit counted was returned to exactly one caller."""
+    redisdb.delete("contacts")
+    returned = []
+    lock = threading.Lock()
+
+    def one(request):
+        slots, offer_cap = request
+        got = consume([("a", offer_cap), ("b", 0), ("c", 0)], slots=slots, chcap=cap)
+        with lock:
+            returned.extend(got)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, requests))
+    assert len(returned) <= cap
+    assert int(redisdb.hget("contacts", "0|email|") or 0) == len(returned)
