@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import zlib
 
 import grpc
 import numpy as np
@@ -23,8 +24,12 @@ from tactful.bandit import (
     project,
 )
 from tactful.features import (
+    BIAS,
+    CONTACTS_TODAY,
     EXPLICIT_LIKE,
     INFERRED_INTEREST,
+    N_DENSE,
+    PRIORITY,
     FeatureSpace,
     RequestContext,
     SparseVector,
@@ -69,6 +74,59 @@ def test_sparse_dot_matches_the_dense_product():
     for row, x in enumerate(vectors):
         np.add.at(dense[row], list(x.indices), list(x.values))
     assert np.allclose(dot_many(theta, vectors), dense @ theta)
+
+
+def expected_vector(ctx: RequestContext, o: Offer, liked: bool, inferred: float, contacts: int):
+    """The vector the module doc of tactful.features describes, built name by name."""
+    indices, values = [BIAS, PRIORITY], [1.0, o.priority]
+    for present, index, value in (
+        (liked, EXPLICIT_LIKE, 1.0),
+        (inferred > 0, INFERRED_INTEREST, inferred),
+        (contacts > 0, CONTACTS_TODAY, math.log1p(contacts)),
+    ):
+        if present:
+            indices.append(index)
+            values.append(value)
+    names = [f"o:{o.offer_id}", f"o:{o.offer_id}|c:{ctx.channel}"]
+    values += [1.0, 1.0]
+    weight = 1 / math.sqrt(len(o.topics))
+    for t in o.topics:
+        topic_names = [f"t:{t}", f"t:{t}|c:{ctx.channel}"]
+        topic_names += [f"t:{t}|p:{ctx.placement}"] if ctx.placement else []
+        topic_names += [f"t:{t}|h:{ctx.hour // 3}"]
+        topic_names += [f"t:{t}|k:{k}={v}" for k, v in ctx.categorical]
+        names += topic_names + [f"t:{t}|n:{k}" for k, _ in ctx.numeric]
+        values += [weight] * len(topic_names)
+        values += [weight * math.copysign(math.log1p(abs(v)), v) for _, v in ctx.numeric]
+    indices += [N_DENSE + (zlib.crc32(n.encode()) & (2**SPACE.hashed_bits - 1)) for n in names]
+    return SparseVector(tuple(indices), tuple(values))
+
+
+def test_batched_features_are_the_documented_layout_in_every_context():
+    """Published snapshots depend on the layout: the cached, batched featurisation must give
+    exactly the documented vectors, also when one offer is seen again in other contexts."""
+    offers = [
+        Offer("o1", "t", ("running", "yoga"), ("web",), 0.4),
+        Offer("o2", "t", ("yoga",), ("web", "app"), 0.9),
+        Offer("o3", "t", ("a", "b", "c"), ("app",), 0.0),
+    ]
+    contexts = [
+        RequestContext("web", "home", 14, (("device", "mobile"),), (("cart", 42.0),)),
+        RequestContext("web", "home", 14, (("device", "tablet"),), (("cart", -3.0),)),
+        RequestContext("web", "", 2, (), (("cart", 42.0), ("visits", 0.0))),
+        RequestContext("app", "home", 23, (("device", "mobile"), ("country", "FR")), ()),
+    ]
+    for ctx in contexts * 2:
+        for contacts in (0, 3):
+            liked, inferred = [True, False, True], [0.0, 0.25, 0.5]
+            batch = SPACE.featurize_many(ctx, offers, liked, inferred, contacts)
+            expected = [
+                expected_vector(ctx, o, lk, inf, contacts)
+                for o, lk, inf in zip(offers, liked, inferred, strict=True)
+            ]
+            assert [batch.vector(i) for i in range(len(offers))] == expected
+            theta = np.random.default_rng(contacts).normal(size=SPACE.dim)
+            assert np.array_equal(batch.dot(theta), dot_many(theta, expected))
 
 
 def test_without_consent_the_inferred_feature_is_absent():

@@ -27,8 +27,6 @@ from tactful.features import (
     FeatureSpace,
     RequestContext,
     SparseVector,
-    UserEvidence,
-    dot_many,
     squash,
 )
 from tactful.model import (
@@ -237,19 +235,14 @@ class Decider:
             categorical=req.categorical_context,
             numeric=req.numeric_context,
         )
-        vectors = [
-            self._space.featurize(
-                context,
-                offer,
-                UserEvidence(
-                    liked=bool(view.liked(offer)),
-                    inferred=squash(view.strongest_inferred(offer)[1]),
-                    contacts_today=contacts_today,
-                ),
-            )
-            for offer in eligible
-        ]
-        predicted = dot_many(model.theta, vectors)
+        batch = self._space.featurize_many(
+            context,
+            eligible,
+            liked=[not liked.isdisjoint(offer.topics) for offer in eligible],
+            inferred=[squash(view.strongest_inferred(offer)[1]) for offer in eligible],
+            contacts_today=contacts_today,
+        )
+        predicted = batch.dot(model.theta)
         picks = pick_slate(
             predicted, slots, self._learning.exploration_gamma, self._rng(req, decision_id)
         )
@@ -264,7 +257,7 @@ class Decider:
             )
             for pick in picks
         )
-        features = {eligible[p.index].offer_id: vectors[p.index] for p in picks}
+        features = {eligible[p.index].offer_id: batch.vector(p.index) for p in picks}
         return Decision(decision_id, choices, HoldReason.NONE, version, arm), features
 
     def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:

@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate, chain
 
 import numpy as np
 import numpy.typing as npt
@@ -87,8 +88,12 @@ class FeatureSpace:
         self.hashed_bits = hashed_bits
         self.dim = N_DENSE + (1 << hashed_bits)
         self._mask = (1 << hashed_bits) - 1
-        # Hashing a name is the costly part; names repeat across requests, so remember them.
+        # Building and hashing names is the costly part, and it depends only on the offer and
+        # the request context, never on the user: the names' indices are remembered per name,
+        # per topic and per offer, so a request rebuilds no name a recent one has built.
         self.index = lru_cache(maxsize=1 << 16)(self._index)
+        self._topic_indices = lru_cache(maxsize=1 << 14)(self._topic_indices_uncached)
+        self._offer_indices = lru_cache(maxsize=1 << 13)(self._offer_indices_uncached)
 
     @property
     def layout(self) -> str:
@@ -99,46 +104,142 @@ class FeatureSpace:
         return N_DENSE + (zlib.crc32(name.encode("utf-8", "surrogatepass")) & self._mask)
 
     def featurize(self, ctx: RequestContext, offer: Offer, evidence: UserEvidence) -> SparseVector:
-        indices = [BIAS, PRIORITY]
-        values = [1.0, offer.priority]
-        if evidence.liked:
-            indices.append(EXPLICIT_LIKE)
-            values.append(1.0)
-        if evidence.inferred > 0:
-            indices.append(INFERRED_INTEREST)
-            values.append(evidence.inferred)
-        if evidence.contacts_today:
-            indices.append(CONTACTS_TODAY)
-            values.append(math.log1p(evidence.contacts_today))
-        index = self.index
-        indices += (index(f"o:{offer.offer_id}"), index(f"o:{offer.offer_id}|c:{ctx.channel}"))
-        values += (1.0, 1.0)
-        weight = 1.0 / math.sqrt(len(offer.topics))
+        batch = self.featurize_many(
+            ctx, [offer], [evidence.liked], [evidence.inferred], evidence.contacts_today
+        )
+        return batch.vector(0)
+
+    def featurize_many(
+        self,
+        ctx: RequestContext,
+        offers: Sequence[Offer],
+        liked: Sequence[bool],
+        inferred: Sequence[float],
+        contacts_today: int,
+    ) -> FeatureBatch:
+        """The vectors of several offers for one request and one user: ``liked[i]`` and
+        ``inferred[i]`` are the user's evidence on ``offers[i]`` (see ``UserEvidence``)."""
         hour_bucket = ctx.hour // 3
-        for topic in offer.topics:
-            for name in _topic_names(topic, ctx, hour_bucket):
-                indices.append(index(name))
-                values.append(weight)
-            for key, number in ctx.numeric:
-                indices.append(index(f"t:{topic}|n:{key}"))
-                values.append(weight * math.copysign(math.log1p(abs(number)), number))
-        return SparseVector(tuple(indices), tuple(values))
+        numeric_keys = tuple(key for key, _ in ctx.numeric)
+        numeric = [math.copysign(math.log1p(abs(number)), number) for _, number in ctx.numeric]
+        names_per_topic = 3 + bool(ctx.placement) + len(ctx.categorical)  # see _topic_names
+        contacts = math.log1p(contacts_today) if contacts_today else 0.0
+        # The hashed values of an offer depend only on its number of topics (weight
+        # 1/sqrt(#topics)) and on this request's numbers: built once per topic count.
+        hashed_values: dict[int, list[float]] = {}
+        indices: list[int] = []
+        values: list[float] = []
+        bounds = [0]
+        for offer, is_liked, strength in zip(offers, liked, inferred, strict=True):
+            indices += (BIAS, PRIORITY)
+            values += (1.0, offer.priority)
+            if is_liked:
+                indices.append(EXPLICIT_LIKE)
+                values.append(1.0)
+            if strength > 0:
+                indices.append(INFERRED_INTEREST)
+                values.append(strength)
+            if contacts_today:
+                indices.append(CONTACTS_TODAY)
+                values.append(contacts)
+            indices += self._offer_indices(
+                offer.offer_id,
+                offer.topics,
+                ctx.channel,
+                ctx.placement,
+                hour_bucket,
+                ctx.categorical,
+                numeric_keys,
+            )
+            n_topics = len(offer.topics)
+            offer_values = hashed_values.get(n_topics)
+            if offer_values is None:
+                weight = 1.0 / math.sqrt(n_topics)
+                topic_values = [weight] * names_per_topic + [weight * v for v in numeric]
+                offer_values = hashed_values[n_topics] = [1.0, 1.0, *topic_values * n_topics]
+            values += offer_values
+            bounds.append(len(indices))
+        return FeatureBatch(indices, values, bounds)
+
+    def _offer_indices_uncached(
+        self,
+        offer_id: str,
+        topics: tuple[str, ...],
+        channel: str,
+        placement: str,
+        hour_bucket: int,
+        categorical: tuple[tuple[str, str], ...],
+        numeric_keys: tuple[str, ...],
+    ) -> tuple[int, ...]:
+        """The hashed indices of one offer in one context, in the order of the module doc."""
+        index = self.index
+        indices = [index(f"o:{offer_id}"), index(f"o:{offer_id}|c:{channel}")]
+        for topic in topics:
+            indices += self._topic_indices(
+                topic, channel, placement, hour_bucket, categorical, numeric_keys
+            )
+        return tuple(indices)
+
+    def _topic_indices_uncached(
+        self,
+        topic: str,
+        channel: str,
+        placement: str,
+        hour_bucket: int,
+        categorical: tuple[tuple[str, str], ...],
+        numeric_keys: tuple[str, ...],
+    ) -> tuple[int, ...]:
+        names = [*_topic_names(topic, channel, placement, hour_bucket, categorical)]
+        names += (f"t:{topic}|n:{key}" for key in numeric_keys)
+        return tuple(self.index(name) for name in names)
 
 
-def _topic_names(topic: str, ctx: RequestContext, hour_bucket: int) -> Iterable[str]:
+class FeatureBatch:
+    """The vectors of several offers for one request, laid end to end: what the dot product
+    needs in one pass, without an object per offer; ``vector(i)`` gives one on its own."""
+
+    __slots__ = ("_bounds", "_indices", "_values")
+
+    def __init__(self, indices: list[int], values: list[float], bounds: list[int]) -> None:
+        self._indices = indices
+        self._values = values
+        self._bounds = bounds  # vector i is [bounds[i], bounds[i + 1])
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def vector(self, i: int) -> SparseVector:
+        start, stop = self._bounds[i], self._bounds[i + 1]
+        return SparseVector(tuple(self._indices[start:stop]), tuple(self._values[start:stop]))
+
+    def dot(self, theta: FloatArray) -> FloatArray:
+        """theta . x for each vector, in one vectorised pass (as ``dot_many``)."""
+        if not len(self):
+            return np.zeros(0)
+        idx = np.array(self._indices, dtype=np.int64)
+        vals = np.array(self._values, dtype=np.float64)
+        return np.add.reduceat(theta[idx] * vals, self._bounds[:-1])
+
+
+def _topic_names(
+    topic: str,
+    channel: str,
+    placement: str,
+    hour_bucket: int,
+    categorical: tuple[tuple[str, str], ...],
+) -> Iterable[str]:
     yield f"t:{topic}"
-    yield f"t:{topic}|c:{ctx.channel}"
-    if ctx.placement:
-        yield f"t:{topic}|p:{ctx.placement}"
+    yield f"t:{topic}|c:{channel}"
+    if placement:
+        yield f"t:{topic}|p:{placement}"
     yield f"t:{topic}|h:{hour_bucket}"
-    for key, value in ctx.categorical:
+    for key, value in categorical:
         yield f"t:{topic}|k:{key}={value}"
 
 
 def dot_many(theta: FloatArray, vectors: Sequence[SparseVector]) -> FloatArray:
     """theta . x for each sparse x, in one vectorised pass."""
-    lengths = [len(v.indices) for v in vectors]
-    idx = np.fromiter((i for v in vectors for i in v.indices), dtype=np.int64)
-    vals = np.fromiter((x for v in vectors for x in v.values), dtype=np.float64)
-    starts = np.cumsum([0, *lengths[:-1]])
-    return np.add.reduceat(theta[idx] * vals, starts) if len(vectors) else np.zeros(0)
+    indices = list(chain.from_iterable(v.indices for v in vectors))
+    values = list(chain.from_iterable(v.values for v in vectors))
+    bounds = [0, *accumulate(len(v.indices) for v in vectors)]
+    return FeatureBatch(indices, values, bounds).dot(theta)
