@@ -18,6 +18,7 @@ from tactful import keys, metrics
 from tactful.bandit import (
     LinearModel,
     RidgeLearner,
+    draw,
     igw_probabilities,
     pick_slate,
     prior_theta,
@@ -208,6 +209,20 @@ def test_igw_probabilities_are_a_distribution(predicted, gamma):
     assert math.isclose(probs.sum(), 1.0, rel_tol=1e-9)
     assert (probs > 0).all()
     assert probs[int(np.argmax(predicted))] >= probs.max() - 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=50).filter(any),
+    st.integers(0, 2**63),
+)
+def test_draw_is_what_choice_would_draw(weights, seed):
+    """The request path draws without Generator.choice's checks; the same generator state
+    must give the same index as choice would (same slates for the same seeds)."""
+    probs = np.array(weights) / sum(weights)
+    ours, theirs = np.random.default_rng(seed), np.random.default_rng(seed)
+    for _ in range(5):
+        assert draw(probs, ours) == int(theirs.choice(len(probs), p=probs))
 
 
 def chi_square(observed: np.ndarray, expected: np.ndarray) -> float:

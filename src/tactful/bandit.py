@@ -150,12 +150,25 @@ class Pick:
 
 
 def igw_probabilities(predicted: FloatArray, gamma: float) -> FloatArray:
-    k = len(predicted)
-    best = int(np.argmax(predicted))
-    probs: FloatArray = 1.0 / (k + gamma * (predicted[best] - predicted))
+    return _igw(predicted, int(predicted.argmax()), gamma)
+
+
+# Array methods, not np.* functions: on arrays of ~50 the functions' dispatch costs more than
+# the work, and the request path calls these a few times per slot.
+def _igw(predicted: FloatArray, best: int, gamma: float) -> FloatArray:
+    probs: FloatArray = 1.0 / (len(predicted) + gamma * (float(predicted[best]) - predicted))
     probs[best] = 0.0
     probs[best] = 1.0 - probs.sum()
     return probs
+
+
+def draw(probs: FloatArray, rng: np.random.Generator) -> int:
+    """An index drawn with probabilities ``probs``: what ``rng.choice(len(probs), p=probs)``
+    draws (the same uniform number, the same inverse-CDF lookup, so the same index), without
+    its argument checks, which cost more than the draw on the request path."""
+    cdf = probs.cumsum()
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 def pick_slate(
@@ -164,11 +177,13 @@ def pick_slate(
     remaining = np.arange(len(predicted))
     picks: list[Pick] = []
     for _ in range(min(slots, len(predicted))):
-        probs = igw_probabilities(predicted[remaining], gamma)
-        at = int(rng.choice(len(remaining), p=probs))
-        best = int(np.argmax(predicted[remaining]))
+        scores = predicted[remaining]
+        best = int(scores.argmax())
+        probs = _igw(scores, best, gamma)
+        # The last offer left is certain (probability 1): no number is drawn for it.
+        at = draw(probs, rng) if len(remaining) > 1 else 0
         picks.append(Pick(int(remaining[at]), float(probs[at]), at != best))
-        remaining = np.delete(remaining, at)
+        remaining = np.concatenate((remaining[:at], remaining[at + 1 :]))
     return picks
 
 
