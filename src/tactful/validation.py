@@ -132,7 +132,9 @@ def check_decide(req: DecideRequest) -> Violations:
             )
     if len(req.candidate_offer_ids) > MAX_CANDIDATES:
         out.append(FieldViolation("candidate_offer_ids", f"at most {MAX_CANDIDATES} candidates"))
-    else:
+    elif not all(map(OFFER_ID_RE.fullmatch, req.candidate_offer_ids)):
+        # Only a request with a bad id pays for naming each violation (the pattern admits no
+        # empty id, so an empty one lands here too).
         for i, offer_id in enumerate(req.candidate_offer_ids):
             out += check_offer_id(offer_id, f"candidate_offer_ids[{i}]")
     if not 0 <= req.slots <= MAX_SLOTS:
