@@ -31,7 +31,9 @@ from tactful.features import (
 )
 from tactful.model import (
     Arm,
+    ChannelPreference,
     Choice,
+    ContactCounter,
     DecideRequest,
     Decision,
     HoldReason,
@@ -44,6 +46,7 @@ from tactful.model import (
     ReasonCode,
     Signal,
     Stance,
+    TopicPreference,
 )
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.settings import Settings
@@ -457,9 +460,28 @@ class ProfileService:
         self._store.delete_profile(user_id=user_id)
 
     def _present(self, profile: Profile, now: float) -> Profile:
-        """Signals as the customer should see them: decayed to now."""
-        signals = tuple(replace(s, weight=decay(s, now, self._half_life)) for s in profile.signals)
-        return replace(profile, signals=signals)
+        """The profile as the customer should see it: signals decayed to now, every list in
+        a stable order (the store returns them unordered)."""
+        signals = (replace(s, weight=decay(s, now, self._half_life)) for s in profile.signals)
+        return replace(
+            profile,
+            topic_preferences=tuple(sorted(profile.topic_preferences, key=_by_topic)),
+            channel_preferences=tuple(sorted(profile.channel_preferences, key=_by_channel)),
+            signals=tuple(sorted(signals, key=_by_topic)),
+            contact_counters=tuple(sorted(profile.contact_counters, key=_by_channel_offer)),
+        )
+
+
+def _by_topic(item: TopicPreference | Signal) -> str:
+    return item.topic
+
+
+def _by_channel(item: ChannelPreference) -> str:
+    return item.channel
+
+
+def _by_channel_offer(counter: ContactCounter) -> tuple[str, str]:
+    return counter.channel, counter.offer_id
 
 
 class CatalogService:

@@ -594,6 +594,8 @@ def _split_ts(value: str) -> tuple[str, float]:
 def _decode_profile(
     user_id: str, fields: dict[str, str], signals: dict[str, str], contacts: dict[str, str]
 ) -> Profile:
+    """The profile as stored, in no particular order: Decide reads it on every request and
+    needs no order; ``ProfileService`` sorts what it presents."""
     topics: list[TopicPreference] = []
     channels: list[ChannelPreference] = []
     max_per_day = 0
@@ -625,11 +627,11 @@ def _decode_profile(
         counters.append(ContactCounter(channel, offer_id, int(count), float(window)))
     return Profile(
         user_id=user_id,
-        topic_preferences=tuple(sorted(topics, key=lambda p: p.topic)),
-        channel_preferences=tuple(sorted(channels, key=lambda c: c.channel)),
+        topic_preferences=tuple(topics),
+        channel_preferences=tuple(channels),
         max_messages_per_day=max_per_day,
         quiet_hours=quiet,
         consent=consent,
-        signals=tuple(sorted(decoded_signals, key=lambda s: s.topic)),
-        contact_counters=tuple(sorted(counters, key=lambda c: (c.channel, c.offer_id))),
+        signals=tuple(decoded_signals),
+        contact_counters=tuple(counters),
     )
