@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter
 
 from tactful import metrics, scoring, validation
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
@@ -348,10 +349,10 @@ class Decider:
 
     @staticmethod
     def _count(decision: Decision) -> None:
-        metrics.DECISIONS.labels(decision.arm.name, decision.hold_reason.name).inc()
+        _decisions_counter(decision.arm, decision.hold_reason).inc()
         for choice in decision.choices:
             for reason in choice.reasons:
-                metrics.CHOICES.labels(reason.code.name).inc()
+                _choices_counter(reason.code).inc()
 
     def record_outcome(self, report: OutcomeReport) -> bool:
         """Store an outcome against its logged decision; True if new, False if a duplicate."""
@@ -379,6 +380,28 @@ class Decider:
         recorded = status == OutcomeStatus.RECORDED
         metrics.OUTCOMES.labels(report.event.name, "recorded" if recorded else "duplicate").inc()
         return recorded
+
+
+# The labelled children of the decision counters, looked up once each: ``labels()`` takes a
+# lock and builds its key on every call. Filled on first use, so /metrics shows only the
+# series that happened (a racing double lookup returns the same child, so no lock here).
+_DECISION_COUNTERS: dict[tuple[Arm, HoldReason], Counter] = {}
+_CHOICE_COUNTERS: dict[ReasonCode, Counter] = {}
+
+
+def _decisions_counter(arm: Arm, hold_reason: HoldReason) -> Counter:
+    counter = _DECISION_COUNTERS.get((arm, hold_reason))
+    if counter is None:
+        counter = metrics.DECISIONS.labels(arm.name, hold_reason.name)
+        _DECISION_COUNTERS[arm, hold_reason] = counter
+    return counter
+
+
+def _choices_counter(code: ReasonCode) -> Counter:
+    counter = _CHOICE_COUNTERS.get(code)
+    if counter is None:
+        counter = _CHOICE_COUNTERS[code] = metrics.CHOICES.labels(code.name)
+    return counter
 
 
 def decay(signal: Signal, now: float, half_life_seconds: float) -> float:
