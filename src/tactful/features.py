@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -83,17 +84,23 @@ class UserEvidence:
     contacts_today: int
 
 
+# A context key: everything of a RequestContext the hashed indices depend on (channel,
+# placement, hour bucket, categorical pairs, numeric keys), not the numbers' values.
+ContextKey = tuple[str, str, int, tuple[tuple[str, str], ...], tuple[str, ...]]
+
+
 class FeatureSpace:
     def __init__(self, hashed_bits: int) -> None:
         self.hashed_bits = hashed_bits
         self.dim = N_DENSE + (1 << hashed_bits)
         self._mask = (1 << hashed_bits) - 1
         # Building and hashing names is the costly part, and it depends only on the offer and
-        # the request context, never on the user: the names' indices are remembered per name,
-        # per topic and per offer, so a request rebuilds no name a recent one has built.
+        # the request context, never on the user: indices are remembered per name, per topic
+        # in a context, and per offer in a context (a table per recent context, so a request
+        # hashes its context key once, not once per offer).
         self.index = lru_cache(maxsize=1 << 16)(self._index)
         self._topic_indices = lru_cache(maxsize=1 << 14)(self._topic_indices_uncached)
-        self._offer_indices = lru_cache(maxsize=1 << 13)(self._offer_indices_uncached)
+        self._context_table = lru_cache(maxsize=256)(_new_table)
 
     @property
     def layout(self) -> str:
@@ -119,20 +126,28 @@ class FeatureSpace:
     ) -> FeatureBatch:
         """The vectors of several offers for one request and one user: ``liked[i]`` and
         ``inferred[i]`` are the user's evidence on ``offers[i]`` (see ``UserEvidence``)."""
-        hour_bucket = ctx.hour // 3
-        numeric_keys = tuple(key for key, _ in ctx.numeric)
+        key: ContextKey = (
+            ctx.channel,
+            ctx.placement,
+            ctx.hour // 3,
+            ctx.categorical,
+            tuple(name for name, _ in ctx.numeric),
+        )
+        table = self._context_table(key)
         numeric = [math.copysign(math.log1p(abs(number)), number) for _, number in ctx.numeric]
         names_per_topic = 3 + bool(ctx.placement) + len(ctx.categorical)  # see _topic_names
         contacts = math.log1p(contacts_today) if contacts_today else 0.0
         # The hashed values of an offer depend only on its number of topics (weight
         # 1/sqrt(#topics)) and on this request's numbers: built once per topic count.
-        hashed_values: dict[int, list[float]] = {}
-        indices: list[int] = []
-        values: list[float] = []
+        hashed_values: dict[int, array[float]] = {}
+        # Typed arrays, not lists: the cached parts are appended as memory copies, and the dot
+        # product reads them without a conversion.
+        indices = array("q")
+        values = array("d")
         bounds = [0]
         for offer, is_liked, strength in zip(offers, liked, inferred, strict=True):
-            indices += (BIAS, PRIORITY)
-            values += (1.0, offer.priority)
+            indices.extend((BIAS, PRIORITY))
+            values.extend((1.0, offer.priority))
             if is_liked:
                 indices.append(EXPLICIT_LIKE)
                 values.append(1.0)
@@ -142,43 +157,29 @@ class FeatureSpace:
             if contacts_today:
                 indices.append(CONTACTS_TODAY)
                 values.append(contacts)
-            indices += self._offer_indices(
-                offer.offer_id,
-                offer.topics,
-                ctx.channel,
-                ctx.placement,
-                hour_bucket,
-                ctx.categorical,
-                numeric_keys,
-            )
+            offer_indices = table.get((offer.offer_id, offer.topics))
+            if offer_indices is None:
+                offer_indices = self._offer_indices(offer.offer_id, offer.topics, key)
+                table[offer.offer_id, offer.topics] = offer_indices
+            indices.extend(offer_indices)
             n_topics = len(offer.topics)
             offer_values = hashed_values.get(n_topics)
             if offer_values is None:
                 weight = 1.0 / math.sqrt(n_topics)
                 topic_values = [weight] * names_per_topic + [weight * v for v in numeric]
-                offer_values = hashed_values[n_topics] = [1.0, 1.0, *topic_values * n_topics]
-            values += offer_values
+                offer_values = array("d", [1.0, 1.0, *topic_values * n_topics])
+                hashed_values[n_topics] = offer_values
+            values.extend(offer_values)
             bounds.append(len(indices))
         return FeatureBatch(indices, values, bounds)
 
-    def _offer_indices_uncached(
-        self,
-        offer_id: str,
-        topics: tuple[str, ...],
-        channel: str,
-        placement: str,
-        hour_bucket: int,
-        categorical: tuple[tuple[str, str], ...],
-        numeric_keys: tuple[str, ...],
-    ) -> tuple[int, ...]:
+    def _offer_indices(self, offer_id: str, topics: tuple[str, ...], key: ContextKey) -> array[int]:
         """The hashed indices of one offer in one context, in the order of the module doc."""
-        index = self.index
-        indices = [index(f"o:{offer_id}"), index(f"o:{offer_id}|c:{channel}")]
+        channel = key[0]
+        indices = array("q", (self.index(f"o:{offer_id}"), self.index(f"o:{offer_id}|c:{channel}")))
         for topic in topics:
-            indices += self._topic_indices(
-                topic, channel, placement, hour_bucket, categorical, numeric_keys
-            )
-        return tuple(indices)
+            indices.extend(self._topic_indices(topic, *key))
+        return indices
 
     def _topic_indices_uncached(
         self,
@@ -194,13 +195,18 @@ class FeatureSpace:
         return tuple(self.index(name) for name in names)
 
 
+def _new_table(key: ContextKey) -> dict[tuple[str, tuple[str, ...]], array[int]]:
+    """An empty table of (offer id, topics) -> hashed indices, for one context key."""
+    return {}
+
+
 class FeatureBatch:
     """The vectors of several offers for one request, laid end to end: what the dot product
     needs in one pass, without an object per offer; ``vector(i)`` gives one on its own."""
 
     __slots__ = ("_bounds", "_indices", "_values")
 
-    def __init__(self, indices: list[int], values: list[float], bounds: list[int]) -> None:
+    def __init__(self, indices: array[int], values: array[float], bounds: list[int]) -> None:
         self._indices = indices
         self._values = values
         self._bounds = bounds  # vector i is [bounds[i], bounds[i + 1])
@@ -216,8 +222,8 @@ class FeatureBatch:
         """theta . x for each vector, in one vectorised pass (as ``dot_many``)."""
         if not len(self):
             return np.zeros(0)
-        idx = np.array(self._indices, dtype=np.int64)
-        vals = np.array(self._values, dtype=np.float64)
+        idx = np.frombuffer(self._indices, dtype=np.int64)
+        vals = np.frombuffer(self._values, dtype=np.float64)
         return np.add.reduceat(theta[idx] * vals, self._bounds[:-1])
 
 
@@ -239,7 +245,7 @@ def _topic_names(
 
 def dot_many(theta: FloatArray, vectors: Sequence[SparseVector]) -> FloatArray:
     """theta . x for each sparse x, in one vectorised pass."""
-    indices = list(chain.from_iterable(v.indices for v in vectors))
-    values = list(chain.from_iterable(v.values for v in vectors))
+    indices = array("q", chain.from_iterable(v.indices for v in vectors))
+    values = array("d", chain.from_iterable(v.values for v in vectors))
     bounds = [0, *accumulate(len(v.indices) for v in vectors)]
     return FeatureBatch(indices, values, bounds).dot(theta)
