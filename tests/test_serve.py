@@ -124,8 +124,9 @@ def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
                 p.GetProfileRequest(user_id="alice")
             )
             assert [t.topic for t in profile.topic_preferences] == ["yoga"]
+            # Every eligible offer, listed by score: exploration cannot hide the liked one.
             liked = decisioning_pb2_grpc.DecisioningStub(channel).Decide(
-                d.DecideRequest(user_id="alice", channel="web")
+                d.DecideRequest(user_id="alice", channel="web", slots=10)
             )
             assert liked.choices[0].offer_id == "yoga-mat"
     finally:
