@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+import hiredis
 import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
@@ -604,7 +605,10 @@ class ModelStore:
 
 
 def _exchange(conn: redis.Connection, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+    # Packed by hiredis (a dependency: redis[hiredis]), as redis-py packs them, minus its
+    # per-command Python layer, which only matters for commands written as one string.
+    packed = b"".join([hiredis.pack_command(command) for command in commands])
+    conn.send_packed_command([packed])  # type: ignore[no-untyped-call]
     replies: list[Any] = []
     for _ in commands:
         try:
