@@ -54,23 +54,19 @@ def decide_request(msg: decisioning_pb2.DecideRequest) -> model.DecideRequest:
 
 
 def decide_response(decision: model.Decision) -> decisioning_pb2.DecideResponse:
-    return decisioning_pb2.DecideResponse(
+    # Filled in place with add(): about half the cost of building every Choice and Reason
+    # as a message of its own and copying them into the response.
+    msg = decisioning_pb2.DecideResponse(
         decision_id=decision.decision_id,
-        choices=[
-            decisioning_pb2.Choice(
-                offer_id=c.offer_id,
-                score=c.score,
-                propensity=c.propensity,
-                reasons=[
-                    decisioning_pb2.Reason(code=_wire(r.code), detail=r.detail) for r in c.reasons
-                ],
-            )
-            for c in decision.choices
-        ],
         hold_reason=_wire(decision.hold_reason),
         model_version=decision.model_version,
         arm=_wire(decision.arm),
     )
+    for c in decision.choices:
+        choice = msg.choices.add(offer_id=c.offer_id, score=c.score, propensity=c.propensity)
+        for r in c.reasons:
+            choice.reasons.add(code=_wire(r.code), detail=r.detail)
+    return msg
 
 
 def outcome_report(msg: decisioning_pb2.ReportOutcomeRequest) -> model.OutcomeReport:
