@@ -1,11 +1,15 @@
-"""Catalog: put, get, paging, delete, on a real redis-server."""
+"""Catalog: put, get, paging, delete, on a real redis-server; the in-process catalog cache."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tactful.core import CatalogCache
+from tactful.model import Offer
 from tactful.v1 import catalog_pb2 as c
 
 from conftest import offer
@@ -56,3 +60,37 @@ def test_delete_offer(catalog):
     with pytest.raises(grpc.RpcError) as err:
         catalog.DeleteOffer(c.DeleteOfferRequest(offer_id="gone"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class VersionedCatalog:
+    """Just the part of a Store the catalog cache reads, counting its reloads."""
+
+    def __init__(self) -> None:
+        self.version, self.offers, self.loads = 1, [Offer("a", "A", ("t",), ("web",))], 0
+
+    def load_catalog(self) -> tuple[int, list[Offer]]:
+        self.loads += 1
+        return self.version, list(self.offers)
+
+
+def test_a_read_older_than_the_last_reload_does_not_reload_the_catalog():
+    """A burst of requests in flight while the catalog changed must not each reload it."""
+    store = VersionedCatalog()
+    cache = CatalogCache(store)
+    assert set(cache.offers(1, read_at=time.monotonic())) == {"a"}
+    in_flight = time.monotonic()  # these requests read version 1...
+    store.version, store.offers = 2, [*store.offers, Offer("b", "B", ("t",), ("web",))]
+    assert set(cache.offers(2, read_at=time.monotonic())) == {"a", "b"}  # ...then one read 2
+    for _ in range(3):
+        assert set(cache.offers(1, read_at=in_flight)) == {"a", "b"}
+    assert store.loads == 2
+
+
+def test_the_catalog_version_going_back_after_a_flush_reloads():
+    store = VersionedCatalog()
+    store.version = 250
+    cache = CatalogCache(store)
+    cache.offers(250, read_at=time.monotonic())
+    store.version, store.offers = 1, [Offer("new", "N", ("t",), ("web",))]  # FLUSHALL, a put
+    assert set(cache.offers(1, read_at=time.monotonic())) == {"new"}
+    assert store.loads == 2

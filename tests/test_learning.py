@@ -24,6 +24,7 @@ from tactful.bandit import (
     prior_theta,
     project,
 )
+from tactful.core import ModelCache
 from tactful.features import (
     BIAS,
     CONTACTS_TODAY,
@@ -413,6 +414,28 @@ def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
         response = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
         assert response.model_version == f"ridge-{good}"
     assert metrics.MODEL_REJECTED._value.get() == rejected + 3
+
+
+class VersionedModels:
+    """Just the part of a Store the model cache reads: one snapshot per version."""
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+
+    def load_model(self, *, version: int) -> bytes:
+        self.loaded.append(version)
+        return LinearModel(f"ridge-{version}", prior_theta(SPACE.dim), SPACE.layout).to_bytes()
+
+
+def test_a_request_that_read_before_a_rollback_does_not_switch_the_model_back():
+    store = VersionedModels()
+    cache = ModelCache(store, SPACE, kappa=1.0)
+    assert cache.model(3, read_at=time.monotonic()).version == "ridge-3"
+    in_flight = time.monotonic()  # a request read version 3 here, then a rollback to 2...
+    assert cache.model(2, read_at=time.monotonic()).version == "ridge-2"
+    assert cache.model(3, read_at=in_flight).version == "ridge-2"  # ...it keeps the rollback
+    assert cache.model(4, read_at=time.monotonic()).version == "ridge-4"  # a new one is used
+    assert store.loaded == [3, 2, 4]
 
 
 def test_rollback_pins_an_earlier_version(store, catalog, decisioning, models):

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -64,18 +65,26 @@ FALLBACK_MODEL = "fallback-priority"
 class CatalogCache:
     """The offer catalog, cached in process. Every Decide reads the catalog's version in its
     one round trip; a version this process has not loaded yet triggers a reload, so a change
-    made through any process is seen by all of them on their next request."""
+    made through any process is seen by all of them on their next request.
+
+    Only a read that started after the last reload can trigger one (``read_at``, from
+    ``time.monotonic``, taken before the read). Versions only grow, so a read that started
+    earlier and saw another version is a request that was in flight during the reload: what
+    is loaded is at least as new, and reloading for it would make every stale request of a
+    burst reload again. A fresher read that sees a *lower* version is no stale read but the
+    store going back (a flush or a restore restarts the count from 0): it reloads too."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._lock = threading.Lock()
         self._version = -1
+        self._loaded_at = -math.inf  # monotonic time the last reload's read started
         self._offers: dict[str, Offer] = {}
 
-    def offers(self, version: int) -> Mapping[str, Offer]:
-        if version != self._version:
+    def offers(self, version: int, *, read_at: float) -> Mapping[str, Offer]:
+        if version != self._version and read_at > self._loaded_at:
             with self._lock:
-                if version != self._version:
+                if version != self._version and read_at > self._loaded_at:
                     self._reload_locked()
         return self._offers
 
@@ -89,22 +98,29 @@ class CatalogCache:
         return self._offers
 
     def _reload_locked(self) -> None:
+        started = time.monotonic()
         version, offers = self._store.load_catalog()
         self._offers = {o.offer_id: o for o in offers}
         self._version = version
+        self._loaded_at = started
         metrics.CATALOG_RELOADS.inc()
 
 
 class ModelCache:
     """The model this process decides with. Like the catalog, its version comes with every
     Decide's one read; a new version is loaded once (one GET), and a snapshot that cannot be
-    used is rejected with a log line while the previous model stays in service."""
+    used is rejected with a log line while the previous model stays in service.
+
+    As for the catalog, only a read that started after the last load can switch models: a
+    request that read the current version before a rollback (or before a new version) was
+    loaded does not switch the process back (model versions can go down: rollback)."""
 
     def __init__(self, store: Store, space: FeatureSpace, kappa: float) -> None:
         self._store = store
         self._space = space
         self._lock = threading.Lock()
         self._version = 0
+        self._loaded_at = -math.inf  # monotonic time the last load's read started
         self._model = LinearModel("prior", project(prior_theta(space.dim), kappa), space.layout)
         self._rejected: set[int] = set()
 
@@ -112,15 +128,25 @@ class ModelCache:
     def space(self) -> FeatureSpace:
         return self._space
 
-    def model(self, version: int) -> LinearModel:
-        if version == self._version or version == 0 or version in self._rejected:
+    def model(self, version: int, *, read_at: float) -> LinearModel:
+        if (
+            version == self._version
+            or version == 0
+            or version in self._rejected
+            or read_at <= self._loaded_at
+        ):
             return self._model
         with self._lock:
-            if version != self._version and version not in self._rejected:
+            if (
+                version != self._version
+                and version not in self._rejected
+                and read_at > self._loaded_at
+            ):
                 self._load_locked(version)
         return self._model
 
     def _load_locked(self, version: int) -> None:
+        started = time.monotonic()
         raw = self._store.load_model(version=version)
         try:
             if raw is None:
@@ -133,7 +159,7 @@ class ModelCache:
                 "model version %d rejected, keeping %s: %s", version, self._model.version, exc
             )
             return
-        self._model, self._version = model, version
+        self._model, self._version, self._loaded_at = model, version, started
         metrics.MODEL_INFO.info({"version": model.version})
 
 
@@ -164,13 +190,14 @@ class Decider:
         now = self._clock()
         decision_id = uuid.uuid4().hex
         try:
+            read_at = time.monotonic()
             inputs = self._store.read_for_decision(user_id=req.user_id, request_id=req.request_id)
             if inputs.replay_decision_id:
                 logged = self._store.get_logged_decision(decision_id=inputs.replay_decision_id)
                 if logged is not None:
                     return decision_from_log(logged.payload)
-            offers = self._catalog.offers(inputs.catalog_version)
-            model = self._models.model(inputs.model_version)
+            offers = self._catalog.offers(inputs.catalog_version, read_at=read_at)
+            model = self._models.model(inputs.model_version, read_at=read_at)
         except Unavailable:
             return self._without_store(req, decision_id, now)
 
@@ -542,7 +569,8 @@ class CatalogService:
             if not validation.OFFER_ID_RE.fullmatch(after):
                 violations.append(FieldViolation("page_token", "is not a token ListOffers gave"))
         validation.require(violations)
-        offers = self._catalog.offers(self._store.catalog_version())
+        read_at = time.monotonic()
+        offers = self._catalog.offers(self._store.catalog_version(), read_at=read_at)
         ordered = sorted((o for o in offers.values() if o.offer_id > after), key=_offer_key)
         page = ordered[: page_size or self.DEFAULT_PAGE_SIZE]
         more = len(ordered) > len(page)
