@@ -111,9 +111,10 @@ class ModelCache:
     Decide's one read; a new version is loaded once (one GET), and a snapshot that cannot be
     used is rejected with a log line while the previous model stays in service.
 
-    As for the catalog, only a read that started after the last load can switch models: a
-    request that read the current version before a rollback (or before a new version) was
-    loaded does not switch the process back (model versions can go down: rollback)."""
+    As for the catalog, only a read that started after the last load can switch models, so
+    a request that was in flight while a rollback or a new version was loaded does not
+    switch the process back. Any other version a fresher read sees is loaded, lower ones
+    included: a rollback lowers the version on purpose."""
 
     def __init__(self, store: Store, space: FeatureSpace, kappa: float) -> None:
         self._store = store
