@@ -44,22 +44,28 @@ def test_service_and_method_names():
 def test_field_numbers_are_stable():
     """Fields may be added; the ones clients use keep their names and numbers."""
     fields = {f.name: f.number for f in decisioning_pb2.DecideRequest.DESCRIPTOR.fields}
-    assert fields.items() >= {
-        "user_id": 1,
-        "channel": 2,
-        "placement": 3,
-        "numeric_context": 4,
-        "categorical_context": 5,
-        "candidate_offer_ids": 6,
-        "slots": 7,
-        "dry_run": 8,
-        "request_id": 9,
-    }.items()
+    assert (
+        fields.items()
+        >= {
+            "user_id": 1,
+            "channel": 2,
+            "placement": 3,
+            "numeric_context": 4,
+            "categorical_context": 5,
+            "candidate_offer_ids": 6,
+            "slots": 7,
+            "dry_run": 8,
+            "request_id": 9,
+        }.items()
+    )
     response = {f.name: f.number for f in decisioning_pb2.DecideResponse.DESCRIPTOR.fields}
-    assert response.items() >= {
-        "decision_id": 1,
-        "choices": 2,
-        "hold_reason": 3,
-        "model_version": 4,
-        "arm": 5,
-    }.items()
+    assert (
+        response.items()
+        >= {
+            "decision_id": 1,
+            "choices": 2,
+            "hold_reason": 3,
+            "model_version": 4,
+            "arm": 5,
+        }.items()
+    )

@@ -248,7 +248,9 @@ def test_candidates_restrict_the_choice_and_unknown_ids_are_skipped(catalog, dec
 # Rule 6 -------------------------------------------------------------------------------------
 
 
-def test_hot_path_is_one_read_and_one_log_round_trip(redis_proc, redisdb, settings, catalog):
+def test_hot_path_round_trips(redis_proc, redisdb, settings, catalog):
+    """Rule 6, with the contact policy: one read (profile, counters, cooldowns, catalog and
+    model versions), one atomic check-and-consume of the caps, one log write."""
     put(catalog, *(offer(f"o{i}", (f"t{i % 7}",), priority=i / 100) for i in range(60)))
     trips = RoundTrips()
     counted = make_store(redis_url(redis_proc), settings, connection_class=trips.connection_class())
@@ -256,15 +258,15 @@ def test_hot_path_is_one_read_and_one_log_round_trip(redis_proc, redisdb, settin
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = decisioning_pb2_grpc.DecisioningStub(ch)
-            decide(stub, user="warmup", dry_run=True)  # first call loads the catalog
+            decide(stub, user="warmup")  # loads the catalog, and the caps script into Redis
             trips.count = 0
             candidates = [f"o{i}" for i in range(50)]
             response = decide(stub, user="bob", candidate_offer_ids=candidates, slots=3)
             assert len(response.choices) == 3
-            assert trips.count == 2  # one read (profile + catalog version), one log write
+            assert trips.count == 3  # read, consume contacts, log
             trips.count = 0
             decide(stub, user="bob", candidate_offer_ids=candidates, dry_run=True)
-            assert trips.count == 1  # a dry run logs nothing
+            assert trips.count == 1  # a dry run counts and logs nothing
     finally:
         running.stop(None)
         counted.client.close()
@@ -326,7 +328,12 @@ def test_dry_run_counts_and_logs_nothing(store, catalog, decisioning, profiles):
     assert list(profiles.GetProfile(p.GetProfileRequest(user_id="alice")).contact_counters) == []
     decide(decisioning)
     counters = profiles.GetProfile(p.GetProfileRequest(user_id="alice")).contact_counters
-    assert {(c.channel, c.offer_id, c.count) for c in counters} == {("web", "", 1), ("web", "a", 1)}
+    assert {(c.channel, c.offer_id, c.count) for c in counters} == {
+        ("*", "", 1),  # every channel
+        ("*", "a", 1),  # the offer, every channel
+        ("web", "", 1),
+        ("web", "a", 1),
+    }
 
 
 def test_request_id_replays_the_same_decision(catalog, decisioning):

@@ -34,7 +34,7 @@ from tactful.settings import ContactSettings
 
 ALL_CHANNELS = "*"  # counter of every channel together
 INTERRUPTIVE = "!"  # counter of the interruptive channels together
-COUNTER_TTL_SECONDS = 3 * 86400  # a day's counters, plus slack for any time zone
+COUNTERS_TTL_SECONDS = 3 * 86400  # a day's counters, plus slack for any time zone
 
 
 @lru_cache(maxsize=1024)

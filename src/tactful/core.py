@@ -16,14 +16,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from prometheus_client import Counter
 
-from tactful import metrics, scoring, validation
+from tactful import keys, metrics, scoring, validation
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
+from tactful.contact_policy import ContactPolicy, Limits, Window, counter_field
 from tactful.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from tactful.features import (
     FeatureSpace,
@@ -36,11 +37,13 @@ from tactful.model import (
     ChannelPreference,
     Choice,
     ContactCounter,
+    Cooldown,
     DecideRequest,
     Decision,
     HoldReason,
     ObservedSignal,
     Offer,
+    OutcomeEvent,
     OutcomeReport,
     PreferencesUpdate,
     Profile,
@@ -164,6 +167,31 @@ class ModelCache:
         metrics.MODEL_INFO.info({"version": model.version})
 
 
+@dataclass(frozen=True, slots=True)
+class ContactPlan:
+    """What consuming a decision's contacts needs: the user's day, the caps on this channel,
+    and counter fields of past days to drop."""
+
+    window: Window
+    limits: Limits
+    stale: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A decision before its contacts are consumed."""
+
+    decision: Decision
+    features: dict[str, SparseVector]
+    plan: ContactPlan | None
+
+
+def _cooling_down(offer: Offer, cooling: set[str]) -> bool:
+    if not cooling:
+        return False
+    return offer.offer_id in cooling or any(f"t:{t}" in cooling for t in offer.topics)
+
+
 class Decider:
     def __init__(
         self,
@@ -185,6 +213,7 @@ class Decider:
         self._clock = clock
         seed = settings.learning.seed
         self._seed = secrets.randbits(63) if seed < 0 else seed
+        self._contacts = ContactPolicy(settings.contact)
 
     def decide(self, req: DecideRequest) -> Decision:
         validation.require(validation.check_decide(req))
@@ -202,11 +231,65 @@ class Decider:
         except Unavailable:
             return self._without_store(req, decision_id, now)
 
-        decision, features = self._choose(req, inputs.profile, offers, model, decision_id, now)
+        draft = self._choose(req, inputs.profile, offers, model, decision_id, now)
+        decision = draft.decision
+        if not req.dry_run and decision.choices and draft.plan is not None:
+            decision = self._consume(req, decision, draft.plan, offers, now)
         self._count(decision)
         if not req.dry_run:
-            self._log(req, inputs.profile, decision, features, now)
+            features = {
+                c.offer_id: draft.features[c.offer_id]
+                for c in decision.choices
+                if c.offer_id in draft.features
+            }
+            self._log(req, decision, features, now)
         return decision
+
+    def _consume(
+        self,
+        req: DecideRequest,
+        decision: Decision,
+        plan: ContactPlan,
+        offers: Mapping[str, Offer],
+        now: float,
+    ) -> Decision:
+        """Count what is returned, atomically against every cap: under concurrency (several
+        Decides for one user, in any number of processes) the script may allow fewer choices
+        than the read suggested; the best-ranked win, the rest are dropped."""
+        limits = plan.limits
+        try:
+            consumed = set(
+                self._store.consume_contacts(
+                    user_id=req.user_id,
+                    day=plan.window.key,
+                    now=now,
+                    channel=req.channel,
+                    caps=(limits.daily, limits.channel, limits.user),
+                    interruptive=limits.interruptive,
+                    gap_seconds=limits.gap_seconds,
+                    slots=len(decision.choices),
+                    stale=plan.stale,
+                    ranked=[
+                        (c.offer_id, offers[c.offer_id].max_per_user_per_day)
+                        for c in decision.choices
+                    ],
+                )
+            )
+        except Unavailable:
+            if req.channel in self._policy.render_time_channels:
+                return decision  # a page still renders; its view just goes uncounted
+            return replace(decision, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
+        if len(consumed) == len(decision.choices):
+            return decision
+        kept = tuple(c for c in decision.choices if c.offer_id in consumed)
+        if kept:
+            return replace(decision, choices=kept)
+        open_again = plan.window.end
+        if limits.gap_seconds:
+            open_again = min(open_again, now + limits.gap_seconds)
+        return replace(
+            decision, choices=(), hold_reason=HoldReason.FATIGUE_CAP, next_eligible_time=open_again
+        )
 
     def _choose(
         self,
@@ -216,18 +299,33 @@ class Decider:
         model: LinearModel,
         decision_id: str,
         now: float,
-    ) -> tuple[Decision, dict[str, SparseVector]]:
+    ) -> Draft:
         control = in_control_group(
             req.user_id, salt=self._policy.control_salt, share=self._policy.control_share
         )
         arm = Arm.CONTROL if control else Arm.PERSONALIZED
         version = CONTROL_MODEL if control else model.version
 
-        def hold(reason: HoldReason) -> tuple[Decision, dict[str, SparseVector]]:
-            return Decision(decision_id, (), reason, version, arm), {}
+        def hold(reason: HoldReason, until: float | None = None) -> Draft:
+            return Draft(Decision(decision_id, (), reason, version, arm, until), {}, None)
 
         if req.channel in profile.opted_out_channels():
             return hold(HoldReason.CHANNEL_OPTED_OUT)
+        quiet_until = self._contacts.quiet_until(now, profile, req.channel)
+        if quiet_until is not None:
+            return hold(HoldReason.QUIET_HOURS, quiet_until)
+        # What today's counters (from the one read) still allow on this channel.
+        window = self._contacts.window(now, profile)
+        counts = {
+            counter_field(str(int(c.window_start)), c.channel, c.offer_id): c.count
+            for c in profile.contact_counters
+        }
+        limits = self._contacts.limits(req.channel, profile)
+        last_contact = dict(profile.last_contacts).get(req.channel, 0.0)
+        capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
+        if capacity.remaining == 0:
+            return hold(HoldReason.FATIGUE_CAP, capacity.open_again)
+        cooling = {c.offer_id or f"t:{c.topic}" for c in profile.cooldowns if c.until > now}
         liked = profile.topics_with(Stance.LIKE)
         disliked = profile.topics_with(Stance.DISLIKE)
         # Hard rules first: the model only ever ranks what the customer allows.
@@ -238,28 +336,33 @@ class Decider:
             and req.channel in offer.channels
             and disliked.isdisjoint(offer.topics)
             and (not offer.sensitive or not liked.isdisjoint(offer.topics))
+            and not _cooling_down(offer, cooling)
         ]
         if not eligible:
             return hold(HoldReason.NO_ELIGIBLE_OFFER)
+        eligible = [o for o in eligible if self._contacts.under_offer_cap(o, window, counts)]
+        if not eligible:
+            return hold(HoldReason.FATIGUE_CAP, window.end)
         slots = req.slots or 1
+        if capacity.remaining > 0:
+            slots = min(slots, capacity.remaining)  # draw no more than the caps let through
+        stale = tuple(field for field in counts if not field.startswith(window.key + "|")) + tuple(
+            f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30
+        )
+        plan = ContactPlan(window, limits, stale)
         if control:
             choices = tuple(
                 Choice(o.offer_id, o.priority, 1.0, (scoring.CONTROL_REASON,))
                 for o in scoring.by_priority(eligible)[:slots]
             )
-            return Decision(decision_id, choices, HoldReason.NONE, version, arm), {}
+            return Draft(Decision(decision_id, choices, HoldReason.NONE, version, arm), {}, plan)
 
         # Without consent, behaviour is not even read into the view the model gets.
         inferred = (
             self._decayed(profile.signals, now) if profile.consent.inferred_personalization else {}
         )
         view = scoring.UserView(liked_topics=liked, inferred=inferred)
-        window_start = now - now % DAY_SECONDS
-        contacts_today = sum(
-            c.count
-            for c in profile.contact_counters
-            if c.channel == req.channel and not c.offer_id and c.window_start == window_start
-        )
+        contacts_today = counts.get(counter_field(window, req.channel), 0)
         context = RequestContext(
             channel=req.channel,
             placement=req.placement,
@@ -290,7 +393,7 @@ class Decider:
             for pick in picks
         )
         features = {eligible[p.index].offer_id: batch.vector(p.index) for p in picks}
-        return Decision(decision_id, choices, HoldReason.NONE, version, arm), features
+        return Draft(Decision(decision_id, choices, HoldReason.NONE, version, arm), features, plan)
 
     def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:
         """A generator seeded by (process seed, request_id or decision_id), as VW's explore
@@ -334,19 +437,17 @@ class Decider:
     def _log(
         self,
         req: DecideRequest,
-        profile: Profile,
         decision: Decision,
         features: Mapping[str, SparseVector],
         now: float,
     ) -> None:
-        contacts: list[tuple[str, str]] = []
-        if decision.choices:
-            contacts.append((req.channel, ""))
-            contacts += [(req.channel, c.offer_id) for c in decision.choices]
         payload = decision_to_log(decision)
         payload.update(
             ts=now,
             user=self._pseudonym(req.user_id),
+            # Where the user's keys are (an unkeyed digest, as in the key names), so a
+            # DISMISS can put the offer on that user's cooldown without the user id.
+            user_key=keys.user_digest(req.user_id),
             channel=req.channel,
             placement=req.placement,
             numeric_context=dict(req.numeric_context),
@@ -355,15 +456,10 @@ class Decider:
         if features:
             # x of the (x, a, r, p) tuple: what the learner regresses the reward on.
             payload["features"] = {offer_id: x.to_json() for offer_id, x in features.items()}
-        window_start = now - now % DAY_SECONDS
-        expired = [c for c in profile.contact_counters if c.window_start != window_start]
         try:
             self._store.log_decision(
                 user_id=req.user_id,
                 decision=LoggedDecision(decision.decision_id, payload),
-                contacts=contacts,
-                window_start=window_start,
-                expired=expired,
                 request_id=req.request_id,
                 learn_after=now + self._learning.reward_window_seconds if features else None,
             )
@@ -407,7 +503,22 @@ class Decider:
             raise InvalidArgument([FieldViolation("offer_id", "was not chosen in this decision")])
         recorded = status == OutcomeStatus.RECORDED
         metrics.OUTCOMES.labels(report.event.name, "recorded" if recorded else "duplicate").inc()
+        if recorded and report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
+            self._cool_down(report)
         return recorded
+
+    def _cool_down(self, report: OutcomeReport) -> None:
+        """A dismissed offer (and, if configured, its topics) stays away from that user."""
+        logged = self._store.get_logged_decision(decision_id=report.decision_id)
+        offer = self._catalog.last_known().get(report.offer_id)
+        if logged is None or "user_key" not in logged.payload:
+            return
+        dismissed = offer or Offer(report.offer_id, "", (), ())
+        self._store.add_cooldowns(
+            user_key=logged.payload["user_key"],
+            fields=self._contacts.cooldown_fields(dismissed),
+            until=self._clock() + self._contacts.cooldown_seconds,
+        )
 
 
 # The labelled children of the decision counters, looked up once each: ``labels()`` takes a
@@ -461,6 +572,7 @@ def decision_to_log(decision: Decision) -> dict[str, Any]:
             }
             for c in decision.choices
         ],
+        "next_eligible_time": decision.next_eligible_time,
     }
 
 
@@ -479,6 +591,7 @@ def decision_from_log(payload: Mapping[str, Any]) -> Decision:
         hold_reason=HoldReason[payload["hold_reason"]],
         model_version=payload["model_version"],
         arm=Arm[payload["arm"]],
+        next_eligible_time=payload.get("next_eligible_time"),
     )
 
 
@@ -520,7 +633,12 @@ class ProfileService:
             channel_preferences=tuple(sorted(profile.channel_preferences, key=_by_channel)),
             signals=tuple(sorted(signals, key=_by_topic)),
             contact_counters=tuple(sorted(profile.contact_counters, key=_by_channel_offer)),
+            cooldowns=tuple(sorted((c for c in profile.cooldowns if c.until > now), key=_by_until)),
         )
+
+
+def _by_until(cooldown: Cooldown) -> tuple[float, str, str]:
+    return (cooldown.until, cooldown.offer_id, cooldown.topic)
 
 
 def _by_topic(item: TopicPreference | Signal) -> str:

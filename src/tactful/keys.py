@@ -44,15 +44,28 @@ class UserKeys:
     signals: str  # hash: topic -> "weight|observed_at"
     contacts: str  # hash: "window_start|channel|offer_id" -> count
     requests: str  # hash: request_id -> decision_id (Decide idempotency)
+    cooldowns: str  # hash: "o:<offer_id>" / "t:<topic>" -> until (after a DISMISS)
 
     @classmethod
     def of(cls, user_id: str) -> UserKeys:
-        base = f"{PREFIX}:{{u:{user_digest(user_id)}}}"
-        return cls(f"{base}:profile", f"{base}:signals", f"{base}:contacts", f"{base}:requests")
+        return cls.of_digest(user_digest(user_id))
+
+    @classmethod
+    def of_digest(cls, digest: str) -> UserKeys:
+        """The user's keys from the digest a decision log keeps (so an outcome can reach the
+        user's cooldowns without the user id)."""
+        base = f"{PREFIX}:{{u:{digest}}}"
+        return cls(
+            f"{base}:profile",
+            f"{base}:signals",
+            f"{base}:contacts",
+            f"{base}:requests",
+            f"{base}:cooldowns",
+        )
 
     def all(self) -> tuple[str, ...]:
         """Every key of the user: what erasure deletes."""
-        return (self.profile, self.signals, self.contacts, self.requests)
+        return (self.profile, self.signals, self.contacts, self.requests, self.cooldowns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,6 +124,15 @@ class ContactCounter:
 
 
 @dataclass(frozen=True, slots=True)
+class Cooldown:
+    """Something the user dismissed: an offer, or (if so configured) a topic."""
+
+    offer_id: str  # "" when a topic cools down
+    topic: str  # "" when an offer cools down
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     user_id: str
     topic_preferences: tuple[TopicPreference, ...] = ()
@@ -133,6 +142,8 @@ class Profile:
     consent: Consent = field(default_factory=Consent)
     signals: tuple[Signal, ...] = ()  # as stored: weight at observed_at, not decayed
     contact_counters: tuple[ContactCounter, ...] = ()
+    last_contacts: tuple[tuple[str, float], ...] = ()  # (channel, when) for minimum gaps
+    cooldowns: tuple[Cooldown, ...] = ()
 
     def topics_with(self, stance: Stance) -> frozenset[str]:
         return frozenset(p.topic for p in self.topic_preferences if p.stance is stance)
@@ -190,6 +201,7 @@ class Decision:
     hold_reason: HoldReason
     model_version: str
     arm: Arm
+    next_eligible_time: float | None = None  # with a FATIGUE_CAP or QUIET_HOURS hold
 
 
 @dataclass(frozen=True, slots=True)

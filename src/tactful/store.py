@@ -23,11 +23,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tactful import keys
+from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS
 from tactful.errors import Unavailable
 from tactful.model import (
     ChannelPreference,
     Consent,
     ContactCounter,
+    Cooldown,
     Offer,
     PreferencesUpdate,
     Profile,
@@ -39,8 +41,6 @@ from tactful.model import (
 
 log = logging.getLogger(__name__)
 
-# Contact counters outlive their one-day window by a day, so a quiet user's hash goes away.
-CONTACTS_TTL_SECONDS = 2 * 86400
 
 # Errors that mean "the store is unreachable or too slow", as opposed to a bug.
 STORE_DOWN_ERRORS: tuple[type[Exception], ...] = (
@@ -85,12 +85,26 @@ class Store(Protocol):
         *,
         user_id: str,
         decision: LoggedDecision,
-        contacts: Sequence[tuple[str, str]],
-        window_start: float,
-        expired: Sequence[ContactCounter],
         request_id: str,
         learn_after: float | None,
     ) -> None: ...
+
+    def consume_contacts(
+        self,
+        *,
+        user_id: str,
+        day: str,
+        now: float,
+        channel: str,
+        caps: tuple[int, int, int],
+        interruptive: bool,
+        gap_seconds: float,
+        slots: int,
+        stale: Sequence[str],
+        ranked: Sequence[tuple[str, int]],
+    ) -> list[str]: ...
+
+    def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None: ...
 
     def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None: ...
 
@@ -249,6 +263,7 @@ class RedisStore:
         self._request_ttl = request_id_ttl_seconds
         self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
+        self._consume_contacts = client.register_script(CONSUME_CONTACTS_LUA)
         # Model snapshots are bytes: a second client on the same server that does not decode.
         self.binary = _binary_twin(client)
 
@@ -264,6 +279,7 @@ class RedisStore:
             ("HGETALL", k.profile),
             ("HGETALL", k.signals),
             ("HGETALL", k.contacts),
+            ("HGETALL", k.cooldowns),
             ("GET", keys.CATALOG_VERSION),
             ("GET", keys.MODEL_CURRENT),
         ]
@@ -271,33 +287,57 @@ class RedisStore:
             commands.append(("HGET", k.requests, request_id))
         with store_errors():
             replies = self._round_trip(commands)
-        profile = _decode_profile(
-            user_id, _as_dict(replies[0]), _as_dict(replies[1]), _as_dict(replies[2])
-        )
+        profile = _decode_profile(user_id, *(_as_dict(reply) for reply in replies[:4]))
         return DecisionInputs(
             profile=profile,
-            catalog_version=int(replies[3] or 0),
-            model_version=int(replies[4] or 0),
-            replay_decision_id=replies[5] if request_id else None,
+            catalog_version=int(replies[4] or 0),
+            model_version=int(replies[5] or 0),
+            replay_decision_id=replies[6] if request_id else None,
         )
+
+    def consume_contacts(
+        self,
+        *,
+        user_id: str,
+        day: str,
+        now: float,
+        channel: str,
+        caps: tuple[int, int, int],
+        interruptive: bool,
+        gap_seconds: float,
+        slots: int,
+        stale: Sequence[str],
+        ranked: Sequence[tuple[str, int]],
+    ) -> list[str]:
+        """Check every cap and consume one unit per offer returned, atomically: the offers
+        (in the policy's order) that fit; see ``contact_policy.CONSUME_CONTACTS_LUA``."""
+        args: list[Any] = [day, repr(now), channel, *caps, int(interruptive), gap_seconds]
+        args += [COUNTERS_TTL_SECONDS, slots, len(stale), *stale]
+        for offer_id, cap in ranked:
+            args += [offer_id, cap]
+        with store_errors():
+            consumed = self._consume_contacts(keys=[keys.UserKeys.of(user_id).contacts], args=args)
+        return [str(offer_id) for offer_id in consumed]
+
+    def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None:
+        k = keys.UserKeys.of_digest(user_key)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(k.cooldowns, mapping={field: repr(until) for field in fields})
+        # Every cooldown lasts the same time, so the newest ends last: the key goes with it.
+        pipe.expireat(k.cooldowns, int(until) + 1)
+        with store_errors():
+            pipe.execute()
 
     def log_decision(
         self,
         *,
         user_id: str,
         decision: LoggedDecision,
-        contacts: Sequence[tuple[str, str]],
-        window_start: float,
-        expired: Sequence[ContactCounter],
         request_id: str,
         learn_after: float | None,
     ) -> None:
-        """Log the decision and count its contacts in one round trip of plain commands.
-
-        Counters are hash fields ``window|channel|offer_id`` incremented with HINCRBY (atomic
-        under concurrency); fields of past windows that the read saw are dropped here, so the
-        hash holds one window per counter. No script: a script inside a pipeline costs
-        redis-py an extra SCRIPT EXISTS round trip."""
+        """Log the decision (and its request id, and when its reward window closes) in one
+        round trip of plain commands. Contacts were counted by ``consume_contacts``."""
         k = keys.UserKeys.of(user_id)
         record = _record_json(decision.payload)
         commands: list[tuple[Any, ...]] = [
@@ -309,15 +349,6 @@ class RedisStore:
                 self._decision_ttl,
             )
         ]
-        if contacts:
-            commands += (
-                ("HINCRBY", k.contacts, _contact_field(window_start, channel, offer_id), 1)
-                for channel, offer_id in contacts
-            )
-            if expired:
-                fields = (_contact_field(c.window_start, c.channel, c.offer_id) for c in expired)
-                commands.append(("HDEL", k.contacts, *fields))
-            commands.append(("EXPIRE", k.contacts, CONTACTS_TTL_SECONDS))
         if request_id:
             commands.append(("HSET", k.requests, request_id, decision.decision_id))
             commands.append(("EXPIRE", k.requests, self._request_ttl))
@@ -379,9 +410,10 @@ class RedisStore:
         pipe.hgetall(k.profile)
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
+        pipe.hgetall(k.cooldowns)
         with store_errors():
-            profile, signals, contacts = pipe.execute()
-        return _decode_profile(user_id, profile, signals, contacts)
+            replies = pipe.execute()
+        return _decode_profile(user_id, *replies)
 
     def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile:
         k = keys.UserKeys.of(update.user_id)
@@ -412,9 +444,10 @@ class RedisStore:
         pipe.hgetall(k.profile)
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
+        pipe.hgetall(k.cooldowns)
         with store_errors():
             replies = pipe.execute()
-        return _decode_profile(update.user_id, *replies[-3:])
+        return _decode_profile(update.user_id, *replies[-4:])
 
     def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> None:
         args: list[Any] = [self._half_life]
@@ -663,10 +696,6 @@ def _as_dict(reply: Any) -> dict[str, str]:
     return dict(zip(fields, fields, strict=False))
 
 
-def _contact_field(window_start: float, channel: str, offer_id: str) -> str:
-    return f"{int(window_start)}|{channel}|{offer_id}"
-
-
 def _decode_offer(raw: str) -> Offer:
     data = json.loads(raw)
     data["topics"] = tuple(data["topics"])
@@ -680,7 +709,11 @@ def _split_ts(value: str) -> tuple[str, float]:
 
 
 def _decode_profile(
-    user_id: str, fields: dict[str, str], signals: dict[str, str], contacts: dict[str, str]
+    user_id: str,
+    fields: dict[str, str],
+    signals: dict[str, str],
+    contacts: dict[str, str],
+    cooldowns: dict[str, str],
 ) -> Profile:
     """The profile as stored, in no particular order: Decide reads it on every request and
     needs no order; ``ProfileService`` sorts what it presents."""
@@ -710,9 +743,20 @@ def _decode_profile(
         weight, _, observed = value.partition("|")
         decoded_signals.append(Signal(topic, float(weight), float(observed)))
     counters = []
+    last_contacts = []
     for field, count in contacts.items():
-        window, channel, offer_id = field.split("|", 2)
+        window, _, rest = field.partition("|")
+        if window == "last":  # "last|<channel>" -> when that channel was last used
+            last_contacts.append((rest, float(count)))
+            continue
+        channel, _, offer_id = rest.partition("|")
         counters.append(ContactCounter(channel, offer_id, int(count), float(window)))
+    cooling = []
+    for field, until in cooldowns.items():
+        kind, _, name = field.partition(":")
+        cooling.append(
+            Cooldown(name if kind == "o" else "", name if kind == "t" else "", float(until))
+        )
     return Profile(
         user_id=user_id,
         topic_preferences=tuple(topics),
@@ -722,4 +766,6 @@ def _decode_profile(
         consent=consent,
         signals=tuple(decoded_signals),
         contact_counters=tuple(counters),
+        last_contacts=tuple(last_contacts),
+        cooldowns=tuple(cooling),
     )

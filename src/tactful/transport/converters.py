@@ -66,6 +66,8 @@ def decide_response(decision: model.Decision) -> decisioning_pb2.DecideResponse:
         choice = msg.choices.add(offer_id=c.offer_id, score=c.score, propensity=c.propensity)
         for r in c.reasons:
             choice.reasons.add(code=_wire(r.code), detail=r.detail)
+    if decision.next_eligible_time is not None:
+        msg.next_eligible_time.CopyFrom(_timestamp(decision.next_eligible_time))
     return msg
 
 
@@ -151,6 +153,10 @@ def profile(p: model.Profile) -> profiles_pb2.Profile:
                 window_start=_timestamp(c.window_start),
             )
             for c in p.contact_counters
+        ],
+        cooldowns=[
+            profiles_pb2.Cooldown(offer_id=c.offer_id, topic=c.topic, until=_timestamp(c.until))
+            for c in p.cooldowns
         ],
     )
     if p.quiet_hours is not None:
