@@ -455,3 +455,19 @@ def test_rollback_pins_an_earlier_version(store, catalog, decisioning, models):
     assert models.publish(snapshot, keep=2, now=4.0) is None  # pinned: nothing new served
     models.unpin()
     assert models.publish(snapshot, keep=2, now=5.0) is not None
+
+
+def test_exploration_narrows_as_the_model_learns():
+    theta = prior_theta(SPACE.dim)
+    fresh = LinearModel("prior", theta, SPACE.layout)
+    seasoned = LinearModel.from_bytes(
+        LinearModel("ridge-9", theta, SPACE.layout, updates=10_000).to_bytes(), SPACE
+    )
+    assert seasoned.updates == 10_000
+    assert fresh.gamma(200, 20) == 200  # the floor
+    assert seasoned.gamma(200, 20) == pytest.approx(2000)
+    predicted = np.array([0.3, 0.2, 0.1])
+    assert (
+        igw_probabilities(predicted, seasoned.gamma(200, 20))[0]
+        > igw_probabilities(predicted, fresh.gamma(200, 20))[0]
+    )

@@ -16,16 +16,19 @@ of any strength outranks an explicit like, whatever was learned.
 
 Policy. Inverse gap weighting (SquareCB): among K eligible offers with predicted rewards
 y, an offer a other than the best gets p(a) = 1 / (K + gamma * (y_best - y_a)), and the best
-gets the rest. With ``slots`` > 1, slots are filled one after another without replacement,
-each from the IGW distribution over the offers still left; a choice's ``propensity`` is its
-probability *at its slot given the picks before it*, and the probability of the whole slate
-(in pick order) is the product of its choices' propensities.
+gets the rest; gamma = max(TACTFUL_EXPLORATION_GAMMA, scale * sqrt(rewards learned)), so
+exploration narrows as evidence grows (``LinearModel.gamma``). With ``slots`` > 1, slots
+are filled one after another without replacement, each from the IGW distribution over the
+offers still left; a choice's ``propensity`` is its probability *at its slot given the picks
+before it*, and the probability of the whole slate (in pick order) is the product of its
+choices' propensities.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,10 +79,19 @@ class LinearModel:
     version: str
     theta: FloatArray
     layout: str
+    updates: int = 0  # rewards learned: exploration narrows as evidence grows
+
+    def gamma(self, floor: float, scale: float) -> float:
+        """The IGW gamma for this model: ``max(floor, scale * sqrt(updates))``. SquareCB's
+        gamma grows with the square root of the rounds seen; the floor keeps a new model
+        from exploring almost uniformly (its prior is already a sensible rule)."""
+        return max(floor, scale * math.sqrt(self.updates))
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        header = json.dumps({"version": self.version, "layout": self.layout}).encode()
+        header = json.dumps(
+            {"version": self.version, "layout": self.layout, "updates": self.updates}
+        ).encode()
         buffer.write(len(header).to_bytes(4, "big") + header)
         np.save(buffer, self.theta, allow_pickle=False)
         return buffer.getvalue()
@@ -99,7 +111,7 @@ class LinearModel:
             )
         if theta.dtype != np.float64 or not np.all(np.isfinite(theta)):
             raise SnapshotError("model snapshot holds non-finite weights")
-        return cls(str(header["version"]), theta, space.layout)
+        return cls(str(header["version"]), theta, space.layout, int(header.get("updates", 0)))
 
 
 class RidgeLearner:

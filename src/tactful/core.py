@@ -379,7 +379,10 @@ class Decider:
         )
         predicted = batch.dot(model.theta)
         picks = pick_slate(
-            predicted, slots, self._learning.exploration_gamma, self._rng(req, decision_id)
+            predicted,
+            slots,
+            model.gamma(self._learning.exploration_gamma, self._learning.exploration_gamma_scale),
+            self._rng(req, decision_id),
         )
         # Choices are listed best score first, whatever order the slots were drawn in.
         picks.sort(key=lambda pick: (-predicted[pick.index], eligible[pick.index].offer_id))

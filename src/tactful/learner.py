@@ -141,7 +141,9 @@ class Learner:
             return None
         theta = self.ridge.theta()
         version = self.models.publish(
-            lambda v: LinearModel(f"ridge-{v}", theta, self.space.layout).to_bytes(),
+            lambda v: LinearModel(
+                f"ridge-{v}", theta, self.space.layout, self.ridge.updates
+            ).to_bytes(),
             keep=self.settings.keep_versions,
             now=now,
         )

@@ -177,7 +177,15 @@ class LearningSettings:
     exploration_gamma: float = _setting(
         "TACTFUL_EXPLORATION_GAMMA",
         200.0,
-        "Inverse-gap-weighting gamma: higher explores less (0 = uniform among eligible offers).",
+        "Least inverse-gap-weighting gamma: higher explores less (0 = uniform among eligible "
+        "offers).",
+        min=0.0,
+    )
+    exploration_gamma_scale: float = _setting(
+        "TACTFUL_EXPLORATION_GAMMA_SCALE",
+        20.0,
+        "Gamma grows as scale x sqrt(rewards learned) once that passes the least gamma, so "
+        "exploration narrows as evidence grows (0: fixed gamma).",
         min=0.0,
     )
     kappa: float = _setting(
