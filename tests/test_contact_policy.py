@@ -89,11 +89,12 @@ def consume(redisdb):
 
     def run(offers, *, slots=1, daily=0, chcap=0, ucap=0, interruptive=True, gap=0, now=100.0,
             day="0", channel="email", stale=()):  # fmt: skip
-        args = [day, now, channel, daily, chcap, ucap, int(interruptive), gap, 3600, slots]
+        args = [day, now, channel, daily, chcap, int(interruptive), gap, 3600, slots]
         args += [len(stale), *stale]
         for offer_id, cap in offers:
             args += [offer_id, cap]
-        return script(keys=["contacts"], args=args)
+        redisdb.hset("profile", "max_per_day", ucap)
+        return script(keys=["contacts", "profile"], args=args)
 
     return run
 

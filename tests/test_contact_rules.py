@@ -15,11 +15,11 @@ from test_serve import free_port, start, stop, wait_serving
 
 from tactful.settings import ContactSettings
 from tactful.transport.server import build_server
-from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
+from tactful.v1 import catalog_pb2, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
-from conftest import make_settings, offer
+from conftest import make_settings, make_store, offer, redis_url
 
 
 def put(catalog, *offers):
@@ -174,3 +174,38 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
     held = [r for r in responses if not r.choices]
     assert chosen == 3
     assert all(r.hold_reason == d.HOLD_REASON_FATIGUE_CAP for r in held)
+
+
+def test_caps_hold_while_the_customer_changes_them(redis_proc, store, settings, catalog):
+    """Decides race with SetPreferences moving the customer's own cap between 1 and 2: the
+    script reads the cap in force when it consumes, so no more than 2 pushes ever go out."""
+    put(catalog, offer("a", channels=["push"]), offer("b", channels=["push"]))
+    other_store = make_store(redis_url(redis_proc), settings)
+    servers = [build_server(settings, s, port=0) for s in (store, other_store)]
+    try:
+        channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
+        decide_stubs = [decisioning_pb2_grpc.DecisioningStub(ch) for ch in channels]
+        profiles = profiles_pb2_grpc.ProfilesStub(channels[0])
+
+        def one(i: int) -> int:
+            if i % 5 == 0:
+                cap = 1 + (i // 5) % 2
+                profiles.SetPreferences(
+                    p.SetPreferencesRequest(user_id="racer", max_messages_per_day=cap)
+                )
+                return 0
+            response = decide(decide_stubs[i % 2], user="racer", channel="push", slots=2)
+            return len(response.choices)
+
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            chosen = sum(pool.map(one, range(300)))
+        counters = profiles.GetProfile(p.GetProfileRequest(user_id="racer")).contact_counters
+        for ch in channels:
+            ch.close()
+    finally:
+        for server in servers:
+            server.stop(None)
+        other_store.client.close()
+    assert 1 <= chosen <= 2
+    interruptive = [c.count for c in counters if c.channel == "!" and not c.offer_id]
+    assert interruptive == [chosen]

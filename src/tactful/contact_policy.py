@@ -166,17 +166,19 @@ class ContactPolicy:
 #   "<day>|*|"  every channel   "<day>|!|"  interruptive channels   "<day>|<ch>|"  one channel
 #   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
 #   "last|<ch>"  when the channel was last used (for minimum gaps)
-# KEYS[1] contacts hash.
-# ARGV: day, now, channel, daily cap, channel cap, user cap, interruptive (1/0), gap seconds,
+# KEYS[1] contacts hash; KEYS[2] profile hash: the customer's own cap is read here, inside the
+# script, so a SetPreferences racing with Decides is honoured at once.
+# ARGV: day, now, channel, daily cap, channel cap, interruptive (1/0), gap seconds,
 #       counter TTL, slots wanted, n stale fields, stale fields..., then (offer_id, offer cap)
 #       pairs in the policy's order: the best-ranked offer wins the last unit of a cap.
 # Returns the offers consumed; an empty list when a cap or the gap left nothing.
 CONSUME_CONTACTS_LUA = """
 local day, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local daily, chcap, ucap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local interruptive, gap = ARGV[7] == '1', tonumber(ARGV[8])
-local ttl, want, n_stale = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
-for i = 12, 11 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local daily, chcap = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ucap = tonumber(redis.call('HGET', KEYS[2], 'max_per_day') or '0')
+local interruptive, gap = ARGV[6] == '1', tonumber(ARGV[7])
+local ttl, want, n_stale = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+for i = 11, 10 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if gap > 0 then
   local last = tonumber(redis.call('HGET', KEYS[1], 'last|' .. channel) or '0')
   if now - last < gap then return {} end
@@ -185,7 +187,7 @@ local function count(field) return tonumber(redis.call('HGET', KEYS[1], field) o
 local f_all, f_int, f_ch = day .. '|*|', day .. '|!|', day .. '|' .. channel .. '|'
 local n_all, n_int, n_ch = count(f_all), count(f_int), count(f_ch)
 local chosen = {}
-for i = 12 + n_stale, #ARGV, 2 do
+for i = 11 + n_stale, #ARGV, 2 do
   if #chosen >= want then break end
   if (daily > 0 and n_all >= daily) or (chcap > 0 and n_ch >= chcap)
      or (interruptive and ucap > 0 and n_int >= ucap) then break end

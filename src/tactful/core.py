@@ -264,7 +264,7 @@ class Decider:
                     day=plan.window.key,
                     now=now,
                     channel=req.channel,
-                    caps=(limits.daily, limits.channel, limits.user),
+                    caps=(limits.daily, limits.channel),  # the customer's own: read by the script
                     interruptive=limits.interruptive,
                     gap_seconds=limits.gap_seconds,
                     slots=len(decision.choices),

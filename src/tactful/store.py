@@ -96,7 +96,7 @@ class Store(Protocol):
         day: str,
         now: float,
         channel: str,
-        caps: tuple[int, int, int],
+        caps: tuple[int, int],
         interruptive: bool,
         gap_seconds: float,
         slots: int,
@@ -302,7 +302,7 @@ class RedisStore:
         day: str,
         now: float,
         channel: str,
-        caps: tuple[int, int, int],
+        caps: tuple[int, int],
         interruptive: bool,
         gap_seconds: float,
         slots: int,
@@ -316,7 +316,8 @@ class RedisStore:
         for offer_id, cap in ranked:
             args += [offer_id, cap]
         with store_errors():
-            consumed = self._consume_contacts(keys=[keys.UserKeys.of(user_id).contacts], args=args)
+            k = keys.UserKeys.of(user_id)
+            consumed = self._consume_contacts(keys=[k.contacts, k.profile], args=args)
         return [str(offer_id) for offer_id in consumed]
 
     def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None:
