@@ -32,14 +32,14 @@ serve: setup ## start tactful on :50051 (metrics :9464) with an embedded redis-s
 
 test: setup ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check
-	$(BIN)/ruff format --check
+	$(BIN)/ruff format --check src tests bench loadtests
 	$(BIN)/buf lint
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff on the Python, buf on the protos
 	$(BIN)/ruff check
-	$(BIN)/ruff format --check
+	$(BIN)/ruff format --check src tests bench loadtests
 	$(BIN)/buf lint
 
 typecheck: setup ## mypy only
