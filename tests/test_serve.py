@@ -135,10 +135,25 @@ def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
 
 
 def test_bad_settings_stop_with_a_clear_message(data_dir: Path):
-    process = start(data_dir, free_port(), TACTFUL_GRPC_PORT="http", TACTFUL_CONTROL_SHARE="2")
+    process = start(
+        data_dir,
+        free_port(),
+        TACTFUL_GRPC_PORT="http",
+        TACTFUL_CONTROL_SHARE="2",
+        TACTFUL_CHANNEL_CAPS="email=-1",
+        TACTFUL_MIN_GAP_SECONDS="push=forever",
+        TACTFUL_DAILY_CAP="1000000",
+    )
     output, _ = process.communicate(timeout=20)
     assert process.returncode == 2
-    assert "TACTFUL_GRPC_PORT" in output and "TACTFUL_CONTROL_SHARE" in output
+    for name in (
+        "TACTFUL_GRPC_PORT",
+        "TACTFUL_CONTROL_SHARE",
+        "TACTFUL_CHANNEL_CAPS",
+        "TACTFUL_MIN_GAP_SECONDS",
+        "TACTFUL_DAILY_CAP",
+    ):
+        assert name in output
 
 
 def test_two_server_processes_pick_up_a_new_model_without_restart(
