@@ -53,6 +53,17 @@ def test_grpc_and_domain_metrics_without_user_ids(metrics_url, catalog, decision
     assert "grpc_server_started_total{" in after
     assert 'grpc_server_handling_seconds_bucket{grpc_method="Decide"' in after
     assert 'le="0.00025"' in after  # sub-millisecond buckets
-    assert 'tactful_decisions_total{arm="PERSONALIZED",hold_reason="NONE"}' in after
+    assert 'tactful_decisions_total{arm="PERSONALIZED",channel="web",hold_reason="NONE"}' in after
+    assert (
+        'tactful_redis_operation_seconds_bucket{le="0.0001",operation="read_for_decision"}' in after
+    )
     assert 'tactful_choices_total{reason="BUSINESS_PRIORITY"}' in after
     assert "secret-user" not in after
+
+
+def test_unconfigured_channels_share_one_label(metrics_url, decisioning):
+    for i in range(5):
+        decisioning.Decide(d.DecideRequest(user_id="u", channel=f"kiosk-{i}"))
+    text = scrape(metrics_url)
+    assert "kiosk" not in text  # callers cannot grow the label set
+    assert 'channel="other"' in text

@@ -214,6 +214,9 @@ class Decider:
         seed = settings.learning.seed
         self._seed = secrets.randbits(63) if seed < 0 else seed
         self._contacts = ContactPolicy(settings.contact)
+        self._known_channels = frozenset(
+            (*settings.policy.render_time_channels, *settings.contact.interruptive_channels)
+        ) | {channel for channel, _ in settings.contact.channel_caps}
 
     def decide(self, req: DecideRequest) -> Decision:
         validation.require(validation.check_decide(req))
@@ -235,7 +238,7 @@ class Decider:
         decision = draft.decision
         if not req.dry_run and decision.choices and draft.plan is not None:
             decision = self._consume(req, decision, draft.plan, offers, now)
-        self._count(decision)
+        self._count(decision, req.channel)
         if not req.dry_run:
             features = {
                 c.offer_id: draft.features[c.offer_id]
@@ -419,7 +422,7 @@ class Decider:
             decision = Decision(
                 decision_id, (), HoldReason.STORE_UNAVAILABLE, FALLBACK_MODEL, Arm.FALLBACK
             )
-            self._count(decision)
+            self._count(decision, req.channel)
             return decision
         # Sensitive offers need an explicit LIKE we cannot read: never in a fallback.
         eligible = [
@@ -434,7 +437,7 @@ class Decider:
         hold = HoldReason.NONE if choices else HoldReason.STORE_UNAVAILABLE
         metrics.FALLBACKS.labels("fallback" if choices else "held").inc()
         decision = Decision(decision_id, choices, hold, FALLBACK_MODEL, Arm.FALLBACK)
-        self._count(decision)
+        self._count(decision, req.channel)
         return decision
 
     def _log(
@@ -474,9 +477,10 @@ class Decider:
                 "decision %s answered but not logged: store unavailable", decision.decision_id
             )
 
-    @staticmethod
-    def _count(decision: Decision) -> None:
-        _decisions_counter(decision.arm, decision.hold_reason).inc()
+    def _count(self, decision: Decision, channel: str) -> None:
+        # Channel names come from callers: only configured ones become label values.
+        label = channel if channel in self._known_channels else "other"
+        _decisions_counter(label, decision.arm, decision.hold_reason).inc()
         for choice in decision.choices:
             for reason in choice.reasons:
                 _choices_counter(reason.code).inc()
@@ -527,15 +531,15 @@ class Decider:
 # The labelled children of the decision counters, looked up once each: ``labels()`` takes a
 # lock and builds its key on every call. Filled on first use, so /metrics shows only the
 # series that happened (a racing double lookup returns the same child, so no lock here).
-_DECISION_COUNTERS: dict[tuple[Arm, HoldReason], Counter] = {}
+_DECISION_COUNTERS: dict[tuple[str, Arm, HoldReason], Counter] = {}
 _CHOICE_COUNTERS: dict[ReasonCode, Counter] = {}
 
 
-def _decisions_counter(arm: Arm, hold_reason: HoldReason) -> Counter:
-    counter = _DECISION_COUNTERS.get((arm, hold_reason))
+def _decisions_counter(channel: str, arm: Arm, hold_reason: HoldReason) -> Counter:
+    counter = _DECISION_COUNTERS.get((channel, arm, hold_reason))
     if counter is None:
-        counter = metrics.DECISIONS.labels(arm.name, hold_reason.name)
-        _DECISION_COUNTERS[arm, hold_reason] = counter
+        counter = metrics.DECISIONS.labels(channel, arm.name, hold_reason.name)
+        _DECISION_COUNTERS[channel, arm, hold_reason] = counter
     return counter
 
 

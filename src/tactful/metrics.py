@@ -36,7 +36,10 @@ GRPC_HANDLING_SECONDS = Histogram(
 
 # Domain metrics.
 DECISIONS = Counter(
-    "tactful_decisions_total", "Decide answers, by arm and hold reason.", ["arm", "hold_reason"]
+    "tactful_decisions_total",
+    "Decide answers, by channel (configured channels only, others as 'other'), arm and hold "
+    "reason.",
+    ["channel", "arm", "hold_reason"],
 )
 CHOICES = Counter(
     "tactful_choices_total", "Offers returned, by the reasons given for them.", ["reason"]
@@ -71,3 +74,33 @@ LEARNER_LAG_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
 )
 LEARNER_BACKLOG = Gauge("tactful_learner_backlog", "Rewards in the stream not yet applied.")
+
+REDIS_SECONDS = Histogram(
+    "tactful_redis_operation_seconds",
+    "Time of one store operation (one or more Redis round trips), by operation.",
+    ["operation"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+)
+REDIS_ERRORS = Counter(
+    "tactful_redis_errors_total",
+    "Store operations that failed because Redis was unreachable or too slow, by operation.",
+    ["operation"],
+)
+
+# Labelled children looked up once each (``labels()`` takes a lock and builds a key per call).
+_redis_seconds: dict[str, Histogram] = {}
+_redis_errors: dict[str, Counter] = {}
+
+
+def redis_seconds(operation: str) -> Histogram:
+    child = _redis_seconds.get(operation)
+    if child is None:
+        child = _redis_seconds[operation] = REDIS_SECONDS.labels(operation)
+    return child
+
+
+def redis_errors(operation: str) -> Counter:
+    child = _redis_errors.get(operation)
+    if child is None:
+        child = _redis_errors[operation] = REDIS_ERRORS.labels(operation)
+    return child

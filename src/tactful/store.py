@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tactful import keys
+from tactful import keys, metrics
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS
 from tactful.errors import Unavailable
 from tactful.model import (
@@ -216,12 +217,17 @@ return 0
 
 
 @contextlib.contextmanager
-def store_errors() -> Iterator[None]:
-    """Turn 'Redis is unreachable' into the domain's Unavailable; let bugs through."""
+def store_errors(operation: str) -> Iterator[None]:
+    """Time one store operation, and turn 'Redis is unreachable' into the domain's
+    Unavailable (counted); let bugs through."""
+    start = time.perf_counter()
     try:
         yield
     except STORE_DOWN_ERRORS as exc:
+        metrics.redis_errors(operation).inc()
         raise Unavailable(f"store unavailable: {type(exc).__name__}") from exc
+    finally:
+        metrics.redis_seconds(operation).observe(time.perf_counter() - start)
 
 
 def connect(
@@ -268,7 +274,7 @@ class RedisStore:
         self.binary = _binary_twin(client)
 
     def ping(self) -> bool:
-        with store_errors():
+        with store_errors("ping"):
             return bool(self.client.ping())
 
     # --- decisions ------------------------------------------------------------------------
@@ -285,7 +291,7 @@ class RedisStore:
         ]
         if request_id:
             commands.append(("HGET", k.requests, request_id))
-        with store_errors():
+        with store_errors("read_for_decision"):
             replies = self._round_trip(commands)
         profile = _decode_profile(user_id, *(_as_dict(reply) for reply in replies[:4]))
         return DecisionInputs(
@@ -315,7 +321,7 @@ class RedisStore:
         args += [COUNTERS_TTL_SECONDS, slots, len(stale), *stale]
         for offer_id, cap in ranked:
             args += [offer_id, cap]
-        with store_errors():
+        with store_errors("consume_contacts"):
             k = keys.UserKeys.of(user_id)
             consumed = self._consume_contacts(keys=[k.contacts, k.profile], args=args)
         return [str(offer_id) for offer_id in consumed]
@@ -326,7 +332,7 @@ class RedisStore:
         pipe.hset(k.cooldowns, mapping={field: repr(until) for field in fields})
         # Every cooldown lasts the same time, so the newest ends last: the key goes with it.
         pipe.expireat(k.cooldowns, int(until) + 1)
-        with store_errors():
+        with store_errors("add_cooldowns"):
             pipe.execute()
 
     def log_decision(
@@ -355,7 +361,7 @@ class RedisStore:
             commands.append(("EXPIRE", k.requests, self._request_ttl))
         if learn_after is not None:
             commands.append(("ZADD", keys.AWAITING, learn_after, decision.decision_id))
-        with store_errors():
+        with store_errors("log_decision"):
             self._round_trip(commands)
 
     def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -379,7 +385,7 @@ class RedisStore:
         return replies
 
     def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None:
-        with store_errors():
+        with store_errors("get_logged_decision"):
             raw = self.client.get(keys.DecisionKeys.of(decision_id).record)
         if raw is None:
             return None
@@ -389,7 +395,7 @@ class RedisStore:
         self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
     ) -> int:
         k = keys.DecisionKeys.of(decision_id)
-        with store_errors():
+        with store_errors("record_outcome"):
             status = self._record_outcome(
                 keys=[k.record, k.outcomes, k.learned, keys.OUTCOME_STREAM],
                 args=[
@@ -412,7 +418,7 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.hgetall(k.cooldowns)
-        with store_errors():
+        with store_errors("get_profile"):
             replies = pipe.execute()
         return _decode_profile(user_id, *replies)
 
@@ -446,7 +452,7 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.hgetall(k.cooldowns)
-        with store_errors():
+        with store_errors("set_preferences"):
             replies = pipe.execute()
         return _decode_profile(update.user_id, *replies[-4:])
 
@@ -454,21 +460,21 @@ class RedisStore:
         args: list[Any] = [self._half_life]
         for signal in signals:
             args += [signal.topic, repr(float(signal.weight)), f"{signal.observed_at:.6f}"]
-        with store_errors():
+        with store_errors("record_signals"):
             self._record_signals(keys=[keys.UserKeys.of(user_id).signals], args=args)
 
     def delete_profile(self, *, user_id: str) -> None:
-        with store_errors():
+        with store_errors("delete_profile"):
             self.client.delete(*keys.UserKeys.of(user_id).all())
 
     # --- catalog --------------------------------------------------------------------------
 
     def catalog_version(self) -> int:
-        with store_errors():
+        with store_errors("catalog_version"):
             return int(self.client.get(keys.CATALOG_VERSION) or 0)
 
     def load_model(self, *, version: int) -> bytes | None:
-        with store_errors():
+        with store_errors("load_model"):
             raw: Any = self.binary.get(keys.model_snapshot(version))
         return None if raw is None else bytes(raw)
 
@@ -476,7 +482,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.get(keys.CATALOG_VERSION)
         pipe.hgetall(keys.CATALOG_OFFERS)
-        with store_errors():
+        with store_errors("load_catalog"):
             version, raw = pipe.execute()
         return int(version or 0), [_decode_offer(v) for v in raw.values()]
 
@@ -484,11 +490,11 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(keys.CATALOG_OFFERS, offer.offer_id, json.dumps(asdict(offer)))
         pipe.incr(keys.CATALOG_VERSION)
-        with store_errors():
+        with store_errors("put_offer"):
             pipe.execute()
 
     def get_offer(self, *, offer_id: str) -> Offer | None:
-        with store_errors():
+        with store_errors("get_offer"):
             raw = self.client.hget(keys.CATALOG_OFFERS, offer_id)
         return None if raw is None else _decode_offer(str(raw))
 
@@ -496,7 +502,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(keys.CATALOG_OFFERS, offer_id)
         pipe.incr(keys.CATALOG_VERSION)
-        with store_errors():
+        with store_errors("delete_offer"):
             deleted, _ = pipe.execute()
         return bool(deleted)
 
