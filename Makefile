@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/tactful/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,src/%_pb2.py,$(PROTOS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto serve test lint typecheck bench loadtest clean
+.PHONY: help setup proto promtool serve test lint typecheck bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,10 +27,38 @@ setup: $(STAMP) $(STUBS) ## create .venv, install, generate the gRPC stubs
 
 proto: $(STUBS) ## regenerate the gRPC stubs from proto/
 
+# promtool checks and unit-tests deploy/prometheus/alerts.yml (tests/test_deploy.py). No PyPI
+# package ships it; Debian's `prometheus` package does. Installed only when missing, as root,
+# with apt-get; never fails the build (the tests then skip, loudly). Only promtool is wanted,
+# never a Prometheus server: a policy-rc.d that denies service starts is put in place for the
+# install when the system has none (Debian's container images have one), and the service the
+# package installs is then stopped and disabled in case it was started anyway.
+promtool: ## install promtool (Debian package prometheus) if missing: root and apt-get only
+	@if command -v promtool >/dev/null 2>&1; then exit 0; fi; \
+	warn() { printf '\n*** %s\n*** the promtool tests in tests/test_deploy.py will be SKIPPED\n\n' "$$1" >&2; }; \
+	if [ "$$(id -u)" != 0 ]; then warn "promtool is not on PATH and this is not root: not installing it"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then warn "promtool is not on PATH and there is no apt-get: not installing it"; exit 0; fi; \
+	policy=/usr/sbin/policy-rc.d; \
+	if [ ! -e "$$policy" ]; then \
+		trap 'rm -f "$$policy"' EXIT; printf '#!/bin/sh\nexit 101\n' > "$$policy"; chmod 755 "$$policy"; fi; \
+	apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		-o DPkg::Lock::Timeout=300 prometheus >/dev/null; }; \
+	echo "promtool: apt-get install --no-install-recommends prometheus"; \
+	apt_install || { apt-get update -q -o DPkg::Lock::Timeout=300 >/dev/null && apt_install; }; \
+	status=$$?; \
+	if [ $$status != 0 ] || ! command -v promtool >/dev/null 2>&1; then \
+		warn "could not install promtool with apt-get (package prometheus)"; exit 0; fi; \
+	if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+		systemctl disable --now prometheus.service >/dev/null 2>&1 || true; \
+	elif [ -x /etc/init.d/prometheus ]; then \
+		/etc/init.d/prometheus stop >/dev/null 2>&1 || true; \
+		update-rc.d prometheus disable >/dev/null 2>&1 || true; fi; \
+	promtool --version 2>&1 | head -1
+
 serve: setup ## start tactful on :50051 (metrics :9464) with an embedded redis-server in .tactful/
 	$(BIN)/python -m tactful serve
 
-test: setup ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
+test: setup promtool ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check src tests bench loadtests
 	$(BIN)/buf lint
