@@ -4,11 +4,13 @@ wheel), a RedisStore on it, and an in-process gRPC server exercised through real
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import hypothesis
 import pytest
 import redis
 from pytest_redis import factories
@@ -24,17 +26,29 @@ from tactful.v1 import (
     profiles_pb2_grpc,
 )
 
+# In CI every run draws the same examples (a red run can be re-run and looked at); locally,
+# hypothesis keeps exploring new ones.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis.settings.load_profile("ci")
+
 redis_proc = factories.redis_proc(executable=bundled_binary(), port=None)
 redisdb = factories.redisdb("redis_proc", decode=True)
 
 
-def make_settings(**policy: Any) -> Settings:
+def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Settings:
+    """Test settings. Redis timeouts are a second, not the render path's 25 ms: a test on a
+    busy 2-core CI machine must not turn into a fallback by accident (the tests about slow
+    stores ask for a short timeout)."""
     base = Settings.from_env(
         {"TACTFUL_PSEUDONYM_KEY": "test-key", "TACTFUL_CONTROL_SHARE": "0", "TACTFUL_SEED": "7"}
     )
     return dataclasses.replace(
         base,
         server=dataclasses.replace(base.server, host="127.0.0.1", grpc_port=0, max_workers=8),
+        redis=dataclasses.replace(
+            base.redis, socket_timeout_ms=redis_timeout_ms, connect_timeout_ms=redis_timeout_ms
+        ),
         policy=dataclasses.replace(base.policy, **policy),
     )
 

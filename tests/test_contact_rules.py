@@ -11,8 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_serve import free_port, start, stop, wait_serving
+from test_serve import free_port, start, stop_all, wait_serving
 
+from tactful.model import PreferencesUpdate
 from tactful.settings import ContactSettings
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc, profiles_pb2_grpc
@@ -77,7 +78,8 @@ def test_dry_runs_and_holds_consume_nothing(catalog, decisioning):
 def test_quiet_hours_hold_interruptive_channels_in_the_users_zone(catalog, decisioning, profiles):
     put(catalog, offer("a", channels=["web", "push"]))
     now = dt.datetime.now(dt.UTC)
-    start_hour, end_hour = now.hour, (now.hour + 1) % 24
+    # From an hour ago to two hours on: still true if the hour turns during the test.
+    start_hour, end_hour = (now.hour - 1) % 24, (now.hour + 2) % 24
     profiles.SetPreferences(
         p.SetPreferencesRequest(
             user_id="alice",
@@ -86,7 +88,7 @@ def test_quiet_hours_hold_interruptive_channels_in_the_users_zone(catalog, decis
     )
     held = decide(decisioning, channel="push")
     assert held.choices == [] and held.hold_reason == d.HOLD_REASON_QUIET_HOURS
-    end = now.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
+    end = now.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=2)
     assert held.next_eligible_time.seconds == int(end.timestamp())
     assert len(decide(decisioning, channel="web").choices) == 1  # a page is not an interruption
 
@@ -168,8 +170,7 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
         for ch in channels:
             ch.close()
     finally:
-        for server in servers:
-            stop(server)
+        stop_all(*servers)
     chosen = sum(len(r.choices) for r in responses)
     held = [r for r in responses if not r.choices]
     assert chosen == 3
@@ -180,6 +181,7 @@ def test_caps_hold_while_the_customer_changes_them(redis_proc, store, settings, 
     """Decides race with SetPreferences moving the customer's own cap between 1 and 2: the
     script reads the cap in force when it consumes, so no more than 2 pushes ever go out."""
     put(catalog, offer("a", channels=["push"]), offer("b", channels=["push"]))
+    store.set_preferences(update=PreferencesUpdate("racer", max_messages_per_day=1), now=0.0)
     other_store = make_store(redis_url(redis_proc), settings)
     servers = [build_server(settings, s, port=0) for s in (store, other_store)]
     try:

@@ -36,6 +36,12 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _die_with_parent() -> None:  # runs in the child, before exec
+    from tactful.embedded_redis import _die_with_parent as die
+
+    die()
+
+
 def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TACTFUL_")}
     environment.update(
@@ -51,6 +57,7 @@ def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_die_with_parent,  # a killed test run leaves no server behind
     )
 
 
@@ -83,10 +90,28 @@ def alive(pid: int) -> bool:
 
 
 def stop(process: subprocess.Popen[str]) -> str:
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=20)
+    """SIGTERM, then SIGKILL if it does not stop in time; asserts a clean exit."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
     assert process.returncode == 0, output
     return output
+
+
+def stop_all(*processes: subprocess.Popen[str]) -> None:
+    """Stop every process, even when stopping one of them fails."""
+    errors = []
+    for process in processes:
+        try:
+            stop(process)
+        except AssertionError as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
@@ -193,8 +218,7 @@ def test_two_server_processes_pick_up_a_new_model_without_restart(
                 ).model_version
             delay = time.perf_counter() - started
     finally:
-        stop(a)
-        stop(b)
+        stop_all(a, b)
     assert before.model_version == "prior"
     assert version.startswith("ridge-")
     print(f"outcome on process A to new model on process B: {delay * 1000:.0f} ms")

@@ -37,7 +37,7 @@ def redis_server(data_dir: str) -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture
 def running(redis_server: EmbeddedRedis) -> Iterator[Running]:
-    settings = make_settings()
+    settings = make_settings(redis_timeout_ms=25)  # the render path's: these tests are about it
     store = make_store(redis_server.url, settings)
     server = build_server(settings, store, port=0)
     yield server
