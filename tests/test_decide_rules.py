@@ -343,3 +343,15 @@ def test_request_id_replays_the_same_decision(catalog, decisioning):
     again = decide(decisioning, request_id="render-123", slots=2)
     assert again == first
     assert decide(decisioning, request_id="render-124", slots=2).decision_id != first.decision_id
+
+
+def test_a_replay_never_shows_what_was_declined_since(catalog, decisioning, profiles):
+    put(catalog, offer("run", ("running",), priority=0.9), offer("yoga", ("yoga",), priority=0.5))
+    first = decide(decisioning, request_id="render-9", slots=2)
+    assert sorted(ids(first)) == ["run", "yoga"]
+    prefs(profiles, topic_preferences=[topic("running", DISLIKE)])
+    again = decide(decisioning, request_id="render-9", slots=2)
+    assert again.decision_id == first.decision_id and ids(again) == ["yoga"]
+    prefs(profiles, channel_preferences=[p.ChannelPreference(channel="web", opted_in=False)])
+    held = decide(decisioning, request_id="render-9", slots=2)
+    assert held.choices == [] and held.hold_reason == d.HOLD_REASON_CHANNEL_OPTED_OUT

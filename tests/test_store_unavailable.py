@@ -172,3 +172,31 @@ def test_a_frozen_redis_still_gets_a_fallback_answer_inside_a_render_deadline(
             os.kill(pid, signal.SIGCONT)
         healthy = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web"))
         assert healthy.arm == d.ARM_PERSONALIZED
+
+
+def test_a_fallback_still_honours_what_a_recent_user_declined(redis_server, running):
+    channel, decisioning, profiles, catalog = stubs(running)
+    with channel:
+        for o in (
+            offer("run", ("running",), priority=0.9, channels=["web", "app"]),
+            offer("yoga", ("yoga",), priority=0.5, channels=["web", "app"]),
+        ):
+            catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=o))
+        profiles.SetPreferences(
+            p.SetPreferencesRequest(
+                user_id="alice",
+                topic_preferences=[p.TopicPreference(topic="running", stance=p.STANCE_DISLIKE)],
+                channel_preferences=[p.ChannelPreference(channel="app", opted_in=False)],
+            )
+        )
+        decisioning.Decide(d.DecideRequest(user_id="alice", channel="web"))  # seen: remembered
+
+        redis_server.kill()
+
+        web = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web", slots=2))
+        assert web.arm == d.ARM_FALLBACK
+        assert [c.offer_id for c in web.choices] == ["yoga"]  # never the disliked one
+        app = decisioning.Decide(d.DecideRequest(user_id="alice", channel="app"))
+        assert app.choices == [] and app.hold_reason == d.HOLD_REASON_CHANNEL_OPTED_OUT
+        stranger = decisioning.Decide(d.DecideRequest(user_id="bob", channel="web", slots=2))
+        assert [c.offer_id for c in stranger.choices] == ["run", "yoga"]  # by priority

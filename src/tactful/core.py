@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -55,7 +56,7 @@ from tactful.model import (
 )
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.settings import Settings
-from tactful.store import LoggedDecision, OutcomeStatus, Store
+from tactful.store import DecisionInputs, LoggedDecision, OutcomeStatus, Store
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,61 @@ class Draft:
     plan: ContactPlan | None
 
 
-def _cooling_down(offer: Offer, cooling: set[str]) -> bool:
-    if not cooling:
-        return False
-    return offer.offer_id in cooling or any(f"t:{t}" in cooling for t in offer.topics)
+@dataclass(frozen=True, slots=True)
+class HardRules:
+    """What a user said that no score may override: the filters every answer passes,
+    personalised, control, replayed or fallback."""
+
+    liked: frozenset[str]
+    disliked: frozenset[str]
+    opted_out: frozenset[str]
+    cooling: frozenset[str]  # "o:<offer_id>" and "t:<topic>" still cooling down
+
+    @classmethod
+    def of(cls, profile: Profile, now: float) -> HardRules:
+        return cls(
+            liked=profile.topics_with(Stance.LIKE),
+            disliked=profile.topics_with(Stance.DISLIKE),
+            opted_out=profile.opted_out_channels(),
+            cooling=frozenset(
+                f"o:{c.offer_id}" if c.offer_id else f"t:{c.topic}"
+                for c in profile.cooldowns
+                if c.until > now
+            ),
+        )
+
+    def allow(self, offer: Offer) -> bool:
+        return (
+            self.disliked.isdisjoint(offer.topics)
+            and (not offer.sensitive or not self.liked.isdisjoint(offer.topics))
+            and not (self.cooling and self._cooling(offer))
+        )
+
+    def _cooling(self, offer: Offer) -> bool:
+        return f"o:{offer.offer_id}" in self.cooling or any(
+            f"t:{t}" in self.cooling for t in offer.topics
+        )
+
+
+class RecentRules:
+    """The hard rules of users this process decided for recently, kept in memory so an answer
+    made while Redis is down still honours what they said (bounded LRU)."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self._size = size
+        self._rules: OrderedDict[str, HardRules] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, user_id: str, rules: HardRules) -> None:
+        with self._lock:
+            self._rules[user_id] = rules
+            self._rules.move_to_end(user_id)
+            if len(self._rules) > self._size:
+                self._rules.popitem(last=False)
+
+    def get(self, user_id: str) -> HardRules | None:
+        with self._lock:
+            return self._rules.get(user_id)
 
 
 class Decider:
@@ -214,6 +266,7 @@ class Decider:
         seed = settings.learning.seed
         self._seed = secrets.randbits(63) if seed < 0 else seed
         self._contacts = ContactPolicy(settings.contact)
+        self._recent = RecentRules()
         self._known_channels = frozenset(
             (*settings.policy.render_time_channels, *settings.contact.interruptive_channels)
         ) | {channel for channel, _ in settings.contact.channel_caps}
@@ -228,7 +281,7 @@ class Decider:
             if inputs.replay_decision_id:
                 logged = self._store.get_logged_decision(decision_id=inputs.replay_decision_id)
                 if logged is not None:
-                    return decision_from_log(logged.payload)
+                    return self._replay(req, decision_from_log(logged.payload), inputs, now)
             offers = self._catalog.offers(inputs.catalog_version, read_at=read_at)
             model = self._models.model(inputs.model_version, read_at=read_at)
         except Unavailable:
@@ -294,6 +347,23 @@ class Decider:
             decision, choices=(), hold_reason=HoldReason.FATIGUE_CAP, next_eligible_time=open_again
         )
 
+    def _replay(
+        self, req: DecideRequest, decision: Decision, inputs: DecisionInputs, now: float
+    ) -> Decision:
+        """The decision this request_id got before, less anything the customer has declined
+        since (a replay never shows what they now refuse)."""
+        rules = HardRules.of(inputs.profile, now)
+        if req.channel in rules.opted_out:
+            return replace(decision, choices=(), hold_reason=HoldReason.CHANNEL_OPTED_OUT)
+        offers = self._catalog.last_known()
+        kept = tuple(
+            c for c in decision.choices if c.offer_id in offers and rules.allow(offers[c.offer_id])
+        )
+        if len(kept) == len(decision.choices):
+            return decision
+        hold = decision.hold_reason if kept else HoldReason.NO_ELIGIBLE_OFFER
+        return replace(decision, choices=kept, hold_reason=hold)
+
     def _choose(
         self,
         req: DecideRequest,
@@ -312,7 +382,9 @@ class Decider:
         def hold(reason: HoldReason, until: float | None = None) -> Draft:
             return Draft(Decision(decision_id, (), reason, version, arm, until), {}, None)
 
-        if req.channel in profile.opted_out_channels():
+        rules = HardRules.of(profile, now)
+        self._recent.remember(req.user_id, rules)
+        if req.channel in rules.opted_out:
             return hold(HoldReason.CHANNEL_OPTED_OUT)
         quiet_until = self._contacts.quiet_until(now, profile, req.channel)
         if quiet_until is not None:
@@ -328,18 +400,12 @@ class Decider:
         capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
         if capacity.remaining == 0:
             return hold(HoldReason.FATIGUE_CAP, capacity.open_again)
-        cooling = {c.offer_id or f"t:{c.topic}" for c in profile.cooldowns if c.until > now}
-        liked = profile.topics_with(Stance.LIKE)
-        disliked = profile.topics_with(Stance.DISLIKE)
+        liked = rules.liked
         # Hard rules first: the model only ever ranks what the customer allows.
         eligible = [
             offer
             for offer in _candidates(req, offers)
-            if offer.is_active(now)
-            and req.channel in offer.channels
-            and disliked.isdisjoint(offer.topics)
-            and (not offer.sensitive or not liked.isdisjoint(offer.topics))
-            and not _cooling_down(offer, cooling)
+            if offer.is_active(now) and req.channel in offer.channels and rules.allow(offer)
         ]
         if not eligible:
             return hold(HoldReason.NO_ELIGIBLE_OFFER)
@@ -424,11 +490,22 @@ class Decider:
             )
             self._count(decision, req.channel)
             return decision
-        # Sensitive offers need an explicit LIKE we cannot read: never in a fallback.
+        # What this user said, if this process decided for them recently; sensitive offers
+        # need an explicit LIKE we cannot check now, so they are never in a fallback.
+        rules = self._recent.get(req.user_id)
+        if rules is not None and req.channel in rules.opted_out:
+            decision = Decision(
+                decision_id, (), HoldReason.CHANNEL_OPTED_OUT, FALLBACK_MODEL, Arm.FALLBACK
+            )
+            self._count(decision, req.channel)
+            return decision
         eligible = [
             o
             for o in _candidates(req, self._catalog.last_known())
-            if o.is_active(now) and req.channel in o.channels and not o.sensitive
+            if o.is_active(now)
+            and req.channel in o.channels
+            and not o.sensitive
+            and (rules is None or rules.allow(o))
         ]
         choices = tuple(
             Choice(o.offer_id, o.priority, 1.0, (scoring.FALLBACK_REASON,))
