@@ -108,3 +108,10 @@ def test_the_decision_record_is_exactly_json_dumps(features, features_last):
     if not features_last:
         payload["ts"] = 1.5
     assert _record_json(payload) == json.dumps(payload, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("value", [1.5e308, -1e4, float("inf")])
+def test_an_absurd_reward_value_is_refused(decisioning, decision, value):
+    with pytest.raises(grpc.RpcError) as err:
+        report(decisioning, decision.decision_id, "a", d.OUTCOME_EVENT_CONVERSION, "v", value=value)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -102,8 +102,9 @@ class LinearModel:
             size = int.from_bytes(raw[:4], "big")
             header = json.loads(raw[4 : 4 + size])
             theta = np.load(io.BytesIO(raw[4 + size :]), allow_pickle=False)
-        except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
-            raise SnapshotError(f"corrupt model snapshot: {exc}") from exc
+            version, updates = str(header["version"]), int(header.get("updates", 0))
+        except (ValueError, OSError, EOFError, TypeError, KeyError, AttributeError) as exc:
+            raise SnapshotError(f"corrupt model snapshot: {exc!r}") from exc
         if header.get("layout") != space.layout or theta.shape != (space.dim,):
             raise SnapshotError(
                 f"snapshot for layout {header.get('layout')!r} {theta.shape}, "
@@ -111,7 +112,7 @@ class LinearModel:
             )
         if theta.dtype != np.float64 or not np.all(np.isfinite(theta)):
             raise SnapshotError("model snapshot holds non-finite weights")
-        return cls(str(header["version"]), theta, space.layout, int(header.get("updates", 0)))
+        return cls(version, theta, space.layout, updates)
 
 
 class RidgeLearner:
@@ -194,7 +195,8 @@ def pick_slate(
         probs = _igw(scores, best, gamma)
         # The last offer left is certain (probability 1): no number is drawn for it.
         at = draw(probs, rng) if len(remaining) > 1 else 0
-        picks.append(Pick(int(remaining[at]), float(probs[at]), at != best))
+        # A pick that ties with the best is not exploration: it is as good as the policy knows.
+        picks.append(Pick(int(remaining[at]), float(probs[at]), scores[at] < scores[best]))
         remaining = np.concatenate((remaining[:at], remaining[at + 1 :]))
     return picks
 

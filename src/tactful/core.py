@@ -123,6 +123,7 @@ class ModelCache:
     def __init__(self, store: Store, space: FeatureSpace, kappa: float) -> None:
         self._store = store
         self._space = space
+        self._kappa = kappa
         self._lock = threading.Lock()
         self._version = 0
         self._loaded_at = -math.inf  # monotonic time the last load's read started
@@ -157,6 +158,9 @@ class ModelCache:
             if raw is None:
                 raise SnapshotError("snapshot missing")
             model = LinearModel.from_bytes(raw, self._space)
+            # Whoever wrote it (another release, another kappa, a rollback), the rule that
+            # explicit outranks inferred is this server's to keep: project again.
+            model = replace(model, theta=project(model.theta, self._kappa))
         except SnapshotError as exc:
             self._rejected.add(version)
             metrics.MODEL_REJECTED.inc()

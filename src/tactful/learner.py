@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from tactful import metrics
 from tactful.bandit import LinearModel, RidgeLearner
@@ -34,7 +37,8 @@ log = logging.getLogger(__name__)
 
 Entry = tuple[str, dict[str, str]]
 SWEEP_INTERVAL_SECONDS = 1.0
-LEASE_MS = 5000
+# Longer than the learner's Redis timeout (5 s), so a slow call cannot outlive the lease.
+LEASE_MS = 15_000
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:
@@ -99,15 +103,18 @@ class Learner:
         token = self.consumer
         while not stop.is_set():
             if not self.models.hold_lease(token, LEASE_MS):
-                stop.wait(LEASE_MS / 5000)  # another learner is active: stand by
+                stop.wait(1.0)  # another learner is active: stand by
                 continue
             self.start()
             try:
                 while not stop.is_set() and self.models.hold_lease(token, LEASE_MS):
                     self.step()
             finally:
-                self.stop()
-                self.models.release_lease(token)
+                # Save and publish only while still the one learner: a learner that lost its
+                # lease must not overwrite the state of the one that took over.
+                if self.models.hold_lease(token, LEASE_MS):
+                    self.stop()
+                    self.models.release_lease(token)
 
     # --- work -----------------------------------------------------------------------------
 
@@ -121,6 +128,8 @@ class Learner:
             try:
                 x = SparseVector.from_json(json.loads(fields["x"]))
                 reward = float(fields["r"])
+                if not math.isfinite(reward):
+                    raise ValueError("reward is not finite")
                 if not all(0 <= i < self.space.dim for i in x.indices):
                     raise ValueError("feature index outside this layout")
             except (KeyError, ValueError, TypeError, IndexError) as exc:
@@ -140,6 +149,10 @@ class Learner:
         if not force and (now - self._last_publish) * 1000 < self.settings.publish_interval_ms:
             return None
         theta = self.ridge.theta()
+        if not np.all(np.isfinite(theta)):
+            # Servers would refuse it anyway; say so here, where it can be fixed.
+            log.error("learner state went non-finite: not publishing (restore a checkpoint)")
+            return None
         version = self.models.publish(
             lambda v: LinearModel(
                 f"ridge-{v}", theta, self.space.layout, self.ridge.updates

@@ -49,6 +49,7 @@ STORE_DOWN_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TimeoutError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # maxmemory reached: writes refused, reads still fine
     OSError,
 )
 

@@ -28,6 +28,7 @@ MAX_KEY_BYTES = 128  # request_id, outcome_id, decision_id
 MAX_PREFERENCES = 256
 MAX_SIGNALS = 256
 MAX_SIGNAL_WEIGHT = 1e6
+MAX_REWARD_VALUE = 1e3
 MAX_MESSAGES_PER_DAY = 1000
 MAX_PAGE_SIZE = 1000
 FUTURE_SKEW_SECONDS = 300.0
@@ -149,8 +150,11 @@ def check_outcome(report: OutcomeReport) -> Violations:
     if report.event is None:
         out.append(FieldViolation("event", "must be a known OutcomeEvent other than UNSPECIFIED"))
     out += _check_key(report.outcome_id, "outcome_id", required=True)
-    if report.value is not None:
-        out += _check_finite(report.value, "value")
+    if report.value is not None and not (
+        math.isfinite(report.value) and abs(report.value) <= MAX_REWARD_VALUE
+    ):
+        # One absurd reward would swamp the model for every user: bound it.
+        out.append(FieldViolation("value", f"must be a finite number within ±{MAX_REWARD_VALUE:g}"))
     return out
 
 

@@ -40,7 +40,8 @@ def to_status(error: TactfulError) -> status_pb2.Status:
         return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(error))
     if isinstance(error, Unavailable):
         return status_pb2.Status(
-            code=code_pb2.UNAVAILABLE, message="the store is unavailable; nothing was written"
+            code=code_pb2.UNAVAILABLE,
+            message="the store is unavailable; the request may not have been applied: retry it",
         )
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
 
