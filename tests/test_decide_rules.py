@@ -123,23 +123,24 @@ def test_without_consent_signals_change_nothing(catalog, decisioning, profiles):
         offer("b", ("cycling",), priority=0.5),
         offer("c", ("yoga",), priority=0.6),
     )
+    signals = p.RecordSignalsRequest(
+        user_id="alice",
+        signals=[p.Signal(topic="running", weight=50), p.Signal(topic="cycling", weight=5)],
+    )
     # The same request_id draws the same exploration, so only the signals differ.
     before = _strip_ids(decide(decisioning, dry_run=True, request_id="r"))
-    profiles.RecordSignals(
-        p.RecordSignalsRequest(
-            user_id="alice",
-            signals=[p.Signal(topic="running", weight=50), p.Signal(topic="cycling", weight=5)],
-        )
-    )
+    assert profiles.RecordSignals(signals).stored is False  # not even kept without consent
     after = _strip_ids(decide(decisioning, dry_run=True, request_id="r"))
     assert after == before  # ranking, scores and reasons alike
     assert all(d.REASON_CODE_INFERRED_INTEREST not in codes(c) for c in after.choices)
-    # Consent is what turns them on; withdrawing it turns them off again.
+    # Consent is what turns them on; withdrawing it turns them off again, and erases them.
     prefs(profiles, consent=p.Consent(inferred_personalization=True))
-    with_consent = decide(decisioning, dry_run=True)
+    assert profiles.RecordSignals(signals).stored is True
+    with_consent = decide(decisioning, dry_run=True, slots=3)
     assert ids(with_consent)[0] == "a"
     assert d.REASON_CODE_INFERRED_INTEREST in codes(with_consent.choices[0])
-    prefs(profiles, consent=p.Consent(inferred_personalization=False))
+    withdrawn = prefs(profiles, consent=p.Consent(inferred_personalization=False))
+    assert list(withdrawn.signals) == []
     assert _strip_ids(decide(decisioning, dry_run=True, request_id="r")) == before
 
 

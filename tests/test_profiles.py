@@ -65,6 +65,9 @@ def test_unknown_user_has_an_empty_profile(profiles):
 
 
 def test_signals_decay_with_the_half_life(profiles, settings):
+    profiles.SetPreferences(
+        p.SetPreferencesRequest(user_id="alice", consent=p.Consent(inferred_personalization=True))
+    )
     half_life = settings.policy.signal_half_life_hours * 3600
     observed = Timestamp(seconds=int(time.time() - half_life))
     profiles.RecordSignals(

@@ -694,14 +694,15 @@ class ProfileService:
         now = self._clock()
         return self._present(self._store.set_preferences(update=update, now=now), now)
 
-    def record_signals(self, user_id: str, observed: Sequence[ObservedSignal]) -> None:
+    def record_signals(self, user_id: str, observed: Sequence[ObservedSignal]) -> bool:
+        """Keep inferred signals, but only for a user who consented: True if kept."""
         now = self._clock()
         signals = [
             Signal(s.topic, s.weight, now if s.observed_at is None else s.observed_at)
             for s in observed
         ]
         validation.require(validation.check_signals(user_id, signals, now))
-        self._store.record_signals(user_id=user_id, signals=signals)
+        return self._store.record_signals(user_id=user_id, signals=signals)
 
     def get_profile(self, user_id: str) -> Profile:
         validation.require(validation.check_user_id(user_id))

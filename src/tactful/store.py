@@ -118,7 +118,7 @@ class Store(Protocol):
 
     def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile: ...
 
-    def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> None: ...
+    def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> bool: ...
 
     def delete_profile(self, *, user_id: str) -> None: ...
 
@@ -135,9 +135,13 @@ class Store(Protocol):
     def delete_offer(self, *, offer_id: str) -> bool: ...
 
 
-# Adds inferred signals, decaying what is stored to the new observation's time, atomically.
-# KEYS[1] signals hash; ARGV[1] half-life seconds; then (topic, weight, observed_at) triples.
+# Adds inferred signals, decaying what is stored to the new observation's time, atomically,
+# and only for a user who consented to the use of their behaviour (returns 0 otherwise: the
+# signals are not kept at all). KEYS[1] signals hash, KEYS[2] profile hash; ARGV[1] half-life
+# seconds; then (topic, weight, observed_at) triples.
 _RECORD_SIGNALS_LUA = """
+local consent = redis.call('HGET', KEYS[2], 'consent')
+if not consent or string.sub(consent, 1, 1) ~= '1' then return 0 end
 local half_life = tonumber(ARGV[1])
 for i = 2, #ARGV, 3 do
   local topic, w, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
@@ -440,6 +444,7 @@ class RedisStore:
         if update.quiet_hours is not None:
             quiet = update.quiet_hours
             to_set["quiet"] = f"{quiet.start_hour}|{quiet.end_hour}|{quiet.time_zone}"
+        withdrawn = update.consent is not None and not update.consent.inferred_personalization
         if update.consent is not None:
             to_set["consent"] = f"{int(update.consent.inferred_personalization)}|{now:.6f}"
         # One MULTI/EXEC: the merge is all or nothing, and the profile we return is the state
@@ -449,6 +454,8 @@ class RedisStore:
             pipe.hdel(k.profile, *to_clear)
         if to_set:
             pipe.hset(k.profile, mapping=to_set)  # type: ignore[arg-type]
+        if withdrawn:  # no consent, no behaviour kept: what was inferred goes with it
+            pipe.delete(k.signals)
         pipe.hgetall(k.profile)
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
@@ -457,12 +464,14 @@ class RedisStore:
             replies = pipe.execute()
         return _decode_profile(update.user_id, *replies[-4:])
 
-    def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> None:
+    def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> bool:
+        """Keep the signals if the user consented; False (and nothing kept) otherwise."""
+        k = keys.UserKeys.of(user_id)
         args: list[Any] = [self._half_life]
         for signal in signals:
             args += [signal.topic, repr(float(signal.weight)), f"{signal.observed_at:.6f}"]
         with store_errors("record_signals"):
-            self._record_signals(keys=[keys.UserKeys.of(user_id).signals], args=args)
+            return bool(self._record_signals(keys=[k.signals, k.profile], args=args))
 
     def delete_profile(self, *, user_id: str) -> None:
         with store_errors("delete_profile"):

@@ -44,8 +44,8 @@ class ProfilesServicer(profiles_pb2_grpc.ProfilesServicer):
     def RecordSignals(
         self, request: profiles_pb2.RecordSignalsRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.RecordSignalsResponse:
-        self._profiles.record_signals(request.user_id, conv.signals(list(request.signals)))
-        return profiles_pb2.RecordSignalsResponse()
+        stored = self._profiles.record_signals(request.user_id, conv.signals(list(request.signals)))
+        return profiles_pb2.RecordSignalsResponse(stored=stored)
 
     def GetProfile(
         self, request: profiles_pb2.GetProfileRequest, context: grpc.ServicerContext
