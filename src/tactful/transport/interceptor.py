@@ -47,15 +47,29 @@ def to_status(error: TactfulError) -> status_pb2.Status:
 
 
 class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        # gRPC calls intercept_service on every RPC: the wrapped handler (and its metric
+        # children) is built once per method and reused.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        wrapped = self._wrapped.get(handler_call_details.method)
+        if wrapped is not None:
+            return wrapped
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming RPCs (health Watch, reflection) pass through untouched
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        wrapped = self._wrap(handler_call_details.method, handler)
+        self._wrapped[handler_call_details.method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         behavior = handler.unary_unary
         started = metrics.GRPC_STARTED.labels("unary", service, method)
         latency = metrics.GRPC_HANDLING_SECONDS.labels("unary", service, method)
