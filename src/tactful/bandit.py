@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,8 +198,3 @@ def pick_slate(
         picks.append(Pick(int(remaining[at]), float(probs[at]), scores[at] < scores[best]))
         remaining = np.concatenate((remaining[:at], remaining[at + 1 :]))
     return picks
-
-
-def greedy_slate(predicted: Sequence[float], slots: int) -> list[Pick]:
-    order = sorted(range(len(predicted)), key=lambda i: -predicted[i])
-    return [Pick(i, 1.0, False) for i in order[:slots]]
