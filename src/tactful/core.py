@@ -189,6 +189,8 @@ class Draft:
     decision: Decision
     features: dict[str, SparseVector]
     plan: ContactPlan | None
+    # The candidate set the personalised arm drew from, for off-policy evaluation (see _log).
+    candidates: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +304,7 @@ class Decider:
                 for c in decision.choices
                 if c.offer_id in draft.features
             }
-            self._log(req, decision, features, now)
+            self._log(req, decision, features, now, draft.candidates)
         return decision
 
     def _consume(
@@ -443,10 +445,11 @@ class Decider:
             categorical=req.categorical_context,
             numeric=req.numeric_context,
         )
+        liked_flags = [not liked.isdisjoint(offer.topics) for offer in eligible]
         batch = self._space.featurize_many(
             context,
             eligible,
-            liked=[not liked.isdisjoint(offer.topics) for offer in eligible],
+            liked=liked_flags,
             inferred=[squash(view.strongest_inferred(offer)[1]) for offer in eligible],
             contacts_today=contacts_today,
         )
@@ -469,7 +472,20 @@ class Decider:
             for pick in picks
         )
         features = {eligible[p.index].offer_id: batch.vector(p.index) for p in picks}
-        return Draft(Decision(decision_id, choices, HoldReason.NONE, version, arm), features, plan)
+        # What an off-policy estimate needs to replay another policy on this request: every
+        # offer the draw was made from, with the model's score, the business priority and
+        # whether the user explicitly likes it (parallel lists, ~50 entries: a few hundred
+        # bytes, no per-offer objects), and how many slots were drawn (with more than one,
+        # a choice's propensity is conditional on earlier picks; see bandit.py).
+        candidates = {
+            "ids": [o.offer_id for o in eligible],
+            "scores": predicted.round(6).tolist(),
+            "priorities": [o.priority for o in eligible],
+            "liked": [int(flag) for flag in liked_flags],
+            "slots": len(picks),
+        }
+        decision = Decision(decision_id, choices, HoldReason.NONE, version, arm)
+        return Draft(decision, features, plan, candidates)
 
     def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:
         """A generator seeded by (process seed, request_id or decision_id), as VW's explore
@@ -527,6 +543,7 @@ class Decider:
         decision: Decision,
         features: Mapping[str, SparseVector],
         now: float,
+        candidates: Mapping[str, Any] | None = None,
     ) -> None:
         payload = decision_to_log(decision)
         payload.update(
@@ -540,6 +557,9 @@ class Decider:
             numeric_context=dict(req.numeric_context),
             categorical_context=dict(req.categorical_context),
         )
+        if candidates is not None and decision.choices:
+            # Before "features": the store's fast JSON writer wants that key last.
+            payload["candidates"] = candidates
         if features:
             # x of the (x, a, r, p) tuple: what the learner regresses the reward on.
             payload["features"] = {offer_id: x.to_json() for offer_id, x in features.items()}
