@@ -36,6 +36,16 @@ class ServerSettings:
     max_workers: int = _setting(
         "TACTFUL_GRPC_MAX_WORKERS", 16, "Threads serving RPCs in one process.", min=1, max=1024
     )
+    max_concurrent_rpcs: int = _setting(
+        "TACTFUL_MAX_CONCURRENT_RPCS",
+        64,
+        "RPCs one process accepts at once (running plus queued for a thread); past it a call "
+        "is refused at once with RESOURCE_EXHAUSTED instead of queueing past its deadline "
+        "(0: unlimited). Size it as peak rate x deadline (Little's law): a call queued behind "
+        "more than that would miss a 50 ms render deadline anyway.",
+        min=0,
+        max=100_000,
+    )
     shutdown_grace_seconds: float = _setting(
         "TACTFUL_SHUTDOWN_GRACE_SECONDS",
         5.0,
