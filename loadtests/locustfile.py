@@ -18,7 +18,13 @@ fewer than 50. Run it with ``python loadtests/run.py`` (``make loadtest``), or b
     locust -f loadtests/locustfile.py --headless --host 127.0.0.1:50051 -u 20 -r 10 -t 30s
 
 The process exits non-zero when more than ``--max-fail-ratio`` of the requests failed, when
-no Decide was made, or when a task raised an unexpected error.
+Decide's p99 is above ``--max-p99-ms`` (if given), when no Decide was made, or when a task
+raised an unexpected error.
+
+Named load shapes live in ``loadtests/shapes/`` (steady, ramp_to_break, spike). Locust uses
+the first shape class it finds, so pick one by adding its file to ``-f``:
+
+    locust -f loadtests/locustfile.py,loadtests/shapes/spike.py --headless --host 127.0.0.1:50051
 """
 
 from __future__ import annotations
@@ -178,6 +184,13 @@ def _add_arguments(parser: Any, **_kwargs: Any) -> None:
         default=0.01,
         help="tactful: exit non-zero when more than this share of requests failed",
     )
+    parser.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=0.0,
+        help="tactful: exit non-zero when Decide's p99 (client side, whole run) is above "
+        "this many milliseconds (0: no such check)",
+    )
 
 
 @events.test_start.add_listener
@@ -211,11 +224,19 @@ def _verdict(environment: Environment, **_kwargs: Any) -> None:
         return  # the master (or the local runner) has the aggregated stats
     stats = environment.stats
     print_summary(stats)
+    stage_report = getattr(environment.shape_class, "report", None)  # loadtests/shapes/
+    if callable(stage_report):
+        print(stage_report(), flush=True)
     max_fail_ratio = getattr(environment.parsed_options, "max_fail_ratio", 0.01)
+    max_p99_ms = getattr(environment.parsed_options, "max_p99_ms", 0.0)
     problems = []
     decide = stats.entries.get(("Decisioning/Decide", "grpc"))
     if decide is None or decide.num_requests == 0:
         problems.append("no Decide request was made")
+    elif max_p99_ms > 0:
+        p99 = decide.get_response_time_percentile(0.99)
+        if p99 > max_p99_ms:
+            problems.append(f"Decide p99 {p99:.0f} ms is above {max_p99_ms:g} ms")
     if stats.total.fail_ratio > max_fail_ratio:
         problems.append(
             f"{stats.total.fail_ratio:.2%} of requests failed (at most {max_fail_ratio:.2%})"

@@ -4,14 +4,15 @@
    embedded redis-server in a fresh temporary directory and no demo catalog (the locustfile
    seeds one);
 2. waits until the gRPC health service says SERVING;
-3. runs Locust headless (loadtests/locustfile.py) for a short time, CSV files and the server
-   log in loadtests/out/;
+3. runs Locust headless (loadtests/locustfile.py with a shape from loadtests/shapes/:
+   ``--shape steady`` (default: -u users for -t seconds), ``ramp_to_break`` or ``spike``),
+   CSV files and the server log in loadtests/out/;
 4. prints Locust's summary (and the locustfile's compact table) and the server-side latency
    from /metrics;
 5. always stops the server with SIGTERM (SIGKILL if it hangs) and removes its data.
 
 Exits non-zero if the server did not come up or stop cleanly, or if Locust failed (see
-``--max-fail-ratio`` in the locustfile). Every step is bounded in time.
+``--max-fail-ratio`` and ``--max-p99-ms``). Every step is bounded in time.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
 LOCUSTFILE = HERE / "locustfile.py"
+SHAPES = HERE / "shapes"
+# Each named shape stops by itself; these are its planned lengths (the steady one is -t).
+SHAPE_SECONDS = {"steady": None, "ramp_to_break": 60, "spike": 40}
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 20.0  # above the server's default 5 s shutdown grace
@@ -117,9 +121,10 @@ def stop_server(server: subprocess.Popen[bytes]) -> int:
 
 
 def run_locust(target: str, args: argparse.Namespace) -> int:
+    run_seconds = SHAPE_SECONDS[args.shape] or args.seconds
     command = [
         sys.executable, "-m", "locust",
-        "-f", str(LOCUSTFILE),
+        "-f", f"{LOCUSTFILE},{SHAPES / args.shape}.py",
         "--headless",
         "--host", target,
         "-u", str(args.users),
@@ -129,11 +134,12 @@ def run_locust(target: str, args: argparse.Namespace) -> int:
         "--only-summary",
         "--csv", str(OUT / "tactful"),
         "--max-fail-ratio", str(args.max_fail_ratio),
+        "--max-p99-ms", str(args.max_p99_ms),
     ]  # fmt: skip
     print("$", " ".join(command[1:]), flush=True)
     try:
         return subprocess.run(
-            command, cwd=REPO, stdin=subprocess.DEVNULL, timeout=args.seconds + LOCUST_EXTRA_SECONDS
+            command, cwd=REPO, stdin=subprocess.DEVNULL, timeout=run_seconds + LOCUST_EXTRA_SECONDS
         ).returncode
     except subprocess.TimeoutExpired:
         print("locust did not finish in time: killed")
@@ -195,9 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-u", "--users", type=int, default=20, help="concurrent Locust users")
     parser.add_argument("-r", "--spawn-rate", type=float, default=10, help="users started per s")
-    parser.add_argument("-t", "--seconds", type=int, default=20, help="run time in seconds")
+    parser.add_argument(
+        "-t", "--seconds", type=int, default=20, help="run time in seconds (steady shape)"
+    )
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPE_SECONDS),
+        default="steady",
+        help="load shape from loadtests/shapes/ (steady uses -u, -r and -t; "
+        "ramp_to_break 60 s, spike 40 s)",
+    )
     parser.add_argument(
         "--max-fail-ratio", type=float, default=0.01, help="fail the run above this share"
+    )
+    parser.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=0.0,
+        help="fail the run when Decide's client-side p99 is above this (0: no check)",
     )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
