@@ -1,15 +1,19 @@
 """Command line: ``tactful serve`` (the server, with its learner unless told otherwise),
-``tactful learn`` (a learner on its own), ``tactful model list|rollback|unpin``, and
+``tactful learn`` (a learner on its own), ``tactful model list|rollback|unpin``,
+``tactful report`` / ``tactful export`` (the decision log as an ROI report / VW DSJson), and
 ``tactful settings`` (the settings table)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -140,13 +144,15 @@ def learn(settings: Settings) -> int:
     return 0
 
 
-def model_command(settings: Settings, args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _offline_redis(settings: Settings) -> Iterator[str]:
+    """The Redis URL of an offline command: TACTFUL_REDIS_URL, else the embedded store of
+    `make serve` (its socket if it is running, else started for the command's duration)."""
     from tactful.embedded_redis import EmbeddedRedis
-    from tactful.store import ModelStore
 
     embedded = None
     url = settings.redis.url
-    if not url:  # the embedded store of `make serve`, when it is not running
+    if not url:
         socket_path = EmbeddedRedis(settings.redis.data_dir).socket
         if socket_path.exists():
             url = f"unix://{socket_path}"
@@ -154,6 +160,16 @@ def model_command(settings: Settings, args: argparse.Namespace) -> int:
             embedded = EmbeddedRedis(settings.redis.data_dir).start()
             url = embedded.url
     try:
+        yield url
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def model_command(settings: Settings, args: argparse.Namespace) -> int:
+    from tactful.store import ModelStore
+
+    with _offline_redis(settings) as url:
         models = ModelStore(_learner_client(settings, url))
         if args.action == "list":
             current, versions = models.versions()
@@ -172,9 +188,33 @@ def model_command(settings: Settings, args: argparse.Namespace) -> int:
         else:
             models.unpin()
             print("unpinned: the learner publishes new versions again")
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    return 0
+
+
+def _timestamp(text: str) -> float:
+    """An ISO 8601 time (UTC unless it says otherwise) as epoch seconds."""
+    when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def report_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`tactful report` and `tactful export`: read the decision log of a time range."""
+    from pathlib import Path
+
+    from tactful import report
+
+    since = _timestamp(args.since) if args.since else 0.0
+    until = _timestamp(args.until) if args.until else time.time() + 1
+    with _offline_redis(settings) as url:
+        records = report.read_log(_learner_client(settings, url), since, until)
+    if args.command == "report":
+        path = report.write(records, since, until, Path(args.out))
+        print(f"{len(records)} decisions: {path}")
+    else:
+        n = report.export(records, Path(args.out))
+        print(f"{n} single-slot personalised decisions of {len(records)}: {args.out}")
     return 0
 
 
@@ -190,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("version", type=int)
     model_sub.add_parser("unpin", help="let the learner publish new versions again")
     sub.add_parser("settings", help="print the settings table (Markdown)")
+    for name, help_text, out in (
+        ("report", "ROI report of the decision log (Markdown, PNG plots with matplotlib)", "DIR"),
+        ("export", "the decision log as Vowpal Wabbit DSJson (--cb_adf --dsjson)", "FILE"),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--since", help="ISO 8601 time, UTC unless given (default: all)")
+        command.add_argument("--until", help="ISO 8601 time, exclusive (default: now)")
+        command.add_argument("--out", required=True, metavar=out)
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings_table())
@@ -207,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return learn(settings)
     if args.command == "model":
         return model_command(settings, args)
+    if args.command in ("report", "export"):
+        return report_command(settings, args)
     return serve(settings)
 
 
