@@ -1,0 +1,378 @@
+"""Capacity: throughput against latency at increasing offered load, tactful next to a bare
+gRPC echo server, measured in the same run on this machine.
+
+Open loop: for each offered rate the client sends calls on a fixed schedule (one asyncio
+grpc.aio client in this process), whether or not earlier calls have come back, each with a
+50 ms deadline (a render-time Decide). Latency is measured from the *scheduled* send time,
+so a client or server that falls behind shows it (no coordinated omission). A call that did
+not come back OK counts as slower than any OK call in the percentiles (">50" when a
+percentile lands on one). Achieved rps counts OK answers only.
+
+* ``grpc echo``: decide_latency.py's echo server (imported, run in its own process): the
+  same DecideRequest bytes, sent back unchanged. The ceiling Python gRPC alone allows here.
+* ``tactful``: ``python -m tactful serve`` (its embedded redis-server, default settings, so
+  TACTFUL_MAX_CONCURRENT_RPCS sheds load past its limit), loaded with 200 offers and 2,000
+  users with preferences and signals; Decide with 50 candidates and 3 slots.
+
+Everything runs on 127.0.0.1 and stops by itself (default: well under 5 minutes).
+
+    .venv/bin/python bench/capacity.py [--rates 250,500,1000,...] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from decide_latency import (
+    ECHO_METHOD,
+    HOST,
+    Child,
+    free_ports,
+    load,
+    make_workload,
+    no_interrupts,
+    progress,
+    tactful_env,
+    wait_ready,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tactful.settings import ServerSettings
+from tactful.v1 import decisioning_pb2
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+DEADLINE_S = 0.05
+DEFAULT_RATES = "250,500,750,1000,1500,2000,3000,4000,6000"
+TARGET_RPS = 1000
+TARGET_P99_MS = 8.0
+TARGET_P999_MS = 20.0
+TARGET_PEAK_SHARE = 0.40
+DECIDE_METHOD = "/tactful.v1.Decisioning/Decide"
+QUANTILES = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
+
+
+@dataclass
+class Step:
+    server: str
+    offered: float
+    seconds: float
+    sent: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)  # inf for a call that was not OK
+    client_cpu: float = 0.0  # share of one core this client process used
+    send_lag_ms: float = 0.0  # how late the last send was against its schedule
+
+    @property
+    def achieved(self) -> float:
+        return self.codes["OK"] / self.seconds
+
+    def quantile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("inf")
+        return float(np.percentile(np.asarray(self.latencies_ms), q, method="higher"))
+
+
+async def offer_load(call: Any, requests: list[Any], step: Step) -> None:
+    """Send ``step.offered`` calls per second for ``step.seconds``, on schedule."""
+    total = int(step.offered * step.seconds)
+    interval = 1.0 / step.offered
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, scheduled: float) -> None:
+        try:
+            await call(requests[i % len(requests)], timeout=DEADLINE_S)
+            step.latencies_ms.append((time.perf_counter() - scheduled) * 1e3)
+            step.codes["OK"] += 1
+        except grpc.aio.AioRpcError as error:
+            step.latencies_ms.append(float("inf"))
+            step.codes[error.code().name] += 1
+
+    cpu0, start = time.process_time(), time.perf_counter()
+    i = 0
+    while i < total:
+        now = time.perf_counter()
+        due = min(total, int((now - start) / interval) + 1)
+        while i < due:
+            task = loop.create_task(one(i, start + i * interval))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+        step.send_lag_ms = max(0.0, (now - (start + (i - 1) * interval)) * 1e3)
+        await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
+    step.sent = total
+    if pending:
+        await asyncio.wait(pending, timeout=DEADLINE_S * 20)
+    step.client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - start)
+
+
+async def sweep(
+    name: str, target: str, method: str, requests: list[Any], args: argparse.Namespace
+) -> list[Step]:
+    steps: list[Step] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(
+            method,
+            request_serializer=decisioning_pb2.DecideRequest.SerializeToString,
+            response_deserializer=lambda data: data,  # the client does not parse the answer
+        )
+        warm = Step(name, min(args.rates), args.warmup)
+        await offer_load(call, requests, warm)
+        saturated = 0
+        for rate in args.rates:
+            step = Step(name, rate, args.seconds)
+            await offer_load(call, requests, step)
+            steps.append(step)
+            progress(
+                f"{name:>9} offered {rate:>6.0f}/s: ok {step.achieved:>7.1f}/s "
+                f"p99 {fmt(step.quantile(99))} ms  {dict(step.codes)}"
+            )
+            saturated = saturated + 1 if step.achieved < 0.5 * rate else 0
+            if saturated >= 2:  # well past its peak: higher rates only add noise and time
+                break
+            await asyncio.sleep(0.5)  # let the queues drain between steps
+    return steps
+
+
+def fmt(ms: float) -> str:
+    return f">{DEADLINE_S * 1e3:.0f}" if ms == float("inf") else f"{ms:.2f}"
+
+
+def table(steps: list[Step]) -> list[str]:
+    header = (
+        f"{'server':<10} {'offered/s':>9} {'ok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'p99.9 ms':>9} {'deadline':>9} {'shed':>7} {'client cpu':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in steps:
+        lines.append(
+            f"{s.server:<10} {s.offered:>9.0f} {s.achieved:>8.1f} {fmt(s.quantile(50)):>8} "
+            f"{fmt(s.quantile(99)):>8} {fmt(s.quantile(99.9)):>9} "
+            f"{s.codes['DEADLINE_EXCEEDED']:>9} {s.codes['RESOURCE_EXHAUSTED']:>7} "
+            f"{s.client_cpu:>9.0%}"
+        )
+    return lines
+
+
+def plot(steps: list[Step], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install -e '.[dev]')"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for server, marker in (("grpc echo", "o"), ("tactful", "s")):
+        rows = [s for s in steps if s.server == server]
+        for q, style in (("p50", ":"), ("p99", "-")):
+            pct = dict(QUANTILES)[q]
+            xs = [s.achieved for s in rows]
+            ys = [min(s.quantile(pct), DEADLINE_S * 1e3) for s in rows]
+            ax.plot(xs, ys, style, marker=marker, label=f"{server} {q}")
+    ax.axhline(TARGET_P99_MS, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("achieved rps (OK answers within the 50 ms deadline)")
+    ax.set_ylabel("latency ms (capped at the deadline)")
+    ax.set_yscale("log")
+    ax.set_title("Throughput vs latency, open-loop, 127.0.0.1, one client process")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def verdict(echo: list[Step], tactful: list[Step]) -> list[str]:
+    lines = []
+    at = [s for s in tactful if s.offered == TARGET_RPS]
+    if at:
+        s = at[0]
+        p99, p999 = s.quantile(99), s.quantile(99.9)
+        ok = p99 <= TARGET_P99_MS and p999 <= TARGET_P999_MS
+        lines.append(
+            f"target at {TARGET_RPS} rps: Decide p99 {fmt(p99)} ms <= {TARGET_P99_MS:g}, "
+            f"p99.9 {fmt(p999)} ms <= {TARGET_P999_MS:g}: {'MET' if ok else 'NOT MET'}"
+        )
+    else:
+        lines.append(f"target at {TARGET_RPS} rps: not measured (add it to --rates)")
+
+    def peak(steps: list[Step]) -> float:
+        """Sustained peak: the best OK rate at a step where 99% came back OK in time."""
+        return max((s.achieved for s in steps if s.quantile(99) <= DEADLINE_S * 1e3), default=0.0)
+
+    echo_peak, tactful_peak = peak(echo), peak(tactful)
+    share = tactful_peak / echo_peak if echo_peak else 0.0
+    raw_echo = max((s.achieved for s in echo), default=0.0)
+    raw_tactful = max((s.achieved for s in tactful), default=0.0)
+    lines.append(
+        f"sustained peak (p99 within the deadline): echo {echo_peak:.0f} rps, tactful "
+        f"{tactful_peak:.0f} rps = {share:.0%} of echo (target >= {TARGET_PEAK_SHARE:.0%}): "
+        f"{'MET' if share >= TARGET_PEAK_SHARE else 'NOT MET'}; most OK answers at any step: "
+        f"echo {raw_echo:.0f}/s, tactful {raw_tactful:.0f}/s"
+    )
+    if echo and max(s.offered for s in echo) <= raw_echo * 1.05:
+        lines.append(
+            "  (echo never saturated at the highest offered rate: its true peak is higher)"
+        )
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    workload = make_workload(offers=200, users=2000, candidates=50, slots=3, seed=1)
+    server = ServerSettings()
+    echo_port, grpc_port, metrics_port = free_ports(3)
+    workdir = Path(tempfile.mkdtemp(prefix="tactful-cap-", dir="/tmp"))
+    children: list[Child] = []
+    try:
+        progress(f"starting the echo server and tactful (data in {workdir})")
+        children.append(
+            Child.start(
+                "echo",
+                [sys.executable, str(HERE / "decide_latency.py"), "--serve-echo", str(echo_port)],
+                {**os.environ, "BENCH_ECHO_WORKERS": str(server.max_workers)},
+                workdir,
+            )
+        )
+        children.append(
+            Child.start(
+                "tactful",
+                [sys.executable, "-m", "tactful", "serve"],
+                tactful_env(grpc_port, metrics_port, workdir / "data"),
+                workdir,
+            )
+        )
+        with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
+            echo_probe = f"{HOST}:{echo_port}"
+            health = health_pb2_grpc.HealthStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
+
+            def echo_ready() -> bool:
+                with grpc.insecure_channel(echo_probe) as ch:
+                    ch.unary_unary(ECHO_METHOD)(b"", timeout=1.0)
+                return True
+
+            wait_ready(children[0], f"echo serving on {echo_probe}", echo_ready)
+            wait_ready(
+                children[1],
+                f"serving gRPC on {HOST}:{grpc_port},",
+                lambda: (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == serving
+                ),
+            )
+            progress("loading 200 offers and 2,000 profiles through the gRPC API")
+            load(channel, workload)
+        echo = asyncio.run(
+            sweep("grpc echo", f"{HOST}:{echo_port}", ECHO_METHOD, workload.decide, args)
+        )
+        tactful = asyncio.run(
+            sweep("tactful", f"{HOST}:{grpc_port}", DECIDE_METHOD, workload.decide, args)
+        )
+        for child in children:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}")
+    except Exception:
+        for child in children:
+            progress(f"{child.name} log (last lines):\n{child.log_tail()}")
+        raise
+    finally:
+        with no_interrupts():
+            for child in children:
+                child.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    steps = echo + tactful
+    lines = [
+        f"Capacity, open loop: {args.seconds:g} s per offered rate, {DEADLINE_S * 1e3:.0f} ms "
+        "deadline, latency from the scheduled send time; percentiles count a non-OK call as "
+        "slower than any OK one",
+        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, grpcio "
+        f"{grpc.__version__}; tactful: 1 process, {server.max_workers} threads, "
+        f"TACTFUL_MAX_CONCURRENT_RPCS={server.max_concurrent_rpcs}, embedded redis-server",
+        "tactful serve runs a single process (it has no option to run several worker "
+        "processes yet), so only 1 process is measured; 2 processes are not.",
+        "",
+        *table(steps),
+        "",
+        *verdict(echo, tactful),
+        "",
+        "skew: the client (this process, one asyncio grpc.aio loop), the server and tactful's "
+        "redis-server share these CPUs; 'client cpu' is the share of one core the client used. "
+        "Near saturation the client takes CPU from the server, and its own event loop adds "
+        "queueing to the measured latency, so peaks are lower and tail latencies higher than a "
+        "server would show with the client on another machine. Both rows are skewed alike "
+        "(the echo row more, its server needs less CPU).",
+        plot(steps, OUT / "capacity.png"),
+    ]
+    print("\n".join(lines), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                [
+                    {
+                        "server": s.server,
+                        "offered": s.offered,
+                        "achieved": s.achieved,
+                        "codes": dict(s.codes),
+                        "client_cpu": s.client_cpu,
+                        **{
+                            q: (None if s.quantile(p) == float("inf") else s.quantile(p))
+                            for q, p in QUANTILES
+                        },
+                    }
+                    for s in steps
+                ],
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+def rates(text: str) -> list[float]:
+    values = sorted(float(v) for v in text.split(",") if v.strip())
+    if not values or values[0] <= 0:
+        raise argparse.ArgumentTypeError("comma-separated positive rates")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", type=rates, default=rates(DEFAULT_RATES), help="offered rps")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per offered rate")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per server")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    if not 0.5 <= args.seconds <= 30:
+        parser.error("--seconds must be between 0.5 and 30 (the run must stay bounded)")
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        progress("interrupted; servers stopped")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
