@@ -483,6 +483,11 @@ def markdown(report: Report, plots: Sequence[str] = ()) -> str:
             f"| {arm} | {s.decisions} | {s.holds} | {s.shown} | {s.successes} | {_pct(s.ctr)} "
             f"| {s.conversions} | {s.value:.2f} |"
         )
+    lines += [
+        "",
+        "FALLBACK answers (made while Redis was unavailable) cannot be logged, so they are not "
+        'counted here: see `tactful_decisions_total{arm="FALLBACK"}` in the metrics.',
+    ]
     u = report.uplift
     lines += ["", "## Uplift of personalised over control", ""]
     if not u.n1 or not u.n2:
