@@ -45,7 +45,10 @@ def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Setting
     )
     return dataclasses.replace(
         base,
-        server=dataclasses.replace(base.server, host="127.0.0.1", grpc_port=0, max_workers=8),
+        # No overload limit: tests fire bursts on purpose (test_overload sets its own).
+        server=dataclasses.replace(
+            base.server, host="127.0.0.1", grpc_port=0, max_workers=8, max_concurrent_rpcs=0
+        ),
         redis=dataclasses.replace(
             base.redis, socket_timeout_ms=redis_timeout_ms, connect_timeout_ms=redis_timeout_ms
         ),

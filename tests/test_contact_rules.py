@@ -162,8 +162,13 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
         channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in ports]
         stubs = [decisioning_pb2_grpc.DecisioningStub(ch) for ch in channels]
 
-        def one(i: int) -> d.DecideResponse:
-            return decide(stubs[i % 2], user="busy-user", channel="email", slots=2)
+        def one(i: int) -> d.DecideResponse | None:
+            try:
+                return decide(stubs[i % 2], user="busy-user", channel="email", slots=2)
+            except grpc.RpcError as error:
+                # Shed by the overload limit (set lower than this burst): not shown.
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return None
 
         with ThreadPoolExecutor(max_workers=48) as pool:
             responses = list(pool.map(one, range(500)))
@@ -171,8 +176,10 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
             ch.close()
     finally:
         stop_all(*servers)
-    chosen = sum(len(r.choices) for r in responses)
-    held = [r for r in responses if not r.choices]
+    answered = [r for r in responses if r is not None]
+    assert len(answered) >= 100
+    chosen = sum(len(r.choices) for r in answered)
+    held = [r for r in answered if not r.choices]
     assert chosen == 3
     assert all(r.hold_reason == d.HOLD_REASON_FATIGUE_CAP for r in held)
 

@@ -38,7 +38,7 @@ class ServerSettings:
     )
     max_concurrent_rpcs: int = _setting(
         "TACTFUL_MAX_CONCURRENT_RPCS",
-        64,
+        24,
         "RPCs one process accepts at once (running plus queued for a thread); past it a call "
         "is refused at once with RESOURCE_EXHAUSTED instead of queueing past its deadline "
         "(0: unlimited). Size it as peak rate x deadline (Little's law): a call queued behind "

@@ -81,6 +81,11 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             started.inc()
             start = time.perf_counter()
             try:
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # The caller has given up (it waited in the queue past its deadline):
+                    # doing the work now would only make the next calls late too.
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
                 return behavior(request, context)
             except TactfulError as error:
                 context.abort_with_status(rpc_status.to_status(to_status(error)))
