@@ -356,3 +356,18 @@ def test_a_replay_never_shows_what_was_declined_since(catalog, decisioning, prof
     prefs(profiles, channel_preferences=[p.ChannelPreference(channel="web", opted_in=False)])
     held = decide(decisioning, request_id="render-9", slots=2)
     assert held.choices == [] and held.hold_reason == d.HOLD_REASON_CHANNEL_OPTED_OUT
+
+
+def test_a_request_id_older_than_its_ttl_is_a_new_request(store, catalog):
+    settings = make_settings(request_id_ttl_seconds=1)
+    put(catalog, offer("a"))
+    running = build_server(settings, store, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = decisioning_pb2_grpc.DecisioningStub(ch)
+            first = decide(stub, request_id="again")
+            assert decide(stub, request_id="again").decision_id == first.decision_id
+            time.sleep(1.2)
+            assert decide(stub, request_id="again").decision_id != first.decision_id
+    finally:
+        running.stop(None)

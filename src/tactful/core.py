@@ -55,7 +55,7 @@ from tactful.model import (
     TopicPreference,
 )
 from tactful.privacy import Pseudonymizer, in_control_group
-from tactful.settings import Settings
+from tactful.settings import PolicySettings, Settings
 from tactful.store import DecisionInputs, LoggedDecision, OutcomeStatus, Store
 
 log = logging.getLogger(__name__)
@@ -284,8 +284,9 @@ class Decider:
         try:
             read_at = time.monotonic()
             inputs = self._store.read_for_decision(user_id=req.user_id, request_id=req.request_id)
-            if inputs.replay_decision_id:
-                logged = self._store.get_logged_decision(decision_id=inputs.replay_decision_id)
+            replay = _fresh_replay(inputs.replay_decision_id, now, self._policy)
+            if replay:
+                logged = self._store.get_logged_decision(decision_id=replay)
                 if logged is not None:
                     return self._replay(req, decision_from_log(logged.payload), inputs, now)
             offers = self._catalog.offers(inputs.catalog_version, read_at=read_at)
@@ -488,11 +489,11 @@ class Decider:
         return Draft(decision, features, plan, candidates)
 
     def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:
-        """A generator seeded by (process seed, request_id or decision_id), as VW's explore
-        library seeds from the event id: the same request with the same inputs draws the same
-        slate (reproducible tests and replays), different requests draw independently, and no
-        lock is shared between threads."""
-        key = (req.request_id or decision_id).encode("utf-8", "surrogatepass")
+        """A generator seeded by (process seed, user, request_id or decision_id), as VW's
+        explore library seeds from the event id: the same request with the same inputs draws
+        the same slate (reproducible tests and replays), different requests, and different
+        users reusing a request id, draw independently; no lock is shared between threads."""
+        key = f"{req.user_id}\x00{req.request_id or decision_id}".encode("utf-8", "surrogatepass")
         entropy = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
         return np.random.default_rng([self._seed, entropy])
 
@@ -654,6 +655,17 @@ def _choices_counter(code: ReasonCode) -> Counter:
 def decay(signal: Signal, now: float, half_life_seconds: float) -> float:
     age = max(0.0, now - signal.observed_at)
     return float(signal.weight * 0.5 ** (age / half_life_seconds))
+
+
+def _fresh_replay(stored: str | None, now: float, policy: PolicySettings) -> str | None:
+    """The decision a request_id points to, if it was made within TACTFUL_REQUEST_ID_TTL_SECONDS
+    (stored as "decision_id|time"); an older one is a new request."""
+    if not stored:
+        return None
+    decision_id, _, made_at = stored.partition("|")
+    if made_at and now - float(made_at) > policy.request_id_ttl_seconds:
+        return None
+    return decision_id
 
 
 def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from tactful import metrics
-from tactful.bandit import LinearModel, RidgeLearner
+from tactful.bandit import LinearModel, RidgeLearner, SnapshotError
 from tactful.features import FeatureSpace, SparseVector
 from tactful.settings import LearningSettings
 from tactful.store import ModelStore
@@ -77,9 +77,15 @@ class Learner:
         self.models.ensure_group()
         saved = self.models.load_checkpoint()
         if saved is not None:
-            state, self.last_id = saved
-            self.ridge.restore(state)
-            log.info("learner resumed: %d updates, last id %s", self.ridge.updates, self.last_id)
+            state, last_id = saved
+            try:
+                self.ridge.restore(state)
+                self.last_id = last_id
+                log.info("learner resumed: %d updates, last id %s", self.ridge.updates, last_id)
+            except (SnapshotError, ValueError, OSError, KeyError) as exc:
+                # A state for another feature layout (TACTFUL_FEATURE_HASH_BITS changed) cannot
+                # be used; crash-looping on it would stop learning for good.
+                log.error("saved learner state unusable (%s): learning again from the prior", exc)
         self._apply(self.models.claim_all(self.consumer))
 
     def step(self, block_ms: int = 20) -> int:

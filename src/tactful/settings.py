@@ -260,6 +260,12 @@ class Settings:
     learning: LearningSettings = field(default_factory=LearningSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
+    def check_consistency(self) -> None:
+        """Settings that are fine alone but wrong together."""
+        errors = _consistency_errors(self)
+        if errors:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every ``TACTFUL_*`` variable; raise SettingsError naming each bad one."""
@@ -275,10 +281,29 @@ class Settings:
         if errors:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
         settings = cls(**groups)
+        settings.check_consistency()
         if not settings.privacy.pseudonym_key:
             privacy = PrivacySettings(pseudonym_key=secrets.token_hex(32))
             settings = dataclasses.replace(settings, privacy=privacy)
         return settings
+
+
+def _consistency_errors(settings: Settings) -> list[str]:
+    policy, learning = settings.policy, settings.learning
+    errors = []
+    if learning.reward_window_seconds >= policy.decision_ttl_seconds:
+        errors.append(
+            "TACTFUL_REWARD_WINDOW_SECONDS must be shorter than TACTFUL_DECISION_TTL_SECONDS "
+            "(a decision must outlive its reward window to be learned from)"
+        )
+    if policy.request_id_ttl_seconds > policy.decision_ttl_seconds:
+        errors.append(
+            "TACTFUL_REQUEST_ID_TTL_SECONDS must not exceed TACTFUL_DECISION_TTL_SECONDS "
+            "(a replay needs the logged decision)"
+        )
+    if settings.server.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        errors.append("TACTFUL_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return errors
 
 
 def iter_fields() -> list[tuple[dataclasses.Field[Any], Mapping[str, Any]]]:

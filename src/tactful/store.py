@@ -362,7 +362,10 @@ class RedisStore:
             )
         ]
         if request_id:
-            commands.append(("HSET", k.requests, request_id, decision.decision_id))
+            # With its time: a request id older than its TTL is a new request, even while the
+            # hash lives on (its EXPIRE is refreshed by every new request id).
+            made_at = decision.payload.get("ts", 0.0)
+            commands.append(("HSET", k.requests, request_id, f"{decision.decision_id}|{made_at}"))
             commands.append(("EXPIRE", k.requests, self._request_ttl))
         if learn_after is not None:
             commands.append(("ZADD", keys.AWAITING, learn_after, decision.decision_id))
