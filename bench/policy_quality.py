@@ -68,6 +68,7 @@ from decide_latency import (
     _terminate,
     free_ports,
     no_interrupts,
+    positive,
     progress,
     tactful_env,
     wait_ready,
@@ -701,13 +702,6 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"args": vars(args), "figures": figures}, indent=2) + "\n")
     return 0
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
