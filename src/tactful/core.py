@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import math
@@ -56,7 +57,7 @@ from tactful.model import (
 )
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.settings import PolicySettings, Settings
-from tactful.store import DecisionInputs, LoggedDecision, OutcomeStatus, Store
+from tactful.store import ContactSpend, DecisionInputs, LoggedDecision, OutcomeStatus, Store
 
 log = logging.getLogger(__name__)
 
@@ -296,63 +297,64 @@ class Decider:
 
         draft = self._choose(req, inputs.profile, offers, model, decision_id, now)
         decision = draft.decision
-        if not req.dry_run and decision.choices and draft.plan is not None:
-            decision = self._consume(req, decision, draft.plan, offers, now)
-        self._count(decision, req.channel)
         if not req.dry_run:
-            features = {
-                c.offer_id: draft.features[c.offer_id]
-                for c in decision.choices
-                if c.offer_id in draft.features
-            }
-            self._log(req, decision, features, now, draft.candidates)
+            decision = self._log_and_consume(req, draft, offers, now)
+        self._count(decision, req.channel)
         return decision
 
-    def _consume(
-        self,
-        req: DecideRequest,
-        decision: Decision,
-        plan: ContactPlan,
-        offers: Mapping[str, Offer],
-        now: float,
+    def _log_and_consume(
+        self, req: DecideRequest, draft: Draft, offers: Mapping[str, Offer], now: float
     ) -> Decision:
-        """Count what is returned, atomically against every cap: under concurrency (several
-        Decides for one user, in any number of processes) the script may allow fewer choices
-        than the read suggested; the best-ranked win, the rest are dropped."""
-        limits = plan.limits
-        try:
-            consumed = set(
-                self._store.consume_contacts(
-                    user_id=req.user_id,
-                    day=plan.window.key,
-                    now=now,
-                    channel=req.channel,
-                    caps=(limits.daily, limits.channel),  # the customer's own: read by the script
-                    interruptive=limits.interruptive,
-                    gap_seconds=limits.gap_seconds,
-                    slots=len(decision.choices),
-                    stale=plan.stale,
-                    ranked=[
-                        (c.offer_id, offers[c.offer_id].max_per_user_per_day)
-                        for c in decision.choices
-                    ],
-                )
+        """Log the decision and count what it returns, atomically against every cap, in one
+        round trip. Under concurrency (several Decides for one user, in any number of
+        processes) the caps script may allow fewer choices than the read suggested: the
+        best-ranked win, the rest are dropped, and the decision is logged again as served."""
+        decision, plan = draft.decision, draft.plan
+        spend = None
+        if decision.choices and plan is not None:
+            limits = plan.limits
+            spend = ContactSpend(
+                day=plan.window.key,
+                now=now,
+                channel=req.channel,
+                caps=(limits.daily, limits.channel),
+                interruptive=limits.interruptive,
+                gap_seconds=limits.gap_seconds,
+                slots=len(decision.choices),
+                stale=plan.stale,
+                ranked=[
+                    (c.offer_id, offers[c.offer_id].max_per_user_per_day) for c in decision.choices
+                ],
             )
+        try:
+            consumed = self._log(req, decision, draft, now, spend)
         except Unavailable:
-            if req.channel in self._policy.render_time_channels:
+            # The answer is still worth more to a page than an error; the decision just
+            # cannot be joined with an outcome later. Counted so ops can see it.
+            metrics.DECISION_LOG_FAILURES.inc()
+            log.warning("decision %s not logged: store unavailable", decision.decision_id)
+            if spend is None or req.channel in self._policy.render_time_channels:
                 return decision  # a page still renders; its view just goes uncounted
             return replace(decision, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
-        if len(consumed) == len(decision.choices):
+        if consumed is None or len(consumed) == len(decision.choices):
             return decision
-        kept = tuple(c for c in decision.choices if c.offer_id in consumed)
+        assert plan is not None
+        kept = tuple(c for c in decision.choices if c.offer_id in set(consumed))
         if kept:
-            return replace(decision, choices=kept)
-        open_again = plan.window.end
-        if limits.gap_seconds:
-            open_again = min(open_again, now + limits.gap_seconds)
-        return replace(
-            decision, choices=(), hold_reason=HoldReason.FATIGUE_CAP, next_eligible_time=open_again
-        )
+            served = replace(decision, choices=kept)
+        else:
+            open_again = plan.window.end
+            if plan.limits.gap_seconds:
+                open_again = min(open_again, now + plan.limits.gap_seconds)
+            served = replace(
+                decision,
+                choices=(),
+                hold_reason=HoldReason.FATIGUE_CAP,
+                next_eligible_time=open_again,
+            )
+        with contextlib.suppress(Unavailable):
+            self._log(req, served, draft, now, None)  # the record says what was served
+        return served
 
     def _replay(
         self, req: DecideRequest, decision: Decision, inputs: DecisionInputs, now: float
@@ -542,10 +544,18 @@ class Decider:
         self,
         req: DecideRequest,
         decision: Decision,
-        features: Mapping[str, SparseVector],
+        draft: Draft,
         now: float,
-        candidates: Mapping[str, Any] | None = None,
-    ) -> None:
+        spend: ContactSpend | None,
+    ) -> list[str] | None:
+        """One round trip: the decision record (and, with ``spend``, the caps script);
+        returns what the script counted. Raises Unavailable."""
+        features = {
+            c.offer_id: draft.features[c.offer_id]
+            for c in decision.choices
+            if c.offer_id in draft.features
+        }
+        candidates = draft.candidates
         payload = decision_to_log(decision)
         payload.update(
             ts=now,
@@ -564,20 +574,13 @@ class Decider:
         if features:
             # x of the (x, a, r, p) tuple: what the learner regresses the reward on.
             payload["features"] = {offer_id: x.to_json() for offer_id, x in features.items()}
-        try:
-            self._store.log_decision(
-                user_id=req.user_id,
-                decision=LoggedDecision(decision.decision_id, payload),
-                request_id=req.request_id,
-                learn_after=now + self._learning.reward_window_seconds if features else None,
-            )
-        except Unavailable:
-            # The answer is still worth more to the page than an error; the decision just
-            # cannot be joined with an outcome later. Counted so ops can see it.
-            metrics.DECISION_LOG_FAILURES.inc()
-            log.warning(
-                "decision %s answered but not logged: store unavailable", decision.decision_id
-            )
+        return self._store.log_decision(
+            user_id=req.user_id,
+            decision=LoggedDecision(decision.decision_id, payload),
+            request_id=req.request_id,
+            learn_after=now + self._learning.reward_window_seconds if features else None,
+            spend=spend,
+        )
 
     def _count(self, decision: Decision, channel: str) -> None:
         # Channel names come from callers: only configured ones become label values.

@@ -65,6 +65,30 @@ class DecisionInputs:
 
 
 @dataclass(frozen=True, slots=True)
+class ContactSpend:
+    """What the caps script needs to consume a decision's contacts (see
+    ``contact_policy.CONSUME_CONTACTS_LUA`` for the meaning of each)."""
+
+    day: str
+    now: float
+    channel: str
+    caps: tuple[int, int]  # daily, channel; the customer's own is read by the script
+    interruptive: bool
+    gap_seconds: float
+    slots: int
+    stale: Sequence[str]
+    ranked: Sequence[tuple[str, int]]  # (offer_id, offer's own cap), best first
+
+    def args(self) -> list[Any]:
+        out: list[Any] = [self.day, repr(self.now), self.channel, *self.caps]
+        out += [int(self.interruptive), self.gap_seconds, COUNTERS_TTL_SECONDS, self.slots]
+        out += [len(self.stale), *self.stale]
+        for offer_id, cap in self.ranked:
+            out += [offer_id, cap]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class LoggedDecision:
     """A decision as the decision log keeps it (the x, a, p of an (x, a, r, p) tuple)."""
 
@@ -89,22 +113,10 @@ class Store(Protocol):
         decision: LoggedDecision,
         request_id: str,
         learn_after: float | None,
-    ) -> None: ...
+        spend: ContactSpend | None = None,
+    ) -> list[str] | None: ...
 
-    def consume_contacts(
-        self,
-        *,
-        user_id: str,
-        day: str,
-        now: float,
-        channel: str,
-        caps: tuple[int, int],
-        interruptive: bool,
-        gap_seconds: float,
-        slots: int,
-        stale: Sequence[str],
-        ranked: Sequence[tuple[str, int]],
-    ) -> list[str]: ...
+    def consume_contacts(self, *, user_id: str, spend: ContactSpend) -> list[str]: ...
 
     def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None: ...
 
@@ -306,29 +318,12 @@ class RedisStore:
             replay_decision_id=replies[6] if request_id else None,
         )
 
-    def consume_contacts(
-        self,
-        *,
-        user_id: str,
-        day: str,
-        now: float,
-        channel: str,
-        caps: tuple[int, int],
-        interruptive: bool,
-        gap_seconds: float,
-        slots: int,
-        stale: Sequence[str],
-        ranked: Sequence[tuple[str, int]],
-    ) -> list[str]:
+    def consume_contacts(self, *, user_id: str, spend: ContactSpend) -> list[str]:
         """Check every cap and consume one unit per offer returned, atomically: the offers
         (in the policy's order) that fit; see ``contact_policy.CONSUME_CONTACTS_LUA``."""
-        args: list[Any] = [day, repr(now), channel, *caps, int(interruptive), gap_seconds]
-        args += [COUNTERS_TTL_SECONDS, slots, len(stale), *stale]
-        for offer_id, cap in ranked:
-            args += [offer_id, cap]
+        k = keys.UserKeys.of(user_id)
         with store_errors("consume_contacts"):
-            k = keys.UserKeys.of(user_id)
-            consumed = self._consume_contacts(keys=[k.contacts, k.profile], args=args)
+            consumed = self._consume_contacts(keys=[k.contacts, k.profile], args=spend.args())
         return [str(offer_id) for offer_id in consumed]
 
     def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None:
@@ -347,9 +342,12 @@ class RedisStore:
         decision: LoggedDecision,
         request_id: str,
         learn_after: float | None,
-    ) -> None:
-        """Log the decision (and its request id, and when its reward window closes) in one
-        round trip of plain commands. Contacts were counted by ``consume_contacts``."""
+        spend: ContactSpend | None = None,
+    ) -> list[str] | None:
+        """Log the decision (its request id, when its reward window closes) and, with
+        ``spend``, consume its contacts, all in ONE round trip: the caps script goes first in
+        the same write, and its answer (the offers it counted) is returned. If a concurrent
+        Decide took the last unit, the caller logs again with what was kept."""
         k = keys.UserKeys.of(user_id)
         record = _record_json(decision.payload)
         commands: list[tuple[Any, ...]] = [
@@ -369,8 +367,20 @@ class RedisStore:
             commands.append(("EXPIRE", k.requests, self._request_ttl))
         if learn_after is not None:
             commands.append(("ZADD", keys.AWAITING, learn_after, decision.decision_id))
+        if spend is not None:
+            script = self._consume_contacts
+            args = spend.args()
+            commands.insert(0, ("EVALSHA", script.sha, 2, k.contacts, k.profile, *args))
         with store_errors("log_decision"):
-            self._round_trip(commands)
+            try:
+                replies = self._round_trip(commands)
+            except redis.exceptions.NoScriptError:
+                if spend is None:
+                    raise
+                # Redis restarted or was flushed since redis-py cached the script: the log
+                # went through; redis-py's Script loads the script and runs it.
+                return self.consume_contacts(user_id=user_id, spend=spend)
+        return None if spend is None else [str(offer_id) for offer_id in replies[0]]
 
     def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """The commands in one write, then their replies: one round trip on one pooled
