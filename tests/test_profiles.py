@@ -99,14 +99,26 @@ def test_delete_profile_leaves_no_key_of_the_user(store, profiles, catalog, deci
     profiles.RecordSignals(
         p.RecordSignalsRequest(user_id="alice", signals=[p.Signal(topic="yoga", weight=1.0)])
     )
-    decisioning.Decide(d.DecideRequest(user_id="alice", channel="web", request_id="r1"))
+    shown = decisioning.Decide(d.DecideRequest(user_id="alice", channel="web", request_id="r1"))
+    decisioning.ReportOutcome(
+        d.ReportOutcomeRequest(
+            decision_id=shown.decision_id,
+            offer_id=shown.choices[0].offer_id,
+            event=d.OUTCOME_EVENT_CLICK,
+            outcome_id="o1",
+        )
+    )
     profiles.SetPreferences(p.SetPreferencesRequest(user_id="bob", max_messages_per_day=2))
     digest = keys.user_digest("alice")
-    assert len(list(store.client.scan_iter(match=f"*{digest}*"))) == 4
+    assert len(list(store.client.scan_iter(match=f"*{digest}*"))) == 5
+    decision_keys = keys.DecisionKeys.of(shown.decision_id)
+    assert store.client.exists(decision_keys.record, decision_keys.outcomes) == 2
 
     profiles.DeleteProfile(p.DeleteProfileRequest(user_id="alice"))
 
     assert list(store.client.scan_iter(match=f"*{digest}*")) == []
+    # Its decisions and their outcomes go too: they hold a pseudonym and the context.
+    assert store.client.exists(decision_keys.record, decision_keys.outcomes) == 0
     assert list(store.client.scan_iter(match="*alice*")) == []
     assert get(profiles) == p.Profile(user_id="alice", consent=p.Consent())
     assert get(profiles, "bob").max_messages_per_day == 2  # nobody else is touched

@@ -45,6 +45,7 @@ class UserKeys:
     contacts: str  # hash: "window_start|channel|offer_id" -> count
     requests: str  # hash: request_id -> decision_id (Decide idempotency)
     cooldowns: str  # hash: "o:<offer_id>" / "t:<topic>" -> until (after a DISMISS)
+    decisions: str  # set: the user's logged decision ids, so erasure can reach them
 
     @classmethod
     def of(cls, user_id: str) -> UserKeys:
@@ -61,11 +62,19 @@ class UserKeys:
             f"{base}:contacts",
             f"{base}:requests",
             f"{base}:cooldowns",
+            f"{base}:decisions",
         )
 
     def all(self) -> tuple[str, ...]:
         """Every key of the user: what erasure deletes."""
-        return (self.profile, self.signals, self.contacts, self.requests, self.cooldowns)
+        return (
+            self.profile,
+            self.signals,
+            self.contacts,
+            self.requests,
+            self.cooldowns,
+            self.decisions,
+        )
 
 
 @dataclass(frozen=True, slots=True)

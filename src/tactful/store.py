@@ -367,6 +367,9 @@ class RedisStore:
             commands.append(("EXPIRE", k.requests, self._request_ttl))
         if learn_after is not None:
             commands.append(("ZADD", keys.AWAITING, learn_after, decision.decision_id))
+        # The user's index of decisions, living as long as they do: erasure deletes them.
+        commands.append(("SADD", k.decisions, decision.decision_id))
+        commands.append(("EXPIRE", k.decisions, self._decision_ttl))
         if spend is not None:
             script = self._consume_contacts
             args = spend.args()
@@ -487,8 +490,18 @@ class RedisStore:
             return bool(self._record_signals(keys=[k.signals, k.profile], args=args))
 
     def delete_profile(self, *, user_id: str) -> None:
+        """Erasure: the user's keys, and every decision logged for them with its outcomes
+        (they hold a pseudonym, a key digest and the request context)."""
+        k = keys.UserKeys.of(user_id)
         with store_errors("delete_profile"):
-            self.client.delete(*keys.UserKeys.of(user_id).all())
+            decision_ids: Any = self.client.smembers(k.decisions)
+            pipe = self.client.pipeline(transaction=False)  # decisions live in other slots
+            for decision_id in decision_ids:
+                d = keys.DecisionKeys.of(decision_id)
+                pipe.delete(d.record, d.outcomes, d.learned)
+                pipe.zrem(keys.AWAITING, decision_id)
+            pipe.execute()
+            self.client.delete(*k.all())
 
     # --- catalog --------------------------------------------------------------------------
 
