@@ -116,21 +116,23 @@ def test_minimum_gap_between_messages_on_a_channel(store, catalog):
 def test_a_dismissed_offer_stays_away_for_its_cooldown(catalog, decisioning, profiles):
     put(catalog, offer("a", priority=0.9, channels=["web"]), offer("b", priority=0.1))
     shown = decide(decisioning, channel="web")
-    assert shown.choices[0].offer_id == "a"
-    decisioning.ReportOutcome(
-        d.ReportOutcomeRequest(
-            decision_id=shown.decision_id,
-            offer_id="a",
-            event=d.OUTCOME_EVENT_DISMISS,
-            outcome_id="x",
-        )
+    dismissed = shown.choices[0].offer_id  # "a", unless this draw explored
+    other = ({"a", "b"} - {dismissed}).pop()
+    dismiss = d.ReportOutcomeRequest(
+        decision_id=shown.decision_id,
+        offer_id=dismissed,
+        event=d.OUTCOME_EVENT_DISMISS,
+        outcome_id="x",
     )
+    assert decisioning.ReportOutcome(dismiss).recorded
+    assert not decisioning.ReportOutcome(dismiss).recorded  # a retry: counted once
     for _ in range(5):
-        assert [c.offer_id for c in decide(decisioning, channel="web").choices] == ["b"]
+        assert [c.offer_id for c in decide(decisioning, channel="web").choices] == [other]
     (cooldown,) = profiles.GetProfile(p.GetProfileRequest(user_id="alice")).cooldowns
-    assert cooldown.offer_id == "a"
+    assert cooldown.offer_id == dismissed
     assert cooldown.until.seconds >= time.time() + 71 * 3600  # 72 h by default
-    assert decide(decisioning, user="bob", channel="web").choices[0].offer_id == "a"
+    bob = decide(decisioning, user="bob", channel="web", slots=2)
+    assert dismissed in [c.offer_id for c in bob.choices]  # only alice dismissed it
 
 
 def test_after_erasure_the_user_is_new_again(catalog, decisioning, profiles):

@@ -615,7 +615,9 @@ class Decider:
             raise InvalidArgument([FieldViolation("offer_id", "was not chosen in this decision")])
         recorded = status == OutcomeStatus.RECORDED
         metrics.OUTCOMES.labels(report.event.name, "recorded" if recorded else "duplicate").inc()
-        if recorded and report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
+        # A repeated DISMISS sets the cooldown again: if the first attempt's write failed
+        # (UNAVAILABLE), the client's retry is what puts the offer away.
+        if report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
             self._cool_down(report)
         return recorded
 
