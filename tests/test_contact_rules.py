@@ -62,9 +62,13 @@ def test_an_offers_own_cap_gives_way_to_the_next(catalog, decisioning):
         offer("once", priority=0.9, channels=["web"], max_per_user_per_day=1),
         offer("other", priority=0.1, channels=["web"]),
     )
-    assert [c.offer_id for c in decide(decisioning, channel="web").choices] == ["once"]
-    assert [c.offer_id for c in decide(decisioning, channel="web").choices] == ["other"]
-    assert [c.offer_id for c in decide(decisioning, user="bob", channel="web").choices] == ["once"]
+    # Two slots: every eligible offer is shown, listed by score, whatever the draw.
+    first = decide(decisioning, channel="web", slots=2)
+    assert [c.offer_id for c in first.choices] == ["once", "other"]
+    again = decide(decisioning, channel="web", slots=2)
+    assert [c.offer_id for c in again.choices] == ["other"]  # "once" is at its own cap
+    bob = decide(decisioning, user="bob", channel="web", slots=2)
+    assert [c.offer_id for c in bob.choices] == ["once", "other"]
 
 
 def test_dry_runs_and_holds_consume_nothing(catalog, decisioning):
