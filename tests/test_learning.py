@@ -471,3 +471,12 @@ def test_exploration_narrows_as_the_model_learns():
         igw_probabilities(predicted, seasoned.gamma(200, 20))[0]
         > igw_probabilities(predicted, fresh.gamma(200, 20))[0]
     )
+
+
+def test_due_reward_windows_are_closed_in_batches(catalog, decisioning, models):
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
+    for i in range(5):
+        decisioning.Decide(d.DecideRequest(user_id=f"u{i}", channel="web"))
+    later = time.time() + 3600
+    assert models.close_due_windows(later, batch=2) == 5  # three batches in one call
+    assert models.close_due_windows(later, batch=2) == 0  # each offer learned once

@@ -608,18 +608,26 @@ class ModelStore:
         )
         return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
 
-    def close_due_windows(self, now: float, *, limit: int = 500) -> int:
-        """Send reward 0 for every chosen offer whose reward window ended without an outcome."""
-        due: Any = self.client.zrangebyscore(keys.AWAITING, "-inf", now, start=0, num=limit)
+    def close_due_windows(self, now: float, *, batch: int = 500, max_batches: int = 20) -> int:
+        """Send reward 0 for every chosen offer whose reward window ended without an outcome.
+        Works through the due decisions in pipelined batches (one round trip per batch), up
+        to ``max_batches`` per call so a large backlog cannot stall the learner's loop."""
         sent = 0
-        for decision_id in due:
-            k = keys.DecisionKeys.of(decision_id)
-            sent += int(
+        for _ in range(max_batches):
+            due: Any = self.client.zrangebyscore(keys.AWAITING, "-inf", now, start=0, num=batch)
+            if not due:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            for decision_id in due:
+                k = keys.DecisionKeys.of(decision_id)
                 self._close_window(
                     keys=[k.record, k.learned, keys.OUTCOME_STREAM, keys.AWAITING],
                     args=[repr(now), decision_id],
+                    client=pipe,
                 )
-            )
+            sent += sum(int(n) for n in pipe.execute())
+            if len(due) < batch:
+                break
         return sent
 
     def load_checkpoint(self) -> tuple[bytes, str] | None:
