@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from decide_latency import (
     make_workload,
     no_interrupts,
     progress,
+    run_until_stopped,
     tactful_env,
     wait_ready,
 )
@@ -362,16 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.5 <= args.seconds <= 30:
         parser.error("--seconds must be between 0.5 and 30 (the run must stay bounded)")
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted; servers stopped")
-        return 130
+    return run_until_stopped(run, args)
 
 
 if __name__ == "__main__":

@@ -610,6 +610,16 @@ def non_negative(text: str) -> int:
     return value
 
 
+def run_until_stopped(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a bench so that SIGTERM and Ctrl-C still stop every server it started."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        progress("interrupted; servers stopped")
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=positive, default=5000, help="measured calls per row")
@@ -625,12 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve_echo is not None:
         return serve_echo(args.serve_echo, int(os.environ.get("BENCH_ECHO_WORKERS", "16")))
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted; servers stopped")
-        return 130
+    return run_until_stopped(run, args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -65,11 +64,11 @@ import numpy.typing as npt
 from decide_latency import (
     HOST,
     Child,
-    _terminate,
     free_ports,
     no_interrupts,
     positive,
     progress,
+    run_until_stopped,
     tactful_env,
     wait_ready,
 )
@@ -725,12 +724,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="digits: principal components as numeric_context")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted; servers stopped")
-        return 130
+    return run_until_stopped(run, args)
 
 
 if __name__ == "__main__":
