@@ -55,8 +55,10 @@ promtool: ## install promtool (Debian package prometheus) if missing: root and a
 		update-rc.d prometheus disable >/dev/null 2>&1 || true; fi; \
 	promtool --version 2>&1 | head -1
 
-serve: setup ## start tactful on :50051 (metrics :9464) with an embedded redis-server in .tactful/
-	$(BIN)/python -m tactful serve
+# Development: no API keys, so authentication is off (the server says so loudly). A real
+# deployment sets TACTFUL_API_KEYS instead (README "Security").
+serve: setup ## start tactful on :50051 (metrics :9464), embedded redis-server in .tactful/, no auth
+	TACTFUL_AUTH_DISABLED=true $(BIN)/python -m tactful serve
 
 test: setup promtool ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check

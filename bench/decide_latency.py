@@ -198,6 +198,7 @@ def tactful_env(grpc_port: int, metrics_port: int, data_dir: Path) -> dict[str, 
         TACTFUL_CONTROL_SHARE="0",  # every user on the personalised arm: the full scoring path
         TACTFUL_SHUTDOWN_GRACE_SECONDS="1",
         TACTFUL_LOG_LEVEL="INFO",  # the default; the "serving gRPC on" line proves the port
+        TACTFUL_AUTH_DISABLED="true",  # a local server for the bench, as `make serve`
     )
     return env
 

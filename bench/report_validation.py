@@ -59,6 +59,7 @@ def settings(control_share: float = 0.3, gamma: float = 20.0) -> Settings:
             "TACTFUL_SEED": "7",
             "TACTFUL_CONTROL_SHARE": str(control_share),
             "TACTFUL_EXPLORATION_GAMMA": str(gamma),
+            "TACTFUL_AUTH_DISABLED": "true",  # an in-process server on 127.0.0.1
         }
     )
     return dataclasses.replace(

@@ -75,6 +75,13 @@ def start_server(
         "TACTFUL_DATA_DIR": data_dir,
         "TACTFUL_REDIS_URL": "",  # always the embedded redis-server, never a shared Redis
         "TACTFUL_LOAD_DEMO_CATALOG": "false",
+        # A local server for the load test, as `make serve`: no keys, plaintext, whatever
+        # this shell's environment says.
+        "TACTFUL_AUTH_DISABLED": "true",
+        "TACTFUL_API_KEYS": "",
+        "TACTFUL_TLS_CERT_FILE": "",
+        "TACTFUL_TLS_KEY_FILE": "",
+        "TACTFUL_TLS_CLIENT_CA_FILE": "",
     }
     with log_path.open("wb") as log_file:
         return subprocess.Popen(

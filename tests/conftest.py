@@ -39,9 +39,14 @@ redisdb = factories.redisdb("redis_proc", decode=True)
 def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Settings:
     """Test settings. Redis timeouts are a second, not the render path's 25 ms: a test on a
     busy 2-core CI machine must not turn into a fallback by accident (the tests about slow
-    stores ask for a short timeout)."""
+    stores ask for a short timeout). Authentication is off (tests/test_auth.py turns it on)."""
     base = Settings.from_env(
-        {"TACTFUL_PSEUDONYM_KEY": "test-key", "TACTFUL_CONTROL_SHARE": "0", "TACTFUL_SEED": "7"}
+        {
+            "TACTFUL_PSEUDONYM_KEY": "test-key",
+            "TACTFUL_CONTROL_SHARE": "0",
+            "TACTFUL_SEED": "7",
+            "TACTFUL_AUTH_DISABLED": "true",
+        }
     )
     return dataclasses.replace(
         base,

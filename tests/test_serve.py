@@ -49,6 +49,7 @@ def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
         TACTFUL_GRPC_PORT=str(port),
         TACTFUL_METRICS_PORT=str(free_port()),
         TACTFUL_GRPC_HOST="127.0.0.1",
+        TACTFUL_AUTH_DISABLED="true",  # as `make serve` (tests/test_auth.py runs one with keys)
     )
     environment.update(env)
     return subprocess.Popen(

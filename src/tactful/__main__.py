@@ -1,6 +1,7 @@
 """Command line: ``tactful serve`` (the server, with its learner unless told otherwise),
 ``tactful learn`` (a learner on its own), ``tactful model list|rollback|unpin``,
-``tactful report`` / ``tactful export`` (the decision log as an ROI report / VW DSJson), and
+``tactful report`` / ``tactful export`` (the decision log as an ROI report / VW DSJson),
+``tactful new-key`` / ``tactful hash-key`` (API keys and their TACTFUL_API_KEYS entries) and
 ``tactful settings`` (the settings table)."""
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import getpass
 import logging
+import secrets
 import signal
 import sys
 import threading
@@ -19,7 +22,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from tactful.settings import Settings, SettingsError, settings_table
+from tactful.settings import Settings, SettingsError, key_digest, parse_roles, settings_table
 
 log = logging.getLogger("tactful")
 
@@ -81,8 +84,10 @@ def serve(settings: Settings) -> int:
     from tactful.core import CatalogCache, CatalogService
     from tactful.embedded_redis import EmbeddedRedis
     from tactful.store import RedisStore
+    from tactful.transport.auth import check_serving
     from tactful.transport.server import build_server, serve_until_signalled
 
+    check_serving(settings.security)  # before anything starts: no keys, unreadable TLS files
     embedded: EmbeddedRedis | None = None
     url = settings.redis.url
     if not url:
@@ -218,6 +223,38 @@ def report_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+#: Shorter keys are refused by `tactful hash-key`: a fast hash of a guessable key is no secret.
+MIN_KEY_LENGTH = 24
+
+
+def key_command(args: argparse.Namespace) -> int:
+    """`tactful new-key` prints a new random key and its settings entry; `tactful hash-key`
+    the entry of a key given (read from the terminal or stdin when not an argument, so it
+    stays out of shell history)."""
+    try:
+        roles = parse_roles(args.roles)
+    except ValueError as exc:
+        print(f"tactful {args.command}: --roles: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "new-key":
+        key = "tk_" + secrets.token_urlsafe(32)
+        print(f"key (give it to the client; it is stored nowhere): {key}")
+    else:
+        key = args.key
+        if key is None:
+            key = getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.readline()
+        key = key.strip()
+        if len(key) < MIN_KEY_LENGTH:
+            print(
+                f"tactful hash-key: a key needs at least {MIN_KEY_LENGTH} random characters; "
+                "`tactful new-key` makes one",
+                file=sys.stderr,
+            )
+            return 2
+    print(f"TACTFUL_API_KEYS entry: {key_digest(key)}={'+'.join(roles)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tactful", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("version", type=int)
     model_sub.add_parser("unpin", help="let the learner publish new versions again")
     sub.add_parser("settings", help="print the settings table (Markdown)")
+    new_key = sub.add_parser("new-key", help="make a random API key and its settings entry")
+    hash_key = sub.add_parser("hash-key", help="the TACTFUL_API_KEYS entry of an existing key")
+    hash_key.add_argument("key", nargs="?", help="the key (default: read from stdin)")
+    for command in (new_key, hash_key):
+        command.add_argument(
+            "--roles", required=True, help="decide, profile and/or admin, e.g. decide+profile"
+        )
     for name, help_text, out in (
         ("report", "ROI report of the decision log (Markdown, PNG plots with matplotlib)", "DIR"),
         ("export", "the decision log as Vowpal Wabbit DSJson (--cb_adf --dsjson)", "FILE"),
@@ -242,22 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         print(settings_table())
         return 0
+    if args.command in ("new-key", "hash-key"):
+        return key_command(args)
     try:
         settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.server.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+        if args.command == "learn":
+            return learn(settings)
+        if args.command == "model":
+            return model_command(settings, args)
+        if args.command in ("report", "export"):
+            return report_command(settings, args)
+        return serve(settings)
     except SettingsError as exc:
         print(f"tactful: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    if args.command == "learn":
-        return learn(settings)
-    if args.command == "model":
-        return model_command(settings, args)
-    if args.command in ("report", "export"):
-        return report_command(settings, args)
-    return serve(settings)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ GRPC_HANDLING_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# Security.
+AUTH_FAILURES = Counter(
+    "tactful_auth_failures_total",
+    "Calls refused by authentication or authorization, by reason: missing_key, malformed, "
+    "unknown_key (UNAUTHENTICATED), forbidden (PERMISSION_DENIED: the key lacks the role).",
+    ["reason"],
+)
+
 # Domain metrics.
 DECISIONS = Counter(
     "tactful_decisions_total",

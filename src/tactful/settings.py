@@ -6,8 +6,10 @@ Every field documents itself: ``python -m tactful settings`` prints the table th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -251,6 +253,95 @@ class PrivacySettings:
     )
 
 
+#: API key roles. ``admin`` implies the others.
+ROLES = ("decide", "profile", "admin")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def key_digest(key: str) -> str:
+    """The settings form of an API key: ``sha256:<hex digest>``. Keys are random tokens (see
+    ``tactful new-key``), so a plain, unsalted hash is enough to keep them out of settings."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_roles(text: str) -> tuple[str, ...]:
+    """``decide+profile`` (or ``decide,profile``) -> ("decide", "profile"); ValueError names an
+    unknown role."""
+    roles = tuple(dict.fromkeys(r.strip() for r in re.split(r"[+,]", text) if r.strip()))
+    if not roles:
+        raise ValueError(f"no role given (roles: {', '.join(ROLES)})")
+    for role in roles:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+    return roles
+
+
+def _parse_api_keys(raw: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``sha256:<hex>=decide+profile,sha256:<hex>=admin`` -> ((hex, roles), ...).
+
+    Errors name the entry by position and never echo it: a raw key pasted here by mistake
+    must not end up in a log."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    for n, entry in enumerate((e.strip() for e in raw.split(",") if e.strip()), start=1):
+        digest, sep, roles = entry.rpartition("=")
+        scheme, colon, hexdigest = digest.strip().partition(":")
+        if not sep:
+            raise ValueError(
+                f"entry {n}: expected sha256:<hex digest>=<role>[+<role>...]; make one with "
+                "`python -m tactful new-key --roles decide`"
+            )
+        hexdigest = hexdigest.strip().lower()
+        if not colon or scheme.strip().lower() != "sha256" or not _DIGEST.fullmatch(hexdigest):
+            raise ValueError(
+                f"entry {n}: expected sha256:<64 hex digits>=<role>; settings hold a key's "
+                "hash, never the key (`python -m tactful hash-key --roles ...` prints it)"
+            )
+        if hexdigest in seen:
+            raise ValueError(f"entry {n}: the same key is listed twice")
+        seen.add(hexdigest)
+        try:
+            out.append((hexdigest, parse_roles(roles)))
+        except ValueError as exc:
+            raise ValueError(f"entry {n}: {exc}") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    api_keys: tuple[tuple[str, tuple[str, ...]], ...] = _setting(
+        "TACTFUL_API_KEYS",
+        (),
+        "API keys the server accepts, by hash, with their roles: comma-separated "
+        "`sha256:<hex digest>=<role>[+<role>...]`. Roles: decide (Decisioning), profile "
+        "(Profiles except DeleteProfile), admin (everything: Catalog, DeleteProfile). Clients "
+        "send `authorization: Bearer <key>` or `x-api-key: <key>`. `tactful new-key` makes one.",
+        parse=_parse_api_keys,
+        secret=True,
+    )
+    auth_disabled: bool = _setting(
+        "TACTFUL_AUTH_DISABLED",
+        False,
+        "Development only: accept every call without a key (the server logs a warning). "
+        "`make serve` sets it.",
+    )
+    tls_cert_file: str = _setting(
+        "TACTFUL_TLS_CERT_FILE",
+        "",
+        "PEM certificate (chain) of the gRPC server. Set with TACTFUL_TLS_KEY_FILE to serve "
+        "TLS only; empty: plaintext.",
+    )
+    tls_key_file: str = _setting(
+        "TACTFUL_TLS_KEY_FILE", "", "PEM private key of TACTFUL_TLS_CERT_FILE."
+    )
+    tls_client_ca_file: str = _setting(
+        "TACTFUL_TLS_CLIENT_CA_FILE",
+        "",
+        "PEM CA certificate(s): when set, clients must present a certificate signed by one of "
+        "them (mutual TLS), as well as an API key.",
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -259,6 +350,7 @@ class Settings:
     contact: ContactSettings = field(default_factory=ContactSettings)
     learning: LearningSettings = field(default_factory=LearningSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def check_consistency(self) -> None:
         """Settings that are fine alone but wrong together."""
@@ -303,6 +395,19 @@ def _consistency_errors(settings: Settings) -> list[str]:
         )
     if settings.server.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         errors.append("TACTFUL_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    security = settings.security
+    if security.auth_disabled and security.api_keys:
+        errors.append(
+            "TACTFUL_AUTH_DISABLED=true ignores TACTFUL_API_KEYS: set one or the other "
+            "(a server that looks protected must be)"
+        )
+    if bool(security.tls_cert_file) != bool(security.tls_key_file):
+        errors.append("TACTFUL_TLS_CERT_FILE and TACTFUL_TLS_KEY_FILE must be set together")
+    if security.tls_client_ca_file and not security.tls_cert_file:
+        errors.append(
+            "TACTFUL_TLS_CLIENT_CA_FILE (mutual TLS) needs TACTFUL_TLS_CERT_FILE and "
+            "TACTFUL_TLS_KEY_FILE"
+        )
     return errors
 
 
@@ -324,7 +429,8 @@ def _load_group(group_cls: Any, env: Mapping[str, str], errors: list[str]) -> An
         try:
             values[f.name] = _parse(f, env[name])
         except ValueError as exc:
-            errors.append(f"{name}={env[name]!r}: {exc}")
+            shown = name if f.metadata.get("secret") else f"{name}={env[name]!r}"
+            errors.append(f"{shown}: {exc}")
     return group_cls(**values)
 
 
@@ -332,6 +438,8 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     meta = f.metadata
     kind: Any = type(f.default)
     value: Any
+    if "parse" in meta:
+        return meta["parse"](raw)
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:

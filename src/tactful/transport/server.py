@@ -15,6 +15,7 @@ from tactful.core import CatalogCache, CatalogService, Decider, ModelCache, Prof
 from tactful.features import FeatureSpace
 from tactful.settings import Settings
 from tactful.store import Store
+from tactful.transport import auth
 from tactful.transport.interceptor import ServerInterceptor
 from tactful.transport.servicers import CatalogServicer, DecisioningServicer, ProfilesServicer
 from tactful.v1 import (
@@ -32,6 +33,13 @@ SERVICE_NAMES = (
     decisioning_pb2.DESCRIPTOR.services_by_name["Decisioning"].full_name,
     profiles_pb2.DESCRIPTOR.services_by_name["Profiles"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
+)
+#: Every method of the three services, as gRPC names them (``/tactful.v1.Catalog/PutOffer``).
+METHODS = tuple(
+    f"/{service.full_name}/{method.name}"
+    for module in (decisioning_pb2, profiles_pb2, catalog_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
 )
 
 
@@ -51,7 +59,15 @@ class Running:
 
 
 def build_server(settings: Settings, store: Store, *, port: int | None = None) -> Running:
-    """Create and start a server; ``port=0`` binds a free port (tests). Returns it running."""
+    """Create and start a server; ``port=0`` binds a free port (tests). Returns it running.
+
+    Raises SettingsError when the security settings cannot serve (no API keys with auth on,
+    unreadable TLS files)."""
+    bind_port = settings.server.grpc_port if port is None else port
+    address = f"{settings.server.host}:{bind_port}"
+    credentials = auth.server_credentials(settings.security)
+    # Authentication first: the metrics/error interceptor caches one handler per method.
+    interceptors = [*auth.interceptors(settings.security, METHODS, address), ServerInterceptor()]
     catalog_cache = CatalogCache(store)
     models = ModelCache(store, FeatureSpace(settings.learning.hashed_bits), settings.learning.kappa)
     decider = Decider(store, catalog_cache, models, settings)
@@ -62,7 +78,7 @@ def build_server(settings: Settings, store: Store, *, port: int | None = None) -
         futures.ThreadPoolExecutor(
             max_workers=settings.server.max_workers, thread_name_prefix="rpc"
         ),
-        interceptors=[ServerInterceptor()],
+        interceptors=interceptors,
         options=[("grpc.so_reuseport", 0)],
         # Load shedding: past this many RPCs in the process (running or waiting for a
         # thread), gRPC refuses a call at once with RESOURCE_EXHAUSTED, so a caller with a
@@ -82,10 +98,18 @@ def build_server(settings: Settings, store: Store, *, port: int | None = None) -
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
 
-    bind_port = settings.server.grpc_port if port is None else port
-    bound = server.add_insecure_port(f"{settings.server.host}:{bind_port}")
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
-        raise RuntimeError(f"could not bind gRPC port {settings.server.host}:{bind_port}")
+        raise RuntimeError(f"could not bind gRPC port {address}")
+    security = settings.security
+    transport = "plaintext" if credentials is None else "TLS"
+    if security.tls_client_ca_file:
+        transport += ", client certificates required"
+    keys = "off" if security.auth_disabled else f"{len(security.api_keys)} API key(s)"
+    log.info("gRPC transport: %s; authentication: %s", transport, keys)
     server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
