@@ -630,6 +630,7 @@ def report(scenario_name: str, description: str, runs: list[SeedRun], rounds: in
         if with_truth
         else f"  (Δ: mean reward minus {reference}'s, paired by seed)"
     )
+    lines += horizons(names, runs, rounds)
     for name in names:
         notes = [run.notes[name] for run in runs if name in run.notes]
         if notes:
@@ -647,14 +648,41 @@ def report(scenario_name: str, description: str, runs: list[SeedRun], rounds: in
     return lines
 
 
+def horizons(names: Sequence[str], runs: list[SeedRun], rounds: int) -> list[str]:
+    """Mean reward over the first n rounds for growing n: how fast each policy learns. With
+    a full-information learner in the table, each tactful variant's mean as a share of its."""
+    ns = sorted({max(1, rounds >> k) for k in range(4)})
+    lines = ["  mean reward over the first n rounds (mean over seeds):"]
+    lines.append(f"  {'n':<22}" + "".join(f"{n:>9}" for n in ns))
+    table = {
+        name: [float(np.mean([np.mean(run.results[name].rewards[:n]) for run in runs])) for n in ns]
+        for name in names
+    }
+    for name in names:
+        lines.append(f"  {name:<22}" + "".join(f"{v:>9.3f}" for v in table[name]))
+    limit = table.get(FullInfoRidge.name)
+    if limit is not None:
+        for name in names:
+            if name.startswith("tactful"):
+                shares = "".join(
+                    f"{100 * v / w:>8.1f}%" for v, w in zip(table[name], limit, strict=True)
+                )
+                lines.append(f"  {name + ' % full-info':<22}" + shares)
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     gammas = [float(g) for g in args.gammas.split(",")] if args.gammas else [DEFAULT_GAMMA]
+    feature_sets = args.feature_sets.split(",")
     variants: list[tuple[str, dict[str, str]]] = []
     for gamma in gammas:
-        env = {"TACTFUL_EXPLORATION_GAMMA": repr(gamma)}
-        if args.hash_bits:
-            env["TACTFUL_FEATURE_HASH_BITS"] = str(args.hash_bits)
-        variants.append((f"tactful gamma={gamma:g}", env))
+        for feature_set in feature_sets:
+            env = {"TACTFUL_EXPLORATION_GAMMA": repr(gamma), "TACTFUL_FEATURE_SET": feature_set}
+            if args.hash_bits:
+                env["TACTFUL_FEATURE_HASH_BITS"] = str(args.hash_bits)
+            name = "tactful" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
+            name += f" {feature_set}" if len(feature_sets) > 1 else ""
+            variants.append((name, env))
     scenarios: list[tuple[str, Callable[[int], Scenario]]] = []
     if "sim" in args.scenarios:
         scenarios.append(("sim", lambda seed: SimScenario(seed, args.users, args.offers)))
@@ -718,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(default: the setting's default, {DEFAULT_GAMMA:g})",
     )
     parser.add_argument("--hash-bits", type=int, default=0, help="TACTFUL_FEATURE_HASH_BITS")
+    parser.add_argument(
+        "--feature-sets",
+        default="shared+offer",
+        help="comma-separated TACTFUL_FEATURE_SETs, one tactful server each (the ablation: "
+        "shared+offer,shared,offer)",
+    )
     parser.add_argument("--users", type=positive, default=400, help="sim: users")
     parser.add_argument("--offers", type=positive, default=40, help="sim: offers")
     parser.add_argument("--pca", type=int, default=16, choices=range(1, 65), metavar="1-64",

@@ -18,6 +18,7 @@ from tactful import keys, metrics
 from tactful.bandit import (
     LinearModel,
     RidgeLearner,
+    SnapshotError,
     draw,
     igw_probabilities,
     pick_slate,
@@ -29,6 +30,7 @@ from tactful.features import (
     BIAS,
     CONTACTS_TODAY,
     EXPLICIT_LIKE,
+    FEATURE_SETS,
     INFERRED_INTEREST,
     N_DENSE,
     PRIORITY,
@@ -78,7 +80,14 @@ def test_sparse_dot_matches_the_dense_product():
     assert np.allclose(dot_many(theta, vectors), dense @ theta)
 
 
-def expected_vector(ctx: RequestContext, o: Offer, liked: bool, inferred: float, contacts: int):
+def expected_vector(
+    ctx: RequestContext,
+    o: Offer,
+    liked: bool,
+    inferred: float,
+    contacts: int,
+    feature_set: str = "shared+offer",
+):
     """The vector the module doc of tactful.features describes, built name by name."""
     indices, values = [BIAS, PRIORITY], [1.0, o.priority]
     for present, index, value in (
@@ -89,24 +98,29 @@ def expected_vector(ctx: RequestContext, o: Offer, liked: bool, inferred: float,
         if present:
             indices.append(index)
             values.append(value)
-    names = [f"o:{o.offer_id}", f"o:{o.offer_id}|c:{ctx.channel}"]
-    values += [1.0, 1.0]
-    weight = 1 / math.sqrt(len(o.topics))
-    for t in o.topics:
-        topic_names = [f"t:{t}", f"t:{t}|c:{ctx.channel}"]
-        topic_names += [f"t:{t}|p:{ctx.placement}"] if ctx.placement else []
-        topic_names += [f"t:{t}|h:{ctx.hour // 3}"]
-        topic_names += [f"t:{t}|k:{k}={v}" for k, v in ctx.categorical]
-        names += topic_names + [f"t:{t}|n:{k}" for k, _ in ctx.numeric]
+    names: list[str] = []
+    if feature_set == "shared+offer":
+        names += [f"o:{o.offer_id}", f"o:{o.offer_id}|c:{ctx.channel}"]
+        values += [1.0, 1.0]
+    units = [f"o:{o.offer_id}"] if feature_set == "offer" else [f"t:{t}" for t in o.topics]
+    weight = 1 / math.sqrt(len(units))
+    for t in units:
+        topic_names = [t, f"{t}|c:{ctx.channel}"]
+        topic_names += [f"{t}|p:{ctx.placement}"] if ctx.placement else []
+        topic_names += [f"{t}|h:{ctx.hour // 3}"]
+        topic_names += [f"{t}|k:{k}={v}" for k, v in ctx.categorical]
+        names += topic_names + [f"{t}|n:{k}" for k, _ in ctx.numeric]
         values += [weight] * len(topic_names)
         values += [weight * math.copysign(math.log1p(abs(v)), v) for _, v in ctx.numeric]
     indices += [N_DENSE + (zlib.crc32(n.encode()) & (2**SPACE.hashed_bits - 1)) for n in names]
     return SparseVector(tuple(indices), tuple(values))
 
 
-def test_batched_features_are_the_documented_layout_in_every_context():
+@pytest.mark.parametrize("feature_set", FEATURE_SETS)
+def test_batched_features_are_the_documented_layout_in_every_context(feature_set):
     """Published snapshots depend on the layout: the cached, batched featurisation must give
     exactly the documented vectors, also when one offer is seen again in other contexts."""
+    space = FeatureSpace(SPACE.hashed_bits, feature_set)
     offers = [
         Offer("o1", "t", ("running", "yoga"), ("web",), 0.4),
         Offer("o2", "t", ("yoga",), ("web", "app"), 0.9),
@@ -121,14 +135,24 @@ def test_batched_features_are_the_documented_layout_in_every_context():
     for ctx in contexts * 2:
         for contacts in (0, 3):
             liked, inferred = [True, False, True], [0.0, 0.25, 0.5]
-            batch = SPACE.featurize_many(ctx, offers, liked, inferred, contacts)
+            batch = space.featurize_many(ctx, offers, liked, inferred, contacts)
             expected = [
-                expected_vector(ctx, o, lk, inf, contacts)
+                expected_vector(ctx, o, lk, inf, contacts, feature_set)
                 for o, lk, inf in zip(offers, liked, inferred, strict=True)
             ]
             assert [batch.vector(i) for i in range(len(offers))] == expected
             theta = np.random.default_rng(contacts).normal(size=SPACE.dim)
             assert np.array_equal(batch.dot(theta), dot_many(theta, expected))
+
+
+def test_each_feature_set_has_its_own_layout_and_refuses_the_others_snapshots():
+    spaces = [FeatureSpace(SPACE.hashed_bits, name) for name in FEATURE_SETS]
+    assert spaces[0].layout == "tactful-features-1/9"  # snapshots published before sets existed
+    assert len({space.layout for space in spaces}) == len(FEATURE_SETS)
+    snapshot = LinearModel("1", prior_theta(SPACE.dim), spaces[1].layout).to_bytes()
+    with pytest.raises(SnapshotError):
+        LinearModel.from_bytes(snapshot, spaces[0])
+    assert LinearModel.from_bytes(snapshot, spaces[1]).layout == spaces[1].layout
 
 
 def test_without_consent_the_inferred_feature_is_absent():

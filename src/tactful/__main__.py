@@ -52,7 +52,7 @@ def _start_learner(settings: Settings, url: str, stop: threading.Event) -> threa
 
     learner = Learner(
         ModelStore(_learner_client(settings, url)),
-        FeatureSpace(settings.learning.hashed_bits),
+        FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set),
         settings.learning,
     )
 

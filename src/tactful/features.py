@@ -20,6 +20,13 @@ Hashed features (shared structure first, so a new offer or user starts from what
   t:<topic>|n:<key>          topic x numeric context, value sign(v)*log1p(|v|)
   o:<offer_id>               per-offer bias, and o:<offer_id>|c:<channel>
 
+That is the default feature set, ``shared+offer`` (TACTFUL_FEATURE_SET): what is learned about a
+topic in a context carries over to every offer with that topic (a new offer starts from its
+topics), and the per-offer bias corrects for what the topics miss. Two others exist for
+comparison (``bench/policy_quality.py --feature-sets``): ``shared`` drops the per-offer bias;
+``offer`` crosses the offer id, not its topics, with the context (``o:<offer_id>|n:<key>``
+and so on), so offers learn nothing from each other.
+
 Explicit and inferred evidence enter only through indices 1 and 2, never inside a hashed
 interaction: so their learned weights alone decide how they compare, and the model can keep
 ``weight[1] >= kappa * weight[2]`` (see ``bandit.project``).
@@ -41,6 +48,7 @@ import numpy.typing as npt
 from tactful.model import Offer
 
 BIAS, EXPLICIT_LIKE, INFERRED_INTEREST, PRIORITY, CONTACTS_TODAY = range(5)
+FEATURE_SETS = ("shared+offer", "shared", "offer")
 DENSE_NAMES = ("bias", "explicit_like", "inferred_interest", "priority", "contacts_today")
 N_DENSE = len(DENSE_NAMES)
 
@@ -90,8 +98,11 @@ ContextKey = tuple[str, str, int, tuple[tuple[str, str], ...], tuple[str, ...]]
 
 
 class FeatureSpace:
-    def __init__(self, hashed_bits: int) -> None:
+    def __init__(self, hashed_bits: int, feature_set: str = "shared+offer") -> None:
+        if feature_set not in FEATURE_SETS:
+            raise ValueError(f"feature set {feature_set!r} is not one of {FEATURE_SETS}")
         self.hashed_bits = hashed_bits
+        self.feature_set = feature_set
         self.dim = N_DENSE + (1 << hashed_bits)
         self._mask = (1 << hashed_bits) - 1
         # Building and hashing names is the costly part, and it depends only on the offer and
@@ -99,13 +110,16 @@ class FeatureSpace:
         # in a context, and per offer in a context (a table per recent context, so a request
         # hashes its context key once, not once per offer).
         self.index = lru_cache(maxsize=1 << 16)(self._index)
-        self._topic_indices = lru_cache(maxsize=1 << 14)(self._topic_indices_uncached)
+        self._unit_indices = lru_cache(maxsize=1 << 14)(self._unit_indices_uncached)
         self._context_table = lru_cache(maxsize=256)(_new_table)
 
     @property
     def layout(self) -> str:
         """Identifies the feature layout: a model built for another one cannot be loaded."""
-        return f"tactful-features-1/{self.hashed_bits}"
+        default = self.feature_set == "shared+offer"  # the layout name it always had
+        return f"tactful-features-1/{self.hashed_bits}" + (
+            "" if default else f"/{self.feature_set}"
+        )
 
     def _index(self, name: str) -> int:
         return N_DENSE + (zlib.crc32(name.encode("utf-8", "surrogatepass")) & self._mask)
@@ -135,7 +149,7 @@ class FeatureSpace:
         )
         table = self._context_table(key)
         numeric = [math.copysign(math.log1p(abs(number)), number) for _, number in ctx.numeric]
-        names_per_topic = 3 + bool(ctx.placement) + len(ctx.categorical)  # see _topic_names
+        names_per_topic = 3 + bool(ctx.placement) + len(ctx.categorical)  # see _unit_names
         contacts = math.log1p(contacts_today) if contacts_today else 0.0
         # The hashed values of an offer depend only on its number of topics (weight
         # 1/sqrt(#topics)) and on this request's numbers: built once per topic count.
@@ -165,33 +179,48 @@ class FeatureSpace:
             n_topics = len(offer.topics)
             offer_values = hashed_values.get(n_topics)
             if offer_values is None:
-                weight = 1.0 / math.sqrt(n_topics)
-                topic_values = [weight] * names_per_topic + [weight * v for v in numeric]
-                offer_values = array("d", [1.0, 1.0, *topic_values * n_topics])
+                offer_values = self._offer_values(n_topics, names_per_topic, numeric)
                 hashed_values[n_topics] = offer_values
             values.extend(offer_values)
             bounds.append(len(indices))
         return FeatureBatch(indices, values, bounds)
 
+    def _offer_values(
+        self, n_topics: int, names_per_topic: int, numeric: list[float]
+    ) -> array[float]:
+        """The hashed values of an offer with ``n_topics`` topics, matching ``_offer_indices``."""
+        if self.feature_set == "offer":
+            return array("d", [1.0] * names_per_topic + numeric)
+        weight = 1.0 / math.sqrt(n_topics)
+        topic_values = [weight] * names_per_topic + [weight * v for v in numeric]
+        per_offer = [1.0, 1.0] if self.feature_set == "shared+offer" else []
+        return array("d", per_offer + topic_values * n_topics)
+
     def _offer_indices(self, offer_id: str, topics: tuple[str, ...], key: ContextKey) -> array[int]:
         """The hashed indices of one offer in one context, in the order of the module doc."""
-        channel = key[0]
-        indices = array("q", (self.index(f"o:{offer_id}"), self.index(f"o:{offer_id}|c:{channel}")))
+        if self.feature_set == "offer":
+            return array("q", self._unit_indices(f"o:{offer_id}", *key))
+        indices = array("q")
+        if self.feature_set == "shared+offer":
+            channel = key[0]
+            indices.extend((self.index(f"o:{offer_id}"), self.index(f"o:{offer_id}|c:{channel}")))
         for topic in topics:
-            indices.extend(self._topic_indices(topic, *key))
+            indices.extend(self._unit_indices(f"t:{topic}", *key))
         return indices
 
-    def _topic_indices_uncached(
+    def _unit_indices_uncached(
         self,
-        topic: str,
+        unit: str,
         channel: str,
         placement: str,
         hour_bucket: int,
         categorical: tuple[tuple[str, str], ...],
         numeric_keys: tuple[str, ...],
     ) -> tuple[int, ...]:
-        names = [*_topic_names(topic, channel, placement, hour_bucket, categorical)]
-        names += (f"t:{topic}|n:{key}" for key in numeric_keys)
+        """The indices of ``unit`` (``t:<topic>``, or ``o:<offer_id>`` in the ``offer`` set)
+        alone and crossed with each part of the context."""
+        names = [*_unit_names(unit, channel, placement, hour_bucket, categorical)]
+        names += (f"{unit}|n:{key}" for key in numeric_keys)
         return tuple(self.index(name) for name in names)
 
 
@@ -227,20 +256,20 @@ class FeatureBatch:
         return np.add.reduceat(theta[idx] * vals, self._bounds[:-1])
 
 
-def _topic_names(
-    topic: str,
+def _unit_names(
+    unit: str,
     channel: str,
     placement: str,
     hour_bucket: int,
     categorical: tuple[tuple[str, str], ...],
 ) -> Iterable[str]:
-    yield f"t:{topic}"
-    yield f"t:{topic}|c:{channel}"
+    yield unit
+    yield f"{unit}|c:{channel}"
     if placement:
-        yield f"t:{topic}|p:{placement}"
-    yield f"t:{topic}|h:{hour_bucket}"
+        yield f"{unit}|p:{placement}"
+    yield f"{unit}|h:{hour_bucket}"
     for key, value in categorical:
-        yield f"t:{topic}|k:{key}={value}"
+        yield f"{unit}|k:{key}={value}"
 
 
 def dot_many(theta: FloatArray, vectors: Sequence[SparseVector]) -> FloatArray:

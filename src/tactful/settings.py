@@ -212,6 +212,14 @@ class LearningSettings:
     hashed_bits: int = _setting(
         "TACTFUL_FEATURE_HASH_BITS", 9, "2^bits buckets for hashed features.", min=4, max=14
     )
+    feature_set: str = _setting(
+        "TACTFUL_FEATURE_SET",
+        "shared+offer",
+        "Hashed features: shared+offer (topic x context, plus a bias per offer), shared "
+        "(topic x context only) or offer (offer x context, nothing shared between offers). "
+        "bench/policy_quality.py --feature-sets compares them.",
+        choices=("shared+offer", "shared", "offer"),
+    )
     reward_window_seconds: float = _setting(
         "TACTFUL_REWARD_WINDOW_SECONDS",
         600.0,

@@ -69,7 +69,8 @@ def build_server(settings: Settings, store: Store, *, port: int | None = None) -
     # Authentication first: the metrics/error interceptor caches one handler per method.
     interceptors = [*auth.interceptors(settings.security, METHODS, address), ServerInterceptor()]
     catalog_cache = CatalogCache(store)
-    models = ModelCache(store, FeatureSpace(settings.learning.hashed_bits), settings.learning.kappa)
+    space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
+    models = ModelCache(store, space, settings.learning.kappa)
     decider = Decider(store, catalog_cache, models, settings)
     catalog = CatalogService(store, catalog_cache)
     profiles = ProfileService(store, settings)
