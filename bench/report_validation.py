@@ -165,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         embedded = EmbeddedRedis(data_dir).start()
         try:
             client = connect(embedded.url, socket_timeout=5, connect_timeout=5, max_connections=16)
-            store = RedisStore(
-                client,
-                signal_half_life_seconds=config.policy.signal_half_life_hours * 3600,
-                decision_ttl_seconds=config.policy.decision_ttl_seconds,
-                request_id_ttl_seconds=config.policy.request_id_ttl_seconds,
-            )
+            store = RedisStore.for_settings(client, config)
             running = build_server(config, store, port=0)
             started = time.time()
             try:

@@ -54,8 +54,13 @@ def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Setting
         server=dataclasses.replace(
             base.server, host="127.0.0.1", grpc_port=0, max_workers=8, max_concurrent_rpcs=0
         ),
+        # No circuit breaker: a test that restarts Redis expects the next call to reach it
+        # (tests/test_breaker.py turns it on).
         redis=dataclasses.replace(
-            base.redis, socket_timeout_ms=redis_timeout_ms, connect_timeout_ms=redis_timeout_ms
+            base.redis,
+            socket_timeout_ms=redis_timeout_ms,
+            connect_timeout_ms=redis_timeout_ms,
+            breaker_failures=0,
         ),
         policy=dataclasses.replace(base.policy, **policy),
     )
@@ -78,12 +83,7 @@ def make_store(url: str, settings: Settings, **client_options: Any) -> RedisStor
         max_connections=settings.redis.max_connections,
         **client_options,
     )
-    return RedisStore(
-        client,
-        signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
-        decision_ttl_seconds=settings.policy.decision_ttl_seconds,
-        request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
-    )
+    return RedisStore.for_settings(client, settings)
 
 
 @pytest.fixture

@@ -98,12 +98,7 @@ def serve(settings: Settings) -> int:
         ).start()
         url = embedded.url
     try:
-        store = RedisStore(
-            _client(settings, url),
-            signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
-            decision_ttl_seconds=settings.policy.decision_ttl_seconds,
-            request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
-        )
+        store = RedisStore.for_settings(_client(settings, url), settings)
         if settings.server.load_demo_catalog:
             catalog = CatalogService(store, CatalogCache(store))
             if catalog.is_empty():

@@ -81,6 +81,15 @@ LEARNER_LAG_SECONDS = Histogram(
     "From an outcome (or a closed reward window) to the model version that includes it.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
 )
+REDIS_CIRCUIT_STATE = Gauge(
+    "tactful_redis_circuit_state",
+    "The store circuit breaker: 0 closed (normal), 0.5 half-open (probing), 1 open.",
+)
+REDIS_CIRCUIT_TRANSITIONS = Counter(
+    "tactful_redis_circuit_transitions_total",
+    "Times the store circuit breaker moved into a state.",
+    ["state"],
+)
 LEARNER_BACKLOG = Gauge("tactful_learner_backlog", "Rewards in the stream not yet applied.")
 
 REDIS_SECONDS = Histogram(

@@ -95,6 +95,22 @@ class RedisSettings:
     max_connections: int = _setting(
         "TACTFUL_REDIS_MAX_CONNECTIONS", 64, "Connection pool size per process.", min=1
     )
+    breaker_failures: int = _setting(
+        "TACTFUL_REDIS_BREAKER_FAILURES",
+        3,
+        "Store errors in a row that open the circuit breaker: while open, store calls fail at "
+        "once (Decide answers without the store) instead of each waiting out a timeout "
+        "(0: no breaker).",
+        min=0,
+    )
+    breaker_open_seconds: float = _setting(
+        "TACTFUL_REDIS_BREAKER_OPEN_SECONDS",
+        1.0,
+        "How long an open circuit stays open before one probe call tries the store again; "
+        "a probe that succeeds restores full service.",
+        min=0.01,
+        max=60.0,
+    )
 
 
 @dataclass(frozen=True)

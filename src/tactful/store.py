@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tactful import keys, metrics
+from tactful.breaker import CircuitBreaker, CircuitOpen
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS
 from tactful.errors import Unavailable
 from tactful.model import (
@@ -39,6 +40,7 @@ from tactful.model import (
     Stance,
     TopicPreference,
 )
+from tactful.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +281,11 @@ class RedisStore:
         signal_half_life_seconds: float,
         decision_ttl_seconds: int,
         request_id_ttl_seconds: int,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.client = client
+        # No breaker given: one that never opens (tools and tests that want every error).
+        self.breaker = breaker or CircuitBreaker(failures=0, open_seconds=0.0)
         self._half_life = signal_half_life_seconds
         self._decision_ttl = decision_ttl_seconds
         self._request_ttl = request_id_ttl_seconds
@@ -290,8 +295,42 @@ class RedisStore:
         # Model snapshots are bytes: a second client on the same server that does not decode.
         self.binary = _binary_twin(client)
 
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings) -> RedisStore:
+        return cls(
+            client,
+            signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
+            decision_ttl_seconds=settings.policy.decision_ttl_seconds,
+            request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
+            breaker=CircuitBreaker(
+                failures=settings.redis.breaker_failures,
+                open_seconds=settings.redis.breaker_open_seconds,
+            ),
+        )
+
+    @contextlib.contextmanager
+    def _guarded(self, operation: str) -> Iterator[None]:
+        """``store_errors`` behind the circuit breaker: while the circuit is open the store
+        is not asked at all, and the caller gets ``Unavailable`` at once."""
+        try:
+            self.breaker.before_call()
+        except CircuitOpen:
+            metrics.redis_errors(operation).inc()
+            raise Unavailable("store unavailable: circuit open") from None
+        try:
+            with store_errors(operation):
+                yield
+        except Unavailable:
+            self.breaker.failed()
+            raise
+        except BaseException:
+            self.breaker.succeeded()  # the store answered; the error is not its health
+            raise
+        else:
+            self.breaker.succeeded()
+
     def ping(self) -> bool:
-        with store_errors("ping"):
+        with self._guarded("ping"):
             return bool(self.client.ping())
 
     # --- decisions ------------------------------------------------------------------------
@@ -308,7 +347,7 @@ class RedisStore:
         ]
         if request_id:
             commands.append(("HGET", k.requests, request_id))
-        with store_errors("read_for_decision"):
+        with self._guarded("read_for_decision"):
             replies = self._round_trip(commands)
         profile = _decode_profile(user_id, *(_as_dict(reply) for reply in replies[:4]))
         return DecisionInputs(
@@ -322,7 +361,7 @@ class RedisStore:
         """Check every cap and consume one unit per offer returned, atomically: the offers
         (in the policy's order) that fit; see ``contact_policy.CONSUME_CONTACTS_LUA``."""
         k = keys.UserKeys.of(user_id)
-        with store_errors("consume_contacts"):
+        with self._guarded("consume_contacts"):
             consumed = self._consume_contacts(keys=[k.contacts, k.profile], args=spend.args())
         return [str(offer_id) for offer_id in consumed]
 
@@ -332,7 +371,7 @@ class RedisStore:
         pipe.hset(k.cooldowns, mapping={field: repr(until) for field in fields})
         # Every cooldown lasts the same time, so the newest ends last: the key goes with it.
         pipe.expireat(k.cooldowns, int(until) + 1)
-        with store_errors("add_cooldowns"):
+        with self._guarded("add_cooldowns"):
             pipe.execute()
 
     def log_decision(
@@ -374,7 +413,7 @@ class RedisStore:
             script = self._consume_contacts
             args = spend.args()
             commands.insert(0, ("EVALSHA", script.sha, 2, k.contacts, k.profile, *args))
-        with store_errors("log_decision"):
+        with self._guarded("log_decision"):
             try:
                 replies = self._round_trip(commands)
             except redis.exceptions.NoScriptError:
@@ -406,7 +445,7 @@ class RedisStore:
         return replies
 
     def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None:
-        with store_errors("get_logged_decision"):
+        with self._guarded("get_logged_decision"):
             raw = self.client.get(keys.DecisionKeys.of(decision_id).record)
         if raw is None:
             return None
@@ -416,7 +455,7 @@ class RedisStore:
         self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
     ) -> int:
         k = keys.DecisionKeys.of(decision_id)
-        with store_errors("record_outcome"):
+        with self._guarded("record_outcome"):
             status = self._record_outcome(
                 keys=[k.record, k.outcomes, k.learned, keys.OUTCOME_STREAM],
                 args=[
@@ -439,7 +478,7 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.hgetall(k.cooldowns)
-        with store_errors("get_profile"):
+        with self._guarded("get_profile"):
             replies = pipe.execute()
         return _decode_profile(user_id, *replies)
 
@@ -476,7 +515,7 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.hgetall(k.cooldowns)
-        with store_errors("set_preferences"):
+        with self._guarded("set_preferences"):
             replies = pipe.execute()
         return _decode_profile(update.user_id, *replies[-4:])
 
@@ -486,14 +525,14 @@ class RedisStore:
         args: list[Any] = [self._half_life]
         for signal in signals:
             args += [signal.topic, repr(float(signal.weight)), f"{signal.observed_at:.6f}"]
-        with store_errors("record_signals"):
+        with self._guarded("record_signals"):
             return bool(self._record_signals(keys=[k.signals, k.profile], args=args))
 
     def delete_profile(self, *, user_id: str) -> None:
         """Erasure: the user's keys, and every decision logged for them with its outcomes
         (they hold a pseudonym, a key digest and the request context)."""
         k = keys.UserKeys.of(user_id)
-        with store_errors("delete_profile"):
+        with self._guarded("delete_profile"):
             decision_ids: Any = self.client.smembers(k.decisions)
             pipe = self.client.pipeline(transaction=False)  # decisions live in other slots
             for decision_id in decision_ids:
@@ -506,11 +545,11 @@ class RedisStore:
     # --- catalog --------------------------------------------------------------------------
 
     def catalog_version(self) -> int:
-        with store_errors("catalog_version"):
+        with self._guarded("catalog_version"):
             return int(self.client.get(keys.CATALOG_VERSION) or 0)
 
     def load_model(self, *, version: int) -> bytes | None:
-        with store_errors("load_model"):
+        with self._guarded("load_model"):
             raw: Any = self.binary.get(keys.model_snapshot(version))
         return None if raw is None else bytes(raw)
 
@@ -518,7 +557,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.get(keys.CATALOG_VERSION)
         pipe.hgetall(keys.CATALOG_OFFERS)
-        with store_errors("load_catalog"):
+        with self._guarded("load_catalog"):
             version, raw = pipe.execute()
         return int(version or 0), [_decode_offer(v) for v in raw.values()]
 
@@ -526,11 +565,11 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(keys.CATALOG_OFFERS, offer.offer_id, json.dumps(asdict(offer)))
         pipe.incr(keys.CATALOG_VERSION)
-        with store_errors("put_offer"):
+        with self._guarded("put_offer"):
             pipe.execute()
 
     def get_offer(self, *, offer_id: str) -> Offer | None:
-        with store_errors("get_offer"):
+        with self._guarded("get_offer"):
             raw = self.client.hget(keys.CATALOG_OFFERS, offer_id)
         return None if raw is None else _decode_offer(str(raw))
 
@@ -538,7 +577,7 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hdel(keys.CATALOG_OFFERS, offer_id)
         pipe.incr(keys.CATALOG_VERSION)
-        with store_errors("delete_offer"):
+        with self._guarded("delete_offer"):
             deleted, _ = pipe.execute()
         return bool(deleted)
 
