@@ -27,7 +27,7 @@ from prometheus_client import Counter
 from tactful import keys, metrics, scoring, validation
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
 from tactful.contact_policy import ContactPolicy, Limits, Window, counter_field
-from tactful.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from tactful.errors import Abandoned, FieldViolation, InvalidArgument, NotFound, Unavailable
 from tactful.features import (
     FeatureSpace,
     RequestContext,
@@ -62,6 +62,10 @@ from tactful.store import ContactSpend, DecisionInputs, LoggedDecision, OutcomeS
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+
+def _always() -> bool:
+    return True
 DAY_SECONDS = 86400
 CONTROL_MODEL = "priority"  # the model_version of control-arm answers
 FALLBACK_MODEL = "fallback-priority"
@@ -278,7 +282,10 @@ class Decider:
             (*settings.policy.render_time_channels, *settings.contact.interruptive_channels)
         ) | {channel for channel, _ in settings.contact.channel_caps}
 
-    def decide(self, req: DecideRequest) -> Decision:
+    def decide(self, req: DecideRequest, *, wanted: Callable[[], bool] = _always) -> Decision:
+        """``wanted()`` says whether the caller still waits for the answer (the transport
+        passes its deadline/cancellation check): it is asked once more before anything is
+        written, and a decision nobody will see is neither logged nor counted."""
         validation.require(validation.check_decide(req))
         now = self._clock()
         decision_id = uuid.uuid4().hex
@@ -298,6 +305,9 @@ class Decider:
         draft = self._choose(req, inputs.profile, offers, model, decision_id, now)
         decision = draft.decision
         if not req.dry_run:
+            if not wanted():
+                metrics.ABANDONED_DECISIONS.inc()
+                raise Abandoned("the caller is gone: nothing logged, no contact counted")
             decision = self._log_and_consume(req, draft, offers, now)
         self._count(decision, req.channel)
         return decision

@@ -27,3 +27,8 @@ class NotFound(TactfulError):
 
 class Unavailable(TactfulError):
     """The store could not be reached; nothing was written."""
+
+
+class Abandoned(TactfulError):
+    """The caller is gone (its deadline passed, or it cancelled): the work stopped before
+    anything was written, so no contact was counted for an answer nobody saw."""

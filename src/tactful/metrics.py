@@ -62,6 +62,11 @@ FALLBACKS = Counter(
     "Decide answers made without the store, by what the caller got (fallback or held).",
     ["result"],
 )
+ABANDONED_DECISIONS = Counter(
+    "tactful_abandoned_decisions_total",
+    "Decides whose caller was gone (deadline passed, cancelled) before the decision was "
+    "written: nothing logged, no contact counted.",
+)
 DECISION_LOG_FAILURES = Counter(
     "tactful_decision_log_failures_total",
     "Decisions answered but not logged because the store failed in between.",

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from prometheus_client import Counter
 
 from tactful import metrics
-from tactful.errors import InvalidArgument, NotFound, TactfulError, Unavailable
+from tactful.errors import Abandoned, InvalidArgument, NotFound, TactfulError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def to_status(error: TactfulError) -> status_pb2.Status:
         )
     if isinstance(error, NotFound):
         return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(error))
+    if isinstance(error, Abandoned):
+        return status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=str(error))
     if isinstance(error, Unavailable):
         return status_pb2.Status(
             code=code_pb2.UNAVAILABLE,

@@ -23,7 +23,12 @@ class DecisioningServicer(decisioning_pb2_grpc.DecisioningServicer):
     def Decide(
         self, request: decisioning_pb2.DecideRequest, context: grpc.ServicerContext
     ) -> decisioning_pb2.DecideResponse:
-        return conv.decide_response(self._decider.decide(conv.decide_request(request)))
+        def wanted() -> bool:
+            remaining = context.time_remaining()
+            return context.is_active() and (remaining is None or remaining > 0)
+
+        decision = self._decider.decide(conv.decide_request(request), wanted=wanted)
+        return conv.decide_response(decision)
 
     def ReportOutcome(
         self, request: decisioning_pb2.ReportOutcomeRequest, context: grpc.ServicerContext

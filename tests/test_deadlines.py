@@ -1,0 +1,73 @@
+"""A caller that is gone gets nothing written in its name: a Decide whose deadline passes
+while it is being decided logs nothing and counts no contact."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from tactful import keys
+from tactful.store import DecisionInputs, RedisStore
+from tactful.transport.server import build_server
+from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
+from tactful.v1 import decisioning_pb2 as d
+from tactful.v1 import profiles_pb2 as p
+
+from conftest import make_settings, make_store, offer, redis_url
+
+
+class SlowReadStore(RedisStore):
+    """The real store, with the decision read held back while ``slow`` is set: what a busy
+    machine does to a call whose deadline is short."""
+
+    slow = threading.Event()
+
+    def read_for_decision(self, *, user_id: str, request_id: str) -> DecisionInputs:
+        inputs = super().read_for_decision(user_id=user_id, request_id=request_id)
+        if self.slow.is_set():
+            time.sleep(0.3)
+        return inputs
+
+
+@pytest.fixture
+def slow_server(redisdb: Any, redis_proc: Any):
+    settings = make_settings()
+    real = make_store(redis_url(redis_proc), settings)
+    store = SlowReadStore.for_settings(real.client, settings)
+    running = build_server(settings, store, port=0)
+    yield running, store
+    running.stop(None)  # type: ignore[arg-type]
+    SlowReadStore.slow.clear()
+
+
+def test_a_decide_past_its_deadline_logs_nothing_and_counts_no_contact(slow_server, redisdb):
+    running, store = slow_server
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        catalog_pb2_grpc.CatalogStub(channel).PutOffer(
+            catalog_pb2.PutOfferRequest(offer=offer("news", channels=["email"]))
+        )
+        decisioning = decisioning_pb2_grpc.DecisioningStub(channel)
+        profiles = profiles_pb2_grpc.ProfilesStub(channel)
+        request = d.DecideRequest(user_id="late-reader", channel="email")
+
+        store.slow.set()
+        with pytest.raises(grpc.RpcError) as late:
+            decisioning.Decide(request, timeout=0.1)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.4)  # the server has finished its side of the abandoned call
+        store.slow.clear()
+
+        profile = profiles.GetProfile(p.GetProfileRequest(user_id="late-reader"))
+        assert not profile.contact_counters
+        user = keys.UserKeys.of("late-reader")
+        assert not redisdb.exists(user.decisions)
+        # The same request, in time, is decided and counted as usual.
+        answer = decisioning.Decide(request, timeout=5)
+        assert [c.offer_id for c in answer.choices] == ["news"]
+        profile = profiles.GetProfile(p.GetProfileRequest(user_id="late-reader"))
+        email = [c.count for c in profile.contact_counters if c.channel == "email"]
+        assert email and set(email) == {1}
