@@ -14,10 +14,12 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from test_serve import free_port, start, stop, wait_serving
 
@@ -30,7 +32,7 @@ from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, prof
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
-from conftest import make_settings, offer
+from conftest import make_settings, make_store, offer
 
 DECIDE_KEY = "tk_decide-0123456789abcdefghijklmnop"
 PROFILE_KEY = "tk_profile-0123456789abcdefghijklmno"
@@ -406,3 +408,58 @@ def test_serve_without_keys_stops_at_once_and_says_what_to_do(tmp_path):
     assert process.returncode == 2
     assert "TACTFUL_API_KEYS is empty" in output and "tactful new-key" in output
     assert not (tmp_path / "redis.pid").exists()  # refused before anything started
+
+
+# --- per-key rate limit ---------------------------------------------------------------------
+
+
+def test_a_key_past_its_rate_gets_resource_exhausted_with_retry_info(store, redisdb):
+    settings = secured(TACTFUL_RATE_LIMIT_PER_SECOND="0.5", TACTFUL_RATE_LIMIT_BURST="3")
+    with (
+        serving(store, settings) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch,
+    ):
+        decide = decisioning_pb2_grpc.DecisioningStub(ch).Decide
+        request = d.DecideRequest(user_id="u", channel="web")
+        codes = [code_of(decide, request, metadata=bearer(DECIDE_KEY)) for _ in range(5)]
+        assert codes == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        with pytest.raises(grpc.RpcError) as refused:
+            decide(request, metadata=bearer(DECIDE_KEY), timeout=10)
+        status = rpc_status.from_call(refused.value)
+        assert status is not None
+        retry = error_details_pb2.RetryInfo()
+        assert status.details[0].Unpack(retry)
+        assert 0 < retry.retry_delay.ToTimedelta().total_seconds() <= 2.0  # 1 token / 0.5 s
+        # Buckets are per key: another key still has its own burst.
+        assert code_of(decide, request, metadata=bearer(ADMIN_KEY)) == grpc.StatusCode.OK
+        # Refused calls are counted where dashboards look.
+        handled = REGISTRY.get_sample_value(
+            "grpc_server_handled_total",
+            {
+                "grpc_type": "unary",
+                "grpc_service": "tactful.v1.Decisioning",
+                "grpc_method": "Decide",
+                "grpc_code": "RESOURCE_EXHAUSTED",
+            },
+        )
+        assert handled is not None and handled >= 3
+        # The bucket lives in Redis (shared by every process), under the key's digest only.
+        buckets = redisdb.keys("tactful:{rl:*")
+        assert len(buckets) == 2 and not any(DECIDE_KEY in b for b in buckets)
+
+
+def test_without_a_limit_no_bucket_is_kept(store, redisdb, channel):
+    decide = decisioning_pb2_grpc.DecisioningStub(channel).Decide
+    for _ in range(5):
+        decide(d.DecideRequest(user_id="u", channel="web"), metadata=bearer(DECIDE_KEY))
+    assert not redisdb.keys("tactful:{rl:*")
+
+
+def test_a_rate_limit_that_cannot_reach_redis_lets_the_call_through():
+    settings = secured(TACTFUL_RATE_LIMIT_PER_SECOND="1")
+    dead = make_store("redis://127.0.0.1:1/0", settings)  # nothing listens on port 1
+    limiter = auth.rate_limiter(dead, settings.security)
+    assert limiter is not None
+    before = REGISTRY.get_sample_value("tactful_rate_limit_unchecked_total") or 0.0
+    assert limiter(bytes(32)) == 0.0
+    assert REGISTRY.get_sample_value("tactful_rate_limit_unchecked_total") == before + 1

@@ -34,6 +34,11 @@ def model_snapshot(version: int) -> str:
     return f"{PREFIX}:{{model}}:snapshot:{version}"
 
 
+def rate_bucket(key_digest: bytes) -> str:
+    """The token bucket of one API key (by the sha256 digest the settings hold)."""
+    return f"{PREFIX}:{{rl:{key_digest.hex()[:32]}}}:bucket"
+
+
 def user_digest(user_id: str) -> str:
     return hashlib.blake2b(user_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 

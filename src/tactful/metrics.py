@@ -35,6 +35,14 @@ GRPC_HANDLING_SECONDS = Histogram(
 )
 
 # Security.
+RATE_LIMITED = Counter(
+    "tactful_rate_limited_total",
+    "Calls refused with RESOURCE_EXHAUSTED because their API key passed its rate limit.",
+)
+RATE_LIMIT_UNCHECKED = Counter(
+    "tactful_rate_limit_unchecked_total",
+    "Calls let through without a rate-limit check because Redis could not be asked.",
+)
 AUTH_FAILURES = Counter(
     "tactful_auth_failures_total",
     "Calls refused by authentication or authorization, by reason: missing_key, malformed, "

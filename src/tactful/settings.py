@@ -364,6 +364,21 @@ class SecuritySettings:
         "PEM CA certificate(s): when set, clients must present a certificate signed by one of "
         "them (mutual TLS), as well as an API key.",
     )
+    rate_limit_per_second: float = _setting(
+        "TACTFUL_RATE_LIMIT_PER_SECOND",
+        0.0,
+        "Calls per second each API key may make, across all server processes (a token "
+        "bucket in Redis: one more round trip per call); past it RESOURCE_EXHAUSTED with a "
+        "google.rpc.RetryInfo. If Redis cannot be asked, the call goes through. 0: no limit.",
+        min=0.0,
+    )
+    rate_limit_burst: float = _setting(
+        "TACTFUL_RATE_LIMIT_BURST",
+        0.0,
+        "Calls a key may make at once above its rate (the bucket's size); 0: one second's "
+        "worth of TACTFUL_RATE_LIMIT_PER_SECOND.",
+        min=0.0,
+    )
 
 
 @dataclass(frozen=True)

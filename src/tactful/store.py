@@ -148,6 +148,8 @@ class Store(Protocol):
 
     def delete_offer(self, *, offer_id: str) -> bool: ...
 
+    def take_token(self, *, bucket: str, rate: float, burst: float) -> float: ...
+
 
 # Adds inferred signals, decaying what is stored to the new observation's time, atomically,
 # and only for a user who consented to the use of their behaviour (returns 0 otherwise: the
@@ -227,6 +229,27 @@ return sent
 
 
 # Renews (or, with ttl 1, lets go of) the learner lease if this token holds it.
+# A token bucket: takes one token if there is one. KEYS[1] the bucket hash; ARGV[1] tokens
+# per second, ARGV[2] bucket size. Time is Redis's own (TIME), so every server process and
+# pod agrees on it. Returns "0" when a token was taken, else the seconds until one will be
+# there (as a string: Lua numbers would come back truncated to integers).
+_TAKE_TOKEN_LUA = """
+redis.replicate_commands()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
 _RENEW_LEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -292,6 +315,7 @@ class RedisStore:
         self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
         self._consume_contacts = client.register_script(CONSUME_CONTACTS_LUA)
+        self._take_token = client.register_script(_TAKE_TOKEN_LUA)
         # Model snapshots are bytes: a second client on the same server that does not decode.
         self.binary = _binary_twin(client)
 
@@ -580,6 +604,13 @@ class RedisStore:
         with self._guarded("delete_offer"):
             deleted, _ = pipe.execute()
         return bool(deleted)
+
+    # --- rate limits ----------------------------------------------------------------------
+
+    def take_token(self, *, bucket: str, rate: float, burst: float) -> float:
+        """Take a token from ``bucket``: 0.0 if taken, else the seconds to wait for one."""
+        with self._guarded("rate_limit"):
+            return float(self._take_token(keys=[bucket], args=[rate, burst]))
 
 
 def _binary_twin(client: redis.Redis) -> redis.Redis:

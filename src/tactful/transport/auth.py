@@ -23,9 +23,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from tactful import metrics
+from tactful import keys, metrics
+from tactful.errors import Unavailable
 from tactful.settings import SecuritySettings, SettingsError
+from tactful.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +96,12 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     nowhere, so a caller cannot grow memory or metric labels by inventing method names."""
 
     def __init__(
-        self, api_keys: Sequence[tuple[str, Sequence[str]]], methods: Iterable[str]
+        self,
+        api_keys: Sequence[tuple[str, Sequence[str]]],
+        methods: Iterable[str],
+        limiter: Limiter | None = None,
     ) -> None:
+        self._limiter = limiter
         self._keys = {
             digest: (digest, effective_roles(roles))
             for digest, roles in ((bytes.fromhex(h), r) for h, r in api_keys)
@@ -125,7 +134,10 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return self._refuse(method, "unknown_key", role)
         if role not in roles:
             return self._refuse(method, "forbidden", role)
-        return continuation(details)
+        handler = continuation(details)
+        if self._limiter is None or handler is None or handler.unary_unary is None:
+            return handler
+        return _rate_limited(handler, self._limiter, presented, method, method in self._roles)
 
     def _refuse(self, method: str, reason: str, role: str) -> grpc.RpcMethodHandler:
         handler = self._refusals.get((method, reason))
@@ -173,6 +185,66 @@ def _refusal(method: str, reason: str, role: str, *, labelled: bool) -> grpc.Rpc
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+#: Given an API key's digest, the seconds until it may call again (0: now).
+Limiter = Callable[[bytes], float]
+
+
+def rate_limiter(store: Store, security: SecuritySettings) -> Limiter | None:
+    """The per-key token bucket of the settings, kept in Redis so every process shares it;
+    None when there is no limit. A store that cannot be asked lets the call through: a rate
+    limit must not turn a Redis outage into an API outage."""
+    rate = security.rate_limit_per_second
+    if not rate:
+        return None
+    burst = security.rate_limit_burst or max(1.0, rate)
+
+    def seconds_to_wait(digest: bytes) -> float:
+        try:
+            return store.take_token(bucket=keys.rate_bucket(digest), rate=rate, burst=burst)
+        except Unavailable:
+            metrics.RATE_LIMIT_UNCHECKED.inc()
+            return 0.0
+
+    return seconds_to_wait
+
+
+def _rate_limited(
+    handler: grpc.RpcMethodHandler, limiter: Limiter, digest: bytes, method: str, known: bool
+) -> grpc.RpcMethodHandler:
+    """``handler``, asking the key's bucket first. The check runs in the RPC's thread, not in
+    the interceptor: gRPC calls interceptors on its one serving thread, which must never wait
+    on Redis."""
+    behavior = handler.unary_unary
+
+    def limited(request: Any, context: grpc.ServicerContext) -> Any:
+        wait = limiter(digest)
+        if wait <= 0:
+            return behavior(request, context)
+        metrics.RATE_LIMITED.inc()
+        if known:  # a made-up method name must not become a label value
+            service, _, name = method.lstrip("/").rpartition("/")
+            metrics.GRPC_STARTED.labels("unary", service, name).inc()
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+            metrics.GRPC_HANDLED.labels("unary", service, name, code).inc()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(wait * 1e9)))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status = status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED,
+            message=f"rate limit of this API key reached: retry in {wait:.3f} s",
+            details=[detail],
+        )
+        context.abort_with_status(rpc_status.to_status(status))
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    return grpc.unary_unary_rpc_method_handler(
+        limited,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def _read(path: str, setting: str) -> bytes:
     try:
         data = Path(path).read_bytes()
@@ -212,7 +284,7 @@ def check_serving(security: SecuritySettings) -> None:
 
 
 def interceptors(
-    security: SecuritySettings, methods: Iterable[str], port_hint: str
+    security: SecuritySettings, methods: Iterable[str], port_hint: str, store: Store
 ) -> list[grpc.ServerInterceptor]:
     """The auth interceptor for these settings, or none (loudly) when auth is disabled."""
     if security.auth_disabled:
@@ -223,4 +295,4 @@ def interceptors(
         )
         return []
     check_serving(security)
-    return [AuthInterceptor(security.api_keys, methods)]
+    return [AuthInterceptor(security.api_keys, methods, rate_limiter(store, security))]

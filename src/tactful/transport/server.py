@@ -67,7 +67,10 @@ def build_server(settings: Settings, store: Store, *, port: int | None = None) -
     address = f"{settings.server.host}:{bind_port}"
     credentials = auth.server_credentials(settings.security)
     # Authentication first: the metrics/error interceptor caches one handler per method.
-    interceptors = [*auth.interceptors(settings.security, METHODS, address), ServerInterceptor()]
+    interceptors = [
+        *auth.interceptors(settings.security, METHODS, address, store),
+        ServerInterceptor(),
+    ]
     catalog_cache = CatalogCache(store)
     space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
     models = ModelCache(store, space, settings.learning.kappa)
