@@ -66,7 +66,8 @@ RUN groupadd --system --gid 10001 tactful \
 
 COPY --from=builder /opt/venv /opt/venv
 
-USER tactful:tactful
+# Numeric, so Kubernetes' runAsNonRoot can check it without runAsUser (a user name it cannot).
+USER 10001:10001
 WORKDIR /var/lib/tactful
 # The embedded redis-server's append-only file and Unix socket. A bind mount must be writable
 # by uid 10001; a named volume takes this directory's owner.

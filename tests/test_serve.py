@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +224,39 @@ def test_two_server_processes_pick_up_a_new_model_without_restart(
     assert before.model_version == "prior"
     assert version.startswith("ridge-")
     print(f"outcome on process A to new model on process B: {delay * 1000:.0f} ms")
+
+
+def test_learn_on_its_own_exports_its_metrics_and_stops_cleanly(redis_proc, redisdb):
+    """`tactful learn` (the learner Deployment of deploy/k8s) serves /metrics like a server
+    does, so the learner alerts and dashboard panels work with TACTFUL_EMBEDDED_LEARNER=false."""
+    metrics_port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TACTFUL_")}
+    environment.update(
+        TACTFUL_REDIS_URL=f"redis://{redis_proc.host}:{redis_proc.port}/0",
+        TACTFUL_METRICS_PORT=str(metrics_port),
+        TACTFUL_GRPC_HOST="127.0.0.1",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tactful", "learn"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_die_with_parent,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                url = f"http://127.0.0.1:{metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    text = response.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "tactful learn served no /metrics"
+                time.sleep(0.1)
+    finally:
+        stop(process)
+    assert "tactful_learner_backlog" in text
+    assert "tactful_learner_rewards_applied_total" in text

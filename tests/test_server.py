@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tactful.transport.server import SERVICE_NAMES, build_server
+from tactful.settings import Settings
+from tactful.transport.server import SERVICE_NAMES, build_server, connection_age_options
 
 from conftest import make_settings
 
@@ -40,3 +44,50 @@ def test_stop_marks_health_not_serving_first(store):
         status = stub.Check(health_pb2.HealthCheckRequest()).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     running.stop(1.0)
+
+
+def test_connection_age_options_follow_the_setting():
+    settings = Settings.from_env({})
+    assert settings.server.max_connection_age_seconds == 0
+    assert connection_age_options(settings) == []  # default: connections live forever
+    aged = Settings.from_env(
+        {
+            "TACTFUL_GRPC_MAX_CONNECTION_AGE_SECONDS": "300",
+            "TACTFUL_SHUTDOWN_GRACE_SECONDS": "7.5",
+        }
+    )
+    assert connection_age_options(aged) == [
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 7_500),
+    ]
+
+
+def test_an_old_connection_is_closed_and_the_client_reconnects(store):
+    """Behind an L4 balancer a client rebalances only when its connection ends: past the age
+    the server sends GOAWAY, the channel drops to IDLE, and the next call reconnects."""
+    base = make_settings()
+    settings = dataclasses.replace(
+        base,
+        server=dataclasses.replace(
+            base.server, max_connection_age_seconds=0.3, shutdown_grace_seconds=1.0
+        ),
+    )
+    running = build_server(settings, store, port=0)
+    states: list[grpc.ChannelConnectivity] = []
+    closed = threading.Event()
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if grpc.ChannelConnectivity.READY in states and state != grpc.ChannelConnectivity.READY:
+            closed.set()
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            channel.subscribe(watch)
+            stub = health_pb2_grpc.HealthStub(channel)
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+            assert closed.wait(10), f"connection still open past its age: {states}"
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+            channel.unsubscribe(watch)
+    finally:
+        running.stop(1.0)

@@ -134,13 +134,17 @@ def serve(settings: Settings) -> int:
 
 
 def learn(settings: Settings) -> int:
-    """A learner on its own (with TACTFUL_EMBEDDED_LEARNER=false on the servers)."""
+    """A learner on its own (with TACTFUL_EMBEDDED_LEARNER=false on the servers). Its
+    metrics (lag, backlog, rewards applied) are on TACTFUL_METRICS_PORT, as a server's are."""
     if not settings.redis.url:
         print("tactful learn: set TACTFUL_REDIS_URL to the servers' Redis", file=sys.stderr)
         return 2
     stop = threading.Event()
     _stop_on_signals(stop)
-    _start_learner(settings, settings.redis.url, stop).join()
+    learner = _start_learner(settings, settings.redis.url, stop)  # imports the learner metrics
+    if settings.server.metrics_port:
+        start_http_server(settings.server.metrics_port, addr=settings.server.host)
+    learner.join()
     return 0
 
 

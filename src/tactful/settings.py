@@ -48,6 +48,15 @@ class ServerSettings:
         min=0,
         max=100_000,
     )
+    max_connection_age_seconds: float = _setting(
+        "TACTFUL_GRPC_MAX_CONNECTION_AGE_SECONDS",
+        0.0,
+        "Close each client connection after about this long (gRPC sends GOAWAY; calls in "
+        "flight get TACTFUL_SHUTDOWN_GRACE_SECONDS to finish), so clients behind an L4 load "
+        "balancer reconnect and spread over new server pods (0: connections live forever).",
+        min=0.0,
+        max=30 * 86400,
+    )
     shutdown_grace_seconds: float = _setting(
         "TACTFUL_SHUTDOWN_GRACE_SECONDS",
         5.0,

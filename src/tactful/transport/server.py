@@ -58,6 +58,23 @@ class Running:
         self.server.stop(grace).wait()
 
 
+def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel options that close a connection once it is TACTFUL_GRPC_MAX_CONNECTION_AGE_
+    SECONDS old (gRPC adds +-10 % jitter, so a fleet's clients do not all reconnect at once).
+
+    gRPC keeps one long-lived HTTP/2 connection per client: behind an L4 balancer (a ClusterIP
+    Service) every call of a client then goes to the pod it first reached, and pods added by
+    an autoscaler get no traffic. A GOAWAY at the age limit makes the client reconnect, and the
+    balancer picks again; calls in flight get the shutdown grace to finish."""
+    server = settings.server
+    if server.max_connection_age_seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(server.max_connection_age_seconds * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(server.shutdown_grace_seconds * 1000)),
+    ]
+
+
 def build_server(settings: Settings, store: Store, *, port: int | None = None) -> Running:
     """Create and start a server; ``port=0`` binds a free port (tests). Returns it running.
 
@@ -83,7 +100,7 @@ def build_server(settings: Settings, store: Store, *, port: int | None = None) -
             max_workers=settings.server.max_workers, thread_name_prefix="rpc"
         ),
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0)],
+        options=[("grpc.so_reuseport", 0), *connection_age_options(settings)],
         # Load shedding: past this many RPCs in the process (running or waiting for a
         # thread), gRPC refuses a call at once with RESOURCE_EXHAUSTED, so a caller with a
         # render-time deadline hears "no" in a millisecond instead of timing out in a queue.
