@@ -66,6 +66,8 @@ Clock = Callable[[], float]
 
 def _always() -> bool:
     return True
+
+
 DAY_SECONDS = 86400
 CONTROL_MODEL = "priority"  # the model_version of control-arm answers
 FALLBACK_MODEL = "fallback-priority"
