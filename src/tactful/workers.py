@@ -39,12 +39,16 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tactful import runtime
 from tactful.settings import Settings
@@ -131,11 +135,28 @@ class Supervisor:
         self._url = url
         self._metrics_dir = metrics_dir
         self._ctx = ctx
+        self._wakeup: socket.socket
+        self._writer: socket.socket
+        self._previous_wakeup_fd = -1
         self.children = [
             _Child(f"worker {i}", run_worker) for i in range(1, settings.server.workers + 1)
         ]
         if settings.learning.embedded_learner:
             self.children.append(_Child("learner", run_learner))
+
+    def __enter__(self) -> Supervisor:
+        # A signal wakes the supervisor's wait at once (its handler only sets a flag).
+        self._wakeup, writer = socket.socketpair()
+        for end in (self._wakeup, writer):
+            end.setblocking(False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno())
+        self._writer = writer
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        self._writer.close()
+        self._wakeup.close()
 
     def run(self, stop: threading.Event, store_name: str) -> int:
         server = self._settings.server
@@ -199,7 +220,9 @@ class Supervisor:
         """Until a child exits or reports ready, or ``timeout`` (signals only set a flag)."""
         objects: list[Any] = [c.ready for c in self.children if c.ready is not None]
         objects += [c.process.sentinel for c in self.children if c.alive and c.process]
-        wait(objects, timeout)
+        if self._wakeup in wait([self._wakeup, *objects], timeout):
+            with contextlib.suppress(OSError):
+                self._wakeup.recv(4096)
         for child in self.children:
             if child.ready is not None and child.ready.poll():
                 with contextlib.suppress(EOFError, OSError):
@@ -271,6 +294,24 @@ class Supervisor:
         return status
 
 
+class _Collector(MultiProcessCollector):
+    """MultiProcessCollector without the file a starting process has created but not yet
+    sized: prometheus-client would read 4 bytes that are not there yet and fail the scrape
+    (seen when a restarted worker starts while /metrics is read)."""
+
+    def __init__(self, registry: CollectorRegistry, path: Path) -> None:
+        super().__init__(registry, path=str(path))  # type: ignore[no-untyped-call]
+        self._dir = path
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in self._dir.glob("*.db"):
+            with contextlib.suppress(OSError):  # a live gauge's file removed meanwhile
+                if path.stat().st_size > 0:
+                    files.append(str(path))
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
 @contextlib.contextmanager
 def _held_port(host: str, port: int) -> Iterator[None]:
     """Refuse a port something already listens on (with SO_REUSEPORT the workers would
@@ -306,9 +347,6 @@ def _fresh_metrics_dir(configured: str, stack: contextlib.ExitStack) -> Path:
 
 def supervise(settings: Settings, url: str, store_name: str) -> int:
     """Run TACTFUL_WORKERS workers (and the learner) until SIGTERM/SIGINT; the exit status."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
     server = settings.server
     stop = threading.Event()
     runtime.stop_on_signals(stop)
@@ -324,7 +362,7 @@ def supervise(settings: Settings, url: str, store_name: str) -> int:
             # Inherited by the children, which import prometheus-client after it is set.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+            _Collector(registry, metrics_dir)
             http, thread = start_http_server(
                 server.metrics_port, addr=server.host, registry=registry
             )
@@ -332,5 +370,6 @@ def supervise(settings: Settings, url: str, store_name: str) -> int:
             stack.callback(http.shutdown)
         else:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        supervisor = Supervisor(settings, url, metrics_dir, multiprocessing.get_context("spawn"))
-        return supervisor.run(stop, store_name)
+        ctx = multiprocessing.get_context("spawn")
+        with Supervisor(settings, url, metrics_dir, ctx) as supervisor:
+            return supervisor.run(stop, store_name)
