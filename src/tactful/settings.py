@@ -254,7 +254,8 @@ class LearningSettings:
     embedded_learner: bool = _setting(
         "TACTFUL_EMBEDDED_LEARNER",
         True,
-        "Run the learner inside `tactful serve` (one process). False: run `tactful learn`.",
+        "Run the learner inside `tactful serve` (a thread; with TACTFUL_WORKERS > 1, one "
+        "process beside the workers). False: run `tactful learn`.",
     )
     seed: int = _setting(
         "TACTFUL_SEED", -1, "Seed of the exploration RNG (-1: from the OS).", min=-1
