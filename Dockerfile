@@ -52,10 +52,16 @@ LABEL org.opencontainers.image.title="tactful" \
       org.opencontainers.image.description="Self-hosted, real-time offer decisioning over gRPC" \
       org.opencontainers.image.licenses="Apache-2.0"
 
+# Two worker processes on the gRPC port (set TACTFUL_WORKERS to the CPUs the container gets,
+# less one for the embedded redis-server). Their metric files live in /dev/shm: memory, and
+# writable even with a read-only root filesystem (in Kubernetes, /dev/shm or an emptyDir
+# with medium: Memory).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    TACTFUL_DATA_DIR=/var/lib/tactful
+    TACTFUL_DATA_DIR=/var/lib/tactful \
+    TACTFUL_WORKERS=2 \
+    TACTFUL_METRICS_DIR=/dev/shm/tactful-metrics
 
 RUN groupadd --system --gid 10001 tactful \
     && useradd --system --uid 10001 --gid tactful --home-dir /var/lib/tactful \
@@ -78,7 +84,8 @@ EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('TACTFUL_GRPC_PORT', '50051')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=2); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 
-# SIGTERM: health NOT_SERVING, in-flight RPCs drain (TACTFUL_SHUTDOWN_GRACE_SECONDS, 5 s by
-# default, under docker stop's 10 s), then the embedded redis-server flushes and stops.
+# SIGTERM: the supervisor passes it to the workers, which go NOT_SERVING and drain in-flight
+# RPCs (TACTFUL_SHUTDOWN_GRACE_SECONDS, 5 s by default, under docker stop's 10 s); then the
+# embedded redis-server flushes and stops.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "tactful", "serve"]

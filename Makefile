@@ -56,9 +56,13 @@ promtool: ## install promtool (Debian package prometheus) if missing: root and a
 	promtool --version 2>&1 | head -1
 
 # Development: no API keys, so authentication is off (the server says so loudly). A real
-# deployment sets TACTFUL_API_KEYS instead (README "Security").
-serve: setup ## start tactful on :50051 (metrics :9464), embedded redis-server in .tactful/, no auth
-	TACTFUL_AUTH_DISABLED=true $(BIN)/python -m tactful serve
+# deployment sets TACTFUL_API_KEYS instead (README "Security"). Two worker processes by
+# default, so development runs the supervisor, SO_REUSEPORT and summed /metrics as the
+# container does; two, not one per CPU, because redis-server and the client need CPU too on
+# a laptop. `TACTFUL_WORKERS=1 make serve` runs one process.
+TACTFUL_WORKERS ?= 2
+serve: setup ## start tactful on :50051 (metrics :9464), 2 worker processes, embedded redis-server in .tactful/, no auth
+	TACTFUL_AUTH_DISABLED=true TACTFUL_WORKERS=$(TACTFUL_WORKERS) $(BIN)/python -m tactful serve
 
 test: setup promtool ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check

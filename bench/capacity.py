@@ -12,7 +12,12 @@ percentile lands on one). Achieved rps counts OK answers only.
   same DecideRequest bytes, sent back unchanged. The ceiling Python gRPC alone allows here.
 * ``tactful``: ``python -m tactful serve`` (its embedded redis-server, default settings, so
   TACTFUL_MAX_CONCURRENT_RPCS sheds load past its limit), loaded with 200 offers and 2,000
-  users with preferences and signals; Decide with 50 candidates and 3 slots.
+  users with preferences and signals; Decide with 50 candidates and 3 slots. Then
+  ``tactful x2``: the same server and data with TACTFUL_WORKERS=2 (two worker processes on
+  the port; see --workers).
+
+The client spreads its calls over CHANNELS connections of their own: SO_REUSEPORT hands each
+*connection* to one worker, so one connection would load one worker only.
 
 Everything runs on 127.0.0.1 and stops by itself (default: well under 5 minutes).
 
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,7 @@ TARGET_P999_MS = 20.0
 TARGET_PEAK_SHARE = 0.40
 DECIDE_METHOD = "/tactful.v1.Decisioning/Decide"
 QUANTILES = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
+CHANNELS = 8
 
 
 @dataclass
@@ -88,7 +95,7 @@ class Step:
         return float(np.percentile(np.asarray(self.latencies_ms), q, method="higher"))
 
 
-async def offer_load(call: Any, requests: list[Any], step: Step) -> None:
+async def offer_load(calls: list[Any], requests: list[Any], step: Step) -> None:
     """Send ``step.offered`` calls per second for ``step.seconds``, on schedule."""
     total = int(step.offered * step.seconds)
     interval = 1.0 / step.offered
@@ -97,7 +104,7 @@ async def offer_load(call: Any, requests: list[Any], step: Step) -> None:
 
     async def one(i: int, scheduled: float) -> None:
         try:
-            await call(requests[i % len(requests)], timeout=DEADLINE_S)
+            await calls[i % len(calls)](requests[i % len(requests)], timeout=DEADLINE_S)
             step.latencies_ms.append((time.perf_counter() - scheduled) * 1e3)
             step.codes["OK"] += 1
         except grpc.aio.AioRpcError as error:
@@ -126,18 +133,26 @@ async def sweep(
     name: str, target: str, method: str, requests: list[Any], args: argparse.Namespace
 ) -> list[Step]:
     steps: list[Step] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(
-            method,
-            request_serializer=decisioning_pb2.DecideRequest.SerializeToString,
-            response_deserializer=lambda data: data,  # the client does not parse the answer
-        )
+    # A connection each (a local subchannel pool: channels to one target otherwise share one).
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CHANNELS)
+    ]
+    try:
+        calls = [
+            channel.unary_unary(
+                method,
+                request_serializer=decisioning_pb2.DecideRequest.SerializeToString,
+                response_deserializer=lambda data: data,  # the client does not parse answers
+            )
+            for channel in channels
+        ]
         warm = Step(name, min(args.rates), args.warmup)
-        await offer_load(call, requests, warm)
+        await offer_load(calls, requests, warm)
         saturated = 0
         for rate in args.rates:
             step = Step(name, rate, args.seconds)
-            await offer_load(call, requests, step)
+            await offer_load(calls, requests, step)
             steps.append(step)
             progress(
                 f"{name:>9} offered {rate:>6.0f}/s: ok {step.achieved:>7.1f}/s "
@@ -147,6 +162,9 @@ async def sweep(
             if saturated >= 2:  # well past its peak: higher rates only add noise and time
                 break
             await asyncio.sleep(0.5)  # let the queues drain between steps
+    finally:
+        for channel in channels:
+            await channel.close()
     return steps
 
 
@@ -179,7 +197,7 @@ def plot(steps: list[Step], path: Path) -> str:
     except ImportError:
         return "no plot: matplotlib is not installed (pip install -e '.[dev]')"
     fig, ax = plt.subplots(figsize=(8, 5))
-    for server, marker in (("grpc echo", "o"), ("tactful", "s")):
+    for server, marker in (("grpc echo", "o"), ("tactful", "s"), ("tactful x2", "^")):
         rows = [s for s in steps if s.server == server]
         for q, style in (("p50", ":"), ("p99", "-")):
             pct = dict(QUANTILES)[q]
@@ -199,7 +217,12 @@ def plot(steps: list[Step], path: Path) -> str:
     return f"plot: {path}"
 
 
-def verdict(echo: list[Step], tactful: list[Step]) -> list[str]:
+def peak(steps: list[Step]) -> float:
+    """Sustained peak: the best OK rate at a step where 99% came back OK in time."""
+    return max((s.achieved for s in steps if s.quantile(99) <= DEADLINE_S * 1e3), default=0.0)
+
+
+def verdict(echo: list[Step], tactful: list[Step], more: dict[int, list[Step]]) -> list[str]:
     lines = []
     at = [s for s in tactful if s.offered == TARGET_RPS]
     if at:
@@ -212,10 +235,6 @@ def verdict(echo: list[Step], tactful: list[Step]) -> list[str]:
         )
     else:
         lines.append(f"target at {TARGET_RPS} rps: not measured (add it to --rates)")
-
-    def peak(steps: list[Step]) -> float:
-        """Sustained peak: the best OK rate at a step where 99% came back OK in time."""
-        return max((s.achieved for s in steps if s.quantile(99) <= DEADLINE_S * 1e3), default=0.0)
 
     echo_peak, tactful_peak = peak(echo), peak(tactful)
     share = tactful_peak / echo_peak if echo_peak else 0.0
@@ -231,7 +250,25 @@ def verdict(echo: list[Step], tactful: list[Step]) -> list[str]:
         lines.append(
             "  (echo never saturated at the highest offered rate: its true peak is higher)"
         )
+    for workers, steps in more.items():
+        lines.append(
+            f"TACTFUL_WORKERS={workers}: sustained peak {peak(steps):.0f} rps "
+            f"({peak(steps) / tactful_peak:.1f}x one process); most OK answers at any step "
+            f"{max((s.achieved for s in steps), default=0.0):.0f}/s"
+            if tactful_peak
+            else f"TACTFUL_WORKERS={workers}: sustained peak {peak(steps):.0f} rps"
+        )
     return lines
+
+
+def serving(channel: grpc.Channel) -> Callable[[], bool]:
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def probe() -> bool:
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+        return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+    return probe
 
 
 def run(args: argparse.Namespace) -> int:
@@ -250,43 +287,39 @@ def run(args: argparse.Namespace) -> int:
                 workdir,
             )
         )
-        children.append(
-            Child.start(
-                "tactful",
-                [sys.executable, "-m", "tactful", "serve"],
-                tactful_env(grpc_port, metrics_port, workdir / "data"),
-                workdir,
-            )
-        )
-        with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
-            echo_probe = f"{HOST}:{echo_port}"
-            health = health_pb2_grpc.HealthStub(channel)
-            serving = health_pb2.HealthCheckResponse.SERVING
+        echo_probe = f"{HOST}:{echo_port}"
 
-            def echo_ready() -> bool:
-                with grpc.insecure_channel(echo_probe) as ch:
-                    ch.unary_unary(ECHO_METHOD)(b"", timeout=1.0)
-                return True
+        def echo_ready() -> bool:
+            with grpc.insecure_channel(echo_probe) as ch:
+                ch.unary_unary(ECHO_METHOD)(b"", timeout=1.0)
+            return True
 
-            wait_ready(children[0], f"echo serving on {echo_probe}", echo_ready)
-            wait_ready(
-                children[1],
-                f"serving gRPC on {HOST}:{grpc_port},",
-                lambda: (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == serving
-                ),
-            )
-            progress("loading 200 offers and 2,000 profiles through the gRPC API")
-            load(channel, workload)
+        wait_ready(children[0], f"echo serving on {echo_probe}", echo_ready)
         echo = asyncio.run(
             sweep("grpc echo", f"{HOST}:{echo_port}", ECHO_METHOD, workload.decide, args)
         )
-        tactful = asyncio.run(
-            sweep("tactful", f"{HOST}:{grpc_port}", DECIDE_METHOD, workload.decide, args)
-        )
-        for child in children:
-            if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}")
+        # One tactful at a time, on the same data and port: they would share the CPUs.
+        by_workers: dict[int, list[Step]] = {}
+        for workers in args.workers:
+            name = "tactful" if workers == 1 else f"tactful x{workers}"
+            env = tactful_env(grpc_port, metrics_port, workdir / "data")
+            env["TACTFUL_WORKERS"] = str(workers)
+            child = Child.start(
+                name.replace(" ", "-"), [sys.executable, "-m", "tactful", "serve"], env, workdir
+            )
+            children.append(child)
+            with grpc.insecure_channel(f"{HOST}:{grpc_port}") as channel:
+                wait_ready(child, f"serving gRPC on {HOST}:{grpc_port},", serving(channel))
+                if not by_workers:
+                    progress("loading 200 offers and 2,000 profiles through the gRPC API")
+                    load(channel, workload)
+            by_workers[workers] = asyncio.run(
+                sweep(name, f"{HOST}:{grpc_port}", DECIDE_METHOD, workload.decide, args)
+            )
+            for running in (children[0], child):
+                if running.proc.poll() is not None:
+                    raise RuntimeError(f"{running.name} exited with {running.proc.returncode}")
+            child.stop()
     except Exception:
         for child in children:
             progress(f"{child.name} log (last lines):\n{child.log_tail()}")
@@ -297,20 +330,22 @@ def run(args: argparse.Namespace) -> int:
                 child.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    steps = echo + tactful
+    tactful = by_workers.get(1, [])
+    more = {w: steps for w, steps in by_workers.items() if w != 1}
+    steps = echo + [s for rows in by_workers.values() for s in rows]
     lines = [
         f"Capacity, open loop: {args.seconds:g} s per offered rate, {DEADLINE_S * 1e3:.0f} ms "
         "deadline, latency from the scheduled send time; percentiles count a non-OK call as "
         "slower than any OK one",
         f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, grpcio "
-        f"{grpc.__version__}; tactful: 1 process, {server.max_workers} threads, "
-        f"TACTFUL_MAX_CONCURRENT_RPCS={server.max_concurrent_rpcs}, embedded redis-server",
-        "tactful serve runs a single process (it has no option to run several worker "
-        "processes yet), so only 1 process is measured; 2 processes are not.",
+        f"{grpc.__version__}; tactful: TACTFUL_WORKERS={','.join(map(str, args.workers))} "
+        f"processes, {server.max_workers} threads and TACTFUL_MAX_CONCURRENT_RPCS="
+        f"{server.max_concurrent_rpcs} each, embedded redis-server; the client spreads calls "
+        f"over {CHANNELS} connections",
         "",
         *table(steps),
         "",
-        *verdict(echo, tactful),
+        *verdict(echo, tactful, more),
         "",
         "skew: the client (this process, one asyncio grpc.aio loop), the server and tactful's "
         "redis-server share these CPUs; 'client cpu' is the share of one core the client used. "
@@ -353,12 +388,25 @@ def rates(text: str) -> list[float]:
     return values
 
 
+def workers_list(text: str) -> list[int]:
+    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError("comma-separated worker counts >= 1")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=rates, default=rates(DEFAULT_RATES), help="offered rps")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per offered rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per server")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--workers",
+        type=workers_list,
+        default=workers_list("1,2"),
+        help="TACTFUL_WORKERS of each tactful run (default 1,2)",
+    )
     args = parser.parse_args(argv)
     if not 0.5 <= args.seconds <= 30:
         parser.error("--seconds must be between 0.5 and 30 (the run must stay bounded)")

@@ -118,7 +118,7 @@ def test_the_promql_name_extraction():
         "tactful_decisions_total",
         "tactful_learner_backlog",
     }
-    assert "tactful_model_info" in EXPORTED and "tactful_learner_lag_seconds_bucket" in EXPORTED
+    assert "tactful_model_version" in EXPORTED and "tactful_learner_lag_seconds_bucket" in EXPORTED
     assert {"grpc_server_handled_total", "grpc_server_started_total"} <= EXPORTED
 
 
@@ -281,7 +281,7 @@ def test_the_dashboard_queries_only_exported_metrics():
         "tactful_store_fallbacks_total",
         "tactful_learner_lag_seconds_bucket",
         "tactful_learner_backlog",
-        "tactful_model_info",
+        "tactful_model_version",
     } <= used
     decide = " ".join(expr for _, expr in exprs if 'grpc_method="Decide"' in expr)
     for quantile in ("0.5", "0.99", "0.999"):

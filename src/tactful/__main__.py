@@ -12,70 +12,18 @@ import datetime
 import getpass
 import logging
 import secrets
-import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 from prometheus_client import start_http_server
 
+from tactful import runtime
 from tactful.settings import Settings, SettingsError, key_digest, parse_roles, settings_table
 
 log = logging.getLogger("tactful")
-
-
-def _client(settings: Settings, url: str) -> Any:
-    from tactful.store import connect
-
-    return connect(
-        url,
-        socket_timeout=settings.redis.socket_timeout_ms / 1000,
-        connect_timeout=settings.redis.connect_timeout_ms / 1000,
-        max_connections=settings.redis.max_connections,
-    )
-
-
-def _learner_client(settings: Settings, url: str) -> Any:
-    """The learner is not on a render path: it can wait for a busy Redis longer."""
-    from tactful.store import connect
-
-    return connect(url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4)
-
-
-def _start_learner(settings: Settings, url: str, stop: threading.Event) -> threading.Thread:
-    from tactful.features import FeatureSpace
-    from tactful.learner import Learner
-    from tactful.store import ModelStore
-
-    learner = Learner(
-        ModelStore(_learner_client(settings, url)),
-        FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set),
-        settings.learning,
-    )
-
-    def run() -> None:
-        while not stop.is_set():
-            try:
-                learner.run(stop)
-            except Exception:  # a Redis outage must not end learning for good
-                log.exception("learner failed; retrying in 1 s")
-                stop.wait(1.0)
-
-    thread = threading.Thread(target=run, name="learner", daemon=True)
-    thread.start()
-    return thread
-
-
-def _stop_on_signals(stop: threading.Event) -> None:
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
 
 
 def serve(settings: Settings) -> int:
@@ -83,9 +31,7 @@ def serve(settings: Settings) -> int:
     from tactful import demo
     from tactful.core import CatalogCache, CatalogService
     from tactful.embedded_redis import EmbeddedRedis
-    from tactful.store import RedisStore
     from tactful.transport.auth import check_serving
-    from tactful.transport.server import build_server, serve_until_signalled
 
     check_serving(settings.security)  # before anything starts: no keys, unreadable TLS files
     embedded: EmbeddedRedis | None = None
@@ -97,8 +43,11 @@ def serve(settings: Settings) -> int:
             appendfsync=settings.redis.appendfsync,
         ).start()
         url = embedded.url
+    store_name = (
+        "embedded redis-server in " + settings.redis.data_dir if embedded else "external Redis"
+    )
     try:
-        store = RedisStore.for_settings(_client(settings, url), settings)
+        store = runtime.redis_store(settings, url)
         if settings.server.load_demo_catalog:
             catalog = CatalogService(store, CatalogCache(store))
             if catalog.is_empty():
@@ -108,28 +57,42 @@ def serve(settings: Settings) -> int:
                     "store had no offers: loaded the demo catalog (%d offers)",
                     len(demo.DEMO_OFFERS),
                 )
-        if settings.server.metrics_port:
-            start_http_server(settings.server.metrics_port, addr=settings.server.host)
-        running = build_server(settings, store)
-        log.info(
-            "tactful serving gRPC on %s:%d, metrics on :%d, store %s",
-            settings.server.host,
-            running.port,
-            settings.server.metrics_port,
-            "embedded redis-server in " + settings.redis.data_dir if embedded else "external Redis",
-        )
-        stop = threading.Event()
-        _stop_on_signals(stop)
-        learner = (
-            _start_learner(settings, url, stop) if settings.learning.embedded_learner else None
-        )
-        serve_until_signalled(running, settings, stop)
-        if learner is not None:
-            learner.join(timeout=10)
+        if settings.server.workers > 1:
+            from tactful.workers import supervise
+
+            store.client.close()  # the workers and the learner have their own
+            status = supervise(settings, url, store_name)
+        else:
+            status = _serve_one_process(settings, url, store, store_name)
     finally:
-        if embedded is not None:
+        if embedded is not None:  # last: every process that used it has stopped
             embedded.stop()
     log.info("tactful stopped")
+    return status
+
+
+def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str) -> int:
+    """TACTFUL_WORKERS=1: the gRPC server, /metrics and the learner thread in this process."""
+    from tactful.transport.server import build_server, serve_until_signalled
+
+    if settings.server.metrics_port:
+        start_http_server(settings.server.metrics_port, addr=settings.server.host)
+    running = build_server(settings, store)
+    log.info(
+        "tactful serving gRPC on %s:%d, metrics on :%d, store %s",
+        settings.server.host,
+        running.port,
+        settings.server.metrics_port,
+        store_name,
+    )
+    stop = threading.Event()
+    runtime.stop_on_signals(stop)
+    learner = (
+        runtime.start_learner(settings, url, stop) if settings.learning.embedded_learner else None
+    )
+    serve_until_signalled(running, settings, stop)
+    if learner is not None:
+        learner.join(timeout=10)
     return 0
 
 
@@ -140,8 +103,8 @@ def learn(settings: Settings) -> int:
         print("tactful learn: set TACTFUL_REDIS_URL to the servers' Redis", file=sys.stderr)
         return 2
     stop = threading.Event()
-    _stop_on_signals(stop)
-    learner = _start_learner(settings, settings.redis.url, stop)  # imports the learner metrics
+    runtime.stop_on_signals(stop)
+    learner = runtime.start_learner(settings, settings.redis.url, stop)  # its metrics first
     if settings.server.metrics_port:
         start_http_server(settings.server.metrics_port, addr=settings.server.host)
     learner.join()
@@ -174,7 +137,7 @@ def model_command(settings: Settings, args: argparse.Namespace) -> int:
     from tactful.store import ModelStore
 
     with _offline_redis(settings) as url:
-        models = ModelStore(_learner_client(settings, url))
+        models = ModelStore(runtime.learner_client(settings, url))
         if args.action == "list":
             current, versions = models.versions()
             for version, published in versions:
@@ -212,7 +175,7 @@ def report_command(settings: Settings, args: argparse.Namespace) -> int:
     since = _timestamp(args.since) if args.since else 0.0
     until = _timestamp(args.until) if args.until else time.time() + 1
     with _offline_redis(settings) as url:
-        records = report.read_log(_learner_client(settings, url), since, until)
+        records = report.read_log(runtime.learner_client(settings, url), since, until)
     if args.command == "report":
         path = report.write(records, since, until, Path(args.out))
         print(f"{len(records)} decisions: {path}")
@@ -291,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         logging.basicConfig(
             level=settings.server.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            format=runtime.PROCESS_LOG_FORMAT
+            if args.command == "serve" and settings.server.workers > 1
+            else runtime.LOG_FORMAT,
         )
         if args.command == "learn":
             return learn(settings)

@@ -176,7 +176,7 @@ class ModelCache:
             )
             return
         self._model, self._version, self._loaded_at = model, version, started
-        metrics.MODEL_INFO.info({"version": model.version})
+        metrics.MODEL_VERSION.set(version)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,16 @@
 
 Labels are low-cardinality enums only: never a user id, an offer id or a free-form channel.
 Latency buckets start at 0.25 ms because a Decide is expected to take about one millisecond.
+
+With several worker processes (TACTFUL_WORKERS > 1) these are prometheus-client multiprocess
+values: each process writes its own file and the supervisor's /metrics sums them. That mode
+has no Info or Enum metrics, and a gauge says how processes combine (``multiprocess_mode``,
+ignored in a single process); ``live*`` modes drop a process's value when it exits.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the exposition and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -82,7 +87,14 @@ DECISION_LOG_FAILURES = Counter(
 CATALOG_RELOADS = Counter(
     "tactful_catalog_reloads_total", "Times this process reloaded the offer catalog."
 )
-MODEL_INFO = Info("tactful_model", "The model version this process decides with.")
+# A number, not an Info with a version label: multiprocess mode has no Info, and a label per
+# version would grow one series per model published (every 50 ms).
+MODEL_VERSION = Gauge(
+    "tactful_model_version",
+    "The model version decided with (0: the prior); over several worker processes, the newest "
+    "any live one uses (a restarted worker loads the current one at its first Decide).",
+    multiprocess_mode="livemax",
+)
 MODEL_REJECTED = Counter(
     "tactful_model_rejected_total", "Model snapshots refused (corrupt or another feature layout)."
 )
@@ -96,14 +108,20 @@ LEARNER_LAG_SECONDS = Histogram(
 )
 REDIS_CIRCUIT_STATE = Gauge(
     "tactful_redis_circuit_state",
-    "The store circuit breaker: 0 closed (normal), 0.5 half-open (probing), 1 open.",
+    "The store circuit breaker: 0 closed (normal), 0.5 half-open (probing), 1 open; the "
+    "most open of the live processes.",
+    multiprocess_mode="livemax",
 )
 REDIS_CIRCUIT_TRANSITIONS = Counter(
     "tactful_redis_circuit_transitions_total",
     "Times the store circuit breaker moved into a state.",
     ["state"],
 )
-LEARNER_BACKLOG = Gauge("tactful_learner_backlog", "Rewards in the stream not yet applied.")
+LEARNER_BACKLOG = Gauge(
+    "tactful_learner_backlog",
+    "Rewards in the stream not yet applied.",
+    multiprocess_mode="livemax",  # one learner runs; during a hand-over, the larger backlog
+)
 
 REDIS_SECONDS = Histogram(
     "tactful_redis_operation_seconds",

@@ -35,6 +35,24 @@ class ServerSettings:
     metrics_port: int = _setting(
         "TACTFUL_METRICS_PORT", 9464, "Prometheus /metrics port (0 disables).", min=0, max=65535
     )
+    workers: int = _setting(
+        "TACTFUL_WORKERS",
+        1,
+        "Server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads connections, "
+        "not calls, over them). 1: one process, as before. More: a supervisor process starts "
+        "the embedded redis-server, the workers and one learner process, restarts any that "
+        "dies, and serves /metrics summed over them. Python runs one core per process: up to "
+        "the cores left once redis-server has one.",
+        min=1,
+        max=64,
+    )
+    metrics_dir: str = _setting(
+        "TACTFUL_METRICS_DIR",
+        "",
+        "With TACTFUL_WORKERS > 1: where the processes keep their metric files (prometheus-"
+        "client multiprocess mode; best on tmpfs). Emptied at start. Empty: a new temporary "
+        "directory, removed at exit.",
+    )
     max_workers: int = _setting(
         "TACTFUL_GRPC_MAX_WORKERS", 16, "Threads serving RPCs in one process.", min=1, max=1024
     )
@@ -269,7 +287,8 @@ class LearningSettings:
     embedded_learner: bool = _setting(
         "TACTFUL_EMBEDDED_LEARNER",
         True,
-        "Run the learner inside `tactful serve` (one process). False: run `tactful learn`.",
+        "Run the learner inside `tactful serve` (a thread; with TACTFUL_WORKERS > 1, one "
+        "process beside the workers). False: run `tactful learn`.",
     )
     seed: int = _setting(
         "TACTFUL_SEED", -1, "Seed of the exploration RNG (-1: from the OS).", min=-1
@@ -443,6 +462,12 @@ def _consistency_errors(settings: Settings) -> list[str]:
         )
     if settings.server.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         errors.append("TACTFUL_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    server = settings.server
+    if server.workers > 1 and server.grpc_port == 0:
+        errors.append(
+            "TACTFUL_GRPC_PORT=0 cannot be shared by TACTFUL_WORKERS > 1 processes (each would "
+            "pick a port of its own): set a port"
+        )
     security = settings.security
     if security.auth_disabled and security.api_keys:
         errors.append(

@@ -75,8 +75,14 @@ def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def build_server(settings: Settings, store: Store, *, port: int | None = None) -> Running:
+def build_server(
+    settings: Settings, store: Store, *, port: int | None = None, reuse_port: bool = False
+) -> Running:
     """Create and start a server; ``port=0`` binds a free port (tests). Returns it running.
+
+    ``reuse_port``: bind with SO_REUSEPORT, for the worker processes that share one port
+    (TACTFUL_WORKERS > 1). Off otherwise, so a second server on a port in use fails to bind
+    instead of silently sharing it.
 
     Raises SettingsError when the security settings cannot serve (no API keys with auth on,
     unreadable TLS files)."""
@@ -100,7 +106,7 @@ def build_server(settings: Settings, store: Store, *, port: int | None = None) -
             max_workers=settings.server.max_workers, thread_name_prefix="rpc"
         ),
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0), *connection_age_options(settings)],
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0), *connection_age_options(settings)],
         # Load shedding: past this many RPCs in the process (running or waiting for a
         # thread), gRPC refuses a call at once with RESOURCE_EXHAUSTED, so a caller with a
         # render-time deadline hears "no" in a millisecond instead of timing out in a queue.

@@ -1,0 +1,78 @@
+"""What every `tactful serve` process builds, one process or several: Redis clients, the
+store, the learner thread and the SIGTERM/SIGINT handler."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from tactful.settings import Settings
+
+if TYPE_CHECKING:
+    from tactful.store import RedisStore
+
+log = logging.getLogger("tactful")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+#: With several processes, each line says which one wrote it.
+PROCESS_LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
+
+
+def client(settings: Settings, url: str) -> Any:
+    from tactful.store import connect
+
+    return connect(
+        url,
+        socket_timeout=settings.redis.socket_timeout_ms / 1000,
+        connect_timeout=settings.redis.connect_timeout_ms / 1000,
+        max_connections=settings.redis.max_connections,
+    )
+
+
+def learner_client(settings: Settings, url: str) -> Any:
+    """The learner is not on a render path: it can wait for a busy Redis longer."""
+    from tactful.store import connect
+
+    return connect(url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4)
+
+
+def redis_store(settings: Settings, url: str) -> RedisStore:
+    from tactful.store import RedisStore
+
+    return RedisStore.for_settings(client(settings, url), settings)
+
+
+def start_learner(settings: Settings, url: str, stop: threading.Event) -> threading.Thread:
+    from tactful.features import FeatureSpace
+    from tactful.learner import Learner
+    from tactful.store import ModelStore
+
+    learner = Learner(
+        ModelStore(learner_client(settings, url)),
+        FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set),
+        settings.learning,
+    )
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                learner.run(stop)
+            except Exception:  # a Redis outage must not end learning for good
+                log.exception("learner failed; retrying in 1 s")
+                stop.wait(1.0)
+
+    thread = threading.Thread(target=run, name="learner", daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
