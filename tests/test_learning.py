@@ -384,6 +384,30 @@ def test_learner_crash_loses_nothing_and_applies_each_reward_once(
     assert store.client.xpending(keys.OUTCOME_STREAM, keys.LEARNER_GROUP)["pending"] == 0
 
 
+def test_an_outcome_retried_after_a_failed_send_reaches_the_learner_once(
+    store, catalog, decisioning, monkeypatch
+):
+    """An outcome is stored in the decision's slot, then its reward sent in the stream's: if
+    the second step fails, the client's retry (same outcome_id) sends it, and only once."""
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
+    shown = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
+    send = store._send_reward
+
+    def lost(**kwargs):
+        raise ConnectionError("the stream's node went away")
+
+    monkeypatch.setattr(store, "_send_reward", lost)
+    with pytest.raises(grpc.RpcError) as failed:
+        report(decisioning, shown.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert store.client.xlen(keys.OUTCOME_STREAM) == 0
+    monkeypatch.setattr(store, "_send_reward", send)
+    for _ in range(2):  # the retry, and one more
+        report(decisioning, shown.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
+    (entry,) = store.client.xrange(keys.OUTCOME_STREAM)
+    assert entry[1]["d"] == shown.decision_id and entry[1]["r"] == "1.0"
+
+
 def _stream_fields(store, decisions):
     import json
 

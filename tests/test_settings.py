@@ -23,6 +23,8 @@ def test_defaults_are_valid():
         ({"TACTFUL_LOG_LEVEL": "LOUD"}, "TACTFUL_LOG_LEVEL"),
         ({"TACTFUL_GRPC_PROT": "1"}, "TACTFUL_GRPC_PROT"),  # a typo is named, not ignored
         ({"TACTFUL_CHANNEL_CAPS": "email"}, "TACTFUL_CHANNEL_CAPS"),
+        ({"TACTFUL_REDIS_URL": "unix+cluster:///tmp/r.sock"}, "TACTFUL_REDIS_URL"),
+        ({"TACTFUL_REDIS_URL": "localhost:6379"}, "TACTFUL_REDIS_URL"),
     ],
 )  # fmt: skip
 def test_inconsistent_or_malformed_settings_are_refused(env, named):
