@@ -1,4 +1,5 @@
-"""Profiles: merge semantics, signal decay, the export and erasure, on a real redis-server."""
+"""Profiles: merge semantics, signal decay, the export and erasure, on a real redis-server and on
+a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
 from conftest import offer
+
+pytestmark = pytest.mark.both_stores
 
 
 def get(profiles, user="alice") -> p.Profile:
