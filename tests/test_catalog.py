@@ -1,4 +1,5 @@
-"""Catalog: put, get, paging, delete, on a real redis-server; the in-process catalog cache."""
+"""Catalog: put, get, paging, delete, on a real redis-server and
+on a Redis Cluster; the in-process catalog cache."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from tactful.model import Offer
 from tactful.v1 import catalog_pb2 as c
 
 from conftest import offer
+
+pytestmark = pytest.mark.both_stores
 
 
 def test_put_then_get_round_trips_every_field(catalog):

@@ -1,5 +1,6 @@
 """The learning loop on a real redis-server and real gRPC: features, the ridge model and its
-guarantee, exploration propensities, the learner's exactly-once delivery, rollback."""
+guarantee, exploration propensities, the learner's exactly-once delivery, rollback (those
+marked ``both_stores`` on a Redis Cluster too)."""
 
 from __future__ import annotations
 
@@ -303,6 +304,7 @@ def report(decisioning, decision_id, offer_id, event, outcome_id):
     )
 
 
+@pytest.mark.both_stores
 def test_learning_moves_choices_toward_rewarded_offers(catalog, decisioning, models):
     for name in ("good", "meh", "bad"):
         catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer(name, ("misc",), priority=0.5)))
@@ -357,6 +359,7 @@ def test_outcome_reaches_every_server_quickly(redis_proc, store, settings, catal
     print(f"outcome to model on another server: {elapsed * 1000:.1f} ms")
 
 
+@pytest.mark.both_stores
 def test_no_outcome_in_the_window_is_learned_as_reward_zero(catalog, decisioning, models):
     catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
     response = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
@@ -372,6 +375,7 @@ def test_no_outcome_in_the_window_is_learned_as_reward_zero(catalog, decisioning
     assert learner.ridge.updates == 1
 
 
+@pytest.mark.both_stores
 def test_learner_crash_loses_nothing_and_applies_each_reward_once(
     store, catalog, decisioning, models
 ):
@@ -408,6 +412,31 @@ def test_learner_crash_loses_nothing_and_applies_each_reward_once(
     assert store.client.xpending(keys.OUTCOME_STREAM, keys.LEARNER_GROUP)["pending"] == 0
 
 
+@pytest.mark.both_stores
+def test_an_outcome_retried_after_a_failed_send_reaches_the_learner_once(
+    store, catalog, decisioning, monkeypatch
+):
+    """An outcome is stored in the decision's slot, then its reward sent in the stream's: if
+    the second step fails, the client's retry (same outcome_id) sends it, and only once."""
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
+    shown = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
+    send = store._send_reward
+
+    def lost(**kwargs):
+        raise ConnectionError("the stream's node went away")
+
+    monkeypatch.setattr(store, "_send_reward", lost)
+    with pytest.raises(grpc.RpcError) as failed:
+        report(decisioning, shown.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert store.client.xlen(keys.OUTCOME_STREAM) == 0
+    monkeypatch.setattr(store, "_send_reward", send)
+    for _ in range(2):  # the retry, and one more
+        report(decisioning, shown.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
+    (entry,) = store.client.xrange(keys.OUTCOME_STREAM)
+    assert entry[1]["d"] == shown.decision_id and entry[1]["r"] == "1.0"
+
+
 def _stream_fields(store, decisions):
     import json
 
@@ -416,6 +445,7 @@ def _stream_fields(store, decisions):
         yield {"x": json.dumps(record["features"]["a"])}
 
 
+@pytest.mark.both_stores
 def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
     store, catalog, decisioning, models
 ):
@@ -462,6 +492,7 @@ def test_a_request_that_read_before_a_rollback_does_not_switch_the_model_back():
     assert store.loaded == [3, 2, 4]
 
 
+@pytest.mark.both_stores
 def test_rollback_pins_an_earlier_version(store, catalog, decisioning, models):
     catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
     snapshot = lambda v: LinearModel(f"ridge-{v}", prior_theta(SPACE.dim), SPACE.layout).to_bytes()  # noqa: E731
@@ -497,6 +528,7 @@ def test_exploration_narrows_as_the_model_learns():
     )
 
 
+@pytest.mark.both_stores
 def test_due_reward_windows_are_closed_in_batches(catalog, decisioning, models):
     catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
     for i in range(5):

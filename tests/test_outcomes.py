@@ -1,4 +1,5 @@
-"""ReportOutcome: joined to the logged decision, idempotent, NOT_FOUND for unknown ones."""
+"""ReportOutcome: joined to the logged decision, idempotent, NOT_FOUND for unknown ones,
+on a real redis-server and on a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tactful.v1 import catalog_pb2
 from tactful.v1 import decisioning_pb2 as d
 
 from conftest import offer
+
+pytestmark = pytest.mark.both_stores
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Profiles: merge semantics, signal decay, the export and erasure, on a real redis-server."""
+"""Profiles: merge semantics, signal decay, the export and erasure, on a real redis-server and on
+a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
 from conftest import offer
+
+pytestmark = pytest.mark.both_stores
 
 
 def get(profiles, user="alice") -> p.Profile:
@@ -113,12 +116,16 @@ def test_delete_profile_leaves_no_key_of_the_user(store, profiles, catalog, deci
     assert len(list(store.client.scan_iter(match=f"*{digest}*"))) == 5
     decision_keys = keys.DecisionKeys.of(shown.decision_id)
     assert store.client.exists(decision_keys.record, decision_keys.outcomes) == 2
+    assert store.client.zscore(keys.AWAITING, shown.decision_id) is not None
+    assert store.client.hexists(keys.LEARNED, shown.decision_id)  # the click went to learning
 
     profiles.DeleteProfile(p.DeleteProfileRequest(user_id="alice"))
 
     assert list(store.client.scan_iter(match=f"*{digest}*")) == []
     # Its decisions and their outcomes go too: they hold a pseudonym and the context.
     assert store.client.exists(decision_keys.record, decision_keys.outcomes) == 0
+    assert store.client.zscore(keys.AWAITING, shown.decision_id) is None  # its reward window
+    assert not store.client.hexists(keys.LEARNED, shown.decision_id)
     assert list(store.client.scan_iter(match="*alice*")) == []
     assert get(profiles) == p.Profile(user_id="alice", consent=p.Consent())
     assert get(profiles, "bob").max_messages_per_day == 2  # nobody else is touched

@@ -161,6 +161,38 @@ def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
     assert "demo catalog" not in output
 
 
+def test_serve_on_a_redis_cluster(data_dir: Path, redis_cluster):
+    """TACTFUL_REDIS_URL=redis+cluster://: the server (and its embedded learner) on the
+    session's three-master cluster: the demo catalog goes in, a click is learned from."""
+    port = free_port()
+    process = start(data_dir, port, TACTFUL_REDIS_URL=redis_cluster.url, TACTFUL_CONTROL_SHARE="0")
+    try:
+        wait_serving(port, process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = decisioning_pb2_grpc.DecisioningStub(channel)
+            shown = stub.Decide(d.DecideRequest(user_id="carol", channel="web"))
+            assert len(shown.choices) == 1 and shown.model_version == "prior"
+            stub.ReportOutcome(
+                d.ReportOutcomeRequest(
+                    decision_id=shown.decision_id,
+                    offer_id=shown.choices[0].offer_id,
+                    event=d.OUTCOME_EVENT_CLICK,
+                    outcome_id="click-1",
+                )
+            )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                again = stub.Decide(d.DecideRequest(user_id="carol", channel="web", dry_run=True))
+                if again.model_version.startswith("ridge-"):
+                    break
+                time.sleep(0.05)
+            assert again.model_version.startswith("ridge-")
+    finally:
+        output = stop(process)
+        redis_cluster.flush()
+    assert "demo catalog" in output and "external Redis" in output
+
+
 def test_bad_settings_stop_with_a_clear_message(data_dir: Path):
     process = start(
         data_dir,

@@ -25,6 +25,8 @@ def test_defaults_are_valid():
         ({"TACTFUL_CHANNEL_CAPS": "email"}, "TACTFUL_CHANNEL_CAPS"),
         ({"TACTFUL_WORKERS": "2", "TACTFUL_GRPC_PORT": "0"}, "TACTFUL_GRPC_PORT"),
         ({"TACTFUL_WORKERS": "0"}, "TACTFUL_WORKERS"),
+        ({"TACTFUL_REDIS_URL": "unix+cluster:///tmp/r.sock"}, "TACTFUL_REDIS_URL"),
+        ({"TACTFUL_REDIS_URL": "localhost:6379"}, "TACTFUL_REDIS_URL"),
     ],
 )  # fmt: skip
 def test_inconsistent_or_malformed_settings_are_refused(env, named):

@@ -1,9 +1,13 @@
 """Every Redis key tactful uses is built here.
 
 All keys of one user share the hash tag ``{u:<digest>}`` so multi-key scripts and
-transactions on a user stay in one Redis Cluster slot; the catalog shares ``{catalog}`` and
-a decision and its outcomes share ``{d:<decision_id>}``. User ids are digested (not keyed:
-this is for fixed-length, cluster-safe keys, not for secrecy) so any byte string is a safe id.
+transactions on a user stay in one Redis Cluster slot; the catalog shares ``{catalog}``, a
+decision and its outcomes share ``{d:<decision_id>}``, and the model, the learner and the
+reward stream share ``{model}``. Every script's KEYS and every MULTI/EXEC stay inside one of
+these tags (tests/test_cluster.py runs the API on a real cluster, where redis-py refuses
+anything else); only non-transactional pipelines span tags. User ids are digested (not
+keyed: this is for fixed-length, cluster-safe keys, not for secrecy) so any byte string is a
+safe id.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ OUTCOME_STREAM = f"{PREFIX}:{{model}}:rewards"  # stream of rewards to learn fro
 LEARNER_GROUP = "learner"
 LEARNER_LEASE = f"{PREFIX}:{{model}}:lease"  # who is the one active learner
 AWAITING = f"{PREFIX}:{{model}}:awaiting"  # zset: decision_id -> reward window end
+# hash: decision_id -> JSON list of the offers whose reward went to the learner, while the
+# decision's reward window is open (closing it, or erasure, removes the field). Next to the
+# stream, so "send once per offer" is one script in one slot.
+LEARNED = f"{PREFIX}:{{model}}:learned"
 
 
 def model_snapshot(version: int) -> str:
@@ -86,9 +94,8 @@ class UserKeys:
 class DecisionKeys:
     record: str  # string: the logged decision, JSON
     outcomes: str  # hash: outcome_id -> outcome JSON
-    learned: str  # hash: offer_id -> when its reward went to the learner (once per offer)
 
     @classmethod
     def of(cls, decision_id: str) -> DecisionKeys:
         base = f"{PREFIX}:{{d:{decision_id}}}"
-        return cls(f"{base}:decision", f"{base}:outcomes", f"{base}:learned")
+        return cls(f"{base}:decision", f"{base}:outcomes")

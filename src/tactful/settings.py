@@ -87,13 +87,18 @@ class ServerSettings:
     log_level: str = _setting("TACTFUL_LOG_LEVEL", "INFO", "Python logging level.")
 
 
+#: TACTFUL_REDIS_URL schemes; the "+cluster" ones name a Redis Cluster (README "Redis Cluster").
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     url: str = _setting(
         "TACTFUL_REDIS_URL",
         "",
-        "External Redis (redis://, rediss://, unix://). Empty: tactful starts and stops its own "
-        "redis-server with its data in TACTFUL_DATA_DIR.",
+        "External Redis (redis://, rediss://, unix://), or a Redis Cluster by any one of its "
+        "nodes (redis+cluster://host:port, rediss+cluster:// for TLS). Empty: tactful starts "
+        "and stops its own redis-server with its data in TACTFUL_DATA_DIR.",
     )
     data_dir: str = _setting(
         "TACTFUL_DATA_DIR", ".tactful", "Where the embedded redis-server keeps its data and socket."
@@ -459,6 +464,12 @@ def _consistency_errors(settings: Settings) -> list[str]:
         errors.append(
             "TACTFUL_REQUEST_ID_TTL_SECONDS must not exceed TACTFUL_DECISION_TTL_SECONDS "
             "(a replay needs the logged decision)"
+        )
+    scheme, sep, _ = settings.redis.url.partition("://")
+    if settings.redis.url and (not sep or scheme not in REDIS_URL_SCHEMES):
+        errors.append(
+            "TACTFUL_REDIS_URL must start with "
+            + ", ".join(f"{scheme}://" for scheme in REDIS_URL_SCHEMES)
         )
     if settings.server.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         errors.append("TACTFUL_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
