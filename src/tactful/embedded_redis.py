@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -34,10 +35,21 @@ def bundled_binary() -> str:
     return str(path)
 
 
+# Loaded here, in the parent: the child must not dlopen anything between fork and exec. In
+# a process with other threads (gRPC's, a test's), a lock another thread held at the fork
+# stays held forever in the child, and glibc aborts or hangs there (seen as redis-server
+# "exiting" with -6 before it ever ran).
+_PRCTL: Callable[..., int] | None
+try:
+    _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not glibc Linux
+    _PRCTL = None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 class EmbeddedRedis:
