@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -50,6 +49,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tactful.embedded_redis import with_parent_death
 from tactful.settings import ServerSettings
 from tactful.v1 import (
     catalog_pb2,
@@ -110,16 +110,6 @@ def serve_echo(port: int, max_workers: int) -> int:
 # --- subprocesses -------------------------------------------------------------------------
 
 
-_LIBC: Any = None
-with contextlib.suppress(OSError):
-    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded before any fork
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _LIBC is not None:
-        _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: even a SIGKILLed bench leaves none
-
-
 @dataclass
 class Child:
     name: str
@@ -131,14 +121,13 @@ class Child:
         log_path = workdir / f"{name}.log"
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                args,
+                with_parent_death(args),  # even a SIGKILLed bench leaves no server behind
                 env=env,
                 cwd=workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the bench only; it stops the children
-                preexec_fn=_die_with_parent,
             )
         return cls(name, proc, log_path)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -35,6 +34,8 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from tactful.embedded_redis import with_parent_death
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -58,12 +59,6 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """If this script is killed outright, the server still gets a SIGTERM (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def start_server(
     grpc_port: int, metrics_port: int, data_dir: str, log_path: Path
 ) -> subprocess.Popen[bytes]:
@@ -85,14 +80,14 @@ def start_server(
     }
     with log_path.open("wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "tactful", "serve"],
+            # If this script is killed outright, the server still gets a SIGTERM.
+            with_parent_death([sys.executable, "-m", "tactful", "serve"]),
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches this script, which stops it in order
-            preexec_fn=_die_with_parent,
         )
 
 

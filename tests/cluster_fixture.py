@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from tactful.embedded_redis import _die_with_parent, bundled_binary
+from tactful.embedded_redis import bundled_binary, with_parent_death
 
 SLOTS = 16384
 BUS_PORT_OFFSET = 10000  # redis-server < 7 has no cluster-port setting: the bus is port + 10000
@@ -78,7 +78,7 @@ class LocalCluster:
                 "--daemonize", "no",
             ]  # fmt: skip
             self._processes.append(
-                subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                subprocess.Popen(with_parent_death(args), stdin=subprocess.DEVNULL)
             )
         try:
             self._create(time.monotonic() + timeout)

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tactful.embedded_redis import with_parent_death
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import profiles_pb2 as p
@@ -37,12 +38,6 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _die_with_parent() -> None:  # runs in the child, before exec
-    from tactful.embedded_redis import _die_with_parent as die
-
-    die()
-
-
 def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TACTFUL_")}
     environment.update(
@@ -54,12 +49,12 @@ def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
     )
     environment.update(env)
     return subprocess.Popen(
-        [sys.executable, "-m", "tactful", "serve"],
+        # A killed test run leaves no server behind.
+        with_parent_death([sys.executable, "-m", "tactful", "serve"]),
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_die_with_parent,  # a killed test run leaves no server behind
     )
 
 
@@ -269,12 +264,11 @@ def test_learn_on_its_own_exports_its_metrics_and_stops_cleanly(redis_proc, redi
         TACTFUL_GRPC_HOST="127.0.0.1",
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "tactful", "learn"],
+        with_parent_death([sys.executable, "-m", "tactful", "learn"]),
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_die_with_parent,
     )
     try:
         deadline = time.monotonic() + 20

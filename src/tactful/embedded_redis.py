@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -35,10 +36,6 @@ def bundled_binary() -> str:
     return str(path)
 
 
-# Loaded here, in the parent: the child must not dlopen anything between fork and exec. In
-# a process with other threads (gRPC's, a test's), a lock another thread held at the fork
-# stays held forever in the child, and glibc aborts or hangs there (seen as redis-server
-# "exiting" with -6 before it ever ran).
 _PRCTL: Callable[..., int] | None
 try:
     _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
@@ -47,9 +44,21 @@ except (OSError, AttributeError):  # pragma: no cover - not glibc Linux
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (PR_SET_PDEATHSIG). For a
+    process to call on itself; for a child being started, see ``with_parent_death``."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def with_parent_death(args: list[str]) -> list[str]:
+    """``args`` run under ``setpriv --pdeathsig TERM`` (util-linux), so the child gets SIGTERM
+    if the process that started it dies, even by SIGKILL: no redis-server or server is left
+    behind. Not a ``preexec_fn``: in a process where gRPC is loaded, Python runs gRPC's
+    at-fork handlers in a child that has a ``preexec_fn``, and they can abort it before it
+    execs (seen as redis-server "exiting" with -6). Without setpriv, ``args`` as they are."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *args] if setpriv else list(args)
 
 
 class EmbeddedRedis:
@@ -91,9 +100,7 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
-        )
+        self._process = subprocess.Popen(with_parent_death(args), stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
         try:

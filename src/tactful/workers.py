@@ -69,9 +69,9 @@ POLL_SECONDS = 0.2
 
 def _child_setup(settings: Settings, supervisor: int) -> threading.Event:
     """First thing in every child: die with the supervisor, log like it, handle signals."""
-    from tactful.embedded_redis import _die_with_parent
+    from tactful.embedded_redis import die_with_parent
 
-    _die_with_parent()  # a SIGKILLed supervisor leaves no worker serving on its own
+    die_with_parent()  # a SIGKILLed supervisor leaves no worker serving on its own
     if os.getppid() != supervisor:  # it died before the line above
         os._exit(1)
     logging.basicConfig(level=settings.server.log_level.upper(), format=runtime.PROCESS_LOG_FORMAT)
