@@ -590,6 +590,31 @@ def test_out_of_range_timestamp_does_not_poison_the_catalog(catalog):
     assert put == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# Found by tests/test_fuzz.py -------------------------------------------------------------------
+
+UNDECODABLE = [
+    pytest.param(b"\x00", id="field-number-0"),
+    pytest.param(b"\x08" + b"\xff" * 11, id="varint-never-ends"),
+    pytest.param(b"\x0a\x05ali", id="cut-short"),
+    pytest.param(b"\x0a\x02\xc3\x28", id="user_id-not-utf8"),
+    pytest.param(b"\x0a\xff\xff\xff\xff\x0f", id="length-4-GiB"),
+]
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE)
+def test_bytes_that_are_no_request_are_invalid_argument(channel, payload):
+    """gRPC itself answers INTERNAL ("Exception deserializing request!") to bytes the request
+    type cannot parse; the interceptor decodes them and answers INVALID_ARGUMENT."""
+    decide = channel.unary_unary(
+        "/tactful.v1.Decisioning/Decide", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        decide(payload, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    status = rpc_status.from_call(info.value)
+    assert status is not None and "tactful.v1.DecideRequest" in status.message
+
+
 # All of it at once --------------------------------------------------------------------------
 
 SWEEP = [

@@ -1,5 +1,8 @@
 """One server interceptor: gRPC metrics for every unary RPC, and the one place where domain
-errors become gRPC statuses (INVALID_ARGUMENT carries google.rpc.BadRequest details)."""
+errors become gRPC statuses (INVALID_ARGUMENT carries google.rpc.BadRequest details).
+
+It also decodes the requests: bytes that are not the method's request message are the
+caller's mistake, INVALID_ARGUMENT, where gRPC itself would answer INTERNAL."""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter
 
 from tactful import metrics
-from tactful.errors import InvalidArgument, NotFound, TactfulError, Unavailable
+from tactful.errors import FieldViolation, InvalidArgument, NotFound, TactfulError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,32 @@ def to_status(error: TactfulError) -> status_pb2.Status:
             message="the store is unavailable; the request may not have been applied: retry it",
         )
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+
+
+class Undecodable:
+    """What a request that could not be decoded becomes, so that the handler, not gRPC, answers
+    it (gRPC answers INTERNAL, "Exception deserializing request!", and logs a traceback)."""
+
+    __slots__ = ("violation",)
+
+    def __init__(self, violation: FieldViolation) -> None:
+        self.violation = violation
+
+
+def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The handler's request deserializer, turning a DecodeError into an Undecodable."""
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            # The whole request is at fault, so the violation names no field; the error
+            # names the message type ("Error parsing message with type 'tactful.v1...'").
+            return Undecodable(FieldViolation("", f"undecodable request: {error}"))
+
+    return decode
 
 
 class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -86,6 +116,8 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     # The caller has given up (it waited in the queue past its deadline):
                     # doing the work now would only make the next calls late too.
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument([request.violation])
                 return behavior(request, context)
             except TactfulError as error:
                 context.abort_with_status(rpc_status.to_status(to_status(error)))
@@ -105,6 +137,6 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
