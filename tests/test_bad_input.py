@@ -615,6 +615,24 @@ def test_bytes_that_are_no_request_are_invalid_argument(channel, payload):
     assert status is not None and "tactful.v1.DecideRequest" in status.message
 
 
+def test_a_thousand_violations_still_reach_the_caller(decisioning):
+    """A thousand bad candidate ids are a thousand violations: the status that names them all
+    was larger than the trailers a client accepts (8 KiB), and the caller got
+    RESOURCE_EXHAUSTED, "Stream removed". The status keeps the first ones, within budget, and
+    says how many it left out."""
+    request = decide_req(candidate_offer_ids=["bad id é😀" * 5] * 1000)
+    with pytest.raises(grpc.RpcError) as info:
+        decisioning.Decide(request, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    status = rpc_status.from_call(info.value)
+    assert status is not None and status.message.startswith("9")
+    assert "more violations not shown" in status.message
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    fields = [v.field for v in bad.field_violations]
+    assert fields == [f"candidate_offer_ids[{i}]" for i in range(len(fields))] and fields
+
+
 # All of it at once --------------------------------------------------------------------------
 
 SWEEP = [

@@ -24,22 +24,46 @@ from tactful.errors import FieldViolation, InvalidArgument, NotFound, TactfulErr
 log = logging.getLogger(__name__)
 
 
+# The status travels in the trailers, which a client refuses past 8 KiB (grpc-python's
+# default grpc.max_metadata_size): a refused trailer reaches the caller as RESOURCE_EXHAUSTED,
+# "Stream removed", with none of the violations. The message is sent twice (grpc-message,
+# percent-encoded: up to 3 bytes a byte; and inside grpc-status-details-bin, base64: 4 bytes
+# for 3), the details once, so these budgets keep the whole status near 5 KiB.
+MAX_MESSAGE_BYTES = 512
+MAX_DETAILS_BYTES = 2048
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def bad_request(error: InvalidArgument) -> status_pb2.Status:
+    """INVALID_ARGUMENT with a BadRequest of the violations, as many as fit the budget; the
+    message says how many were left out (a request with a thousand bad ids has a thousand)."""
+    details = error_details_pb2.BadRequest()
+    for violation in error.violations:
+        details.field_violations.add(
+            field=_cut(violation.field, 256), description=_cut(violation.description, 512)
+        )
+        if details.ByteSize() > MAX_DETAILS_BYTES:
+            del details.field_violations[-1]
+            break
+    shown = len(details.field_violations)
+    message = str(InvalidArgument(list(error.violations[:shown])))
+    if shown < len(error.violations):
+        message = f"{len(error.violations) - shown} more violations not shown; {message}"
+    detail = any_pb2.Any()
+    detail.Pack(details)
+    return status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message=_cut(message, MAX_MESSAGE_BYTES),
+        details=[detail],
+    )
+
+
 def to_status(error: TactfulError) -> status_pb2.Status:
     if isinstance(error, InvalidArgument):
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
-                    for v in error.violations
-                ]
-            )
-        )
-        return status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=str(error)[:1000], details=[detail]
-        )
+        return bad_request(error)
     if isinstance(error, NotFound):
         return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(error))
     if isinstance(error, Unavailable):
