@@ -394,6 +394,18 @@ PREFS_BAD = [
         prefs_req(quiet_hours=quiet(tz="zone.tab")), {"quiet_hours.time_zone"}, id="tz-not-tzif"
     ),
     pytest.param(prefs_req(quiet_hours=quiet(tz="")), {"quiet_hours.time_zone"}, id="tz-empty"),
+    # Found by tests/test_fuzz.py: names the zoneinfo lookup met with an OSError (INTERNAL).
+    pytest.param(
+        prefs_req(quiet_hours=quiet(tz="America")), {"quiet_hours.time_zone"}, id="tz-a-directory"
+    ),
+    pytest.param(
+        prefs_req(quiet_hours=quiet(tz="no" * 200)),
+        {"quiet_hours.time_zone"},
+        id="tz-name-too-long-for-a-file",
+    ),
+    pytest.param(
+        prefs_req(quiet_hours=quiet(tz="posixrules")), {"quiet_hours.time_zone"}, id="tz-not-a-zone"
+    ),
 ]
 
 
