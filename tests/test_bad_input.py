@@ -394,6 +394,18 @@ PREFS_BAD = [
         prefs_req(quiet_hours=quiet(tz="zone.tab")), {"quiet_hours.time_zone"}, id="tz-not-tzif"
     ),
     pytest.param(prefs_req(quiet_hours=quiet(tz="")), {"quiet_hours.time_zone"}, id="tz-empty"),
+    # Found by tests/test_fuzz.py: names the zoneinfo lookup met with an OSError (INTERNAL).
+    pytest.param(
+        prefs_req(quiet_hours=quiet(tz="America")), {"quiet_hours.time_zone"}, id="tz-a-directory"
+    ),
+    pytest.param(
+        prefs_req(quiet_hours=quiet(tz="no" * 200)),
+        {"quiet_hours.time_zone"},
+        id="tz-name-too-long-for-a-file",
+    ),
+    pytest.param(
+        prefs_req(quiet_hours=quiet(tz="posixrules")), {"quiet_hours.time_zone"}, id="tz-not-a-zone"
+    ),
 ]
 
 
@@ -588,6 +600,49 @@ def test_out_of_range_timestamp_does_not_poison_the_catalog(catalog):
         grpc.StatusCode.NOT_FOUND
     )
     assert put == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# Found by tests/test_fuzz.py -------------------------------------------------------------------
+
+UNDECODABLE = [
+    pytest.param(b"\x00", id="field-number-0"),
+    pytest.param(b"\x08" + b"\xff" * 11, id="varint-never-ends"),
+    pytest.param(b"\x0a\x05ali", id="cut-short"),
+    pytest.param(b"\x0a\x02\xc3\x28", id="user_id-not-utf8"),
+    pytest.param(b"\x0a\xff\xff\xff\xff\x0f", id="length-4-GiB"),
+]
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE)
+def test_bytes_that_are_no_request_are_invalid_argument(channel, payload):
+    """gRPC itself answers INTERNAL ("Exception deserializing request!") to bytes the request
+    type cannot parse; the interceptor decodes them and answers INVALID_ARGUMENT."""
+    decide = channel.unary_unary(
+        "/tactful.v1.Decisioning/Decide", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        decide(payload, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    status = rpc_status.from_call(info.value)
+    assert status is not None and "tactful.v1.DecideRequest" in status.message
+
+
+def test_a_thousand_violations_still_reach_the_caller(decisioning):
+    """A thousand bad candidate ids are a thousand violations: the status that names them all
+    was larger than the trailers a client accepts (8 KiB), and the caller got
+    RESOURCE_EXHAUSTED, "Stream removed". The status keeps the first ones, within budget, and
+    says how many it left out."""
+    request = decide_req(candidate_offer_ids=["bad id é😀" * 5] * 1000)
+    with pytest.raises(grpc.RpcError) as info:
+        decisioning.Decide(request, timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    status = rpc_status.from_call(info.value)
+    assert status is not None and status.message.startswith("9")
+    assert "more violations not shown" in status.message
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    fields = [v.field for v in bad.field_violations]
+    assert fields == [f"candidate_offer_ids[{i}]" for i in range(len(fields))] and fields
 
 
 # All of it at once --------------------------------------------------------------------------

@@ -18,7 +18,11 @@ class TactfulError(Exception):
 class InvalidArgument(TactfulError):
     def __init__(self, violations: list[FieldViolation]) -> None:
         self.violations = tuple(violations)
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        super().__init__(
+            "; ".join(
+                f"{v.field}: {v.description}" if v.field else v.description for v in violations
+            )
+        )
 
 
 class NotFound(TactfulError):

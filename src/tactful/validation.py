@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zoneinfo
@@ -195,12 +196,18 @@ def check_preferences(update: PreferencesUpdate) -> Violations:
     return out
 
 
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    """The IANA names installed (system zoneinfo and the tzdata package), read once."""
+    return frozenset(zoneinfo.available_timezones())
+
+
 def check_time_zone(name: str, field: str) -> Violations:
     if not name:
         return [FieldViolation(field, "must name an IANA time zone, e.g. Europe/Paris")]
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    # A name is looked up in the list of zones, never opened as a path: ZoneInfo(name) reads a
+    # file named after it and fails with OSError on a directory ("America") or a long name.
+    if name not in _time_zones():
         return [FieldViolation(field, f"{name[:40]!r} is not a known IANA time zone")]
     return []
 

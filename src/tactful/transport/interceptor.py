@@ -1,5 +1,8 @@
 """One server interceptor: gRPC metrics for every unary RPC, and the one place where domain
-errors become gRPC statuses (INVALID_ARGUMENT carries google.rpc.BadRequest details)."""
+errors become gRPC statuses (INVALID_ARGUMENT carries google.rpc.BadRequest details).
+
+It also decodes the requests: bytes that are not the method's request message are the
+caller's mistake, INVALID_ARGUMENT, where gRPC itself would answer INTERNAL."""
 
 from __future__ import annotations
 
@@ -10,32 +13,64 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter
 
 from tactful import metrics
-from tactful.errors import Abandoned, InvalidArgument, NotFound, TactfulError, Unavailable
+from tactful.errors import (
+    Abandoned,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    TactfulError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 
+# The status travels in the trailers, which a client refuses past 8 KiB (grpc-python's
+# default grpc.max_metadata_size): a refused trailer reaches the caller as RESOURCE_EXHAUSTED,
+# "Stream removed", with none of the violations. The message is sent twice (grpc-message,
+# percent-encoded: up to 3 bytes a byte; and inside grpc-status-details-bin, base64: 4 bytes
+# for 3), the details once, so these budgets keep the whole status near 5 KiB.
+MAX_MESSAGE_BYTES = 512
+MAX_DETAILS_BYTES = 2048
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def bad_request(error: InvalidArgument) -> status_pb2.Status:
+    """INVALID_ARGUMENT with a BadRequest of the violations, as many as fit the budget; the
+    message says how many were left out (a request with a thousand bad ids has a thousand)."""
+    details = error_details_pb2.BadRequest()
+    for violation in error.violations:
+        details.field_violations.add(
+            field=_cut(violation.field, 256), description=_cut(violation.description, 512)
+        )
+        if details.ByteSize() > MAX_DETAILS_BYTES:
+            del details.field_violations[-1]
+            break
+    shown = len(details.field_violations)
+    message = str(InvalidArgument(list(error.violations[:shown])))
+    if shown < len(error.violations):
+        message = f"{len(error.violations) - shown} more violations not shown; {message}"
+    detail = any_pb2.Any()
+    detail.Pack(details)
+    return status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message=_cut(message, MAX_MESSAGE_BYTES),
+        details=[detail],
+    )
+
+
 def to_status(error: TactfulError) -> status_pb2.Status:
     if isinstance(error, InvalidArgument):
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
-                    for v in error.violations
-                ]
-            )
-        )
-        return status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=str(error)[:1000], details=[detail]
-        )
+        return bad_request(error)
     if isinstance(error, NotFound):
         return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(error))
     if isinstance(error, Abandoned):
@@ -46,6 +81,32 @@ def to_status(error: TactfulError) -> status_pb2.Status:
             message="the store is unavailable; the request may not have been applied: retry it",
         )
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+
+
+class Undecodable:
+    """What a request that could not be decoded becomes, so that the handler, not gRPC, answers
+    it (gRPC answers INTERNAL, "Exception deserializing request!", and logs a traceback)."""
+
+    __slots__ = ("violation",)
+
+    def __init__(self, violation: FieldViolation) -> None:
+        self.violation = violation
+
+
+def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The handler's request deserializer, turning a DecodeError into an Undecodable."""
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            # The whole request is at fault, so the violation names no field; the error
+            # names the message type ("Error parsing message with type 'tactful.v1...'").
+            return Undecodable(FieldViolation("", f"undecodable request: {error}"))
+
+    return decode
 
 
 class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -88,6 +149,8 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     # The caller has given up (it waited in the queue past its deadline):
                     # doing the work now would only make the next calls late too.
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument([request.violation])
                 return behavior(request, context)
             except TactfulError as error:
                 context.abort_with_status(rpc_status.to_status(to_status(error)))
@@ -107,6 +170,6 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
