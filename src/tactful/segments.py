@@ -75,9 +75,11 @@ be written ``a or (b and c)`` or ``(a or b) and c``, since a marketer misreading
 would target the wrong people. ``not`` applies to the condition (or parenthesis) after it.
 
 Limits (``RuleLimits``, from settings): the text's length in characters; the depth of the
-tree (a condition is 1, each ``not``/``and``/``or`` adds a level; while reading, each ``not``
-and each parenthesis also counts as one, so redundant parentheses count too); the number of
-nodes (conditions plus operators). A rule over any of them is refused.
+tree (a condition is 1, each ``not``/``and``/``or`` adds a level; while reading, a condition
+inside k ``not``s and parentheses is also at level k + 1, so redundant parentheses count too
+and a deep text is refused before it can exhaust the stack); the number of nodes (conditions
+plus operators). A rule over any of them is refused. Canonical text never nests deeper than
+its tree, so whatever was accepted is accepted again from ``unparse``.
 
 Sensitive segments (``check_sensitive``) may only read ``stated.*`` attributes, ``likes``
 and ``dislikes``: what the customer told us themselves. Inferred signals are refused (issue
@@ -339,7 +341,7 @@ def parse(text: str, limits: RuleLimits) -> Rule:
     first = parser.peek
     if first.kind == "end":
         raise RuleError("the rule is empty", first.pos)
-    rule = parser.group(0)
+    rule = parser.group(1)  # the level of a lone condition
     rest = parser.peek
     if rest.kind != "end":
         raise RuleError(f"unexpected {rest.describe()} after a complete rule", rest.pos)
