@@ -78,6 +78,12 @@ def signals_req(*signals: p.Signal, user_id: str = "alice") -> p.RecordSignalsRe
     return p.RecordSignalsRequest(user_id=user_id, signals=list(signals))
 
 
+def attrs_req(attributes: dict[str, str] | None = None, **kw: Any) -> p.SetAttributesRequest:
+    kw.setdefault("user_id", "alice")
+    kw.setdefault("source", p.ATTRIBUTE_SOURCE_STATED)
+    return p.SetAttributesRequest(attributes=attributes or {"country": "fr"}, **kw)
+
+
 def put_req(**fields: Any) -> c.PutOfferRequest:
     offer_id = fields.pop("offer_id", "o1")
     topics = fields.pop("topics", ("general",))
@@ -571,6 +577,58 @@ def test_get_and_delete_of_a_bad_offer_id_name_offer_id(catalog):
     assert violations(catalog.DeleteOffer, c.DeleteOfferRequest(offer_id="")) == {"offer_id"}
 
 
+# SetAttributes ------------------------------------------------------------------------------
+
+ATTRS_BAD = [
+    pytest.param(attrs_req(user_id=""), {"user_id"}, id="user_id-empty"),
+    pytest.param(attrs_req(user_id="u" * 257), {"user_id"}, id="user_id-257-bytes"),
+    pytest.param(attrs_req(source=p.ATTRIBUTE_SOURCE_UNSPECIFIED), {"source"}, id="source-0"),
+    pytest.param(attrs_req(source=42), {"source"}, id="source-unknown-42"),
+    pytest.param(attrs_req({"Country": "fr"}), {'attributes["Country"]'}, id="name-upper-case"),
+    pytest.param(attrs_req({"": "fr"}), {'attributes[""]'}, id="name-empty"),
+    pytest.param(attrs_req({"1st": "x"}), {'attributes["1st"]'}, id="name-starts-with-digit"),
+    pytest.param(
+        attrs_req({"home-country": "fr"}), {'attributes["home-country"]'}, id="name-hyphen"
+    ),
+    pytest.param(attrs_req({"pays_é": "fr"}), {'attributes["pays_\\u00e9"]'}, id="name-non-ascii"),
+    pytest.param(
+        attrs_req({"a" * 65: "x"}), {f'attributes["{"a" * 40}"]'}, id="name-65-chars-path-cut"
+    ),
+    pytest.param(
+        attrs_req({"country": "fr", "bio": "x" * 257}), {'attributes["bio"]'}, id="value-257"
+    ),
+    pytest.param(attrs_req({"bio": "a\nb"}), {'attributes["bio"]'}, id="value-newline"),
+    pytest.param(attrs_req({"bio": "a\x00b"}), {'attributes["bio"]'}, id="value-nul"),
+    pytest.param(attrs_req({"bio": "a\x85b"}), {'attributes["bio"]'}, id="value-c1-control"),
+    pytest.param(attrs_req({f"a{i}": "x" for i in range(65)}), {"attributes"}, id="65-attributes"),
+    pytest.param(
+        attrs_req({"Bad": "x", "ok": "\t"}, user_id="", source=0),
+        {"user_id", "source", 'attributes["Bad"]', 'attributes["ok"]'},
+        id="every-problem-at-once",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_", "fields"), ATTRS_BAD)
+def test_set_attributes_rejects(profiles, request_, fields):
+    assert violations(profiles.SetAttributes, request_) == fields
+
+
+def test_set_attributes_accepts_the_limits(profiles):
+    longest = {"a" * 64: "é" * 256, "b": "'|', spaces and unicode ✓ are fine"}
+    many = {f"a{i}": "x" for i in range(64)}
+    for attributes in (longest, many):
+        profile = profiles.SetAttributes(attrs_req(attributes), timeout=TIMEOUT)
+        assert {a.name: a.value for a in profile.attributes}.items() >= attributes.items()
+
+
+def test_invalid_attributes_write_nothing(profiles):
+    bad = attrs_req({"country": "fr", "language": "bad\x07"})
+    assert violations(profiles.SetAttributes, bad) == {'attributes["language"]'}
+    profile = profiles.GetProfile(p.GetProfileRequest(user_id="alice"), timeout=TIMEOUT)
+    assert list(profile.attributes) == []
+
+
 NOT_FOUND = [
     pytest.param("catalog", "GetOffer", c.GetOfferRequest(offer_id="nope"), id="get-offer"),
     pytest.param("catalog", "DeleteOffer", c.DeleteOfferRequest(offer_id="nope"), id="delete"),
@@ -652,6 +710,7 @@ SWEEP = [
     *(("decisioning", "ReportOutcome", case) for case in OUTCOME_BAD),
     *(("profiles", "SetPreferences", case) for case in PREFS_BAD),
     *(("profiles", "RecordSignals", case) for case in SIGNALS_BAD),
+    *(("profiles", "SetAttributes", case) for case in ATTRS_BAD),
     *(("catalog", "PutOffer", case) for case in PUT_BAD),
     *(("catalog", "ListOffers", case) for case in LIST_BAD),
 ]

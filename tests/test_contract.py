@@ -19,6 +19,7 @@ from tactful.v1 import catalog_pb2, decisioning_pb2, profiles_pb2
         (model.Arm, decisioning_pb2.Arm, "ARM_"),
         (model.OutcomeEvent, decisioning_pb2.OutcomeEvent, "OUTCOME_EVENT_"),
         (model.Stance, profiles_pb2.Stance, "STANCE_"),
+        (model.AttributeSource, profiles_pb2.AttributeSource, "ATTRIBUTE_SOURCE_"),
     ],
 )
 def test_domain_enums_mirror_the_protos(domain: type[enum.IntEnum], proto, prefix: str):
@@ -36,7 +37,13 @@ def test_service_and_method_names():
     }
     assert methods == {
         "tactful.v1.Decisioning": ["Decide", "ReportOutcome"],
-        "tactful.v1.Profiles": ["DeleteProfile", "GetProfile", "RecordSignals", "SetPreferences"],
+        "tactful.v1.Profiles": [
+            "DeleteProfile",
+            "GetProfile",
+            "RecordSignals",
+            "SetAttributes",
+            "SetPreferences",
+        ],
         "tactful.v1.Catalog": ["DeleteOffer", "GetOffer", "ListOffers", "PutOffer"],
     }
 
@@ -69,3 +76,21 @@ def test_field_numbers_are_stable():
             "arm": 5,
         }.items()
     )
+    profile = {f.name: f.number for f in profiles_pb2.Profile.DESCRIPTOR.fields}
+    assert (
+        profile.items()
+        >= {
+            "user_id": 1,
+            "topic_preferences": 2,
+            "channel_preferences": 3,
+            "max_messages_per_day": 4,
+            "quiet_hours": 5,
+            "consent": 6,
+            "signals": 7,
+            "contact_counters": 8,
+            "cooldowns": 9,
+            "attributes": 10,
+        }.items()
+    )
+    attributes = {f.name: f.number for f in profiles_pb2.SetAttributesRequest.DESCRIPTOR.fields}
+    assert attributes == {"user_id": 1, "attributes": 2, "source": 3}

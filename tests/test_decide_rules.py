@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tactful.privacy import in_control_group
 from tactful.transport.server import build_server
-from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
+from tactful.v1 import catalog_pb2, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
@@ -250,8 +250,9 @@ def test_candidates_restrict_the_choice_and_unknown_ids_are_skipped(catalog, dec
 
 
 def test_hot_path_round_trips(redis_proc, redisdb, settings, catalog):
-    """Rule 6, with the contact policy: one read (profile, counters, cooldowns, catalog and
-    model versions), then one write that runs the atomic caps script and logs the decision."""
+    """Rule 6, with the contact policy: one read (profile, counters, cooldowns, attributes,
+    catalog and model versions), then one write that runs the atomic caps script and logs the
+    decision."""
     put(catalog, *(offer(f"o{i}", (f"t{i % 7}",), priority=i / 100) for i in range(60)))
     trips = RoundTrips()
     counted = make_store(redis_url(redis_proc), settings, connection_class=trips.connection_class())
@@ -260,6 +261,13 @@ def test_hot_path_round_trips(redis_proc, redisdb, settings, catalog):
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = decisioning_pb2_grpc.DecisioningStub(ch)
             decide(stub, user="warmup")  # loads the catalog, and the caps script into Redis
+            profiles_pb2_grpc.ProfilesStub(ch).SetAttributes(
+                p.SetAttributesRequest(
+                    user_id="bob",
+                    attributes={"country": "fr", "language": "fr-FR"},
+                    source=p.ATTRIBUTE_SOURCE_STATED,
+                )
+            )
             trips.count = 0
             candidates = [f"o{i}" for i in range(50)]
             response = decide(stub, user="bob", candidate_offer_ids=candidates, slots=3)

@@ -1,4 +1,5 @@
-"""Trust rules as properties: for random catalogs, profiles and signals, on a real Redis.
+"""Trust rules as properties: for random catalogs, profiles, signals and attribute updates, on
+a real Redis.
 
 Drives the core (``Decider``) directly, so each example costs a few Redis calls; the gRPC
 layer is covered by the example-based tests."""
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from tactful.core import CatalogCache, Decider, ModelCache, ProfileService
 from tactful.features import FeatureSpace
 from tactful.model import (
+    AttributeSource,
+    AttributesUpdate,
     ChannelPreference,
     Consent,
     DecideRequest,
@@ -137,3 +140,36 @@ def test_explicit_like_is_never_outranked_by_inferred_at_equal_priority(
     decider = setup_world(store, pair + others, {"said": Stance.LIKE}, signals, consent=True)
     ranked = [c.offer_id for c in decide(decider).choices]
     assert ranked.index("liked") < ranked.index("inferred")
+
+
+attribute_calls_strategy = st.lists(
+    st.tuples(
+        st.sampled_from(AttributeSource),
+        st.dictionaries(
+            st.sampled_from(("country", "language", "persona")), st.sampled_from(("", "a", "b"))
+        ),
+    ),
+    max_size=8,
+)
+
+
+@FAST
+@given(attribute_calls_strategy)
+def test_a_stated_attribute_changes_only_when_the_customer_says_so(store, calls):
+    """Any sequence of SetAttributes calls from either source: after each, the attributes are
+    what the rule says (empty removes; an IMPORTED call skips any attribute the customer
+    STATED), so a STATED value is replaced or removed only by a later STATED call."""
+    store.client.flushdb()
+    profiles = ProfileService(store, make_settings())
+    expected: dict[str, tuple[str, AttributeSource]] = {}
+    for source, attributes in calls:
+        profile = profiles.set_attributes(AttributesUpdate("u", tuple(attributes.items()), source))
+        for name, value in attributes.items():
+            held = expected.get(name)
+            if source is AttributeSource.IMPORTED and held and held[1] is AttributeSource.STATED:
+                continue  # the customer's word stands
+            if value:
+                expected[name] = (value, source)
+            else:
+                expected.pop(name, None)
+        assert {a.name: (a.value, a.source) for a in profile.attributes} == expected

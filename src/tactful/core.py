@@ -36,6 +36,8 @@ from tactful.features import (
 )
 from tactful.model import (
     Arm,
+    Attribute,
+    AttributesUpdate,
     ChannelPreference,
     Choice,
     ContactCounter,
@@ -743,6 +745,16 @@ class ProfileService:
         now = self._clock()
         return self._present(self._store.set_preferences(update=update, now=now), now)
 
+    def set_attributes(self, update: AttributesUpdate) -> Profile:
+        """Merge stated or imported facts about the user; the store stamps them with now and
+        keeps a STATED value from being replaced by an IMPORTED one."""
+        validation.require(validation.check_attributes(update))
+        now = self._clock()
+        profile = self._store.set_attributes(
+            update=update, now=now, limit=validation.MAX_ATTRIBUTES_PER_USER
+        )
+        return self._present(profile, now)
+
     def record_signals(self, user_id: str, observed: Sequence[ObservedSignal]) -> bool:
         """Keep inferred signals, but only for a user who consented: True if kept."""
         now = self._clock()
@@ -772,6 +784,7 @@ class ProfileService:
             signals=tuple(sorted(signals, key=_by_topic)),
             contact_counters=tuple(sorted(profile.contact_counters, key=_by_channel_offer)),
             cooldowns=tuple(sorted((c for c in profile.cooldowns if c.until > now), key=_by_until)),
+            attributes=tuple(sorted(profile.attributes, key=_by_name)),
         )
 
 
@@ -781,6 +794,10 @@ def _by_until(cooldown: Cooldown) -> tuple[float, str, str]:
 
 def _by_topic(item: TopicPreference | Signal) -> str:
     return item.topic
+
+
+def _by_name(attribute: Attribute) -> str:
+    return attribute.name
 
 
 def _by_channel(item: ChannelPreference) -> str:

@@ -59,6 +59,7 @@ class UserKeys:
     requests: str  # hash: request_id -> decision_id (Decide idempotency)
     cooldowns: str  # hash: "o:<offer_id>" / "t:<topic>" -> until (after a DISMISS)
     decisions: str  # set: the user's logged decision ids, so erasure can reach them
+    attributes: str  # hash: name -> "source|updated_at|value" (see store._SET_ATTRIBUTES_LUA)
 
     @classmethod
     def of(cls, user_id: str) -> UserKeys:
@@ -76,6 +77,7 @@ class UserKeys:
             f"{base}:requests",
             f"{base}:cooldowns",
             f"{base}:decisions",
+            f"{base}:attributes",
         )
 
     def all(self) -> tuple[str, ...]:
@@ -87,6 +89,7 @@ class UserKeys:
             self.requests,
             self.cooldowns,
             self.decisions,
+            self.attributes,
         )
 
 

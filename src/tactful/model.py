@@ -17,6 +17,11 @@ class Stance(enum.IntEnum):
     NEUTRAL = 3  # clears an earlier LIKE or DISLIKE; never stored
 
 
+class AttributeSource(enum.IntEnum):
+    STATED = 1  # the customer said it: outranks IMPORTED
+    IMPORTED = 2  # a system of record holds it: never replaces a STATED value
+
+
 class ReasonCode(enum.IntEnum):
     EXPLICIT_LIKE = 1
     INFERRED_INTEREST = 2
@@ -133,6 +138,16 @@ class Cooldown:
 
 
 @dataclass(frozen=True, slots=True)
+class Attribute:
+    """A fact about the user (country, language, a persona they picked) and who said it."""
+
+    name: str
+    value: str
+    source: AttributeSource
+    updated_at: float = 0.0  # epoch seconds, set by the server
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     user_id: str
     topic_preferences: tuple[TopicPreference, ...] = ()
@@ -144,6 +159,7 @@ class Profile:
     contact_counters: tuple[ContactCounter, ...] = ()
     last_contacts: tuple[tuple[str, float], ...] = ()  # (channel, when) for minimum gaps
     cooldowns: tuple[Cooldown, ...] = ()
+    attributes: tuple[Attribute, ...] = ()
 
     def topics_with(self, stance: Stance) -> frozenset[str]:
         return frozenset(p.topic for p in self.topic_preferences if p.stance is stance)
@@ -162,6 +178,16 @@ class PreferencesUpdate:
     max_messages_per_day: int | None = None
     quiet_hours: QuietHours | None = None
     consent: Consent | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttributesUpdate:
+    """What SetAttributes was given: values to merge, all from one source; an empty value
+    removes the attribute."""
+
+    user_id: str
+    attributes: tuple[tuple[str, str], ...] = ()  # (name, value)
+    source: AttributeSource | None = None  # None: UNSPECIFIED or unknown (invalid)
 
 
 # --- decisions -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Storage: a small interface the core depends on, and its Redis implementation.
 
 The hot path touches Redis at most twice per Decide: ``read_for_decision`` (profile, signals,
-contact counters, catalog version, request-id replay: one pipelined round trip) and
+contact counters, cooldowns, attributes, catalog and model versions, request-id replay: one
+pipelined round trip) and
 ``log_decision`` (decision log, contact counters, request id: one more). Writes that touch
 several keys of a user run in MULTI/EXEC or in one Lua script, so they are all or nothing.
 
@@ -33,8 +34,11 @@ from redis.retry import Retry
 from tactful import keys, metrics
 from tactful.breaker import CircuitBreaker, CircuitOpen
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS
-from tactful.errors import Unavailable
+from tactful.errors import FieldViolation, InvalidArgument, Unavailable
 from tactful.model import (
+    Attribute,
+    AttributeSource,
+    AttributesUpdate,
     ChannelPreference,
     Consent,
     ContactCounter,
@@ -148,6 +152,8 @@ class Store(Protocol):
 
     def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile: ...
 
+    def set_attributes(self, *, update: AttributesUpdate, now: float, limit: int) -> Profile: ...
+
     def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> bool: ...
 
     def delete_profile(self, *, user_id: str) -> None: ...
@@ -191,6 +197,42 @@ for i = 2, #ARGV, 3 do
   redis.call('HSET', KEYS[1], topic, string.format('%.17g|%.6f', w, t))
 end
 return 1
+"""
+
+# Merges attributes, all from one source, atomically, and returns the whole profile as it is
+# right after (one script in the user's slot). Each is stored as "source|updated_at|value"
+# (the value last: it may hold '|'). What the customer stated outranks a system of record: an
+# IMPORTED value (setting or, empty, removing) leaves a STATED one alone; a STATED value
+# replaces anything. The user's cap is checked before anything is written: a call that would
+# leave more than ARGV[3] attributes changes nothing and returns {0, that count}.
+# KEYS attributes, profile, signals, contacts, cooldowns hashes; ARGV source (1 STATED,
+# 2 IMPORTED), now, cap, then (name, value) pairs (an empty value removes).
+_SET_ATTRIBUTES_LUA = """
+local source, cap = ARGV[1], tonumber(ARGV[3])
+local stamp = ARGV[1] .. '|' .. ARGV[2] .. '|'
+local count = redis.call('HLEN', KEYS[1])
+local set, removed = {}, {}
+for i = 4, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  local old = redis.call('HGET', KEYS[1], name)
+  if not (source == '2' and old and string.sub(old, 1, 1) == '1') then
+    if value == '' then
+      if old then
+        removed[#removed + 1] = name
+        count = count - 1
+      end
+    else
+      if not old then count = count + 1 end
+      set[#set + 1] = name
+      set[#set + 1] = stamp .. value
+    end
+  end
+end
+if count > cap then return {0, count} end
+if #removed > 0 then redis.call('HDEL', KEYS[1], unpack(removed)) end
+if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+  redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[1])}
 """
 
 # An outcome and its reward touch two slots: the decision's ({d:<id>}) and the reward stream's
@@ -371,6 +413,7 @@ class RedisStore:
         self._decision_ttl = decision_ttl_seconds
         self._request_ttl = request_id_ttl_seconds
         self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
+        self._set_attributes = client.register_script(_SET_ATTRIBUTES_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
         self._send_reward = client.register_script(_SEND_REWARD_LUA)
         self._consume_contacts = client.register_script(CONSUME_CONTACTS_LUA)
@@ -424,6 +467,7 @@ class RedisStore:
             ("HGETALL", k.signals),
             ("HGETALL", k.contacts),
             ("HGETALL", k.cooldowns),
+            ("HGETALL", k.attributes),
             ("GET", keys.CATALOG_VERSION),
             ("GET", keys.MODEL_CURRENT),
         ]
@@ -431,12 +475,12 @@ class RedisStore:
             commands.append(("HGET", k.requests, request_id))
         with self._guarded("read_for_decision"):
             replies = self._round_trip(commands)
-        profile = _decode_profile(user_id, *(_as_dict(reply) for reply in replies[:4]))
+        profile = _decode_profile(user_id, *(_as_dict(reply) for reply in replies[:5]))
         return DecisionInputs(
             profile=profile,
-            catalog_version=int(replies[4] or 0),
-            model_version=int(replies[5] or 0),
-            replay_decision_id=replies[6] if request_id else None,
+            catalog_version=int(replies[5] or 0),
+            model_version=int(replies[6] or 0),
+            replay_decision_id=replies[7] if request_id else None,
         )
 
     def consume_contacts(self, *, user_id: str, spend: ContactSpend) -> list[str]:
@@ -549,6 +593,7 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.hgetall(k.cooldowns)
+        pipe.hgetall(k.attributes)
         with self._guarded("get_profile"):
             replies = pipe.execute()
         return _decode_profile(user_id, *replies)
@@ -586,9 +631,34 @@ class RedisStore:
         pipe.hgetall(k.signals)
         pipe.hgetall(k.contacts)
         pipe.hgetall(k.cooldowns)
+        pipe.hgetall(k.attributes)
         with self._guarded("set_preferences"):
             replies = pipe.execute()
-        return _decode_profile(update.user_id, *replies[-4:])
+        return _decode_profile(update.user_id, *replies[-5:])
+
+    def set_attributes(self, *, update: AttributesUpdate, now: float, limit: int) -> Profile:
+        """Merge the attributes (STATED outranks IMPORTED, an empty value removes; see
+        ``_SET_ATTRIBUTES_LUA``) and return the profile right after, atomically. A merge that
+        would leave the user more than ``limit`` attributes writes nothing and raises
+        ``InvalidArgument``."""
+        k = keys.UserKeys.of(update.user_id)
+        args: list[Any] = [int(update.source or 0), f"{now:.6f}", limit]
+        for name, value in update.attributes:
+            args += [name, value]
+        with self._guarded("set_attributes"):
+            reply: Any = self._set_attributes(
+                keys=[k.attributes, k.profile, k.signals, k.contacts, k.cooldowns], args=args
+            )
+        if not int(reply[0]):
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "attributes",
+                        f"a user holds at most {limit} attributes; this would leave {reply[1]}",
+                    )
+                ]
+            )
+        return _decode_profile(update.user_id, *(_as_dict(hash_) for hash_ in reply[1:]))
 
     def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> bool:
         """Keep the signals if the user consented; False (and nothing kept) otherwise."""
@@ -944,6 +1014,7 @@ def _decode_profile(
     signals: dict[str, str],
     contacts: dict[str, str],
     cooldowns: dict[str, str],
+    attributes: dict[str, str],
 ) -> Profile:
     """The profile as stored, in no particular order: Decide reads it on every request and
     needs no order; ``ProfileService`` sorts what it presents."""
@@ -987,6 +1058,10 @@ def _decode_profile(
         cooling.append(
             Cooldown(name if kind == "o" else "", name if kind == "t" else "", float(until))
         )
+    facts = []
+    for name, stored in attributes.items():
+        source, updated_at, value = stored.split("|", 2)
+        facts.append(Attribute(name, value, AttributeSource(int(source)), float(updated_at)))
     return Profile(
         user_id=user_id,
         topic_preferences=tuple(topics),
@@ -998,4 +1073,5 @@ def _decode_profile(
         contact_counters=tuple(counters),
         last_contacts=tuple(last_contacts),
         cooldowns=tuple(cooling),
+        attributes=tuple(facts),
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import zoneinfo
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 
 from tactful.errors import FieldViolation, InvalidArgument
 from tactful.model import (
+    AttributesUpdate,
     DecideRequest,
     Offer,
     OutcomeReport,
@@ -32,6 +34,9 @@ MAX_SIGNAL_WEIGHT = 1e6
 MAX_REWARD_VALUE = 1e3
 MAX_MESSAGES_PER_DAY = 1000
 MAX_PAGE_SIZE = 1000
+MAX_ATTRIBUTES_PER_CALL = 64
+MAX_ATTRIBUTES_PER_USER = 128  # enforced by the store, atomically with the merge
+MAX_ATTRIBUTE_VALUE_CHARS = 256
 FUTURE_SKEW_SECONDS = 300.0
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 MIN_TIMESTAMP, MAX_TIMESTAMP = -62_135_596_800, 253_402_300_799
@@ -39,6 +44,8 @@ MIN_TIMESTAMP, MAX_TIMESTAMP = -62_135_596_800, 253_402_300_799
 CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 TOPIC_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 OFFER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+ATTRIBUTE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 Violations = list[FieldViolation]
 
@@ -200,6 +207,41 @@ def check_preferences(update: PreferencesUpdate) -> Violations:
 def _time_zones() -> frozenset[str]:
     """The IANA names installed (system zoneinfo and the tzdata package), read once."""
     return frozenset(zoneinfo.available_timezones())
+
+
+def attribute_field(name: str) -> str:
+    """The field path of one map entry, e.g. ``attributes["country"]`` (quoted as JSON, so
+    any name, even a hostile one, gives a readable and unambiguous path)."""
+    return f"attributes[{json.dumps(name[:40])}]"
+
+
+def check_attributes(update: AttributesUpdate) -> Violations:
+    """Names, values and the source of a SetAttributes call. The cap on a user's attributes
+    (``MAX_ATTRIBUTES_PER_USER``) depends on what is stored: the store checks it with the
+    merge."""
+    out = check_user_id(update.user_id)
+    if update.source is None:
+        out.append(FieldViolation("source", "must be STATED or IMPORTED"))
+    if len(update.attributes) > MAX_ATTRIBUTES_PER_CALL:
+        out.append(FieldViolation("attributes", f"at most {MAX_ATTRIBUTES_PER_CALL} entries"))
+        return out
+    for name, value in update.attributes:
+        field = attribute_field(name)
+        out += _check_pattern(
+            name,
+            ATTRIBUTE_NAME_RE,
+            field,
+            "attribute name (a-z, 0-9, '_', starting with a letter, <= 64)",
+        )
+        if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
+            out.append(
+                FieldViolation(
+                    field, f"values must be at most {MAX_ATTRIBUTE_VALUE_CHARS} characters"
+                )
+            )
+        elif CONTROL_CHAR_RE.search(value):
+            out.append(FieldViolation(field, "values must not hold control characters"))
+    return out
 
 
 def check_time_zone(name: str, field: str) -> Violations:

@@ -110,6 +110,14 @@ def preferences_update(msg: profiles_pb2.SetPreferencesRequest) -> model.Prefere
     )
 
 
+def attributes_update(msg: profiles_pb2.SetAttributesRequest) -> model.AttributesUpdate:
+    return model.AttributesUpdate(
+        user_id=msg.user_id,
+        attributes=tuple(msg.attributes.items()),
+        source=_enum(model.AttributeSource, msg.source),
+    )
+
+
 def signals(msgs: list[profiles_pb2.Signal]) -> list[model.ObservedSignal]:
     return [
         model.ObservedSignal(
@@ -157,6 +165,15 @@ def profile(p: model.Profile) -> profiles_pb2.Profile:
         cooldowns=[
             profiles_pb2.Cooldown(offer_id=c.offer_id, topic=c.topic, until=_timestamp(c.until))
             for c in p.cooldowns
+        ],
+        attributes=[
+            profiles_pb2.Attribute(
+                name=a.name,
+                value=a.value,
+                source=_wire(a.source),
+                updated_at=_timestamp(a.updated_at),
+            )
+            for a in p.attributes
         ],
     )
     if p.quiet_hours is not None:

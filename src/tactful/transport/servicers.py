@@ -46,6 +46,11 @@ class ProfilesServicer(profiles_pb2_grpc.ProfilesServicer):
     ) -> profiles_pb2.Profile:
         return conv.profile(self._profiles.set_preferences(conv.preferences_update(request)))
 
+    def SetAttributes(
+        self, request: profiles_pb2.SetAttributesRequest, context: grpc.ServicerContext
+    ) -> profiles_pb2.Profile:
+        return conv.profile(self._profiles.set_attributes(conv.attributes_update(request)))
+
     def RecordSignals(
         self, request: profiles_pb2.RecordSignalsRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.RecordSignalsResponse:
