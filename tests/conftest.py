@@ -70,7 +70,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Settings:
-    """Test settings. Redis timeouts are a second, not the render path's 25 ms: a test on a
+    """Test settings. Redis timeouts are a second, not the render path's 10 ms: a test on a
     busy 2-core CI machine must not turn into a fallback by accident (the tests about slow
     stores ask for a short timeout). Authentication is off (tests/test_auth.py turns it on)."""
     base = Settings.from_env(

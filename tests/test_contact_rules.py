@@ -165,7 +165,7 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
             TACTFUL_REDIS_URL=url,
             TACTFUL_CHANNEL_CAPS="email=3",
             # The cap is the subject, not a slow store: on a busy 2-core machine 500 calls
-            # at once can pass the render path's 25 ms, and the held answers would then say
+            # at once can pass the render path's 10 ms, and the held answers would then say
             # STORE_UNAVAILABLE (tests/test_breaker.py covers that).
             TACTFUL_REDIS_SOCKET_TIMEOUT_MS="1000",
             TACTFUL_REDIS_BREAKER_FAILURES="0",

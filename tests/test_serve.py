@@ -46,6 +46,10 @@ def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
         TACTFUL_METRICS_PORT=str(free_port()),
         TACTFUL_GRPC_HOST="127.0.0.1",
         TACTFUL_AUTH_DISABLED="true",  # as `make serve` (tests/test_auth.py runs one with keys)
+        # These tests are about behaviour, not a slow store: on a busy CI machine the render
+        # path's 10 ms could turn an answer into a fallback (tests/test_breaker.py and
+        # bench/faults.py are about that).
+        TACTFUL_REDIS_SOCKET_TIMEOUT_MS="1000",
     )
     environment.update(env)
     return subprocess.Popen(

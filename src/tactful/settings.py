@@ -116,13 +116,15 @@ class RedisSettings:
     )
     socket_timeout_ms: float = _setting(
         "TACTFUL_REDIS_SOCKET_TIMEOUT_MS",
-        25.0,
+        10.0,
         "Per-command timeout, kept well inside a render-time deadline: past it Decide answers "
-        "without the store (fallback or hold) and writes return UNAVAILABLE.",
+        "without the store (fallback or hold) and writes return UNAVAILABLE. With the circuit "
+        "breaker it bounds a Decide on a frozen Redis to about this plus a millisecond "
+        "(bench/faults.py).",
         min=1.0,
     )
     connect_timeout_ms: float = _setting(
-        "TACTFUL_REDIS_CONNECT_TIMEOUT_MS", 25.0, "Connection timeout.", min=1.0
+        "TACTFUL_REDIS_CONNECT_TIMEOUT_MS", 10.0, "Connection timeout.", min=1.0
     )
     max_connections: int = _setting(
         "TACTFUL_REDIS_MAX_CONNECTIONS", 64, "Connection pool size per process.", min=1
