@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+import redis
 
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.transport.server import Running, build_server
@@ -200,3 +201,27 @@ def test_a_fallback_still_honours_what_a_recent_user_declined(redis_server, runn
         assert app.choices == [] and app.hold_reason == d.HOLD_REASON_CHANNEL_OPTED_OUT
         stranger = decisioning.Decide(d.DecideRequest(user_id="bob", channel="web", slots=2))
         assert [c.offer_id for c in stranger.choices] == ["run", "yoga"]  # by priority
+
+
+def test_dropped_connections_are_replaced_without_a_fallback(redis_server, running):
+    """Redis closes every client connection (a failover, a proxy restart, CLIENT KILL): the
+    next calls reconnect and are served from the store, no fallback, no error."""
+    channel, decisioning, profiles, catalog = stubs(running)
+    with channel:
+        catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("top", priority=0.9)))
+        request = d.DecideRequest(user_id="alice", channel="web")
+        assert decisioning.Decide(request).arm == d.ARM_PERSONALIZED
+        admin = redis.Redis(unix_socket_path=str(redis_server.socket))
+        try:
+            for _ in range(3):
+                killed = admin.client_kill_filter(_type="normal", skipme=True)
+                assert killed >= 1
+                assert decisioning.Decide(request).arm == d.ARM_PERSONALIZED
+                profiles.SetPreferences(
+                    p.SetPreferencesRequest(
+                        user_id="alice",
+                        topic_preferences=[p.TopicPreference(topic="x", stance=p.STANCE_LIKE)],
+                    )
+                )
+        finally:
+            admin.close()
