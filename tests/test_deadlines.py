@@ -71,3 +71,25 @@ def test_a_decide_past_its_deadline_logs_nothing_and_counts_no_contact(slow_serv
         profile = profiles.GetProfile(p.GetProfileRequest(user_id="late-reader"))
         email = [c.count for c in profile.contact_counters if c.channel == "email"]
         assert email and set(email) == {1}
+
+
+def test_a_cancelled_decide_logs_nothing_and_counts_no_contact(slow_server, redisdb):
+    running, store = slow_server
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        catalog_pb2_grpc.CatalogStub(channel).PutOffer(
+            catalog_pb2.PutOfferRequest(offer=offer("news", channels=["email"]))
+        )
+        decisioning = decisioning_pb2_grpc.DecisioningStub(channel)
+        profiles = profiles_pb2_grpc.ProfilesStub(channel)
+        request = d.DecideRequest(user_id="gone-reader", channel="email")
+
+        store.slow.set()
+        call = decisioning.Decide.future(request, timeout=10)
+        time.sleep(0.1)  # the server is inside the (held back) read
+        assert call.cancel()
+        time.sleep(0.4)  # the server has finished its side of the cancelled call
+        store.slow.clear()
+
+        profile = profiles.GetProfile(p.GetProfileRequest(user_id="gone-reader"))
+        assert not profile.contact_counters
+        assert not redisdb.exists(keys.UserKeys.of("gone-reader").decisions)
