@@ -539,6 +539,68 @@ PUT_BAD = [
         {"offer.start_time"},
         id="start-time-max-int64",
     ),
+    pytest.param(
+        put_req(segments=["ok", "not ok"], excluded_segments=[""]),
+        {"offer.segments[1]", "offer.excluded_segments[0]"},
+        id="bad-segment-ids",
+    ),
+    pytest.param(put_req(segments=["a", "a"]), {"offer.segments[1]"}, id="segment-given-twice"),
+    pytest.param(
+        put_req(segments=[f"s{i}" for i in range(33)]), {"offer.segments"}, id="33-segments"
+    ),
+    pytest.param(
+        put_req(segments=["a"], excluded_segments=["b", "a"]),
+        {"offer.excluded_segments[1]"},
+        id="segment-targeted-and-excluded",
+    ),
+    # Well formed, but no such segment exists: checked by the store, in the write's script.
+    pytest.param(
+        put_req(segments=["nope"], excluded_segments=["nope-either"]),
+        {"offer.segments[0]", "offer.excluded_segments[0]"},
+        id="unknown-segments",
+    ),
+]
+
+
+def seg_req(
+    segment_id: str = "s1", rule: str = 'likes("running")', **kw: Any
+) -> c.PutSegmentRequest:
+    return c.PutSegmentRequest(segment=c.Segment(segment_id=segment_id, rule=rule, **kw))
+
+
+SEGMENT_BAD = [
+    pytest.param(seg_req(segment_id=""), {"segment.segment_id"}, id="no-id"),
+    pytest.param(seg_req(segment_id="bad id"), {"segment.segment_id"}, id="id-with-space"),
+    pytest.param(seg_req(segment_id="s" * 65), {"segment.segment_id"}, id="id-65-chars"),
+    pytest.param(seg_req(rule=""), {"segment.rule"}, id="no-rule"),
+    pytest.param(seg_req(rule="  \n "), {"segment.rule"}, id="blank-rule"),
+    pytest.param(seg_req(rule='attr.x = "a"'), {"segment.rule"}, id="single-equals"),
+    pytest.param(seg_req(rule='attr.x != "a"'), {"segment.rule"}, id="not-equals"),
+    pytest.param(seg_req(rule='likes("Running")'), {"segment.rule"}, id="bad-topic"),
+    pytest.param(seg_req(rule='inferred("a") > 2'), {"segment.rule"}, id="strength-over-1"),
+    pytest.param(seg_req(rule="ctx.a between 5 and 1"), {"segment.rule"}, id="empty-range"),
+    pytest.param(seg_req(rule="ctx.a > nan"), {"segment.rule"}, id="nan"),
+    pytest.param(seg_req(rule="(" * 5000 + 'likes("a")'), {"segment.rule"}, id="deep-text"),
+    pytest.param(seg_req(rule="x" * 2001), {"segment.rule"}, id="rule-2001-chars"),
+    pytest.param(
+        seg_req(rule=" or ".join(f'likes("t{i}")' for i in range(101))),
+        {"segment.rule"},
+        id="101-conditions",
+    ),
+    pytest.param(
+        seg_req(rule='inferred("a") > 0.5', sensitive=True), {"segment.rule"}, id="sensitive"
+    ),
+    pytest.param(seg_req(description="d" * 1001), {"segment.description"}, id="long-description"),
+    pytest.param(seg_req(description="a\x00b"), {"segment.description"}, id="nul-description"),
+    pytest.param(
+        c.PutSegmentRequest(), {"segment.segment_id", "segment.rule"}, id="no-segment-at-all"
+    ),
+]
+
+LIST_SEGMENTS_BAD = [
+    pytest.param(c.ListSegmentsRequest(page_size=-1), {"page_size"}, id="page-size-negative"),
+    pytest.param(c.ListSegmentsRequest(page_size=1001), {"page_size"}, id="page-size-1001"),
+    pytest.param(c.ListSegmentsRequest(page_token="!!!!"), {"page_token"}, id="token-garbage"),
 ]
 
 LIST_BAD = [
@@ -570,6 +632,23 @@ def test_put_offer_rejects(catalog, request_, fields):
 @pytest.mark.parametrize(("request_", "fields"), LIST_BAD)
 def test_list_offers_rejects(catalog, request_, fields):
     assert violations(catalog.ListOffers, request_) == fields
+
+
+@pytest.mark.parametrize(("request_", "fields"), SEGMENT_BAD)
+def test_put_segment_rejects(catalog, request_, fields):
+    assert violations(catalog.PutSegment, request_) == fields
+
+
+@pytest.mark.parametrize(("request_", "fields"), LIST_SEGMENTS_BAD)
+def test_list_segments_rejects(catalog, request_, fields):
+    assert violations(catalog.ListSegments, request_) == fields
+
+
+def test_get_and_delete_of_a_bad_segment_id_name_segment_id(catalog):
+    bad_id = c.GetSegmentRequest(segment_id="bad id")
+    assert violations(catalog.GetSegment, bad_id) == {"segment_id"}
+    no_id = c.DeleteSegmentRequest(segment_id="")
+    assert violations(catalog.DeleteSegment, no_id) == {"segment_id"}
 
 
 def test_get_and_delete_of_a_bad_offer_id_name_offer_id(catalog):
@@ -632,6 +711,10 @@ def test_invalid_attributes_write_nothing(profiles):
 NOT_FOUND = [
     pytest.param("catalog", "GetOffer", c.GetOfferRequest(offer_id="nope"), id="get-offer"),
     pytest.param("catalog", "DeleteOffer", c.DeleteOfferRequest(offer_id="nope"), id="delete"),
+    pytest.param("catalog", "GetSegment", c.GetSegmentRequest(segment_id="nope"), id="get-segment"),
+    pytest.param(
+        "catalog", "DeleteSegment", c.DeleteSegmentRequest(segment_id="nope"), id="del-segment"
+    ),
     pytest.param("decisioning", "ReportOutcome", outcome_req(), id="outcome-unknown-decision"),
 ]
 
@@ -713,6 +796,8 @@ SWEEP = [
     *(("profiles", "SetAttributes", case) for case in ATTRS_BAD),
     *(("catalog", "PutOffer", case) for case in PUT_BAD),
     *(("catalog", "ListOffers", case) for case in LIST_BAD),
+    *(("catalog", "PutSegment", case) for case in SEGMENT_BAD),
+    *(("catalog", "ListSegments", case) for case in LIST_SEGMENTS_BAD),
 ]
 
 
@@ -756,6 +841,7 @@ def test_no_bad_input_is_unknown_or_internal_and_the_server_survives(
 
     # Nothing any of it sent was written ...
     assert list(catalog.ListOffers(c.ListOffersRequest(), timeout=TIMEOUT).offers) == []
+    assert list(catalog.ListSegments(c.ListSegmentsRequest(), timeout=TIMEOUT).segments) == []
     profile = profiles.GetProfile(p.GetProfileRequest(user_id="alice"), timeout=TIMEOUT)
     assert profile == p.Profile(user_id="alice", consent=p.Consent())
     # ... and the server still answers a valid Decide.

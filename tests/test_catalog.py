@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tactful.core import CatalogCache
-from tactful.model import Offer
+from tactful.model import Offer, Segment
 from tactful.v1 import catalog_pb2 as c
 
 from conftest import offer
@@ -71,9 +71,9 @@ class VersionedCatalog:
     def __init__(self) -> None:
         self.version, self.offers, self.loads = 1, [Offer("a", "A", ("t",), ("web",))], 0
 
-    def load_catalog(self) -> tuple[int, list[Offer]]:
+    def load_catalog(self) -> tuple[int, list[Offer], list[Segment]]:
         self.loads += 1
-        return self.version, list(self.offers)
+        return self.version, list(self.offers), []
 
 
 def test_a_read_older_than_the_last_reload_does_not_reload_the_catalog():

@@ -44,7 +44,16 @@ def test_service_and_method_names():
             "SetAttributes",
             "SetPreferences",
         ],
-        "tactful.v1.Catalog": ["DeleteOffer", "GetOffer", "ListOffers", "PutOffer"],
+        "tactful.v1.Catalog": [
+            "DeleteOffer",
+            "DeleteSegment",
+            "GetOffer",
+            "GetSegment",
+            "ListOffers",
+            "ListSegments",
+            "PutOffer",
+            "PutSegment",
+        ],
     }
 
 
@@ -94,3 +103,29 @@ def test_field_numbers_are_stable():
     )
     attributes = {f.name: f.number for f in profiles_pb2.SetAttributesRequest.DESCRIPTOR.fields}
     assert attributes == {"user_id": 1, "attributes": 2, "source": 3}
+    offer = {f.name: f.number for f in catalog_pb2.Offer.DESCRIPTOR.fields}
+    assert offer == {
+        "offer_id": 1,
+        "title": 2,
+        "topics": 3,
+        "channels": 4,
+        "priority": 5,
+        "sensitive": 6,
+        "start_time": 7,
+        "end_time": 8,
+        "max_per_user_per_day": 9,
+        "segments": 10,
+        "excluded_segments": 11,
+    }
+    segment = {f.name: f.number for f in catalog_pb2.Segment.DESCRIPTOR.fields}
+    assert segment == {"segment_id": 1, "rule": 2, "sensitive": 3, "description": 4}
+    assert {f.name: f.number for f in catalog_pb2.PutSegmentRequest.DESCRIPTOR.fields} == {
+        "segment": 1
+    }
+    for request in (catalog_pb2.GetSegmentRequest, catalog_pb2.DeleteSegmentRequest):
+        assert {f.name: f.number for f in request.DESCRIPTOR.fields} == {"segment_id": 1}
+    listing = {f.name: f.number for f in catalog_pb2.ListSegmentsRequest.DESCRIPTOR.fields}
+    assert listing == {"page_size": 1, "page_token": 2}
+    listed = {f.name: f.number for f in catalog_pb2.ListSegmentsResponse.DESCRIPTOR.fields}
+    assert listed == {"segments": 1, "next_page_token": 2}
+    assert decisioning_pb2.REASON_CODE_SEGMENT == 7

@@ -1,7 +1,8 @@
 """Fuzzing, through real stubs on a real redis-server: for every unary RPC of the tactful
 services, hypothesis-generated requests built from the message descriptors (every field type,
 extreme numbers, unknown enum values, long and odd text) and raw bytes (random, or a valid
-request cut short or spliced) get OK, INVALID_ARGUMENT or NOT_FOUND, never UNKNOWN or INTERNAL,
+request cut short or spliced) get OK, INVALID_ARGUMENT or NOT_FOUND (or FAILED_PRECONDITION
+where the catalog's state refuses a segment write), never UNKNOWN or INTERNAL,
 and the server still answers afterwards.
 
 Requests are sent in batches of concurrent calls, one batch per hypothesis example, so the
@@ -383,14 +384,33 @@ TIMEOUT = 30
 # before tactful sees the request.
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+# Well-formed requests the catalog's state refuses: deleting a segment offers name, or a new
+# segment past TACTFUL_MAX_SEGMENTS.
+STATEFUL = {
+    "DeleteSegment": {grpc.StatusCode.FAILED_PRECONDITION},
+    "PutSegment": {grpc.StatusCode.FAILED_PRECONDITION},
+}
 
 USERS = ["alice", "bob", "carol", "dave"]
 CHANNELS = ["web", "app", "email", "push", "sms"]
 TOPICS = ["general", "running", "finance", "travel", "sensitive-health"]
+SEGMENTS = {
+    "fr": 'attr.country == "FR"',
+    "runners": 'stated.persona == "runner" or likes("running")',
+    "big-cart": "ctx.cart between 10 and 1000",
+    "kids": 'stated.age_band == "under_18"',
+}
+RULES = [
+    *SEGMENTS.values(),
+    'inferred("finance") > 0.5 and not dislikes("finance")',
+    'has(ctx.device) and (channel in ["web", "app"] or ctx["utm-source"] == "x")',
+    "attr.country == ",
+    'likes("a") or likes("b") and likes("c")',
+]
 OFFERS = [
-    offer("o1", ("running",), priority=1.0),
+    offer("o1", ("running",), priority=1.0, segments=["runners", "fr"]),
     offer("o2", ("finance",), priority=0.8, channels=["web", "email", "push"]),
-    offer("o3", ("travel", "general"), max_per_user_per_day=1),
+    offer("o3", ("travel", "general"), max_per_user_per_day=1, excluded_segments=["kids"]),
     offer("o4", ("sensitive-health",), sensitive=True),
     offer("o5", ("general",), channels=["sms", "push"], priority=2.0),
     offer("later", ("general",), start_time=Timestamp(seconds=int(time.time()) + 86_400)),
@@ -402,6 +422,9 @@ def _seed(channel: grpc.Channel) -> dict[str, list[str]]:
     catalog = catalog_pb2_grpc.CatalogStub(channel)
     profiles = profiles_pb2_grpc.ProfilesStub(channel)
     decisioning = decisioning_pb2_grpc.DecisioningStub(channel)
+    for segment_id, rule in SEGMENTS.items():
+        segment = catalog_pb2.Segment(segment_id=segment_id, rule=rule)
+        catalog.PutSegment(catalog_pb2.PutSegmentRequest(segment=segment), timeout=TIMEOUT)
     for o in OFFERS:
         catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=o), timeout=TIMEOUT)
     profiles.SetPreferences(
@@ -456,6 +479,11 @@ def _seed(channel: grpc.Channel) -> dict[str, list[str]]:
         "title": ["A title", "Offer"],
         "key": ["cart", "session", "device", "country"],  # map keys of the context
         "value": ["mobile", "desktop", "fr"],
+        "segment_id": [*SEGMENTS, "unused"],
+        "segments": list(SEGMENTS),
+        "excluded_segments": list(SEGMENTS),
+        "rule": RULES,
+        "description": ["", "people in France"],
     }
 
 
@@ -477,9 +505,9 @@ def _check(
     for payload, future in sent:
         code = _code(future)
         seen[code.name] = seen.get(code.name, 0) + 1
-        allowed = ALLOWED | (
-            {grpc.StatusCode.RESOURCE_EXHAUSTED} if len(payload) > MAX_RECEIVE_BYTES else set()
-        )
+        allowed = ALLOWED | STATEFUL.get(method.name, set())
+        if len(payload) > MAX_RECEIVE_BYTES:
+            allowed = allowed | {grpc.StatusCode.RESOURCE_EXHAUSTED}
         if code not in allowed:
             bad.append((code, future.details(), payload[:300]))
         elif code == grpc.StatusCode.OK and isinstance(future.result(), bytes):

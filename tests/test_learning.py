@@ -88,6 +88,7 @@ def expected_vector(
     inferred: float,
     contacts: int,
     feature_set: str = "shared+offer",
+    segments: tuple[str, ...] = (),
 ):
     """The vector the module doc of tactful.features describes, built name by name."""
     indices, values = [BIAS, PRIORITY], [1.0, o.priority]
@@ -113,6 +114,10 @@ def expected_vector(
         names += topic_names + [f"{t}|n:{k}" for k, _ in ctx.numeric]
         values += [weight] * len(topic_names)
         values += [weight * math.copysign(math.log1p(abs(v)), v) for _, v in ctx.numeric]
+    names += [f"s:{s}" for s in segments]
+    values += [1.0] * len(segments)
+    names += [f"{u}|s:{s}" for u in units for s in segments]
+    values += [weight] * (len(units) * len(segments))
     indices += [N_DENSE + (zlib.crc32(n.encode()) & (2**SPACE.hashed_bits - 1)) for n in names]
     return SparseVector(tuple(indices), tuple(values))
 
@@ -133,12 +138,13 @@ def test_batched_features_are_the_documented_layout_in_every_context(feature_set
         RequestContext("web", "", 2, (), (("cart", 42.0), ("visits", 0.0))),
         RequestContext("app", "home", 23, (("device", "mobile"), ("country", "FR")), ()),
     ]
-    for ctx in contexts * 2:
+    memberships = [(), ("runners",), ("eu", "runners"), ()]
+    for ctx, segments in zip(contexts * 2, memberships * 2, strict=True):
         for contacts in (0, 3):
             liked, inferred = [True, False, True], [0.0, 0.25, 0.5]
-            batch = space.featurize_many(ctx, offers, liked, inferred, contacts)
+            batch = space.featurize_many(ctx, offers, liked, inferred, contacts, segments)
             expected = [
-                expected_vector(ctx, o, lk, inf, contacts, feature_set)
+                expected_vector(ctx, o, lk, inf, contacts, feature_set, segments)
                 for o, lk, inf in zip(offers, liked, inferred, strict=True)
             ]
             assert [batch.vector(i) for i in range(len(offers))] == expected

@@ -12,22 +12,30 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import secrets
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from prometheus_client import Counter
 
 from tactful import keys, metrics, scoring, validation
+from tactful import segments as segment_rules
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
 from tactful.contact_policy import ContactPolicy, Limits, Window, counter_field
-from tactful.errors import Abandoned, FieldViolation, InvalidArgument, NotFound, Unavailable
+from tactful.errors import (
+    Abandoned,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from tactful.features import (
     FeatureSpace,
     RequestContext,
@@ -53,12 +61,13 @@ from tactful.model import (
     Profile,
     Reason,
     ReasonCode,
+    Segment,
     Signal,
     Stance,
     TopicPreference,
 )
 from tactful.privacy import Pseudonymizer, in_control_group
-from tactful.settings import PolicySettings, Settings
+from tactful.settings import PolicySettings, SegmentSettings, Settings
 from tactful.store import ContactSpend, DecisionInputs, LoggedDecision, OutcomeStatus, Store
 
 log = logging.getLogger(__name__)
@@ -75,10 +84,107 @@ CONTROL_MODEL = "priority"  # the model_version of control-arm answers
 FALLBACK_MODEL = "fallback-priority"
 
 
+# Stored rules were accepted under the limits of their day; a later, stricter setting must not
+# make the catalog unloadable, so rules are read back under the parser's own hard limits.
+_STORED_RULE_LIMITS = segment_rules.RuleLimits(
+    max_length=1 << 20, max_depth=segment_rules.HARD_MAX_DEPTH, max_nodes=1 << 20
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSegment:
+    segment: Segment
+    # None: the stored rule no longer parses (a bug or a hand-edited store): fail closed,
+    # see ``SegmentBook.allows``.
+    predicate: segment_rules.Predicate | None
+    # A bandit feature (see ``tactful.features``): not sensitive, and reads neither explicit
+    # stances nor inferred signals, so neither kind of evidence enters the score through it.
+    feature: bool
+
+
+class SegmentBook:
+    """The catalog's segments of one version, each compiled once (closures, no Redis): what
+    a Decide evaluates in process, once per request."""
+
+    def __init__(self, segments: Iterable[Segment]) -> None:
+        compiled: dict[str, CompiledSegment] = {}
+        for segment in segments:
+            try:
+                rule = segment_rules.parse(segment.rule, _STORED_RULE_LIMITS)
+            except segment_rules.RuleError as exc:
+                log.error("segment %r: stored rule refused: %s", segment.segment_id, exc)
+                compiled[segment.segment_id] = CompiledSegment(segment, None, False)
+                continue
+            reads_evidence = segment_rules.uses_inferred(rule) or bool(
+                (refs := segment_rules.referenced(rule)).liked_topics or refs.disliked_topics
+            )
+            feature = not segment.sensitive and not reads_evidence
+            compiled[segment.segment_id] = CompiledSegment(
+                segment, segment_rules.compile(rule), feature
+            )
+        self.by_id: dict[str, CompiledSegment] = dict(sorted(compiled.items()))
+        self._evaluated = tuple(
+            (segment_id, c.predicate)
+            for segment_id, c in self.by_id.items()
+            if c.predicate is not None
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.by_id)
+
+    def members(self, given: segment_rules.SegmentInput) -> tuple[str, ...]:
+        """The ids of the segments ``given`` is in, in id order."""
+        return tuple(segment_id for segment_id, predicate in self._evaluated if predicate(given))
+
+    def allows(self, offer: Offer, members: frozenset[str]) -> bool:
+        """Targeting: in one of the offer's segments (when it names any) and in none of its
+        excluded ones. A segment that cannot be evaluated (unknown, or a stored rule that no
+        longer parses) counts as not in for ``segments`` and as in for ``excluded_segments``:
+        a targeting rule we cannot check never widens who sees an offer."""
+        if offer.segments and members.isdisjoint(offer.segments):
+            return False
+        if offer.excluded_segments:
+            if not members.isdisjoint(offer.excluded_segments):
+                return False
+            for segment_id in offer.excluded_segments:
+                known = self.by_id.get(segment_id)
+                if known is None or known.predicate is None:
+                    return False
+        return True
+
+    def reason(self, offer: Offer, members: frozenset[str]) -> Reason | None:
+        """Why a targeted offer was eligible: the first of its segments the user is in."""
+        for segment_id in offer.segments:
+            if segment_id in members:
+                if self.by_id[segment_id].segment.sensitive:
+                    return SENSITIVE_SEGMENT_REASON
+                return Reason(ReasonCode.SEGMENT, f"offered to segment {segment_id}")
+        return None
+
+    def logged(self, members: Iterable[str]) -> list[str]:
+        """The memberships a decision log records: sensitive ones never leave the profile."""
+        return [m for m in members if not self.by_id[m].segment.sensitive]
+
+    def features(self, members: Iterable[str], limit: int) -> tuple[str, ...]:
+        return tuple(m for m in members if self.by_id[m].feature)[:limit]
+
+
+SENSITIVE_SEGMENT_REASON = Reason(ReasonCode.SEGMENT, "offered because of something you told us")
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSnapshot:
+    """Offers and segments of one catalog version, swapped in together."""
+
+    offers: Mapping[str, Offer] = field(default_factory=dict)
+    segments: SegmentBook = field(default_factory=lambda: SegmentBook(()))
+
+
 class CatalogCache:
-    """The offer catalog, cached in process. Every Decide reads the catalog's version in its
-    one round trip; a version this process has not loaded yet triggers a reload, so a change
-    made through any process is seen by all of them on their next request.
+    """The offer catalog and its segments (compiled once per version), cached in process.
+    Every Decide reads the catalog's version in its one round trip; a version this process
+    has not loaded yet triggers a reload (offers and segments in one read), so a change made
+    through any process is seen by all of them on their next request.
 
     Only a read that started after the last reload can trigger one (``read_at``, from
     ``time.monotonic``, taken before the read). Versions only grow, so a read that started
@@ -92,28 +198,35 @@ class CatalogCache:
         self._lock = threading.Lock()
         self._version = -1
         self._loaded_at = -math.inf  # monotonic time the last reload's read started
-        self._offers: dict[str, Offer] = {}
+        self._snapshot = CatalogSnapshot()
 
-    def offers(self, version: int, *, read_at: float) -> Mapping[str, Offer]:
+    def snapshot(self, version: int, *, read_at: float) -> CatalogSnapshot:
         if version != self._version and read_at > self._loaded_at:
             with self._lock:
                 if version != self._version and read_at > self._loaded_at:
                     self._reload_locked()
-        return self._offers
+        return self._snapshot
+
+    def offers(self, version: int, *, read_at: float) -> Mapping[str, Offer]:
+        return self.snapshot(version, read_at=read_at).offers
 
     def refresh(self) -> Mapping[str, Offer]:
         with self._lock:
             self._reload_locked()
-        return self._offers
+        return self._snapshot.offers
 
     def last_known(self) -> Mapping[str, Offer]:
         """Whatever was loaded last, possibly stale: what a fallback answer is made of."""
-        return self._offers
+        return self._snapshot.offers
+
+    def last_snapshot(self) -> CatalogSnapshot:
+        return self._snapshot
 
     def _reload_locked(self) -> None:
         started = time.monotonic()
-        version, offers = self._store.load_catalog()
-        self._offers = {o.offer_id: o for o in offers}
+        version, offers, segments = self._store.load_catalog()
+        # One object, one assignment: a request sees offers and segments of one version.
+        self._snapshot = CatalogSnapshot({o.offer_id: o for o in offers}, SegmentBook(segments))
         self._version = version
         self._loaded_at = started
         metrics.CATALOG_RELOADS.inc()
@@ -200,6 +313,9 @@ class Draft:
     plan: ContactPlan | None
     # The candidate set the personalised arm drew from, for off-policy evaluation (see _log).
     candidates: dict[str, Any] | None = None
+    # The user's segment memberships the log records (None: the catalog has no segments, or
+    # the decision was held before they were evaluated).
+    segments: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +391,7 @@ class Decider:
         self._space = models.space
         self._policy = settings.policy
         self._learning = settings.learning
+        self._max_feature_segments = settings.segments.max_feature_segments
         self._half_life = settings.policy.signal_half_life_hours * 3600.0
         self._pseudonym = Pseudonymizer(settings.privacy.pseudonym_key)
         self._clock = clock
@@ -301,12 +418,13 @@ class Decider:
                 logged = self._store.get_logged_decision(decision_id=replay)
                 if logged is not None:
                     return self._replay(req, decision_from_log(logged.payload), inputs, now)
-            offers = self._catalog.offers(inputs.catalog_version, read_at=read_at)
+            snapshot = self._catalog.snapshot(inputs.catalog_version, read_at=read_at)
             model = self._models.model(inputs.model_version, read_at=read_at)
         except Unavailable:
             return self._without_store(req, decision_id, now)
 
-        draft = self._choose(req, inputs.profile, offers, model, decision_id, now)
+        offers = snapshot.offers
+        draft = self._choose(req, inputs.profile, snapshot, model, decision_id, now)
         decision = draft.decision
         if not req.dry_run:
             if not wanted():
@@ -378,20 +496,54 @@ class Decider:
         rules = HardRules.of(inputs.profile, now)
         if req.channel in rules.opted_out:
             return replace(decision, choices=(), hold_reason=HoldReason.CHANNEL_OPTED_OUT)
-        offers = self._catalog.last_known()
+        snapshot = self._catalog.last_snapshot()
+        offers, book = snapshot.offers, snapshot.segments
+        # Targeting is checked again too: a replay never shows what the user left a segment for.
+        members = frozenset(self._members(req, inputs.profile, rules, book, now))
         kept = tuple(
-            c for c in decision.choices if c.offer_id in offers and rules.allow(offers[c.offer_id])
+            c
+            for c in decision.choices
+            if c.offer_id in offers
+            and rules.allow(offers[c.offer_id])
+            and book.allows(offers[c.offer_id], members)
         )
         if len(kept) == len(decision.choices):
             return decision
         hold = decision.hold_reason if kept else HoldReason.NO_ELIGIBLE_OFFER
         return replace(decision, choices=kept, hold_reason=hold)
 
+    def _members(
+        self,
+        req: DecideRequest,
+        profile: Profile,
+        rules: HardRules,
+        book: SegmentBook,
+        now: float,
+        inferred: Mapping[str, float] | None = None,
+    ) -> tuple[str, ...]:
+        """The segments this user is in for this request, in id order: every segment of the
+        catalog evaluated once, in process. Inferred strengths are read only with consent."""
+        if not book:
+            return ()
+        if inferred is None:
+            consent = profile.consent.inferred_personalization
+            inferred = self._decayed(profile.signals, now) if consent else {}
+        given = segment_rules.SegmentInput(
+            attributes={a.name: (a.value, a.source.name) for a in profile.attributes},
+            liked=rules.liked,
+            disliked=rules.disliked,
+            inferred=segment_rules.squashed(inferred),
+            numeric_context=dict(req.numeric_context),
+            categorical_context=dict(req.categorical_context),
+            channel=req.channel,
+        )
+        return book.members(given)
+
     def _choose(
         self,
         req: DecideRequest,
         profile: Profile,
-        offers: Mapping[str, Offer],
+        snapshot: CatalogSnapshot,
         model: LinearModel,
         decision_id: str,
         now: float,
@@ -424,17 +576,29 @@ class Decider:
         if capacity.remaining == 0:
             return hold(HoldReason.FATIGUE_CAP, capacity.open_again)
         liked = rules.liked
-        # Hard rules first: the model only ever ranks what the customer allows.
+        offers, book = snapshot.offers, snapshot.segments
+        # Without consent, behaviour is not even read into the view the model gets.
+        inferred = (
+            self._decayed(profile.signals, now) if profile.consent.inferred_personalization else {}
+        )
+        member_ids = self._members(req, profile, rules, book, now, inferred)
+        members = frozenset(member_ids)
+        logged_segments = book.logged(member_ids) if book else None
+        # Hard rules first: the model only ever ranks what the customer allows, and targeting
+        # (segments, excluded_segments) is one of them.
         eligible = [
             offer
             for offer in _candidates(req, offers)
-            if offer.is_active(now) and req.channel in offer.channels and rules.allow(offer)
+            if offer.is_active(now)
+            and req.channel in offer.channels
+            and rules.allow(offer)
+            and book.allows(offer, members)
         ]
         if not eligible:
-            return hold(HoldReason.NO_ELIGIBLE_OFFER)
+            return replace(hold(HoldReason.NO_ELIGIBLE_OFFER), segments=logged_segments)
         eligible = [o for o in eligible if self._contacts.under_offer_cap(o, window, counts)]
         if not eligible:
-            return hold(HoldReason.FATIGUE_CAP, window.end)
+            return replace(hold(HoldReason.FATIGUE_CAP, window.end), segments=logged_segments)
         slots = req.slots or 1
         if capacity.remaining > 0:
             slots = min(slots, capacity.remaining)  # draw no more than the caps let through
@@ -444,15 +608,17 @@ class Decider:
         plan = ContactPlan(window, limits, stale)
         if control:
             choices = tuple(
-                Choice(o.offer_id, o.priority, 1.0, (scoring.CONTROL_REASON,))
+                Choice(
+                    o.offer_id,
+                    o.priority,
+                    1.0,
+                    _with_segment(book, o, members, (scoring.CONTROL_REASON,)),
+                )
                 for o in scoring.by_priority(eligible)[:slots]
             )
-            return Draft(Decision(decision_id, choices, HoldReason.NONE, version, arm), {}, plan)
+            decision = Decision(decision_id, choices, HoldReason.NONE, version, arm)
+            return Draft(decision, {}, plan, segments=logged_segments)
 
-        # Without consent, behaviour is not even read into the view the model gets.
-        inferred = (
-            self._decayed(profile.signals, now) if profile.consent.inferred_personalization else {}
-        )
         view = scoring.UserView(liked_topics=liked, inferred=inferred)
         contacts_today = counts.get(counter_field(window, req.channel), 0)
         context = RequestContext(
@@ -469,6 +635,7 @@ class Decider:
             liked=liked_flags,
             inferred=[squash(view.strongest_inferred(offer)[1]) for offer in eligible],
             contacts_today=contacts_today,
+            segments=book.features(member_ids, self._max_feature_segments) if book else (),
         )
         predicted = batch.dot(model.theta)
         picks = pick_slate(
@@ -484,7 +651,12 @@ class Decider:
                 eligible[pick.index].offer_id,
                 float(predicted[pick.index]),
                 pick.propensity,
-                scoring.personal_reasons(eligible[pick.index], view, explored=pick.explored),
+                _with_segment(
+                    book,
+                    eligible[pick.index],
+                    members,
+                    scoring.personal_reasons(eligible[pick.index], view, explored=pick.explored),
+                ),
             )
             for pick in picks
         )
@@ -502,7 +674,7 @@ class Decider:
             "slots": len(picks),
         }
         decision = Decision(decision_id, choices, HoldReason.NONE, version, arm)
-        return Draft(decision, features, plan, candidates)
+        return Draft(decision, features, plan, candidates, logged_segments)
 
     def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:
         """A generator seeded by (process seed, user, request_id or decision_id), as VW's
@@ -528,7 +700,9 @@ class Decider:
             self._count(decision, req.channel)
             return decision
         # What this user said, if this process decided for them recently; sensitive offers
-        # need an explicit LIKE we cannot check now, so they are never in a fallback.
+        # need an explicit LIKE we cannot check now, so they are never in a fallback, and
+        # neither are targeted ones (segments or excluded_segments): memberships rest on the
+        # profile we cannot read now, and a rule we cannot check must not widen an audience.
         rules = self._recent.get(req.user_id)
         if rules is not None and req.channel in rules.opted_out:
             decision = Decision(
@@ -542,6 +716,8 @@ class Decider:
             if o.is_active(now)
             and req.channel in o.channels
             and not o.sensitive
+            and not o.segments
+            and not o.excluded_segments
             and (rules is None or rules.allow(o))
         ]
         choices = tuple(
@@ -582,6 +758,9 @@ class Decider:
             numeric_context=dict(req.numeric_context),
             categorical_context=dict(req.categorical_context),
         )
+        if draft.segments is not None:
+            # The user's memberships (sensitive ones left out), for per-segment reporting.
+            payload["segments"] = draft.segments
         if candidates is not None and decision.choices:
             # Before "features": the store's fast JSON writer wants that key last.
             payload["candidates"] = candidates
@@ -693,6 +872,16 @@ def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:
     # Ids the catalog does not know (yet, or any more) are skipped, not an error: the page
     # that asked must still render.
     return [offers[i] for i in dict.fromkeys(req.candidate_offer_ids) if i in offers]
+
+
+def _with_segment(
+    book: SegmentBook, offer: Offer, members: frozenset[str], reasons: tuple[Reason, ...]
+) -> tuple[Reason, ...]:
+    """A targeted offer's reasons start with the segment that made it eligible."""
+    if not offer.segments:
+        return reasons
+    segment = book.reason(offer, members)
+    return reasons if segment is None else (segment, *reasons)
 
 
 def decision_to_log(decision: Decision) -> dict[str, Any]:
@@ -811,9 +1000,17 @@ def _by_channel_offer(counter: ContactCounter) -> tuple[str, str]:
 class CatalogService:
     DEFAULT_PAGE_SIZE = 100
 
-    def __init__(self, store: Store, catalog: CatalogCache) -> None:
+    def __init__(
+        self, store: Store, catalog: CatalogCache, segments: SegmentSettings | None = None
+    ) -> None:
         self._store = store
         self._catalog = catalog
+        self._segments = segments or SegmentSettings()
+        self._limits = segment_rules.RuleLimits(
+            max_length=self._segments.max_rule_length,
+            max_depth=self._segments.max_rule_depth,
+            max_nodes=self._segments.max_rule_nodes,
+        )
 
     def put_offer(self, offer: Offer) -> Offer:
         validation.require(validation.check_offer(offer))
@@ -833,23 +1030,55 @@ class CatalogService:
             raise NotFound(f"offer {offer_id!r} not found")
 
     def list_offers(self, page_size: int, page_token: str) -> tuple[list[Offer], str]:
-        violations = validation.check_page(page_size)
-        after = ""
-        if page_token:
-            try:
-                after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                after = ""
-            if not validation.OFFER_ID_RE.fullmatch(after):
-                violations.append(FieldViolation("page_token", "is not a token ListOffers gave"))
-        validation.require(violations)
+        after = _page_start(page_size, page_token, validation.OFFER_ID_RE, "ListOffers")
         read_at = time.monotonic()
         offers = self._catalog.offers(self._store.catalog_version(), read_at=read_at)
         ordered = sorted((o for o in offers.values() if o.offer_id > after), key=_offer_key)
         page = ordered[: page_size or self.DEFAULT_PAGE_SIZE]
         more = len(ordered) > len(page)
-        token = base64.urlsafe_b64encode(page[-1].offer_id.encode()).decode() if more else ""
-        return page, token
+        return page, _page_token(page[-1].offer_id) if more else ""
+
+    def put_segment(self, segment: Segment) -> Segment:
+        """Parse and check the rule (limits from settings; a sensitive segment may read only
+        what the customer stated), store it in canonical form and return it as stored."""
+        violations = validation.check_segment(segment)
+        canonical = segment.rule
+        if segment.rule.strip():
+            try:
+                rule = segment_rules.parse(segment.rule, self._limits)
+                if segment.sensitive:
+                    segment_rules.check_sensitive(rule)
+                canonical = segment_rules.unparse(rule)
+            except segment_rules.RuleError as exc:
+                violations.append(
+                    FieldViolation("segment.rule", f"{exc.message} at position {exc.position}")
+                )
+        validation.require(violations)
+        stored = replace(segment, rule=canonical)
+        self._store.put_segment(segment=stored, limit=self._segments.max_segments)
+        return stored
+
+    def get_segment(self, segment_id: str) -> Segment:
+        validation.require(validation.check_segment_id(segment_id))
+        segment = self._store.get_segment(segment_id=segment_id)
+        if segment is None:
+            raise NotFound(f"segment {segment_id!r} not found")
+        return segment
+
+    def delete_segment(self, segment_id: str) -> None:
+        """Refused (FailedPrecondition, naming them) while offers name the segment."""
+        validation.require(validation.check_segment_id(segment_id))
+        if not self._store.delete_segment(segment_id=segment_id):
+            raise NotFound(f"segment {segment_id!r} not found")
+
+    def list_segments(self, page_size: int, page_token: str) -> tuple[list[Segment], str]:
+        after = _page_start(page_size, page_token, validation.SEGMENT_ID_RE, "ListSegments")
+        read_at = time.monotonic()
+        book = self._catalog.snapshot(self._store.catalog_version(), read_at=read_at).segments
+        ordered = [c.segment for segment_id, c in book.by_id.items() if segment_id > after]
+        page = ordered[: page_size or self.DEFAULT_PAGE_SIZE]
+        more = len(ordered) > len(page)
+        return page, _page_token(page[-1].segment_id) if more else ""
 
     def is_empty(self) -> bool:
         return not self._catalog.refresh()
@@ -857,3 +1086,22 @@ class CatalogService:
 
 def _offer_key(offer: Offer) -> str:
     return offer.offer_id
+
+
+def _page_start(page_size: int, page_token: str, ids: re.Pattern[str], rpc: str) -> str:
+    """The id a page starts after (AIP-158 paging: the token is the last id, encoded)."""
+    violations = validation.check_page(page_size)
+    after = ""
+    if page_token:
+        try:
+            after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            after = ""
+        if not ids.fullmatch(after):
+            violations.append(FieldViolation("page_token", f"is not a token {rpc} gave"))
+    validation.require(violations)
+    return after
+
+
+def _page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode()

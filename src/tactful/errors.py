@@ -29,6 +29,11 @@ class NotFound(TactfulError):
     pass
 
 
+class FailedPrecondition(TactfulError):
+    """The request is well formed but the state does not allow it now (e.g. deleting a
+    segment that offers still name); the message says what to change first."""
+
+
 class Unavailable(TactfulError):
     """The store could not be reached; nothing was written."""
 

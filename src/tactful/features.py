@@ -19,6 +19,9 @@ Hashed features (shared structure first, so a new offer or user starts from what
   t:<topic>|k:<key>=<value>  topic x categorical context
   t:<topic>|n:<key>          topic x numeric context, value sign(v)*log1p(|v|)
   o:<offer_id>               per-offer bias, and o:<offer_id>|c:<channel>
+  s:<segment_id>             each segment the user is in (see below), value 1
+  t:<topic>|s:<segment_id>   topic x segment (each 1/sqrt(#topics)); o:<offer_id>|s:<segment_id>
+                             in the ``offer`` set
 
 That is the default feature set, ``shared+offer`` (TACTFUL_FEATURE_SET): what is learned about a
 topic in a context carries over to every offer with that topic (a new offer starts from its
@@ -30,6 +33,21 @@ and so on), so offers learn nothing from each other.
 Explicit and inferred evidence enter only through indices 1 and 2, never inside a hashed
 interaction: so their learned weights alone decide how they compare, and the model can keep
 ``weight[1] >= kappa * weight[2]`` (see ``bandit.project``).
+
+Segment memberships (``tactful.segments``) are features so that learning happens at persona
+level: what users of a segment did with a topic's offers carries over to a new user the day
+they enter the segment (``t:<topic>|s:<segment_id>``), and ``s:<segment_id>`` lets the model
+put the segment's own base rate there rather than into the topics. They come last in each
+vector, after the offer's own hashed indices, one set per request (they depend on the user,
+not the offer, so the per-context caches above are untouched; the topic x segment indices of
+an offer are cached per (topics, memberships)). The core decides which memberships are
+features (``core.SegmentBook``): only segments whose rule reads neither ``likes``/``dislikes``
+nor ``inferred`` (else explicit or inferred evidence would enter through a hashed interaction
+and escape the guarantee above), and never a sensitive segment (what a customer stated for
+targeting is used for targeting only: it does not shape every other offer's score, and it
+does not travel into the decision log and the learner's reward stream, which outlive no
+profile but are not the customer's to see). At most ``TACTFUL_SEGMENT_MAX_FEATURES`` of a
+user's memberships, the first by segment id.
 """
 
 from __future__ import annotations
@@ -112,6 +130,7 @@ class FeatureSpace:
         self.index = lru_cache(maxsize=1 << 16)(self._index)
         self._unit_indices = lru_cache(maxsize=1 << 14)(self._unit_indices_uncached)
         self._context_table = lru_cache(maxsize=256)(_new_table)
+        self._crossed_indices = lru_cache(maxsize=1 << 14)(self._crossed_indices_uncached)
 
     @property
     def layout(self) -> str:
@@ -137,9 +156,11 @@ class FeatureSpace:
         liked: Sequence[bool],
         inferred: Sequence[float],
         contacts_today: int,
+        segments: Sequence[str] = (),
     ) -> FeatureBatch:
         """The vectors of several offers for one request and one user: ``liked[i]`` and
-        ``inferred[i]`` are the user's evidence on ``offers[i]`` (see ``UserEvidence``)."""
+        ``inferred[i]`` are the user's evidence on ``offers[i]`` (see ``UserEvidence``);
+        ``segments`` the user's memberships that are features (see the module doc)."""
         key: ContextKey = (
             ctx.channel,
             ctx.placement,
@@ -154,6 +175,10 @@ class FeatureSpace:
         # The hashed values of an offer depend only on its number of topics (weight
         # 1/sqrt(#topics)) and on this request's numbers: built once per topic count.
         hashed_values: dict[int, array[float]] = {}
+        memberships = tuple(segments)
+        # The user's own segment indices: the same for every offer of this request.
+        segment_indices = array("q", [self.index(f"s:{s}") for s in memberships])
+        by_offer = self.feature_set == "offer"
         # Typed arrays, not lists: the cached parts are appended as memory copies, and the dot
         # product reads them without a conversion.
         indices = array("q")
@@ -180,7 +205,17 @@ class FeatureSpace:
             offer_values = hashed_values.get(n_topics)
             if offer_values is None:
                 offer_values = self._offer_values(n_topics, names_per_topic, numeric)
+                if memberships:
+                    weight = 1.0 if by_offer else 1.0 / math.sqrt(n_topics)
+                    crossed = len(memberships) * (1 if by_offer else n_topics)
+                    offer_values.extend([1.0] * len(memberships) + [weight] * crossed)
                 hashed_values[n_topics] = offer_values
+            if memberships:
+                indices.extend(segment_indices)
+                if by_offer:
+                    indices.extend(self._crossed_indices("o", (offer.offer_id,), memberships))
+                else:
+                    indices.extend(self._crossed_indices("t", offer.topics, memberships))
             values.extend(offer_values)
             bounds.append(len(indices))
         return FeatureBatch(indices, values, bounds)
@@ -207,6 +242,12 @@ class FeatureSpace:
         for topic in topics:
             indices.extend(self._unit_indices(f"t:{topic}", *key))
         return indices
+
+    def _crossed_indices_uncached(
+        self, kind: str, units: tuple[str, ...], segments: tuple[str, ...]
+    ) -> array[int]:
+        """``<kind>:<unit>|s:<segment>`` for each unit (topic or offer id), then segment."""
+        return array("q", [self.index(f"{kind}:{u}|s:{s}") for u in units for s in segments])
 
     def _unit_indices_uncached(
         self,

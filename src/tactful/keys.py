@@ -19,6 +19,10 @@ PREFIX = "tactful"
 
 CATALOG_OFFERS = f"{PREFIX}:{{catalog}}:offers"
 CATALOG_VERSION = f"{PREFIX}:{{catalog}}:version"
+# hash: segment_id -> JSON of the segment (its rule in canonical form). Next to the offers, so a
+# write that checks one against the other is one script in one slot, and bumps the version
+# every process reloads offers and segments together on.
+CATALOG_SEGMENTS = f"{PREFIX}:{{catalog}}:segments"
 
 
 # The model and the learner share the {model} slot, so a publish or a checkpoint (with the

@@ -29,6 +29,7 @@ class ReasonCode(enum.IntEnum):
     EXPLORATION = 4
     CONTROL_GROUP = 5
     FALLBACK = 6
+    SEGMENT = 7
 
 
 class HoldReason(enum.IntEnum):
@@ -67,11 +68,24 @@ class Offer:
     start_time: float | None = None  # epoch seconds; None = open
     end_time: float | None = None
     max_per_user_per_day: int = 0  # 0 = no cap of its own
+    segments: tuple[str, ...] = ()  # eligible only in one of them (when any)
+    excluded_segments: tuple[str, ...] = ()  # never in any of them
 
     def is_active(self, now: float) -> bool:
         if self.start_time is not None and now < self.start_time:
             return False
         return self.end_time is None or now < self.end_time
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A group of users defined by a rule (``tactful.segments``); ``rule`` is kept in
+    canonical form once accepted."""
+
+    segment_id: str
+    rule: str
+    sensitive: bool = False
+    description: str = ""
 
 
 # --- profiles ------------------------------------------------------------------------------

@@ -303,6 +303,51 @@ class LearningSettings:
 
 
 @dataclass(frozen=True)
+class SegmentSettings:
+    max_rule_length: int = _setting(
+        "TACTFUL_SEGMENT_MAX_RULE_LENGTH",
+        2000,
+        "Longest segment rule accepted, in characters (PutSegment refuses a longer one with "
+        "INVALID_ARGUMENT).",
+        min=1,
+        max=100_000,
+    )
+    max_rule_depth: int = _setting(
+        "TACTFUL_SEGMENT_MAX_RULE_DEPTH",
+        10,
+        "Deepest segment rule accepted: a condition is level 1, each not/and/or (and each "
+        "parenthesis while reading) one more.",
+        min=1,
+        max=100,
+    )
+    max_rule_nodes: int = _setting(
+        "TACTFUL_SEGMENT_MAX_RULE_NODES",
+        100,
+        "Most conditions plus not/and/or operators in one segment rule.",
+        min=1,
+        max=10_000,
+    )
+    max_segments: int = _setting(
+        "TACTFUL_MAX_SEGMENTS",
+        100,
+        "Most segments the catalog holds (a PutSegment of a new one past it is "
+        "FAILED_PRECONDITION). Every Decide evaluates them all, in process, a microsecond or "
+        "so each.",
+        min=0,
+        max=10_000,
+    )
+    max_feature_segments: int = _setting(
+        "TACTFUL_SEGMENT_MAX_FEATURES",
+        8,
+        "Most segment memberships of one user that become bandit features in one Decide (the "
+        "first by segment id); each adds 1 + topics indices per offer (0: segments only "
+        "target, nothing is learned from them).",
+        min=0,
+        max=64,
+    )
+
+
+@dataclass(frozen=True)
 class PrivacySettings:
     pseudonym_key: str = _setting(
         "TACTFUL_PSEUDONYM_KEY",
@@ -423,6 +468,7 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     contact: ContactSettings = field(default_factory=ContactSettings)
     learning: LearningSettings = field(default_factory=LearningSettings)
+    segments: SegmentSettings = field(default_factory=SegmentSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
 

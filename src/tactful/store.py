@@ -34,7 +34,7 @@ from redis.retry import Retry
 from tactful import keys, metrics
 from tactful.breaker import CircuitBreaker, CircuitOpen
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS
-from tactful.errors import FieldViolation, InvalidArgument, Unavailable
+from tactful.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from tactful.model import (
     Attribute,
     AttributeSource,
@@ -47,6 +47,7 @@ from tactful.model import (
     PreferencesUpdate,
     Profile,
     QuietHours,
+    Segment,
     Signal,
     Stance,
     TopicPreference,
@@ -162,13 +163,19 @@ class Store(Protocol):
 
     def load_model(self, *, version: int) -> bytes | None: ...
 
-    def load_catalog(self) -> tuple[int, list[Offer]]: ...
+    def load_catalog(self) -> tuple[int, list[Offer], list[Segment]]: ...
 
     def put_offer(self, *, offer: Offer) -> None: ...
 
     def get_offer(self, *, offer_id: str) -> Offer | None: ...
 
     def delete_offer(self, *, offer_id: str) -> bool: ...
+
+    def put_segment(self, *, segment: Segment, limit: int) -> None: ...
+
+    def get_segment(self, *, segment_id: str) -> Segment | None: ...
+
+    def delete_segment(self, *, segment_id: str) -> bool: ...
 
     def take_token(self, *, bucket: str, rate: float, burst: float) -> float: ...
 
@@ -233,6 +240,69 @@ if #removed > 0 then redis.call('HDEL', KEYS[1], unpack(removed)) end
 if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
 return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
   redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[1])}
+"""
+
+# The catalog's writes that check offers against segments, each one script in the {catalog}
+# slot, so no check can be overtaken by a concurrent write (a PutOffer naming a segment while
+# a DeleteSegment removes it: one of them sees the other's result). Scripts rather than
+# WATCH/MULTI: a WATCH on the offers hash would make a DeleteSegment retry whenever any offer
+# changes, and each script is short.
+#
+# Puts an offer if every segment it names exists. KEYS offers, segments, version; ARGV
+# offer_id, offer JSON, then the segment ids. Returns the ids that do not exist (nothing
+# written), or an empty list when the offer was put.
+_PUT_OFFER_LUA = """
+local missing = {}
+for i = 3, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
+end
+if #missing > 0 then return missing end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[3])
+return missing
+"""
+
+# Puts a segment unless it is new and the catalog already holds ARGV[3] of them. KEYS
+# segments, version; ARGV segment_id, segment JSON, cap. Returns 1 if put, 0 if full.
+_PUT_SEGMENT_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+    and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
+# Deletes a segment no offer names. KEYS segments, offers, version; ARGV segment_id.
+# Returns {1} deleted, {0} no such segment, or {-1, offer_id...}: the offers that name it
+# (nothing deleted). Every offer is looked at: a DeleteSegment is a rare admin call on a
+# catalog small enough for every process to hold in memory, and a scan needs no reverse
+# index that could drift from the offers. A plain text search skips the JSON decoding of
+# offers that cannot name it (ids are plain ASCII without quotes: JSON writes them as is).
+_DELETE_SEGMENT_LUA = """
+local id = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], id) == 0 then return {0} end
+local needle = '"' .. id .. '"'
+local result = {-1}
+local offers = redis.call('HGETALL', KEYS[2])
+for i = 1, #offers, 2 do
+  local raw = offers[i + 1]
+  if string.find(raw, needle, 1, true) then
+    local offer = cjson.decode(raw)
+    local named = false
+    for _, list in ipairs({offer['segments'], offer['excluded_segments']}) do
+      if type(list) == 'table' then
+        for _, other in ipairs(list) do if other == id then named = true end end
+      end
+    end
+    if named then result[#result + 1] = offers[i] end
+  end
+end
+if #result > 1 then return result end
+redis.call('HDEL', KEYS[1], id)
+redis.call('INCR', KEYS[3])
+return {1}
 """
 
 # An outcome and its reward touch two slots: the decision's ({d:<id>}) and the reward stream's
@@ -418,6 +488,9 @@ class RedisStore:
         self._send_reward = client.register_script(_SEND_REWARD_LUA)
         self._consume_contacts = client.register_script(CONSUME_CONTACTS_LUA)
         self._take_token = client.register_script(_TAKE_TOKEN_LUA)
+        self._put_offer = client.register_script(_PUT_OFFER_LUA)
+        self._put_segment = client.register_script(_PUT_SEGMENT_LUA)
+        self._delete_segment = client.register_script(_DELETE_SEGMENT_LUA)
         self._round_trip = round_trip(client)
 
     @classmethod
@@ -699,20 +772,40 @@ class RedisStore:
             raw: Any = _undecoded(self.client, "GET", keys.model_snapshot(version))
         return None if raw is None else bytes(raw)
 
-    def load_catalog(self) -> tuple[int, list[Offer]]:
+    def load_catalog(self) -> tuple[int, list[Offer], list[Segment]]:
+        """The catalog's version, offers and segments, read together (one MULTI/EXEC): a
+        process never holds offers of one version with segments of another."""
         pipe = self.client.pipeline(transaction=True)
         pipe.get(keys.CATALOG_VERSION)
         pipe.hgetall(keys.CATALOG_OFFERS)
+        pipe.hgetall(keys.CATALOG_SEGMENTS)
         with self._guarded("load_catalog"):
-            version, raw = pipe.execute()
-        return int(version or 0), [_decode_offer(v) for v in raw.values()]
+            version, raw_offers, raw_segments = pipe.execute()
+        offers = [_decode_offer(v) for v in raw_offers.values()]
+        return int(version or 0), offers, [_decode_segment(v) for v in raw_segments.values()]
 
     def put_offer(self, *, offer: Offer) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(keys.CATALOG_OFFERS, offer.offer_id, json.dumps(asdict(offer)))
-        pipe.incr(keys.CATALOG_VERSION)
+        """Put the offer if every segment it names exists (checked in the same script);
+        ``InvalidArgument`` naming each missing one otherwise, and nothing written."""
+        named = list(dict.fromkeys((*offer.segments, *offer.excluded_segments)))
         with self._guarded("put_offer"):
-            pipe.execute()
+            missing: Any = self._put_offer(
+                keys=[keys.CATALOG_OFFERS, keys.CATALOG_SEGMENTS, keys.CATALOG_VERSION],
+                args=[offer.offer_id, json.dumps(asdict(offer)), *named],
+            )
+        if missing:
+            unknown = set(missing)
+            raise InvalidArgument(
+                [
+                    FieldViolation(f"offer.{name}[{i}]", f"segment {segment_id!r} does not exist")
+                    for name, ids in (
+                        ("segments", offer.segments),
+                        ("excluded_segments", offer.excluded_segments),
+                    )
+                    for i, segment_id in enumerate(ids)
+                    if segment_id in unknown
+                ]
+            )
 
     def get_offer(self, *, offer_id: str) -> Offer | None:
         with self._guarded("get_offer"):
@@ -726,6 +819,44 @@ class RedisStore:
         with self._guarded("delete_offer"):
             deleted, _ = pipe.execute()
         return bool(deleted)
+
+    def put_segment(self, *, segment: Segment, limit: int) -> None:
+        """Create or replace the segment; a new one when the catalog holds ``limit`` already
+        is ``FailedPrecondition`` (checked in the same script)."""
+        with self._guarded("put_segment"):
+            put = self._put_segment(
+                keys=[keys.CATALOG_SEGMENTS, keys.CATALOG_VERSION],
+                args=[segment.segment_id, json.dumps(asdict(segment)), limit],
+            )
+        if not int(put):
+            raise FailedPrecondition(
+                f"the catalog holds {limit} segments, the most TACTFUL_MAX_SEGMENTS allows: "
+                "delete one first"
+            )
+
+    def get_segment(self, *, segment_id: str) -> Segment | None:
+        with self._guarded("get_segment"):
+            raw = self.client.hget(keys.CATALOG_SEGMENTS, segment_id)
+        return None if raw is None else _decode_segment(str(raw))
+
+    def delete_segment(self, *, segment_id: str) -> bool:
+        """Delete the segment; False if there is none. ``FailedPrecondition`` naming the
+        offers when offers still name it (nothing deleted)."""
+        with self._guarded("delete_segment"):
+            reply: Any = self._delete_segment(
+                keys=[keys.CATALOG_SEGMENTS, keys.CATALOG_OFFERS, keys.CATALOG_VERSION],
+                args=[segment_id],
+            )
+        status = int(reply[0])
+        if status < 0:
+            offers = sorted(str(o) for o in reply[1:])
+            shown = ", ".join(repr(o) for o in offers[:10])
+            more = f" and {len(offers) - 10} more" if len(offers) > 10 else ""
+            raise FailedPrecondition(
+                f"segment {segment_id!r} is named by {len(offers)} offer(s): {shown}{more}; "
+                "remove it from their segments and excluded_segments first"
+            )
+        return status == 1
 
     # --- rate limits ----------------------------------------------------------------------
 
@@ -1000,7 +1131,14 @@ def _decode_offer(raw: str) -> Offer:
     data = json.loads(raw)
     data["topics"] = tuple(data["topics"])
     data["channels"] = tuple(data["channels"])
+    # Offers stored before targeting existed have neither list: open to everyone.
+    data["segments"] = tuple(data.get("segments", ()))
+    data["excluded_segments"] = tuple(data.get("excluded_segments", ()))
     return Offer(**data)
+
+
+def _decode_segment(raw: str) -> Segment:
+    return Segment(**json.loads(raw))
 
 
 def _split_ts(value: str) -> tuple[str, float]:

@@ -17,6 +17,7 @@ from tactful.model import (
     Offer,
     OutcomeReport,
     PreferencesUpdate,
+    Segment,
     Signal,
 )
 
@@ -37,6 +38,8 @@ MAX_PAGE_SIZE = 1000
 MAX_ATTRIBUTES_PER_CALL = 64
 MAX_ATTRIBUTES_PER_USER = 128  # enforced by the store, atomically with the merge
 MAX_ATTRIBUTE_VALUE_CHARS = 256
+MAX_SEGMENTS_PER_OFFER = 32  # in segments and in excluded_segments, each
+MAX_SEGMENT_DESCRIPTION_CHARS = 1000
 FUTURE_SKEW_SECONDS = 300.0
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 MIN_TIMESTAMP, MAX_TIMESTAMP = -62_135_596_800, 253_402_300_799
@@ -44,6 +47,7 @@ MIN_TIMESTAMP, MAX_TIMESTAMP = -62_135_596_800, 253_402_300_799
 CHANNEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 TOPIC_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 OFFER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+SEGMENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 ATTRIBUTE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 CONTROL_CHAR_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
@@ -89,6 +93,57 @@ def check_offer_id(offer_id: str, field: str = "offer_id") -> Violations:
     return _check_pattern(
         offer_id, OFFER_ID_RE, field, "offer id (A-Z, a-z, 0-9, '.', '_', ':', '-', <= 128)"
     )
+
+
+def check_segment_id(segment_id: str, field: str = "segment_id") -> Violations:
+    return _check_pattern(
+        segment_id, SEGMENT_ID_RE, field, "segment id (A-Z, a-z, 0-9, '.', '_', ':', '-', <= 64)"
+    )
+
+
+def check_segment(segment: Segment) -> Violations:
+    """The id and description of a PutSegment; the rule is parsed by the core (with the
+    limits from settings), which names the position of any problem."""
+    out = check_segment_id(segment.segment_id, "segment.segment_id")
+    if not segment.rule.strip():
+        out.append(FieldViolation("segment.rule", "must not be empty"))
+    if len(segment.description) > MAX_SEGMENT_DESCRIPTION_CHARS:
+        out.append(
+            FieldViolation(
+                "segment.description",
+                f"must be at most {MAX_SEGMENT_DESCRIPTION_CHARS} characters",
+            )
+        )
+    elif CONTROL_CHAR_RE.search(segment.description.replace("\n", "").replace("\t", "")):
+        out.append(
+            FieldViolation("segment.description", "must not hold control characters but \\n, \\t")
+        )
+    return out
+
+
+def _check_offer_segments(offer: Offer) -> Violations:
+    out: Violations = []
+    for name, ids in (("segments", offer.segments), ("excluded_segments", offer.excluded_segments)):
+        if len(ids) > MAX_SEGMENTS_PER_OFFER:
+            out.append(FieldViolation(f"offer.{name}", f"at most {MAX_SEGMENTS_PER_OFFER} entries"))
+            continue
+        seen: set[str] = set()
+        for i, segment_id in enumerate(ids):
+            field = f"offer.{name}[{i}]"
+            out += check_segment_id(segment_id, field)
+            if segment_id in seen:
+                out.append(FieldViolation(field, "given twice"))
+            seen.add(segment_id)
+    both = set(offer.segments) & set(offer.excluded_segments)
+    for i, segment_id in enumerate(offer.excluded_segments):
+        if segment_id in both:
+            out.append(
+                FieldViolation(
+                    f"offer.excluded_segments[{i}]",
+                    "is also in offer.segments: the offer could reach no one through it",
+                )
+            )
+    return out
 
 
 def _check_key(value: str, field: str, *, required: bool) -> Violations:
@@ -302,6 +357,7 @@ def check_offer(offer: Offer) -> Violations:
         and offer.end_time <= offer.start_time
     ):
         out.append(FieldViolation("offer.end_time", "must be after start_time"))
+    out += _check_offer_segments(offer)
     return out
 
 

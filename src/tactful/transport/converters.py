@@ -201,6 +201,8 @@ def offer_from_proto(msg: catalog_pb2.Offer) -> model.Offer:
         start_time=_seconds(msg.start_time) if msg.HasField("start_time") else None,
         end_time=_seconds(msg.end_time) if msg.HasField("end_time") else None,
         max_per_user_per_day=msg.max_per_user_per_day,
+        segments=tuple(msg.segments),
+        excluded_segments=tuple(msg.excluded_segments),
     )
 
 
@@ -213,9 +215,29 @@ def offer_to_proto(offer: model.Offer) -> catalog_pb2.Offer:
         priority=offer.priority,
         sensitive=offer.sensitive,
         max_per_user_per_day=offer.max_per_user_per_day,
+        segments=offer.segments,
+        excluded_segments=offer.excluded_segments,
     )
     if offer.start_time is not None:
         msg.start_time.CopyFrom(_timestamp(offer.start_time))
     if offer.end_time is not None:
         msg.end_time.CopyFrom(_timestamp(offer.end_time))
     return msg
+
+
+def segment_from_proto(msg: catalog_pb2.Segment) -> model.Segment:
+    return model.Segment(
+        segment_id=msg.segment_id,
+        rule=msg.rule,
+        sensitive=msg.sensitive,
+        description=msg.description,
+    )
+
+
+def segment_to_proto(segment: model.Segment) -> catalog_pb2.Segment:
+    return catalog_pb2.Segment(
+        segment_id=segment.segment_id,
+        rule=segment.rule,
+        sensitive=segment.sensitive,
+        description=segment.description,
+    )

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from tactful import metrics
 from tactful.errors import (
     Abandoned,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -73,6 +74,9 @@ def to_status(error: TactfulError) -> status_pb2.Status:
         return bad_request(error)
     if isinstance(error, NotFound):
         return status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(error))
+    if isinstance(error, FailedPrecondition):
+        message = _cut(str(error), MAX_MESSAGE_BYTES)
+        return status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=message)
     if isinstance(error, Abandoned):
         return status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=str(error))
     if isinstance(error, Unavailable):

@@ -98,7 +98,7 @@ def build_server(
     space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
     models = ModelCache(store, space, settings.learning.kappa)
     decider = Decider(store, catalog_cache, models, settings)
-    catalog = CatalogService(store, catalog_cache)
+    catalog = CatalogService(store, catalog_cache, settings.segments)
     profiles = ProfileService(store, settings)
 
     server = grpc.server(

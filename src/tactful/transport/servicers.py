@@ -96,3 +96,28 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
     ) -> catalog_pb2.DeleteOfferResponse:
         self._catalog.delete_offer(request.offer_id)
         return catalog_pb2.DeleteOfferResponse()
+
+    def PutSegment(
+        self, request: catalog_pb2.PutSegmentRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.Segment:
+        segment = self._catalog.put_segment(conv.segment_from_proto(request.segment))
+        return conv.segment_to_proto(segment)
+
+    def GetSegment(
+        self, request: catalog_pb2.GetSegmentRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.Segment:
+        return conv.segment_to_proto(self._catalog.get_segment(request.segment_id))
+
+    def ListSegments(
+        self, request: catalog_pb2.ListSegmentsRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.ListSegmentsResponse:
+        segments, token = self._catalog.list_segments(request.page_size, request.page_token)
+        return catalog_pb2.ListSegmentsResponse(
+            segments=[conv.segment_to_proto(s) for s in segments], next_page_token=token
+        )
+
+    def DeleteSegment(
+        self, request: catalog_pb2.DeleteSegmentRequest, context: grpc.ServicerContext
+    ) -> catalog_pb2.DeleteSegmentResponse:
+        self._catalog.delete_segment(request.segment_id)
+        return catalog_pb2.DeleteSegmentResponse()
