@@ -490,3 +490,15 @@ def test_the_commands_and_their_exit_codes(
     assert main(["export", "--profiles", str(out), "--since", "2026-01-01"]) == 2
     with pytest.raises(SystemExit):  # one of --out (decisions) and --profiles
         main(["export", "--out", str(out), "--profiles", str(out)])
+
+
+@pytest.mark.both_stores
+def test_an_import_loads_the_scripts_into_a_redis_that_lost_them(store):
+    """A restarted or flushed Redis has no scripts: the batch is written again once they are
+    loaded, which sets the same state (nothing is added twice)."""
+    run(store, FULL)
+    store.client.script_flush()
+    summary, bad = run(store, FULL, line("u2", attributes={"tier": "gold"}))
+    assert (summary.imported, summary.bad) == (2, 0) and not bad.lines
+    assert [(s.topic, s.weight) for s in stored(store, "u1").signals] == [("yoga", 2.5)]
+    assert stored(store, "u2").attributes[0].value == "gold"
