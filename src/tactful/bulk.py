@@ -159,7 +159,7 @@ class _Reader:
 
     def record(self, data: dict[str, Any]) -> ProfileRecord:
         if not data.keys() <= FIELDS:
-            for name in data.keys() - FIELDS:
+            for name in sorted(data.keys() - FIELDS):
                 self.bad("", json.dumps(name[:40]), "is not a field of a profile line")
         user_id = data.get("user_id", "")
         if type(user_id) is not str:
@@ -247,7 +247,7 @@ class _Reader:
             return None
         ok = True
         if not value.keys() <= shape.allowed:
-            for name in value.keys() - shape.allowed:
+            for name in sorted(value.keys() - shape.allowed):
                 self.bad(field, name[:40], "is not a field here")
         for name in shape.required:
             if name not in value:
