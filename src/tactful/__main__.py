@@ -1,6 +1,7 @@
 """Command line: ``tactful serve`` (the server, with its learner unless told otherwise),
 ``tactful learn`` (a learner on its own), ``tactful model list|rollback|unpin``,
 ``tactful report`` / ``tactful export`` (the decision log as an ROI report / VW DSJson),
+``tactful import`` / ``tactful export --profiles`` (profiles as JSON lines, see ``bulk``),
 ``tactful new-key`` / ``tactful hash-key`` (API keys and their TACTFUL_API_KEYS entries) and
 ``tactful settings`` (the settings table)."""
 
@@ -185,6 +186,94 @@ def report_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bulk_store(settings: Settings, url: str) -> Any:
+    """A store for a bulk command: the learner's patient client (a batch of 500 users is not
+    a render-path call) and no circuit breaker (every error is worth seeing)."""
+    from tactful.store import RedisStore
+
+    return RedisStore(
+        runtime.learner_client(settings, url),
+        signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
+        decision_ttl_seconds=settings.policy.decision_ttl_seconds,
+        request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
+    )
+
+
+def import_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`tactful import FILE`: 0 when every line was imported, 1 when some were bad (each
+    reported on stderr with its line number; the others were imported), 2 when the file or
+    the store could not be used."""
+    from tactful import bulk
+
+    if args.batch < 1:
+        print("tactful import: --batch must be at least 1", file=sys.stderr)
+        return 2
+    source: Any = contextlib.nullcontext(sys.stdin.buffer)
+    try:
+        if args.file != "-":
+            source = open(args.file, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        print(f"tactful import: {exc}", file=sys.stderr)
+        return 2
+    progress = bulk.Progress(sys.stderr, enabled=bulk.show_progress(args.quiet), what="lines")
+    try:
+        with source as lines, _offline_redis(settings) as url:
+            summary = bulk.import_lines(
+                _bulk_store(settings, url),
+                lines,
+                bad_line=bulk.report_to(sys.stderr, progress),
+                batch=args.batch,
+                progress=progress,
+            )
+    except bulk.STORE_ERRORS as exc:
+        progress.clear()
+        print(f"tactful import: store unavailable: {exc}", file=sys.stderr)
+        return 2
+    progress.clear()
+    parts = [
+        f"{summary.imported:,} profiles imported of {summary.lines:,} lines "
+        f"in {summary.seconds:.1f} s ({summary.rate:,.0f} profiles/s)"
+    ]
+    if summary.bad:
+        parts.append(f"{summary.bad:,} bad lines skipped")
+    if summary.signals_not_kept:
+        parts.append(f"signals of {summary.signals_not_kept:,} users not kept (no consent)")
+    print("tactful import: " + "; ".join(parts), file=sys.stderr)
+    return 1 if summary.bad else 0
+
+
+def export_profiles_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`tactful export --profiles FILE`: every profile in the import's format."""
+    from tactful import bulk
+
+    if args.since or args.until:
+        print("tactful export: --since/--until select decisions, not profiles", file=sys.stderr)
+        return 2
+    target: Any = contextlib.nullcontext(sys.stdout)
+    try:
+        if args.profiles != "-":
+            target = open(args.profiles, "w", encoding="utf-8")  # noqa: SIM115 (the with below)
+    except OSError as exc:
+        print(f"tactful export: {exc}", file=sys.stderr)
+        return 2
+    progress = bulk.Progress(sys.stderr, enabled=bulk.show_progress(False), what="profiles")
+    try:
+        with target as out, _offline_redis(settings) as url:
+            summary = bulk.export_profiles(_bulk_store(settings, url), out, progress=progress)
+    except bulk.STORE_ERRORS as exc:
+        progress.clear()
+        print(f"tactful export: store unavailable: {exc}", file=sys.stderr)
+        return 2
+    message = f"tactful export: {summary.written:,} profiles: {args.profiles}"
+    if summary.without_user_id:
+        message += (
+            f"; {summary.without_user_id:,} profiles last written before user ids were kept "
+            "were left out (any write through the API or an import makes them exportable)"
+        )
+    print(message, file=sys.stderr)
+    return 0
+
+
 #: Shorter keys are refused by `tactful hash-key`: a fast hash of a guessable key is no secret.
 MIN_KEY_LENGTH = 24
 
@@ -238,12 +327,30 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, help_text, out in (
         ("report", "ROI report of the decision log (Markdown, PNG plots with matplotlib)", "DIR"),
-        ("export", "the decision log as Vowpal Wabbit DSJson (--cb_adf --dsjson)", "FILE"),
+        (
+            "export",
+            "the decision log as Vowpal Wabbit DSJson (--cb_adf --dsjson), "
+            "or with --profiles every profile as JSON lines (the import's format)",
+            "FILE",
+        ),
     ):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--since", help="ISO 8601 time, UTC unless given (default: all)")
         command.add_argument("--until", help="ISO 8601 time, exclusive (default: now)")
-        command.add_argument("--out", required=True, metavar=out)
+        target = command.add_mutually_exclusive_group(required=True) if name == "export" else None
+        (target or command).add_argument("--out", required=target is None, metavar=out)
+        if target is not None:
+            target.add_argument(
+                "--profiles", metavar="FILE", help="write profiles, not decisions ('-': stdout)"
+            )
+    importer = sub.add_parser(
+        "import", help="load profiles from JSON lines (attributes, preferences, consent, signals)"
+    )
+    importer.add_argument("file", metavar="FILE", help="one profile per line ('-': stdin)")
+    importer.add_argument("--quiet", action="store_true", help="no progress line")
+    importer.add_argument(
+        "--batch", type=int, default=500, help="users per pipelined round trip (default 500)"
+    )
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings_table())
@@ -262,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             return learn(settings)
         if args.command == "model":
             return model_command(settings, args)
+        if args.command == "import":
+            return import_command(settings, args)
+        if args.command == "export" and args.profiles:
+            return export_profiles_command(settings, args)
         if args.command in ("report", "export"):
             return report_command(settings, args)
         return serve(settings)

@@ -204,6 +204,18 @@ class AttributesUpdate:
     source: AttributeSource | None = None  # None: UNSPECIFIED or unknown (invalid)
 
 
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    """One user's profile as a bulk import writes it and an export reads it: what the customer
+    and systems of record said, and the inferred signals, each with its time (contact
+    counters, cooldowns and decisions are operational state, not carried)."""
+
+    user_id: str
+    preferences: PreferencesUpdate  # its stances, opt-ins and consent carry their updated_at
+    attributes: tuple[Attribute, ...] = ()
+    signals: tuple[Signal, ...] = ()  # weight at observed_at: the state, not an observation
+
+
 # --- decisions -----------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from tactful.model import (
     Offer,
     PreferencesUpdate,
     Profile,
+    ProfileRecord,
     QuietHours,
     Segment,
     Signal,
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 
 #: A client of one Redis server, or of a Redis Cluster (TACTFUL_REDIS_URL redis+cluster://).
 Client = redis.Redis | RedisCluster
+
+#: How every key of a user begins: the digest follows, up to the closing brace.
+_USER_PREFIX = f"{keys.PREFIX}:{{u:"
 
 #: The "+cluster" URL scheme that names a Redis Cluster (redis-py is given the rest).
 CLUSTER_SUFFIX = "+cluster"
@@ -117,6 +122,14 @@ class LoggedDecision:
 
     decision_id: str
     payload: dict[str, Any]  # JSON-ready: the response, context, pseudonymous user, time
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileWrite:
+    """What the store did with one imported profile."""
+
+    signals_kept: bool | None  # None: the record had none; False: no consent, none kept
+    attributes_refused: int  # 0, or how many attributes the user would have had (over the cap)
 
 
 class OutcomeStatus:
@@ -183,14 +196,19 @@ class Store(Protocol):
 # Adds inferred signals, decaying what is stored to the new observation's time, atomically,
 # and only for a user who consented to the use of their behaviour (returns 0 otherwise: the
 # signals are not kept at all). KEYS[1] signals hash, KEYS[2] profile hash; ARGV[1] half-life
-# seconds; then (topic, weight, observed_at) triples.
+# seconds (0: replace, see below); then (topic, weight, observed_at) triples.
+# RecordSignals adds observations, so sending the same ones twice counts them twice. A bulk
+# import sends a signal's *state* (its weight at observed_at, as GetProfile and the export
+# show it) with half-life 0: the stored value of the topic is replaced, not added to, so
+# importing a file again leaves the same state; the consent rule is the same.
 _RECORD_SIGNALS_LUA = """
 local consent = redis.call('HGET', KEYS[2], 'consent')
 if not consent or string.sub(consent, 1, 1) ~= '1' then return 0 end
 local half_life = tonumber(ARGV[1])
 for i = 2, #ARGV, 3 do
   local topic, w, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local old = redis.call('HGET', KEYS[1], topic)
+  local old = false
+  if half_life > 0 then old = redis.call('HGET', KEYS[1], topic) end
   if old then
     local sep = string.find(old, '|', 1, true)
     local w0, t0 = tonumber(string.sub(old, 1, sep - 1)), tonumber(string.sub(old, sep + 1))
@@ -212,14 +230,17 @@ return 1
 # IMPORTED value (setting or, empty, removing) leaves a STATED one alone; a STATED value
 # replaces anything. The user's cap is checked before anything is written: a call that would
 # leave more than ARGV[3] attributes changes nothing and returns {0, that count}.
-# KEYS attributes, profile, signals, contacts, cooldowns hashes; ARGV source (1 STATED,
-# 2 IMPORTED), now, cap, then (name, value) pairs (an empty value removes).
+# The user id goes in the profile hash with them (field user_id), so an export can name the
+# user (keys only hold a digest of it).
+# KEYS attributes, profile and, to have the profile returned (else just {1}), signals,
+# contacts, cooldowns hashes; ARGV source (1 STATED, 2 IMPORTED), now, cap, user id, then
+# (name, value) pairs (an empty value removes).
 _SET_ATTRIBUTES_LUA = """
 local source, cap = ARGV[1], tonumber(ARGV[3])
 local stamp = ARGV[1] .. '|' .. ARGV[2] .. '|'
 local count = redis.call('HLEN', KEYS[1])
 local set, removed = {}, {}
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
   local old = redis.call('HGET', KEYS[1], name)
   if not (source == '2' and old and string.sub(old, 1, 1) == '1') then
@@ -238,6 +259,8 @@ end
 if count > cap then return {0, count} end
 if #removed > 0 then redis.call('HDEL', KEYS[1], unpack(removed)) end
 if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+redis.call('HSET', KEYS[2], 'user_id', ARGV[4])
+if #KEYS < 5 then return {1} end
 return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
   redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[1])}
 """
@@ -673,24 +696,7 @@ class RedisStore:
 
     def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile:
         k = keys.UserKeys.of(update.user_id)
-        to_set: dict[str, str] = {}
-        to_clear: list[str] = []
-        for pref in update.topic_preferences:
-            field = f"t:{pref.topic}"
-            if pref.stance is Stance.NEUTRAL:
-                to_clear.append(field)
-            else:
-                to_set[field] = f"{int(pref.stance or 0)}|{now:.6f}"
-        for channel_pref in update.channel_preferences:
-            to_set[f"c:{channel_pref.channel}"] = f"{int(channel_pref.opted_in)}|{now:.6f}"
-        if update.max_messages_per_day is not None:
-            to_set["max_per_day"] = str(update.max_messages_per_day)
-        if update.quiet_hours is not None:
-            quiet = update.quiet_hours
-            to_set["quiet"] = f"{quiet.start_hour}|{quiet.end_hour}|{quiet.time_zone}"
-        withdrawn = update.consent is not None and not update.consent.inferred_personalization
-        if update.consent is not None:
-            to_set["consent"] = f"{int(update.consent.inferred_personalization)}|{now:.6f}"
+        to_set, to_clear, withdrawn = _preference_fields(update, now)
         # One MULTI/EXEC: the merge is all or nothing, and the profile we return is the state
         # right after it, not after a concurrent writer.
         pipe = self.client.pipeline(transaction=True)
@@ -715,7 +721,7 @@ class RedisStore:
         would leave the user more than ``limit`` attributes writes nothing and raises
         ``InvalidArgument``."""
         k = keys.UserKeys.of(update.user_id)
-        args: list[Any] = [int(update.source or 0), f"{now:.6f}", limit]
+        args: list[Any] = [int(update.source or 0), f"{now:.6f}", limit, update.user_id]
         for name, value in update.attributes:
             args += [name, value]
         with self._guarded("set_attributes"):
@@ -760,6 +766,101 @@ class RedisStore:
                 pipe.hdel(keys.LEARNED, *decision_ids)
                 pipe.execute()
             self.client.delete(*k.all())
+
+    # --- bulk import and export ---------------------------------------------------------
+
+    def write_profiles(self, records: Sequence[ProfileRecord], *, limit: int) -> list[ProfileWrite]:
+        """Write validated profile records (``tactful import``) in ONE round trip: a
+        non-transactional pipeline (on a cluster, each node gets its users' commands), every
+        command of a user in the user's slot and in order. Per user: the profile hash as
+        SetPreferences writes it (with the user id), the signals deleted if consent is
+        withdrawn, the attributes through SetAttributes' own script (one call per source and
+        time, so STATED outranks IMPORTED and the per-user cap holds as in the API), then the
+        signals through RecordSignals' script in its replacing mode (kept only with consent,
+        which the script reads after the profile was written). Not all or nothing per user:
+        every write sets a state, so a failed batch is repaired by writing it again."""
+        commands: list[tuple[Any, ...]] = []
+        marks: list[tuple[list[int], int | None]] = []
+        attributes_sha, signals_sha = self._set_attributes.sha, self._record_signals.sha
+        for record in records:
+            k = keys.UserKeys.of(record.user_id)
+            to_set, to_clear, withdrawn = _preference_fields(record.preferences, None)
+            if to_clear:
+                commands.append(("HDEL", k.profile, *to_clear))
+            commands.append(("HSET", k.profile, *itertools.chain.from_iterable(to_set.items())))
+            if withdrawn:
+                commands.append(("DEL", k.signals))
+            attribute_replies = []
+            if record.attributes:
+                # One script call per (source, time): usually one per line.
+                groups: dict[tuple[int, float], list[str]] = {}
+                for a in record.attributes:
+                    group = groups.get((a.source, a.updated_at))
+                    if group is None:
+                        group = groups[a.source, a.updated_at] = []
+                    group += (a.name, a.value)
+                for (source, at), pairs in groups.items():
+                    attribute_replies.append(len(commands))
+                    head = ("EVALSHA", attributes_sha, 2, k.attributes, k.profile, int(source))
+                    commands.append((*head, f"{at:.6f}", limit, record.user_id, *pairs))
+            signals_reply = None
+            if record.signals:
+                signals_reply = len(commands)
+                args: list[Any] = ["EVALSHA", signals_sha, 2, k.signals, k.profile, 0]
+                for signal in record.signals:
+                    args += (signal.topic, repr(signal.weight), f"{signal.observed_at:.6f}")
+                commands.append(tuple(args))
+            marks.append((attribute_replies, signals_reply))
+        with self._guarded("write_profiles"):
+            try:
+                replies = self._round_trip(commands)
+            except redis.exceptions.NoScriptError:
+                # A Redis that never ran the scripts (or restarted): load them and write the
+                # batch again, which sets the same state.
+                self.client.script_load(_SET_ATTRIBUTES_LUA)
+                self.client.script_load(_RECORD_SIGNALS_LUA)
+                replies = self._round_trip(commands)
+        results = []
+        for attribute_replies, signals_reply in marks:
+            refused = 0
+            for i in attribute_replies:
+                if not int(replies[i][0]):
+                    refused = max(refused, int(replies[i][1]))
+            kept = None if signals_reply is None else bool(int(replies[signals_reply]))
+            results.append(ProfileWrite(signals_kept=kept, attributes_refused=refused))
+        return results
+
+    def scan_profiles(self, *, batch: int = 500) -> Iterator[tuple[str | None, Profile]]:
+        """Every stored profile (preferences, consent, attributes, signals as stored: weight
+        at observed_at) with the user id kept in its profile hash: None for a profile last
+        written before user ids were kept (keys only hold a digest). Found with SCAN (on a
+        cluster, redis-py scans every primary), read ``batch`` users per round trip; SCAN
+        may return a user twice while Redis resizes its table (harmless to an import)."""
+        found: list[str] = []
+        for key in self.client.scan_iter(match=f"{_USER_PREFIX}*}}:profile", count=1000):
+            found.append(key)
+            if len(found) >= batch:
+                yield from self._read_profiles(found)
+                found = []
+        if found:
+            yield from self._read_profiles(found)
+
+    def _read_profiles(self, profile_keys: Sequence[str]) -> Iterator[tuple[str | None, Profile]]:
+        users = [
+            keys.UserKeys.of_digest(key[len(_USER_PREFIX) : key.index("}")]) for key in profile_keys
+        ]
+        commands: list[tuple[Any, ...]] = []
+        for k in users:
+            commands += (("HGETALL", k.profile), ("HGETALL", k.signals), ("HGETALL", k.attributes))
+        with self._guarded("scan_profiles"):
+            replies = self._round_trip(commands)
+        for i in range(0, len(replies), 3):
+            fields = _as_dict(replies[i])
+            if not fields:  # deleted since the SCAN found it
+                continue
+            user_id = fields.get("user_id")
+            signals, attributes = _as_dict(replies[i + 1]), _as_dict(replies[i + 2])
+            yield user_id, _decode_profile(user_id or "", fields, signals, {}, {}, attributes)
 
     # --- catalog --------------------------------------------------------------------------
 
@@ -1125,6 +1226,38 @@ def _as_dict(reply: Any) -> dict[str, str]:
         return reply
     fields = iter(reply)
     return dict(zip(fields, fields, strict=False))
+
+
+def _preference_fields(
+    update: PreferencesUpdate, now: float | None
+) -> tuple[dict[str, str], list[str], bool]:
+    """What SetPreferences (and a bulk import) writes in the profile hash: the fields to set
+    (the user id among them: the keys only hold its digest, and an export needs it), the
+    fields to clear (NEUTRAL stances), and whether consent was withdrawn (the signals then
+    go). Each stance, opt-in and consent is stamped with ``now``, or with its own
+    ``updated_at`` when ``now`` is None (an import carrying the times it was given)."""
+    to_set: dict[str, str] = {"user_id": update.user_id}
+    to_clear: list[str] = []
+    for pref in update.topic_preferences:
+        field = f"t:{pref.topic}"
+        if pref.stance is Stance.NEUTRAL:
+            to_clear.append(field)
+        else:
+            at = pref.updated_at if now is None else now
+            to_set[field] = f"{int(pref.stance or 0)}|{at:.6f}"
+    for channel_pref in update.channel_preferences:
+        at = channel_pref.updated_at if now is None else now
+        to_set[f"c:{channel_pref.channel}"] = f"{int(channel_pref.opted_in)}|{at:.6f}"
+    if update.max_messages_per_day is not None:
+        to_set["max_per_day"] = str(update.max_messages_per_day)
+    if update.quiet_hours is not None:
+        quiet = update.quiet_hours
+        to_set["quiet"] = f"{quiet.start_hour}|{quiet.end_hour}|{quiet.time_zone}"
+    withdrawn = update.consent is not None and not update.consent.inferred_personalization
+    if update.consent is not None:
+        at = update.consent.updated_at if now is None else now
+        to_set["consent"] = f"{int(update.consent.inferred_personalization)}|{at:.6f}"
+    return to_set, to_clear, withdrawn
 
 
 def _decode_offer(raw: str) -> Offer:

@@ -227,7 +227,8 @@ def check_preferences(update: PreferencesUpdate) -> Violations:
         out.append(FieldViolation("topic_preferences", f"at most {MAX_PREFERENCES} entries"))
     seen: set[str] = set()
     for i, pref in enumerate(update.topic_preferences):
-        out += check_topic(pref.topic, f"topic_preferences[{i}].topic")
+        if not TOPIC_RE.fullmatch(pref.topic):  # the field path only for a bad one
+            out += check_topic(pref.topic, f"topic_preferences[{i}].topic")
         if pref.topic in seen:
             out.append(FieldViolation(f"topic_preferences[{i}].topic", "given twice"))
         seen.add(pref.topic)
@@ -239,7 +240,8 @@ def check_preferences(update: PreferencesUpdate) -> Violations:
         out.append(FieldViolation("channel_preferences", f"at most {MAX_PREFERENCES} entries"))
     seen.clear()
     for i, channel_pref in enumerate(update.channel_preferences):
-        out += check_channel(channel_pref.channel, f"channel_preferences[{i}].channel")
+        if not CHANNEL_RE.fullmatch(channel_pref.channel):
+            out += check_channel(channel_pref.channel, f"channel_preferences[{i}].channel")
         if channel_pref.channel in seen:
             out.append(FieldViolation(f"channel_preferences[{i}].channel", "given twice"))
         seen.add(channel_pref.channel)
@@ -281,6 +283,12 @@ def check_attributes(update: AttributesUpdate) -> Violations:
         out.append(FieldViolation("attributes", f"at most {MAX_ATTRIBUTES_PER_CALL} entries"))
         return out
     for name, value in update.attributes:
+        if (
+            ATTRIBUTE_NAME_RE.fullmatch(name)
+            and len(value) <= MAX_ATTRIBUTE_VALUE_CHARS
+            and not CONTROL_CHAR_RE.search(value)
+        ):
+            continue  # a good entry (most are) costs no field path
         field = attribute_field(name)
         out += _check_pattern(
             name,
@@ -318,7 +326,8 @@ def check_signals(user_id: str, signals: Iterable[Signal], now: float) -> Violat
         out.append(FieldViolation("signals", f"at most {MAX_SIGNALS} entries"))
         return out
     for i, signal in enumerate(signals):
-        out += check_topic(signal.topic, f"signals[{i}].topic")
+        if not TOPIC_RE.fullmatch(signal.topic):
+            out += check_topic(signal.topic, f"signals[{i}].topic")
         if not math.isfinite(signal.weight) or not 0 <= signal.weight <= MAX_SIGNAL_WEIGHT:
             out.append(
                 FieldViolation(
