@@ -177,7 +177,7 @@ def report_command(settings: Settings, args: argparse.Namespace) -> int:
     with _offline_redis(settings) as url:
         records = report.read_log(runtime.learner_client(settings, url), since, until)
     if args.command == "report":
-        path = report.write(records, since, until, Path(args.out))
+        path = report.write(records, since, until, Path(args.out), max(0, args.segments))
         print(f"{len(records)} decisions: {path}")
     else:
         n = report.export(records, Path(args.out))
@@ -244,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--since", help="ISO 8601 time, UTC unless given (default: all)")
         command.add_argument("--until", help="ISO 8601 time, exclusive (default: now)")
         command.add_argument("--out", required=True, metavar=out)
+        if name == "report":
+            command.add_argument(
+                "--segments",
+                type=int,
+                default=20,
+                metavar="N",
+                help="segments with a row of their own, largest first; the rest share one "
+                "(default: 20)",
+            )
     args = parser.parse_args(argv)
     if args.command == "settings":
         print(settings_table())
