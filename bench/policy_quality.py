@@ -1,6 +1,7 @@
 """Policy quality: tactful's learned policy against baselines, on a real server, in one run.
 
-Two scenarios, each run for several seeds. For every seed a fresh ``python -m tactful serve``
+Three scenarios (``sim`` and ``digits`` by default; ``coldstart`` when asked for), each run
+for several seeds. For every seed a fresh ``python -m tactful serve``
 (one per tactful variant, e.g. per exploration gamma) starts on 127.0.0.1 with its embedded
 redis-server in a fresh temporary directory, its embedded learner, no demo catalog, no control
 group and ``TACTFUL_SEED`` set; the world is loaded through the gRPC API. Then for each round
@@ -32,6 +33,22 @@ an online ridge regression that sees every label (all 10 rewards per round) and 
 the full-information limit a bandit learner approaches. Every policy gets the same features
 (``sign(v)*log1p(|v|)`` of each component, as tactful computes them).
 
+``coldstart`` (``--scenarios coldstart``): learning at persona level. The ``sim`` world where
+a share of users (``--persona-share``, 0.7) state their persona as the STATED attribute
+``persona``, and the bench defines one segment per persona (``stated.persona == "p<k>"``, not
+sensitive, so its membership is a bandit feature). Two tactful servers per variant: ``tactful
+segments`` learns from memberships, ``tactful no segments`` has
+``TACTFUL_SEGMENT_MAX_FEATURES=0`` (same catalog, segments and profiles; nothing learned from
+membership). Both run with a 1 s Redis timeout (this measures learning, not latency). After
+``--rounds`` decisions of the known users, ``--newcomers`` brand-new users of the same
+personas (stated likes as usual, no consent so no signals: all that is known is what they said)
+arrive one after the other for ``--first-k`` decisions each. Besides the usual table (over
+all rounds), a cold-start table: each policy's mean reward on the newcomers' k-th decision
+(k = 1..first-k), on their first k, and the true click probability of those choices; then the
+gain of segment features (with minus without, paired by seed), over all newcomers and split
+by whether they stated their persona (those who did not are in no segment: a control).
+Policies: oracle, the two tactful servers, priority, uniform.
+
 Output: per scenario a table of mean reward, last-quarter reward and (sim) the mean true click
 probability of the chosen offers, mean ± sd over seeds; for tactful also how often it
 explored, and its learner lag (``tactful_learner_lag_seconds`` from /metrics).
@@ -40,12 +57,17 @@ explored, and its learner lag (``tactful_learner_lag_seconds`` from /metrics).
 
 The defaults (both scenarios, 3 seeds, 4000 rounds, one tactful server) take about 2 minutes
 on a 2-core machine; each extra gamma adds about a minute.
+
+    .venv/bin/python bench/policy_quality.py --scenarios coldstart [--newcomers 600] [--first-k 3]
+
+takes about 4 minutes with 3 seeds (4000 + 1800 rounds, two tactful servers).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -105,6 +127,8 @@ class Round:
     vw_actions: list[str]
     u: float  # the common random number: offer i is clicked iff u < probs[i]
     x: FloatArray | None = None  # dense context features (full-information ridge)
+    cold: int = 0  # coldstart: the k-th decision (1-based) of a newcomer, 0 for others
+    stated_persona: bool = False  # coldstart: that newcomer stated their persona
 
 
 class Scenario(Protocol):
@@ -140,30 +164,36 @@ class SimScenario:
         sim.load(channel, self.population, self.catalog)
 
     def rounds(self, n: int) -> Iterator[Round]:
-        users, offers = self.population.users, self.catalog.offers
-        all_ids = [o.offer_id for o in offers]
+        users = self.population.users
         contacts: dict[str, int] = {}
         for _ in range(n):
             user = users[int(self.rng.integers(len(users)))]
-            context = sim.Context.sample(self.rng)
-            u = float(self.rng.random())
-            eligible = [o for o in offers if sim.eligible(user, o, context.channel)]
-            if not eligible:
-                continue
-            seen = contacts.get(user.user_id, 0)
-            contacts[user.user_id] = seen + 1  # tactful counts the same contacts today
-            yield Round(
-                request=sim.decide_request(user, context, all_ids),
-                offer_ids=[o.offer_id for o in eligible],
-                probs=np.array([sim.click_probability(user, o, context, seen) for o in eligible]),
-                priorities=[o.priority for o in eligible],
-                vw_shared=(
-                    f"shared |c placement={context.placement} device={context.device} "
-                    f"|f contacts:{math.log1p(seen):.4f}"
-                ),
-                vw_actions=[self._vw_action(user, o) for o in eligible],
-                u=u,
-            )
+            r = self._round(user, contacts)
+            if r is not None:
+                yield r
+
+    def _round(self, user: sim.User, contacts: dict[str, int]) -> Round | None:
+        """One decision for ``user`` in a context drawn now (None: nothing is eligible)."""
+        offers = self.catalog.offers
+        context = sim.Context.sample(self.rng)
+        u = float(self.rng.random())
+        eligible = [o for o in offers if sim.eligible(user, o, context.channel)]
+        if not eligible:
+            return None
+        seen = contacts.get(user.user_id, 0)
+        contacts[user.user_id] = seen + 1  # tactful counts the same contacts today
+        return Round(
+            request=sim.decide_request(user, context, [o.offer_id for o in offers]),
+            offer_ids=[o.offer_id for o in eligible],
+            probs=np.array([sim.click_probability(user, o, context, seen) for o in eligible]),
+            priorities=[o.priority for o in eligible],
+            vw_shared=(
+                f"shared |c placement={context.placement} device={context.device} "
+                f"|f contacts:{math.log1p(seen):.4f}"
+            ),
+            vw_actions=[self._vw_action(user, o) for o in eligible],
+            u=u,
+        )
 
     @staticmethod
     def _vw_action(user: sim.User, offer: sim.SimOffer) -> str:
@@ -178,6 +208,58 @@ class SimScenario:
         if strength > 0:
             dense += f" inferred:{strength / (1 + strength):.4f}"
         return f"|a {topics} o={vw_token(offer.offer_id)} |d {dense}"
+
+
+class ColdStartScenario(SimScenario):
+    """The ``sim`` world where a share of users state their persona (the STATED attribute
+    ``persona``, with one segment per persona, ``stated.persona == "p<k>"``), in two phases:
+    ``rounds`` decisions of the known users, as in ``sim``; then ``newcomers`` brand-new users
+    of the same personas (stated likes as usual, no consent, so no behaviour: nothing but what
+    they said) arrive one after the other, each for ``first_k`` decisions in a row. Compared:
+    tactful with segment memberships as features and tactful with
+    ``TACTFUL_SEGMENT_MAX_FEATURES=0`` (same segments, same profiles, nothing learned from
+    membership)."""
+
+    name = "coldstart"
+    policies = ("oracle", "priority", "uniform")
+
+    def __init__(
+        self,
+        seed: int,
+        n_users: int,
+        n_offers: int,
+        *,
+        newcomers: int,
+        first_k: int,
+        persona_share: float,
+    ) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.population = sim.Population.generate(n_users, self.rng, persona_share=persona_share)
+        self.catalog = sim.Catalog.generate(n_offers, self.population.topics, self.rng)
+        self.newcomers = self.population.newcomers(newcomers, self.rng, persona_share=persona_share)
+        self.first_k = first_k
+        users = self.population.users
+        self.description = (
+            f"{n_users} known users ({sum(u.states_persona for u in users)} stated their "
+            f"persona, {sum(bool(u.likes) for u in users)} stated likes, "
+            f"{sum(u.consent for u in users)} consenting), then {newcomers} newcomers x "
+            f"{first_k} decisions ({sum(u.states_persona for u in self.newcomers)} stated their "
+            f"persona, {sum(bool(u.likes) for u in self.newcomers)} stated likes, none "
+            f"consenting); {n_offers} offers, {len(self.population.personas)} personas"
+        )
+
+    def load(self, channel: grpc.Channel) -> None:
+        sim.load(channel, self.population, self.catalog, newcomers=self.newcomers)
+
+    def rounds(self, n: int) -> Iterator[Round]:
+        yield from super().rounds(n)
+        contacts: dict[str, int] = {}
+        for user in self.newcomers:
+            for k in range(1, self.first_k + 1):
+                r = self._round(user, contacts)
+                if r is not None:
+                    r.cold, r.stated_persona = k, user.states_persona
+                    yield r
 
 
 def log_signed(values: FloatArray) -> FloatArray:
@@ -510,6 +592,7 @@ class SeedRun:
     lag: dict[str, dict[str, float]]  # the learner's figures from /metrics, per tactful server
     reported: dict[str, int]  # outcomes stored through ReportOutcome, per tactful server
     seconds: float
+    cold: list[tuple[int, bool]] = field(default_factory=list)  # per round: Round.cold, persona
 
 
 def run_seed(
@@ -541,7 +624,9 @@ def run_seed(
             elif name == "full-info ridge" and isinstance(scenario, DigitsScenario):
                 policies.insert(0, FullInfoRidge(scenario.CLASSES, scenario.components + 1))
         results = {p.name: Result() for p in policies}
+        cold: list[tuple[int, bool]] = []
         for r in scenario.rounds(rounds):
+            cold.append((r.cold, r.stated_persona))
             for policy in policies:
                 chosen = policy.choose(r)
                 p = 0.0 if chosen == NOTHING else float(r.probs[chosen])
@@ -565,7 +650,7 @@ def run_seed(
         if vw_policy is not None:
             vw_policy.close()
         stop_servers(servers)
-    return SeedRun(results, notes, lag, reported, time.monotonic() - started)
+    return SeedRun(results, notes, lag, reported, time.monotonic() - started, cold)
 
 
 def lag_summary(figures: dict[str, float]) -> tuple[float, float, float]:
@@ -594,9 +679,15 @@ def mean_sd(values: Sequence[float], digits: int = 3, *, signed: bool = False) -
     return f"{array.mean():{sign}.{digits}f} ± {sd:.{digits}f}"
 
 
-def report(scenario_name: str, description: str, runs: list[SeedRun], rounds: int) -> list[str]:
+def report(
+    scenario_name: str,
+    description: str,
+    runs: list[SeedRun],
+    rounds: int,
+    after_table: Sequence[str] = (),
+) -> list[str]:
     names = list(runs[0].results)
-    with_truth = scenario_name == "sim"  # click probabilities are known: show them
+    with_truth = scenario_name in ("sim", "coldstart")  # the truth is known: show it
     lines = [
         f"== {scenario_name}: {description}",
         f"   {rounds} rounds x {len(runs)} seeds in {sum(r.seconds for r in runs):.0f} s; "
@@ -630,6 +721,7 @@ def report(scenario_name: str, description: str, runs: list[SeedRun], rounds: in
         if with_truth
         else f"  (Δ: mean reward minus {reference}'s, paired by seed)"
     )
+    lines += after_table
     lines += horizons(names, runs, rounds)
     for name in names:
         notes = [run.notes[name] for run in runs if name in run.notes]
@@ -646,6 +738,110 @@ def report(scenario_name: str, description: str, runs: list[SeedRun], rounds: in
             f"rewards applied {int(sum(applied))} of {sum(reported)} reported"
         )
     return lines
+
+
+WITH_SEGMENTS, WITHOUT_SEGMENTS = " segments", " no segments"
+
+
+def segment_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(with segment features, without) for each tactful variant of the coldstart scenario."""
+    return [
+        (name.removesuffix(WITHOUT_SEGMENTS) + WITH_SEGMENTS, name)
+        for name in names
+        if name.endswith(WITHOUT_SEGMENTS)
+    ]
+
+
+def cold_mean(
+    run: SeedRun, name: str, k: int | None, truth: bool, stated: bool | None = None
+) -> float:
+    """Mean reward (or true click probability) of ``name`` over the newcomers' ``k``-th
+    decisions (every one of theirs when None), of those who did or did not state their
+    persona (all when None)."""
+    result = run.results[name]
+    values = result.expected if truth else result.rewards
+    chosen = [
+        v
+        for v, (j, st) in zip(values, run.cold, strict=True)
+        if j and (k is None or j == k) and (stated is None or st == stated)
+    ]
+    return float(np.mean(chosen)) if chosen else math.nan
+
+
+def cold_gain(
+    runs: list[SeedRun],
+    with_name: str,
+    without_name: str,
+    k: int | None,
+    truth: bool,
+    stated: bool | None = None,
+) -> list[float]:
+    """Per seed, ``cold_mean`` of ``with_name`` minus that of ``without_name``."""
+    return [
+        cold_mean(r, with_name, k, truth, stated) - cold_mean(r, without_name, k, truth, stated)
+        for r in runs
+    ]
+
+
+def cold_start(runs: list[SeedRun], first_k: int) -> tuple[list[str], dict[str, Any]]:
+    """The newcomers' rounds only: the mean reward of each one's k-th decision and of their
+    first k (and the true click probability of those choices, less noisy); then the gain of
+    segment features, paired by seed, over all newcomers and split by whether they stated
+    their persona. Those who did not are a control: they are in no segment, so what they gain
+    comes only from the model having learned better on the others."""
+    names = list(runs[0].results)
+    columns: list[tuple[str, int | None, bool]] = [
+        *((f"k={k}", k, False) for k in range(1, first_k + 1)),
+        (f"first {first_k}", None, False),
+        (f"first {first_k} true p", None, True),
+    ]
+    width = max(24, *(len(n) + 2 for n in names))
+
+    def row(label: str, cells: Sequence[str]) -> str:
+        return f"  {label:<{width}}" + "".join(f"{c:>17}" for c in cells)
+
+    per_seed = sum(1 for k, _ in runs[0].cold if k)
+    lines = [
+        f"  cold start: the newcomers' {per_seed} decisions per seed only; reward of each "
+        f"newcomer's k-th decision and of their first {first_k}, mean ± sd over seeds",
+        row("policy", [title for title, _, _ in columns]),
+    ]
+    for name in names:
+        lines.append(
+            row(name, [mean_sd([cold_mean(r, name, k, t) for r in runs]) for _, k, t in columns])
+        )
+    figures: dict[str, Any] = {
+        name: {
+            "cold_mean_reward": [cold_mean(r, name, None, False) for r in runs],
+            "cold_mean_true_p": [cold_mean(r, name, None, True) for r in runs],
+        }
+        for name in names
+    }
+    for with_name, without_name in segment_pairs(names):
+        gain = functools.partial(cold_gain, runs, with_name, without_name)
+        lines.append(
+            row(
+                "gain of segment features",
+                [mean_sd(gain(k, t), signed=True) for _, k, t in columns],
+            )
+        )
+        for stated, who in ((True, "stated persona"), (False, "no persona")):
+            share = float(
+                np.mean([np.mean([st == stated for k, st in r.cold if k == 1]) for r in runs])
+            )
+            lines.append(
+                row(
+                    f"  {who} ({share:.0%})",
+                    [mean_sd(gain(k, t, stated), signed=True) for _, k, t in columns],
+                )
+            )
+        figures[with_name]["cold_gain"] = {title: gain(k, t) for title, k, t in columns}
+        lines.append(
+            f"  (gain: {with_name} minus {without_name}, paired by seed: same newcomers, "
+            "contexts and reward draws; then split by newcomers who did / did not state their "
+            "persona, with their share)"
+        )
+    return lines, figures
 
 
 def horizons(names: Sequence[str], runs: list[SeedRun], rounds: int) -> list[str]:
@@ -683,16 +879,50 @@ def run(args: argparse.Namespace) -> int:
             name = "tactful" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
             name += f" {feature_set}" if len(feature_sets) > 1 else ""
             variants.append((name, env))
-    scenarios: list[tuple[str, Callable[[int], Scenario]]] = []
-    if "sim" in args.scenarios:
-        scenarios.append(("sim", lambda seed: SimScenario(seed, args.users, args.offers)))
-    if "digits" in args.scenarios:
+    # The coldstart scenario runs each variant twice: learning from segment memberships, and
+    # with TACTFUL_SEGMENT_MAX_FEATURES=0 (the same segments target, nothing is learned). It
+    # measures learning, not latency: a 1 s Redis timeout keeps a busy machine from turning
+    # answers of one server and not the other into fallbacks.
+    paired: list[tuple[str, dict[str, str]]] = []
+    patient = {
+        "TACTFUL_REDIS_SOCKET_TIMEOUT_MS": "1000",
+        "TACTFUL_REDIS_CONNECT_TIMEOUT_MS": "1000",
+    }
+    for name, env in variants:
+        paired.append((name + WITH_SEGMENTS, {**env, **patient}))
+        paired.append(
+            (name + WITHOUT_SEGMENTS, {**env, **patient, "TACTFUL_SEGMENT_MAX_FEATURES": "0"})
+        )
+    wanted = set(args.scenarios.split(","))
+    unknown = wanted - {"sim", "digits", "coldstart"}
+    if unknown:
+        progress(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        return 2
+    scenarios: list[tuple[str, Callable[[int], Scenario], list[tuple[str, dict[str, str]]]]] = []
+    if "sim" in wanted:
+        scenarios.append(("sim", lambda seed: SimScenario(seed, args.users, args.offers), variants))
+    if "coldstart" in wanted:
+        scenarios.append(
+            (
+                "coldstart",
+                lambda seed: ColdStartScenario(
+                    seed,
+                    args.users,
+                    args.offers,
+                    newcomers=args.newcomers,
+                    first_k=args.first_k,
+                    persona_share=args.persona_share,
+                ),
+                paired,
+            )
+        )
+    if "digits" in wanted:
         try:
             import sklearn  # noqa: F401
         except ImportError:
             progress("scikit-learn is not installed: the digits scenario is skipped")
         else:
-            scenarios.append(("digits", lambda seed: DigitsScenario(seed, args.pca)))
+            scenarios.append(("digits", lambda seed: DigitsScenario(seed, args.pca), variants))
     if vowpalwabbit is None:
         progress("vowpalwabbit is not installed: its policy is skipped")
 
@@ -701,17 +931,20 @@ def run(args: argparse.Namespace) -> int:
     output: list[str] = []
     figures: dict[str, Any] = {}
     try:
-        for name, make in scenarios:
+        for name, make, servers in scenarios:
             runs: list[SeedRun] = []
             description = ""
             for seed in range(args.seed, args.seed + args.seeds):
                 scenario = make(seed)
                 description = scenario.description
                 progress(f"{name}, seed {seed}: {args.rounds} rounds")
-                runs.append(run_seed(scenario, seed, args.rounds, variants, workdir))
-            lines = report(name, description, runs, args.rounds)
-            print("\n".join(lines) + "\n", flush=True)
-            output += lines
+                runs.append(run_seed(scenario, seed, args.rounds, servers, workdir))
+            played = len(runs[0].cold)  # coldstart: the newcomers' rounds come on top
+            cold_lines: list[str] = []
+            cold_figures: dict[str, Any] = {}
+            if name == "coldstart":
+                cold_lines, cold_figures = cold_start(runs, args.first_k)
+            lines = report(name, description, runs, played, cold_lines)
             figures[name] = {
                 policy: {
                     "mean_reward": [float(np.mean(r.results[policy].rewards)) for r in runs],
@@ -719,6 +952,10 @@ def run(args: argparse.Namespace) -> int:
                 }
                 for policy in runs[0].results
             }
+            for policy, values in cold_figures.items():
+                figures[name].setdefault(policy, {}).update(values)
+            print("\n".join(lines) + "\n", flush=True)
+            output += lines
     finally:
         with no_interrupts():
             shutil.rmtree(workdir, ignore_errors=True)
@@ -737,7 +974,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="the first seed")
     parser.add_argument("--rounds", type=positive, default=4000, help="decisions per seed")
     parser.add_argument(
-        "--scenarios", default="sim,digits", help="comma-separated: sim, digits (default both)"
+        "--scenarios",
+        default="sim,digits",
+        help="comma-separated: sim, digits, coldstart (default: sim,digits)",
     )
     parser.add_argument(
         "--gammas",
@@ -754,6 +993,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--users", type=positive, default=400, help="sim: users")
     parser.add_argument("--offers", type=positive, default=40, help="sim: offers")
+    parser.add_argument(
+        "--newcomers", type=positive, default=600, help="coldstart: new users after the rounds"
+    )
+    parser.add_argument(
+        "--first-k", type=positive, default=3, help="coldstart: decisions per newcomer"
+    )
+    parser.add_argument(
+        "--persona-share",
+        type=float,
+        default=0.7,
+        help="coldstart: share of users (known and new) who state their persona",
+    )
     parser.add_argument("--pca", type=int, default=16, choices=range(1, 65), metavar="1-64",
                         help="digits: principal components as numeric_context")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")

@@ -1,7 +1,8 @@
 """The ROI report and the DSJson export: the interval math on known cases, the off-policy
-estimators on a synthetic log whose truth is known, and the report end to end on a small
+estimators on a synthetic log whose truth is known, the report end to end on a small
 simulated run against the in-process server (the full 10% validation, with more rounds, is
-``bench/report_validation.py``)."""
+``bench/report_validation.py``), and the per-segment section on segments defined through the
+Catalog API, checked against counts taken directly from the decision records."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ import pytest
 from tactful import report
 from tactful.__main__ import main
 from tactful.settings import Settings
+from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
+from tactful.v1 import decisioning_pb2 as d
+from tactful.v1 import profiles_pb2 as p
 
-from conftest import make_settings, redis_url
+from conftest import make_settings, offer, redis_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import report_validation
@@ -171,3 +175,196 @@ def test_report_and_export_end_to_end(
     finally:
         vw.finish()
     assert not math.isnan(built.ope[0].ips.value)
+
+
+# --- per segment ---------------------------------------------------------------------------
+
+SEGMENTS = {
+    "fr": 'attr.country == "FR"',
+    "lu": 'attr.country == "LU"',
+    "mobile": 'ctx.device == "mobile"',
+    "runner": 'stated.persona == "runner"',
+}
+
+
+def expected_segments(user: dict[str, Any], device: str) -> list[str]:
+    """What each rule of SEGMENTS says of this user and device, in id order."""
+    found = {
+        "fr": user.get("country") == "FR",
+        "lu": user.get("country") == "LU",
+        "mobile": device == "mobile",
+        "runner": user.get("persona") == ("runner", p.ATTRIBUTE_SOURCE_STATED),
+    }
+    return sorted(name for name, member in found.items() if member)
+
+
+def direct_counts(records: list[report.Record]) -> dict[str, list[int]]:
+    """arm -> [decisions, offers shown, offers clicked], straight from the payloads."""
+    counts = {"PERSONALIZED": [0, 0, 0], "CONTROL": [0, 0, 0]}
+    for r in records:
+        row = counts[r.payload["arm"]]
+        row[0] += 1
+        for choice in r.payload["choices"]:
+            row[1] += 1
+            row[2] += any(
+                o["offer_id"] == choice["offer_id"] and o["event"] == "CLICK" for o in r.outcomes
+            )
+    return counts
+
+
+def test_report_by_segment_end_to_end(
+    store: Any,
+    channel: grpc.Channel,
+    redis_proc: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    catalog = catalog_pb2_grpc.CatalogStub(channel)
+    profiles = profiles_pb2_grpc.ProfilesStub(channel)
+    decisioning = decisioning_pb2_grpc.DecisioningStub(channel)
+    for segment_id, rule in SEGMENTS.items():
+        catalog.PutSegment(
+            catalog_pb2.PutSegmentRequest(
+                segment=catalog_pb2.Segment(segment_id=segment_id, rule=rule)
+            )
+        )
+    # A sensitive segment: its memberships target but are never logged, so never reported.
+    catalog.PutSegment(
+        catalog_pb2.PutSegmentRequest(
+            segment=catalog_pb2.Segment(segment_id="health", rule='likes("health")', sensitive=True)
+        )
+    )
+    for i, topic in enumerate(("running", "travel", "books", "cooking", "tech", "music")):
+        catalog.PutOffer(
+            catalog_pb2.PutOfferRequest(offer=offer(f"o{i}", (topic,), priority=0.1 * i))
+        )
+    catalog.PutOffer(
+        catalog_pb2.PutOfferRequest(
+            offer=offer("h", ("health",), sensitive=True, segments=["health"])
+        )
+    )
+
+    rng = np.random.default_rng(11)
+    users: dict[str, dict[str, Any]] = {}
+    for i in range(60):
+        user_id, user = f"seg-user-{i}", {}
+        user["country"] = "LU" if i % 10 == 1 else "FR" if i % 3 == 0 else "DE"
+        profiles.SetAttributes(
+            p.SetAttributesRequest(
+                user_id=user_id,
+                attributes={"country": user["country"]},
+                source=p.ATTRIBUTE_SOURCE_IMPORTED,
+            )
+        )
+        if i % 4 in (0, 2):  # stated.persona matches only what the customer stated
+            source = p.ATTRIBUTE_SOURCE_STATED if i % 4 == 0 else p.ATTRIBUTE_SOURCE_IMPORTED
+            user["persona"] = ("runner", source)
+            profiles.SetAttributes(
+                p.SetAttributesRequest(
+                    user_id=user_id, attributes={"persona": "runner"}, source=source
+                )
+            )
+        if i % 5 == 0:
+            profiles.SetPreferences(
+                p.SetPreferencesRequest(
+                    user_id=user_id,
+                    topic_preferences=[p.TopicPreference(topic="health", stance=p.STANCE_LIKE)],
+                )
+            )
+        users[user_id] = user
+
+    started = time.time()
+    asked: dict[str, list[str]] = {}  # decision id -> the segments its user should be in
+    for i in range(700):
+        user_id = f"seg-user-{int(rng.integers(len(users)))}"
+        device = "mobile" if rng.random() < 0.6 else "desktop"
+        reply = decisioning.Decide(
+            d.DecideRequest(
+                user_id=user_id,
+                channel="web",
+                placement="home",
+                categorical_context={"device": device},
+                slots=1,
+                request_id=f"seg-{i}",
+            )
+        )
+        assert reply.decision_id and len(reply.choices) == 1
+        asked[reply.decision_id] = expected_segments(users[user_id], device)
+        # Runners on mobile click more: a segment effect the table can show.
+        clicked = rng.random() < (0.35 if "runner" in asked[reply.decision_id] else 0.12)
+        decisioning.ReportOutcome(
+            d.ReportOutcomeRequest(
+                decision_id=reply.decision_id,
+                offer_id=reply.choices[0].offer_id,
+                event=d.OUTCOME_EVENT_CLICK if clicked else d.OUTCOME_EVENT_IMPRESSION_IGNORED,
+                outcome_id=f"{reply.decision_id}-o",
+            )
+        )
+
+    records = report.read_log(store.client, started - 1, time.time() + 1)
+    assert len(records) == len(asked)
+    # Each record holds exactly the memberships the rules give, and never the sensitive one.
+    for r in records:
+        assert r.payload["segments"] == asked[r.payload["decision_id"]]
+    assert {r.arm for r in records} == {"PERSONALIZED", "CONTROL"}
+
+    top = 2
+    section = report.segment_section(records, top)
+    members = {s: [r for r in records if s in r.payload["segments"]] for s in SEGMENTS}
+    ranked = sorted(SEGMENTS, key=lambda s: (-len(members[s]), s))
+    assert section.segments_seen == len(SEGMENTS)
+    assert (section.recorded, section.unrecorded) == (len(records), 0)
+    rest = [r for r in records if set(r.payload["segments"]) & set(ranked[top:])]
+    nowhere = [r for r in records if not r.payload["segments"]]
+    groups = [*((s, (s,), members[s]) for s in ranked[:top])]
+    groups.append((f"{len(SEGMENTS) - top} other segments", tuple(ranked[top:]), rest))
+    groups.append((report.NO_SEGMENT, (), nowhere))
+    assert [row.label for row in section.rows] == [label for label, _, _ in groups]
+    for row, (label, ids, group) in zip(section.rows, groups, strict=True):
+        assert row.segments == ids and row.decisions == len(group) > 0, label
+        counts = direct_counts(group)
+        for arm, (decisions, shown, clicked) in counts.items():
+            s = row.arms[arm]
+            assert (s.decisions, s.shown, s.successes) == (decisions, shown, clicked), (label, arm)
+        (_, n1, s1), (_, n2, s2) = counts["PERSONALIZED"], counts["CONTROL"]
+        assert row.uplift == report.uplift(s1, n1, s2, n2)
+
+    # The Markdown section: one line per row with those numbers and the verdict.
+    text = report.markdown(report.build(records, 0.0, time.time() + 1, top), top_segments=top)
+    assert "## Segments" in text and "health" not in text.split("## Segments")[1].split("##")[0]
+    for row in section.rows:
+        pers, ctrl, u = row.arms["PERSONALIZED"], row.arms["CONTROL"], row.uplift
+        line = next(x for x in text.splitlines() if x.startswith(f"| {row.label} |"))
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[1:4] == [str(row.decisions), str(pers.decisions), str(ctrl.decisions)]
+        assert cells[4] == f"{pers.ctr:.2%} ({pers.successes}/{pers.shown})"
+        assert cells[5] == f"{ctrl.ctr:.2%} ({ctrl.successes}/{ctrl.shown})"
+        assert cells[6] == (f"{u.difference * 100:+.2f} [{u.low * 100:+.2f}, {u.high * 100:+.2f}]")
+        assert cells[7] == ("significant" if u.significant else "**not significant**")
+
+    # The CLI on the same Redis, with its --segments.
+    monkeypatch.setenv("TACTFUL_REDIS_URL", redis_url(redis_proc))
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started - 1))
+    out = tmp_path / "roi"
+    assert main(["report", "--since", since, "--out", str(out), "--segments", "1"]) == 0
+    written = (out / "report.md").read_text()
+    assert f"| {ranked[0]} |" in written and "| 3 other segments |" in written
+    if "segments.png" in written:
+        assert (out / "segments.png").stat().st_size > 0
+
+
+def test_segment_section_without_memberships() -> None:
+    """Records from before segments (or from a catalog without any) are counted, not
+    tabled; a decision listing a segment twice counts once."""
+    choice = {"offer_id": "a", "score": 1.0, "propensity": 1.0, "reasons": []}
+    records = [
+        report.Record({"arm": "CONTROL", "choices": [choice]}, ()),
+        report.Record({"arm": "CONTROL", "choices": [choice], "segments": ["x", "x"]}, ()),
+    ]
+    section = report.segment_section(records)
+    assert (section.recorded, section.unrecorded, section.segments_seen) == (1, 1, 1)
+    assert [(row.label, row.decisions) for row in section.rows] == [("x", 1)]
+    text = report.markdown(report.build(records, 0.0, 1.0))
+    assert "1 decisions recorded no memberships" in text
+    empty = report.markdown(report.build(records[:1], 0.0, 1.0))
+    assert "No decision in this period recorded" in empty

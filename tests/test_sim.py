@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 import pytest
 
-from tactful import sim
+from tactful import report, sim
 from tactful.v1 import decisioning_pb2_grpc, profiles_pb2
 
 SEED = 20240611
@@ -136,3 +137,39 @@ def test_the_api_conversion_loads_a_world_tactful_decides_on_as_the_sim_predicts
         reply = decide(sim.decide_request(user, context, slots=10, dry_run=True))
         expected = {o.offer_id for o in catalog.offers if sim.eligible(user, o)}
         assert {c.offer_id for c in reply.choices} == expected
+
+
+def test_stated_personas_are_segments_tactful_logs(channel, profiles, store):
+    rng = np.random.default_rng(SEED)
+    population = sim.Population.generate(30, rng, persona_share=0.5)
+    catalog = sim.Catalog.generate(8, population.topics, rng)
+    newcomers = population.newcomers(10, rng, persona_share=1.0)
+    assert 5 < sum(u.states_persona for u in population.users) < 25
+    assert all(u.states_persona and not u.consent and not u.signals for u in newcomers)
+    assert [u.user_id for u in newcomers] == [f"sim-user-{i:05d}" for i in range(30, 40)]
+    # Same personas: a newcomer's taste is its persona's plus individual noise.
+    for user in newcomers:
+        base = population.personas[user.persona]
+        gap = max(abs(user.taste[t] - v) for t, v in zip(population.topics, base, strict=True))
+        assert gap < 5 * sim.INDIVIDUAL_SCALE
+    assert not any(u.states_persona for u in world(SEED, users=50)[0].users)
+
+    started = time.time()
+    sim.load(channel, population, catalog, newcomers=newcomers)
+    for user in (*population.users, *newcomers):
+        profile = profiles.GetProfile(profiles_pb2.GetProfileRequest(user_id=user.user_id))
+        attributes = {a.name: (a.value, a.source) for a in profile.attributes}
+        if user.states_persona:
+            stated = (sim.persona_name(user.persona), profiles_pb2.ATTRIBUTE_SOURCE_STATED)
+            assert attributes == {"persona": stated}
+        else:
+            assert attributes == {}
+    decide = decisioning_pb2_grpc.DecisioningStub(channel).Decide
+    expected = {}
+    for user in (*population.users, *newcomers):
+        reply = decide(sim.decide_request(user, sim.Context.sample(rng)))
+        if reply.decision_id:
+            member = [sim.persona_segment_id(user.persona)] if user.states_persona else []
+            expected[reply.decision_id] = member
+    records = report.read_log(store.client, started - 1, time.time() + 1)
+    assert {r.payload["decision_id"]: r.payload["segments"] for r in records} == expected

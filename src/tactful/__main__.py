@@ -178,7 +178,7 @@ def report_command(settings: Settings, args: argparse.Namespace) -> int:
     with _offline_redis(settings) as url:
         records = report.read_log(runtime.learner_client(settings, url), since, until)
     if args.command == "report":
-        path = report.write(records, since, until, Path(args.out))
+        path = report.write(records, since, until, Path(args.out), max(0, args.segments))
         print(f"{len(records)} decisions: {path}")
     else:
         n = report.export(records, Path(args.out))
@@ -342,6 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         if target is not None:
             target.add_argument(
                 "--profiles", metavar="FILE", help="write profiles, not decisions ('-': stdout)"
+            )
+        if name == "report":
+            command.add_argument(
+                "--segments",
+                type=int,
+                default=20,
+                metavar="N",
+                help="segments with a row of their own, largest first; the rest share one "
+                "(default: 20)",
             )
     importer = sub.add_parser(
         "import", help="load profiles from JSON lines (attributes, preferences, consent, signals)"

@@ -40,6 +40,17 @@ propensity is 1, deterministic, no support for any other choice. Targets:
 
 Intervals are mean +- 1.96 standard errors (delta method for SNIPS).
 
+Segments (``segment_section``). Each decision logs the user's non-sensitive segment
+memberships (``segments`` in the record; sensitive memberships never leave the profile). Per
+segment: the decisions whose user was in it, broken down by arm as above, and the uplift of
+PERSONALIZED over CONTROL within it, with the same interval. A decision in several segments
+counts in each, so the rows do not add up to the total; "no segment" holds the decisions that
+logged an empty list, and decisions that logged no list at all (the catalog had no segments,
+or the decision was held before they were evaluated) are only counted. The ``top`` largest
+segments (by decisions) get a row each; the rest share one row, the decisions in at least one
+of them. Small segments give wide intervals: read "not significant" as "not measured", not as
+"no effect".
+
 Export (``dsjson_lines``). The same single-slot decisions, one Vowpal Wabbit DSJson line each
 for ``--cb_adf --dsjson``: the context in ``c``, one ``_multi`` entry per candidate,
 ``_label_cost`` = -reward, ``_label_probability`` = the propensity, ``a`` / ``p`` the 1-based
@@ -203,6 +214,80 @@ def uplift(s1: int, n1: int, s2: int, n2: int, z: float = Z95) -> Uplift:
     low = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     high = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return Uplift(d, low, high, n1, n2)
+
+
+# --- segments ---------------------------------------------------------------------------------
+
+NO_SEGMENT = "(no segment)"
+DEFAULT_TOP_SEGMENTS = 20
+
+
+@dataclass(frozen=True)
+class SegmentRow:
+    """The decisions of one group of users: a segment, "no segment", or the segments past
+    the top ones together (``segments`` says which)."""
+
+    label: str
+    segments: tuple[str, ...]
+    arms: dict[str, ArmStats]
+    uplift: Uplift
+
+    @property
+    def decisions(self) -> int:
+        return sum(s.decisions for s in self.arms.values())
+
+
+@dataclass(frozen=True)
+class SegmentSection:
+    rows: list[SegmentRow]  # the top segments, largest first, then the rest, then no segment
+    segments_seen: int  # distinct segment ids in the log
+    recorded: int  # decisions that logged their memberships (an empty list included)
+    unrecorded: int  # decisions that logged none
+
+
+def memberships(record: Record) -> list[str] | None:
+    """The segments a decision logged its user in (None: it logged no list)."""
+    segments = record.payload.get("segments")
+    return None if segments is None else [str(s) for s in segments]
+
+
+def _row(label: str, segments: tuple[str, ...], records: list[Record]) -> SegmentRow:
+    arms = arm_stats(records)
+    p, c = arms["PERSONALIZED"], arms["CONTROL"]
+    return SegmentRow(label, segments, arms, uplift(p.successes, p.shown, c.successes, c.shown))
+
+
+def segment_section(records: Iterable[Record], top: int = DEFAULT_TOP_SEGMENTS) -> SegmentSection:
+    """Arms and uplift per segment (see the module doc): the ``top`` largest segments, the
+    others together, and the decisions in no segment."""
+    by_segment: dict[str, list[Record]] = {}
+    nowhere: list[Record] = []
+    recorded = unrecorded = 0
+    for record in records:
+        segments = memberships(record)
+        if segments is None:
+            unrecorded += 1
+            continue
+        recorded += 1
+        if not segments:
+            nowhere.append(record)
+        for segment in dict.fromkeys(segments):
+            by_segment.setdefault(segment, []).append(record)
+    ranked = sorted(by_segment, key=lambda s: (-len(by_segment[s]), s))
+    rows = [_row(s, (s,), by_segment[s]) for s in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        seen: set[int] = set()  # a decision in several of them counts once
+        union: list[Record] = []
+        for segment in rest:
+            for record in by_segment[segment]:
+                if id(record) not in seen:
+                    seen.add(id(record))
+                    union.append(record)
+        rows.append(_row(f"{len(rest)} other segments", tuple(rest), union))
+    if nowhere:
+        rows.append(_row(NO_SEGMENT, (), nowhere))
+    return SegmentSection(rows, len(by_segment), recorded, unrecorded)
 
 
 # --- off-policy evaluation --------------------------------------------------------------------
@@ -433,9 +518,15 @@ class Report:
     ope_used: int
     ope_skipped: int
     reasons: ReasonStats
+    segments: SegmentSection
 
 
-def build(records: Sequence[Record], since: float, until: float) -> Report:
+def build(
+    records: Sequence[Record],
+    since: float,
+    until: float,
+    top_segments: int = DEFAULT_TOP_SEGMENTS,
+) -> Report:
     arms = arm_stats(records)
     p, c = arms["PERSONALIZED"], arms["CONTROL"]
     data, skipped = single_slot(records)
@@ -448,6 +539,7 @@ def build(records: Sequence[Record], since: float, until: float) -> Report:
         len(data),
         skipped,
         reason_stats(records),
+        segment_section(records, top_segments),
     )
 
 
@@ -465,7 +557,68 @@ def _ci(e: Estimate) -> str:
     return f"{_pct(e.value)} [{_pct(e.low)}, {_pct(e.high)}]"
 
 
-def markdown(report: Report, plots: Sequence[str] = ()) -> str:
+def _points(u: Uplift) -> str:
+    return f"{u.difference * 100:+.2f} [{u.low * 100:+.2f}, {u.high * 100:+.2f}]"
+
+
+def _segment_lines(section: SegmentSection, top: int) -> list[str]:
+    lines = ["", "## Segments", ""]
+    if not section.recorded:
+        lines.append(
+            "No decision in this period recorded its user's segment memberships (the catalog "
+            "had no segments)."
+        )
+        return lines
+    lines += [
+        f"{section.recorded} decisions recorded their user's memberships, in "
+        f"{section.segments_seen} segments (sensitive segments are never logged). A decision "
+        "in several segments counts in each, so the rows do not add up. Uplift: CTR of "
+        "personalised minus control, in points, with the 95% Newcombe interval as above.",
+        "",
+        "| segment | decisions | personalised | control | CTR personalised | CTR control "
+        "| uplift (points, 95% CI) | |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in section.rows:
+        p, c, u = row.arms["PERSONALIZED"], row.arms["CONTROL"], row.uplift
+        if not u.n1 or not u.n2:
+            change, verdict = "n/a", "not measurable: an arm showed nothing"
+        else:
+            change = _points(u)
+            verdict = "significant" if u.significant else "**not significant**"
+        lines.append(
+            f"| {row.label} | {row.decisions} | {p.decisions} | {c.decisions} "
+            f"| {_pct(p.ctr)} ({p.successes}/{p.shown}) | {_pct(c.ctr)} ({c.successes}/{c.shown}) "
+            f"| {change} | {verdict} |"
+        )
+    lines.append("")
+    notes = []
+    if any(len(row.segments) > 1 for row in section.rows):
+        largest = (
+            "the largest segment has a row of its own"
+            if top == 1
+            else f"the {top} largest segments have a row of their own"
+        )
+        notes.append(
+            f"Only {largest}; the others share one, where a decision in several of them "
+            "counts once."
+        )
+    if section.unrecorded:
+        notes.append(
+            f"{section.unrecorded} decisions recorded no memberships (held before segments were "
+            "evaluated, or made while the catalog had no segments) and are not in the table."
+        )
+    notes.append(
+        "A small segment has a wide interval: **not significant** there means not measured, "
+        "not no effect."
+    )
+    lines.append(" ".join(notes))
+    return lines
+
+
+def markdown(
+    report: Report, plots: Sequence[str] = (), top_segments: int = DEFAULT_TOP_SEGMENTS
+) -> str:
     lines = [
         "# tactful ROI report",
         "",
@@ -508,6 +661,7 @@ def markdown(report: Report, plots: Sequence[str] = ()) -> str:
             "The interval treats shown offers as independent; the split is by user, so "
             "with many offers per user the true interval is somewhat wider."
         )
+    lines += _segment_lines(report.segments, top_segments)
     lines += [
         "",
         "## Off-policy estimates (personalised arm, single-slot decisions)",
@@ -612,14 +766,42 @@ def plot(report: Report, out: Path) -> list[str]:
         fig.savefig(out / "off_policy.png", dpi=100)
         plt.close(fig)
         names.append("off_policy.png")
+    measured = [row for row in report.segments.rows if row.uplift.n1 and row.uplift.n2]
+    if measured:
+        fig, ax = plt.subplots(figsize=(6, 1.2 + 0.35 * len(measured)))
+        ys = list(range(len(measured)))[::-1]  # the largest at the top
+        points = [100 * row.uplift.difference for row in measured]
+        ax.errorbar(
+            points,
+            ys,
+            xerr=[
+                [p - 100 * row.uplift.low for p, row in zip(points, measured, strict=True)],
+                [100 * row.uplift.high - p for p, row in zip(points, measured, strict=True)],
+            ],
+            fmt="o",
+            capsize=3,
+        )
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        ax.set_yticks(ys, [row.label for row in measured])
+        ax.set_xlabel("uplift, CTR points (95% Newcombe)")
+        fig.tight_layout()
+        fig.savefig(out / "segments.png", dpi=100)
+        plt.close(fig)
+        names.append("segments.png")
     return names
 
 
-def write(records: Sequence[Record], since: float, until: float, out: Path) -> Path:
+def write(
+    records: Sequence[Record],
+    since: float,
+    until: float,
+    out: Path,
+    top_segments: int = DEFAULT_TOP_SEGMENTS,
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    report = build(records, since, until)
+    report = build(records, since, until, top_segments)
     path = out / "report.md"
-    path.write_text(markdown(report, plot(report, out)))
+    path.write_text(markdown(report, plot(report, out), top_segments))
     return path
 
 

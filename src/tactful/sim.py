@@ -20,6 +20,15 @@ Population (``Population.generate``)
   noisy, ``weight = taste + N(0, SIGNAL_NOISE^2)`` per topic, recorded where it is positive
   (signals are non-negative). Without consent there are no signals.
 
+  Stated persona (a share ``persona_share`` of users, 0 by default, independent of the rest):
+  the user picked their persona, say in an onboarding screen: the STATED attribute
+  ``persona`` = ``p<k>`` (``persona_name``). ``Population.put_segment_requests`` gives one
+  segment per persona, ``persona-p<k>`` with the rule ``stated.persona == "p<k>"``: not
+  sensitive and reading no stance or signal, so its membership is a bandit feature.
+
+  ``Population.newcomers`` draws more users from the same personas (same tastes, new
+  individuals): the cold start of ``bench/policy_quality.py``.
+
 Catalog (``Catalog.generate``)
   Each offer has one topic (or two, with probability TWO_TOPIC_SHARE), a hidden ``appeal``
   ~ N(0, APPEAL_SCALE^2) that every user sees alike, and a business ``priority`` in (0, 1)
@@ -47,7 +56,9 @@ topic the user DISLIKEs, and, if sensitive, has a topic the user LIKEs.
 
 To tactful's API: ``Catalog.put_offer_requests``, ``User.set_preferences_request`` (stated
 stances, consent, the channel opted in), ``User.record_signals_request`` (consenting users
-only), ``decide_request``, and ``load`` which sends them all through gRPC stubs.
+only), ``User.set_attributes_request`` (users who state their persona only),
+``Population.put_segment_requests``, ``decide_request``, and ``load`` which sends them all
+through gRPC stubs.
 """
 
 from __future__ import annotations
@@ -102,6 +113,18 @@ DEVICE_EFFECTS: Mapping[str, Mapping[str, float]] = {
 }
 
 
+PERSONA_ATTRIBUTE = "persona"
+
+
+def persona_name(persona: int) -> str:
+    """The value of the ``persona`` attribute of a user of this persona."""
+    return f"p{persona}"
+
+
+def persona_segment_id(persona: int) -> str:
+    return f"persona-{persona_name(persona)}"
+
+
 def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -118,6 +141,7 @@ class User:
     dislikes: frozenset[str]  # stated
     consent: bool
     signals: Mapping[str, float]  # inferred (noisy) signals; empty without consent
+    states_persona: bool = False  # stated: the persona attribute (see the module doc)
 
     def set_preferences_request(self) -> profiles_pb2.SetPreferencesRequest:
         stances = [(t, profiles_pb2.STANCE_LIKE) for t in sorted(self.likes)]
@@ -144,6 +168,16 @@ class User:
             ],
         )
 
+    def set_attributes_request(self) -> profiles_pb2.SetAttributesRequest | None:
+        """The persona as a STATED attribute; None for a user who did not state it."""
+        if not self.states_persona:
+            return None
+        return profiles_pb2.SetAttributesRequest(
+            user_id=self.user_id,
+            attributes={PERSONA_ATTRIBUTE: persona_name(self.persona)},
+            source=profiles_pb2.ATTRIBUTE_SOURCE_STATED,
+        )
+
     def strongest_signal(self, topics: Sequence[str]) -> float:
         """The strongest signal on these topics (what tactful's inferred feature squashes)."""
         return max((self.signals.get(t, 0.0) for t in topics), default=0.0)
@@ -165,49 +199,102 @@ class Population:
         n_personas: int = 4,
         stated_share: float = 0.6,
         consent_share: float = 0.5,
+        persona_share: float = 0.0,
     ) -> Population:
         topics = tuple(topics)
-        n_topics = len(topics)
-        personas = rng.normal(0.0, PERSONA_SCALE, size=(n_personas, n_topics))
-        users = []
-        for i in range(n_users):
-            persona = int(rng.integers(n_personas))
-            taste = personas[persona] + rng.normal(0.0, INDIVIDUAL_SCALE, size=n_topics)
-            order = np.argsort(-taste)
-            states, consents = rng.random() < stated_share, rng.random() < consent_share
-            likes: set[str] = set()
-            dislikes: set[str] = set()
-            if states:
-                top = [topics[j] for j in order[:STATED_TOP] if taste[j] > LIKE_MIN]
-                bottom = [topics[j] for j in order[-STATED_TOP:] if taste[j] < DISLIKE_MAX]
-                if top:
-                    size = int(rng.integers(1, len(top) + 1))
-                    likes = {str(t) for t in rng.choice(top, size=size, replace=False)}
-                if bottom:
-                    size = int(rng.integers(1, min(2, len(bottom)) + 1))
-                    dislikes = {str(t) for t in rng.choice(bottom, size=size, replace=False)}
-            noisy = taste + rng.normal(0.0, SIGNAL_NOISE, size=n_topics)
-            signals = (
-                {topics[j]: round(float(noisy[j]), 3) for j in range(n_topics) if noisy[j] > 0}
-                if consents
-                else {}
-            )
-            users.append(
-                User(
-                    user_id=f"sim-user-{i:05d}",
-                    persona=persona,
-                    taste={t: float(v) for t, v in zip(topics, taste, strict=True)},
-                    likes=frozenset(likes),
-                    dislikes=frozenset(dislikes),
-                    consent=bool(consents),
-                    signals=signals,
-                )
-            )
+        personas = rng.normal(0.0, PERSONA_SCALE, size=(n_personas, len(topics)))
+        users = _users(
+            n_users, rng, topics, personas, stated_share, consent_share, persona_share, 0
+        )
         return cls(
             topics,
             tuple(tuple(float(v) for v in row) for row in personas),
             tuple(users),
         )
+
+    def newcomers(
+        self,
+        n_users: int,
+        rng: np.random.Generator,
+        *,
+        stated_share: float = 0.6,
+        consent_share: float = 0.0,
+        persona_share: float = 0.0,
+    ) -> tuple[User, ...]:
+        """``n_users`` more users of the same personas, numbered after this population's; by
+        default without consent, so without signals: nothing of their behaviour is known."""
+        personas = np.asarray(self.personas)
+        first = len(self.users)
+        return tuple(
+            _users(
+                n_users, rng, self.topics, personas, stated_share, consent_share, persona_share,
+                first,
+            )
+        )  # fmt: skip
+
+    def put_segment_requests(self) -> list[catalog_pb2.PutSegmentRequest]:
+        """One segment per persona: the users who stated it."""
+        return [
+            catalog_pb2.PutSegmentRequest(
+                segment=catalog_pb2.Segment(
+                    segment_id=persona_segment_id(k),
+                    rule=f'stated.{PERSONA_ATTRIBUTE} == "{persona_name(k)}"',
+                    description=f"users who said they are persona {persona_name(k)}",
+                )
+            )
+            for k in range(len(self.personas))
+        ]
+
+
+def _users(
+    n_users: int,
+    rng: np.random.Generator,
+    topics: tuple[str, ...],
+    personas: np.ndarray[Any, np.dtype[np.float64]],
+    stated_share: float,
+    consent_share: float,
+    persona_share: float,
+    first: int,
+) -> list[User]:
+    n_personas, n_topics = personas.shape
+    users: list[User] = []
+    for i in range(first, first + n_users):
+        persona = int(rng.integers(n_personas))
+        taste = personas[persona] + rng.normal(0.0, INDIVIDUAL_SCALE, size=n_topics)
+        order = np.argsort(-taste)
+        states, consents = rng.random() < stated_share, rng.random() < consent_share
+        likes: set[str] = set()
+        dislikes: set[str] = set()
+        if states:
+            top = [topics[j] for j in order[:STATED_TOP] if taste[j] > LIKE_MIN]
+            bottom = [topics[j] for j in order[-STATED_TOP:] if taste[j] < DISLIKE_MAX]
+            if top:
+                size = int(rng.integers(1, len(top) + 1))
+                likes = {str(t) for t in rng.choice(top, size=size, replace=False)}
+            if bottom:
+                size = int(rng.integers(1, min(2, len(bottom)) + 1))
+                dislikes = {str(t) for t in rng.choice(bottom, size=size, replace=False)}
+        noisy = taste + rng.normal(0.0, SIGNAL_NOISE, size=n_topics)
+        signals = (
+            {topics[j]: round(float(noisy[j]), 3) for j in range(n_topics) if noisy[j] > 0}
+            if consents
+            else {}
+        )
+        users.append(
+            User(
+                user_id=f"sim-user-{i:05d}",
+                persona=persona,
+                taste={t: float(v) for t, v in zip(topics, taste, strict=True)},
+                likes=frozenset(likes),
+                dislikes=frozenset(dislikes),
+                consent=bool(consents),
+                signals=signals,
+                # Drawn last, and only when someone may state it: with the default share of
+                # 0 a seed gives the same users as before personas could be stated.
+                states_persona=persona_share > 0 and bool(rng.random() < persona_share),
+            )
+        )
+    return users
 
 
 # --- offers ----------------------------------------------------------------------------------
@@ -334,18 +421,33 @@ def decide_request(
     )
 
 
-def load(channel: Any, population: Population, catalog: Catalog, timeout: float = 10.0) -> None:
-    """Put the catalog and every user's preferences, consent and signals into tactful through
-    the gRPC API on ``channel`` (a ``grpc.Channel``)."""
+def load(
+    channel: Any,
+    population: Population,
+    catalog: Catalog,
+    timeout: float = 10.0,
+    *,
+    newcomers: Sequence[User] = (),
+) -> None:
+    """Put the catalog and every user's preferences, consent, signals and stated persona into
+    tactful through the gRPC API on ``channel`` (a ``grpc.Channel``); the persona segments too
+    when someone states a persona. ``newcomers`` (``Population.newcomers``) are loaded alike."""
     offers = catalog_pb2_grpc.CatalogStub(channel)
     profiles = profiles_pb2_grpc.ProfilesStub(channel)
+    users = (*population.users, *newcomers)
+    if any(user.states_persona for user in users):
+        for segment in population.put_segment_requests():
+            offers.PutSegment(segment, timeout=timeout)
     for request in catalog.put_offer_requests():
         offers.PutOffer(request, timeout=timeout)
-    for user in population.users:
+    for user in users:
         profiles.SetPreferences(user.set_preferences_request(), timeout=timeout)
         signals = user.record_signals_request()
         if signals is not None:
             profiles.RecordSignals(signals, timeout=timeout)
+        attributes = user.set_attributes_request()
+        if attributes is not None:
+            profiles.SetAttributes(attributes, timeout=timeout)
 
 
 __all__ = [
@@ -359,5 +461,7 @@ __all__ = [
     "decide_request",
     "eligible",
     "load",
+    "persona_name",
+    "persona_segment_id",
     "sample_reward",
 ]
