@@ -304,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
             name = "tactful" if workers == 1 else f"tactful x{workers}"
             env = tactful_env(grpc_port, metrics_port, workdir / "data")
             env["TACTFUL_WORKERS"] = str(workers)
+            env.update(args.server_env)
             child = Child.start(
                 name.replace(" ", "-"), [sys.executable, "-m", "tactful", "serve"], env, workdir
             )
@@ -407,7 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         default=workers_list("1,2"),
         help="TACTFUL_WORKERS of each tactful run (default 1,2)",
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="TACTFUL_X=VALUE",
+        type=lambda text: tuple(text.split("=", 1)),
+        help="a setting for the tactful servers (repeatable), e.g. TACTFUL_GRPC_MAX_WORKERS=4",
+    )
     args = parser.parse_args(argv)
+    args.server_env = dict(args.server_env)
     if not 0.5 <= args.seconds <= 30:
         parser.error("--seconds must be between 0.5 and 30 (the run must stay bounded)")
     return run_until_stopped(run, args)

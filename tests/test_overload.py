@@ -130,7 +130,7 @@ def test_without_a_limit_the_same_calls_queue_on_the_frozen_store(redis_server):
 
 
 def test_the_limit_setting_is_validated_and_zero_means_unlimited():
-    assert Settings.from_env({}).server.max_concurrent_rpcs == 24
+    assert Settings.from_env({}).server.max_concurrent_rpcs == 8
     assert Settings.from_env({"TACTFUL_MAX_CONCURRENT_RPCS": "0"}).server.max_concurrent_rpcs == 0
     with pytest.raises(SettingsError, match="TACTFUL_MAX_CONCURRENT_RPCS"):
         Settings.from_env({"TACTFUL_MAX_CONCURRENT_RPCS": "-1"})

@@ -54,15 +54,23 @@ class ServerSettings:
         "directory, removed at exit.",
     )
     max_workers: int = _setting(
-        "TACTFUL_GRPC_MAX_WORKERS", 16, "Threads serving RPCs in one process.", min=1, max=1024
+        "TACTFUL_GRPC_MAX_WORKERS",
+        4,
+        "Threads serving RPCs in one process. Python runs one of them at a time (the GIL): "
+        "more threads than it takes to cover the Redis round trips only add contention "
+        "(bench/capacity.py: 16 threads served 93 Decides/s past capacity, 4 held 640/s). "
+        "Raise it when Redis is far away (each thread waits out two round trips per Decide).",
+        min=1,
+        max=1024,
     )
     max_concurrent_rpcs: int = _setting(
         "TACTFUL_MAX_CONCURRENT_RPCS",
-        24,
+        8,
         "RPCs one process accepts at once (running plus queued for a thread); past it a call "
         "is refused at once with RESOURCE_EXHAUSTED instead of queueing past its deadline "
-        "(0: unlimited). Size it as peak rate x deadline (Little's law): a call queued behind "
-        "more than that would miss a 50 ms render deadline anyway.",
+        "(0: unlimited). Keep the queue short: a call waiting behind more than a few others "
+        "costs milliseconds each, and past capacity a long queue turns every call into a "
+        "missed deadline instead of some fast refusals.",
         min=0,
         max=100_000,
     )
