@@ -267,7 +267,9 @@ local function merge_attributes(key, source, at, cap, first, last)
 end
 """
 
-_SET_ATTRIBUTES_LUA = _MERGE_ATTRIBUTES_LUA + """
+_SET_ATTRIBUTES_LUA = (
+    _MERGE_ATTRIBUTES_LUA
+    + """
 local ok, count = merge_attributes(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), 5, #ARGV)
 if ok == 0 then return {0, count} end
 redis.call('HSET', KEYS[2], 'user_id', ARGV[4])
@@ -275,6 +277,7 @@ if #KEYS < 5 then return {1} end
 return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
   redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[1])}
 """
+)
 
 # One imported profile, everything ``write_profiles`` used to send as separate commands, in
 # the same order and with the same effects, as ONE script in the user's slot: a batch is one
@@ -292,7 +295,9 @@ return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 # then (topic, weight, observed_at) triples to the end.
 # Returns refused * 3 + signals, refused the most attributes a refused group would have
 # left (0: none refused) and signals 0 (none given), 1 (not kept: no consent) or 2 (kept).
-_IMPORT_PROFILE_LUA = _MERGE_ATTRIBUTES_LUA + """
+_IMPORT_PROFILE_LUA = (
+    _MERGE_ATTRIBUTES_LUA
+    + """
 local cap = tonumber(ARGV[2])
 local n_clear, n_set = tonumber(ARGV[4]), tonumber(ARGV[5])
 local i = 6
@@ -324,6 +329,7 @@ for j = i, #ARGV, 3 do
 end
 return refused * 3 + 2
 """
+)
 
 # The catalog's writes that check offers against segments, each one script in the {catalog}
 # slot, so no check can be overtaken by a concurrent write (a PutOffer naming a segment while
