@@ -243,10 +243,13 @@ _MERGE_ATTRIBUTES_LUA = """
 local function merge_attributes(key, source, at, cap, first, last)
   local stamp = source .. '|' .. at .. '|'
   local count = redis.call('HLEN', key)
+  local names, olds = {}, {}
+  for i = first, last, 2 do names[#names + 1] = ARGV[i] end
+  if #names > 0 then olds = redis.call('HMGET', key, unpack(names)) end  -- not one HGET each
   local set, removed = {}, {}
   for i = first, last, 2 do
     local name, value = ARGV[i], ARGV[i + 1]
-    local old = redis.call('HGET', key, name)
+    local old = olds[(i - first) / 2 + 1]
     if not (source == '2' and old and string.sub(old, 1, 1) == '1') then
       if value == '' then
         if old then
@@ -289,7 +292,7 @@ return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 # cap writes nothing, as a SetAttributes call), then the signals as RecordSignals' script
 # writes them in its replacing mode (half-life 0: each replaces its topic's state), only if
 # the profile, as now written, holds consent.
-# KEYS profile, attributes, signals hashes; ARGV user id, cap, withdrawn (1/0), number of
+# KEYS profile, attributes, signals hashes; ARGV cap, withdrawn (1/0), number of
 # fields to clear, number of (field, value) pairs to set, those fields, those pairs, number
 # of attribute groups, each group as source, time, number of pairs, (name, value) pairs;
 # then (topic, weight, observed_at) triples to the end.
@@ -298,14 +301,14 @@ return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 _IMPORT_PROFILE_LUA = (
     _MERGE_ATTRIBUTES_LUA
     + """
-local cap = tonumber(ARGV[2])
-local n_clear, n_set = tonumber(ARGV[4]), tonumber(ARGV[5])
-local i = 6
+local cap = tonumber(ARGV[1])
+local n_clear, n_set = tonumber(ARGV[3]), tonumber(ARGV[4])
+local i = 5
 if n_clear > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, i, i + n_clear - 1)) end
 i = i + n_clear
 if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i, i + 2 * n_set - 1)) end
 i = i + 2 * n_set
-if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
 local refused = 0
 local groups = tonumber(ARGV[i])
 i = i + 1
@@ -313,11 +316,8 @@ for _ = 1, groups do
   local source, at, n_pairs = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
   local ok, count = merge_attributes(KEYS[2], source, at, cap, i, i + 2 * n_pairs - 1)
-  if ok == 0 then
-    if count > refused then refused = count end
-  else
-    redis.call('HSET', KEYS[1], 'user_id', ARGV[1])
-  end
+  -- (SetAttributes' HSET of the user id is not repeated: the profile's, above, set it.)
+  if ok == 0 and count > refused then refused = count end
   i = i + 2 * n_pairs
 end
 if i > #ARGV then return refused * 3 end
@@ -849,13 +849,13 @@ class RedisStore:
         writing it again."""
         commands: list[tuple[Any, ...]] = []
         sha = self._import_profile.sha
-        user_keys = keys.UserKeys.of
+        digest = keys.user_digest
         for record in records:
-            k = user_keys(record.user_id)
+            base = f"{_USER_PREFIX}{digest(record.user_id)}}}"  # keys.UserKeys.of's, only 3
             to_set, to_clear, withdrawn = _preference_fields(record.preferences, None)
             args: list[Any] = [
-                "EVALSHA", sha, 3, k.profile, k.attributes, k.signals,
-                record.user_id, limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
+                "EVALSHA", sha, 3, f"{base}:profile", f"{base}:attributes", f"{base}:signals",
+                limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
                 *to_clear, *itertools.chain.from_iterable(to_set.items()),
             ]  # fmt: skip
             if record.attributes:
