@@ -127,3 +127,30 @@ def test_the_report_reads_the_decision_log_of_every_node(store, catalog, decisio
         decisioning.Decide(d.DecideRequest(user_id=f"r{i}", channel="web"))
     records = report.read_log(store.client, started - 1, time.time() + 1)
     assert len(records) == 12
+
+
+def test_an_import_writes_each_user_with_one_script_in_its_slot(store):
+    """``tactful import`` sends one script call per user, every key in the user's slot, to
+    the nodes that hold them, and loads the script again on nodes that lost it."""
+    from tactful import bulk
+
+    lines = [
+        (
+            f'{{"user_id": "user-{i}", "attributes": {{"country": "FR"}},'
+            ' "consent": {"inferred_personalization": true},'
+            ' "topic_preferences": [{"topic": "yoga", "stance": "LIKE"}],'
+            ' "signals": [{"topic": "golf", "weight": 1.5}]}'
+        )
+        for i in range(30)
+    ]
+    store.client.script_flush()
+    bad = []
+    summary = bulk.import_lines(
+        store, lines, bad_line=lambda n, v: bad.append((n, v)), now=time.time(), batch=7
+    )
+    assert not bad and summary.imported == 30 and summary.signals_not_kept == 0
+    for i in (0, 17, 29):
+        profile = store.get_profile(user_id=f"user-{i}")
+        assert [(a.name, a.value) for a in profile.attributes] == [("country", "FR")]
+        assert [(s.topic, s.weight) for s in profile.signals] == [("golf", 1.5)]
+        assert [t.topic for t in profile.topic_preferences] == ["yoga"]

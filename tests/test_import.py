@@ -502,3 +502,99 @@ def test_an_import_loads_the_scripts_into_a_redis_that_lost_them(store):
     assert (summary.imported, summary.bad) == (2, 0) and not bad.lines
     assert [(s.topic, s.weight) for s in stored(store, "u1").signals] == [("yoga", 2.5)]
     assert stored(store, "u2").attributes[0].value == "gold"
+
+
+def _variants() -> list[str]:
+    """FULL with one part changed at a time, to values right, wrong, odd and at the limits."""
+    base = json.loads(FULL)
+    odd: list[Any] = [None, True, 0, -1, 1.5, "", "x", [], {}, [{}], float("nan"), 2**70]
+    changes: dict[str, list[Any]] = {
+        "user_id": [*odd, "é" * 64, "é" * 65, "u" * 256, "u" * 257],
+        "max_messages_per_day": [*odd, 1000, 1001, False],
+        "quiet_hours": [
+            *odd,
+            {"start_hour": 0, "end_hour": 23, "time_zone": "UTC"},
+            {"start_hour": 24, "end_hour": 7, "time_zone": "UTC"},
+            {"start_hour": 1, "end_hour": 7, "time_zone": "UTC", "x": 1},
+            {"start_hour": 1, "end_hour": 7},
+            {"start_hour": True, "end_hour": 7, "time_zone": "UTC"},
+        ],
+        "consent": [
+            *odd,
+            {"inferred_personalization": False},
+            {"inferred_personalization": 1},
+            {"inferred_personalization": True, "updated_at": None},
+            {"inferred_personalization": True, "updated_at": "2026-01-02T03:04:05+02:00"},
+            {"inferred_personalization": True, "updated_at": "0001-01-01T00:00:00Z"},
+            {"inferred_personalization": True, "updated_at": 2e11},
+            {"inferred_personalization": True, "updated_at": 1e308},
+            {"inferred_personalization": True, "updated_at": "soon"},
+        ],
+        "topic_preferences": [
+            *odd,
+            [{"topic": "a", "stance": "NEUTRAL"}, {"topic": "a", "stance": "LIKE"}],
+            [{"topic": "a", "stance": "like"}],
+            [{"topic": "a-b_1", "stance": "LIKE", "updated_at": 1.0}],
+            [{"topic": "a", "stance": "LIKE", "extra": 1}],
+            [{"topic": "a", "stance": "LIKE"}] * 2,
+            [{"topic": f"t{i}", "stance": "LIKE"} for i in range(257)],
+            [{"topic": "a" * 65, "stance": "LIKE"}],
+        ],
+        "channel_preferences": [
+            *odd,
+            [{"channel": "sms", "opted_in": True, "updated_at": "2026-01-01"}],
+            [{"channel": "1sms", "opted_in": True}],
+            [{"channel": "sms", "opted_in": 0}],
+            [{"channel": "sms", "opted_in": True}] * 2,
+        ],
+        "signals": [
+            *odd,
+            [{"topic": "a", "weight": 0}, {"topic": "b", "weight": 1e6}],
+            [{"topic": "a", "weight": 1e6 + 1}],
+            [{"topic": "a", "weight": 2**1100}],
+            [{"topic": "a", "weight": True}],
+            [{"topic": "a", "weight": 1, "observed_at": -7e10}],
+            [{"topic": "a", "weight": 1, "observed_at": NOW + 299}],
+            [{"topic": "a", "weight": 1, "observed_at": NOW + 301}],
+            [{"topic": "a", "weight": 1, "observed_at": None}],
+            [{"topic": "a", "weight": 1, "x": None}],
+            [{"topic": f"t{i}", "weight": 1} for i in range(257)],
+        ],
+        "attributes": [
+            *odd,
+            {"a": ""},
+            {"a": "x" * 256},
+            {"a": "x" * 257},
+            {"a": "\x85"},
+            {"a1_": {"value": "x", "source": "IMPORTED", "updated_at": 5}},
+            {"a": {"value": "x", "source": None}},
+            {"a": {"value": 1}},
+            {"a": {"value": "x", "source": "STATED", "y": 1}},
+            {"a": {"source": "STATED"}},
+            {"": "x"},
+            {f"a{i}": "x" for i in range(128)},
+            {f"a{i}": "x" for i in range(129)},
+        ],
+        "other": [1],
+    }
+    out = []
+    for name, values in changes.items():
+        for value in values:
+            data = {**base, name: value}
+            out.append(json.dumps(data))
+            out.append(json.dumps({"user_id": "u", name: value}))
+    return out
+
+
+@pytest.mark.parametrize("text", _variants())
+def test_the_fast_path_returns_only_what_the_general_path_would(text):
+    """``_fast_record`` must return, for a line it takes, the record the general path
+    returns, and leave every line the general path refuses to it (to be reported as ever)."""
+    data = json.loads(text)
+    fast = bulk._fast_record(data, NOW)
+    try:
+        general = bulk._general_record(data, NOW)
+    except InvalidArgument:
+        assert fast is None
+    else:
+        assert fast is None or fast == general

@@ -235,35 +235,101 @@ return 1
 # KEYS attributes, profile and, to have the profile returned (else just {1}), signals,
 # contacts, cooldowns hashes; ARGV source (1 STATED, 2 IMPORTED), now, cap, user id, then
 # (name, value) pairs (an empty value removes).
-_SET_ATTRIBUTES_LUA = """
-local source, cap = ARGV[1], tonumber(ARGV[3])
-local stamp = ARGV[1] .. '|' .. ARGV[2] .. '|'
-local count = redis.call('HLEN', KEYS[1])
-local set, removed = {}, {}
-for i = 5, #ARGV, 2 do
-  local name, value = ARGV[i], ARGV[i + 1]
-  local old = redis.call('HGET', KEYS[1], name)
-  if not (source == '2' and old and string.sub(old, 1, 1) == '1') then
-    if value == '' then
-      if old then
-        removed[#removed + 1] = name
-        count = count - 1
+# The merge itself, shared with the bulk import's script (``_IMPORT_PROFILE_LUA``): the
+# (name, value) pairs ARGV[first..last] into the attributes hash ``key``, from ``source``
+# ('1' STATED, '2' IMPORTED) at ``at``; returns 0 and the count it would leave if over
+# ``cap`` (nothing written), else 1.
+_MERGE_ATTRIBUTES_LUA = """
+local function merge_attributes(key, source, at, cap, first, last)
+  local stamp = source .. '|' .. at .. '|'
+  local count = redis.call('HLEN', key)
+  local names, olds = {}, {}
+  for i = first, last, 2 do names[#names + 1] = ARGV[i] end
+  if #names > 0 then olds = redis.call('HMGET', key, unpack(names)) end  -- not one HGET each
+  local set, removed = {}, {}
+  for i = first, last, 2 do
+    local name, value = ARGV[i], ARGV[i + 1]
+    local old = olds[(i - first) / 2 + 1]
+    if not (source == '2' and old and string.sub(old, 1, 1) == '1') then
+      if value == '' then
+        if old then
+          removed[#removed + 1] = name
+          count = count - 1
+        end
+      else
+        if not old then count = count + 1 end
+        set[#set + 1] = name
+        set[#set + 1] = stamp .. value
       end
-    else
-      if not old then count = count + 1 end
-      set[#set + 1] = name
-      set[#set + 1] = stamp .. value
     end
   end
+  if count > cap then return 0, count end
+  if #removed > 0 then redis.call('HDEL', key, unpack(removed)) end
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  return 1, count
 end
-if count > cap then return {0, count} end
-if #removed > 0 then redis.call('HDEL', KEYS[1], unpack(removed)) end
-if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+"""
+
+_SET_ATTRIBUTES_LUA = (
+    _MERGE_ATTRIBUTES_LUA
+    + """
+local ok, count = merge_attributes(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), 5, #ARGV)
+if ok == 0 then return {0, count} end
 redis.call('HSET', KEYS[2], 'user_id', ARGV[4])
 if #KEYS < 5 then return {1} end
 return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
   redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[1])}
 """
+)
+
+# One imported profile, everything ``write_profiles`` used to send as separate commands, in
+# the same order and with the same effects, as ONE script in the user's slot: a batch is one
+# command and one small reply per user (the separate commands cost the importer more to pack
+# and parse than Redis spent running them). In order: the profile hash's fields cleared
+# (NEUTRAL stances) and set (user id, stances, opt-ins, limits, consent: as SetPreferences
+# writes them), the signals deleted if consent is withdrawn, each group of attributes merged
+# by SetAttributes' own merge (one group per source and time; a group that would pass the
+# cap writes nothing, as a SetAttributes call), then the signals as RecordSignals' script
+# writes them in its replacing mode (half-life 0: each replaces its topic's state), only if
+# the profile, as now written, holds consent.
+# KEYS profile, attributes, signals hashes; ARGV cap, withdrawn (1/0), number of
+# fields to clear, number of (field, value) pairs to set, those fields, those pairs, number
+# of attribute groups, each group as source, time, number of pairs, (name, value) pairs;
+# then (topic, weight, observed_at) triples to the end.
+# Returns refused * 3 + signals, refused the most attributes a refused group would have
+# left (0: none refused) and signals 0 (none given), 1 (not kept: no consent) or 2 (kept).
+_IMPORT_PROFILE_LUA = (
+    _MERGE_ATTRIBUTES_LUA
+    + """
+local cap = tonumber(ARGV[1])
+local n_clear, n_set = tonumber(ARGV[3]), tonumber(ARGV[4])
+local i = 5
+if n_clear > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, i, i + n_clear - 1)) end
+i = i + n_clear
+if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i, i + 2 * n_set - 1)) end
+i = i + 2 * n_set
+if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
+local refused = 0
+local groups = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, groups do
+  local source, at, n_pairs = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  local ok, count = merge_attributes(KEYS[2], source, at, cap, i, i + 2 * n_pairs - 1)
+  -- (SetAttributes' HSET of the user id is not repeated: the profile's, above, set it.)
+  if ok == 0 and count > refused then refused = count end
+  i = i + 2 * n_pairs
+end
+if i > #ARGV then return refused * 3 end
+local consent = redis.call('HGET', KEYS[1], 'consent')
+if not consent or string.sub(consent, 1, 1) ~= '1' then return refused * 3 + 1 end
+for j = i, #ARGV, 3 do
+  local w, t = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  redis.call('HSET', KEYS[3], ARGV[j], string.format('%.17g|%.6f', w, t))
+end
+return refused * 3 + 2
+"""
+)
 
 # The catalog's writes that check offers against segments, each one script in the {catalog}
 # slot, so no check can be overtaken by a concurrent write (a PutOffer naming a segment while
@@ -507,6 +573,7 @@ class RedisStore:
         self._request_ttl = request_id_ttl_seconds
         self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
         self._set_attributes = client.register_script(_SET_ATTRIBUTES_LUA)
+        self._import_profile = client.register_script(_IMPORT_PROFILE_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
         self._send_reward = client.register_script(_SEND_REWARD_LUA)
         self._consume_contacts = client.register_script(CONSUME_CONTACTS_LUA)
@@ -770,63 +837,55 @@ class RedisStore:
     # --- bulk import and export ---------------------------------------------------------
 
     def write_profiles(self, records: Sequence[ProfileRecord], *, limit: int) -> list[ProfileWrite]:
-        """Write validated profile records (``tactful import``) in ONE round trip: a
-        non-transactional pipeline (on a cluster, each node gets its users' commands), every
-        command of a user in the user's slot and in order. Per user: the profile hash as
-        SetPreferences writes it (with the user id), the signals deleted if consent is
-        withdrawn, the attributes through SetAttributes' own script (one call per source and
-        time, so STATED outranks IMPORTED and the per-user cap holds as in the API), then the
-        signals through RecordSignals' script in its replacing mode (kept only with consent,
-        which the script reads after the profile was written). Not all or nothing per user:
-        every write sets a state, so a failed batch is repaired by writing it again."""
+        """Write validated profile records (``tactful import``) in ONE round trip: one
+        ``_IMPORT_PROFILE_LUA`` call per user, all its keys in the user's slot, sent as a
+        non-transactional pipeline (on a cluster, each node gets its users' calls). Per user,
+        atomically: the profile hash as SetPreferences writes it (with the user id), the
+        signals deleted if consent is withdrawn, the attributes through SetAttributes' own
+        merge (one per source and time, so STATED outranks IMPORTED and the per-user cap
+        holds as in the API), then the signals as RecordSignals' script writes them in its
+        replacing mode (kept only with consent, read after the profile was written). Not all
+        or nothing per batch: every write sets a state, so a failed batch is repaired by
+        writing it again."""
         commands: list[tuple[Any, ...]] = []
-        marks: list[tuple[list[int], int | None]] = []
-        attributes_sha, signals_sha = self._set_attributes.sha, self._record_signals.sha
+        sha = self._import_profile.sha
+        digest = keys.user_digest
         for record in records:
-            k = keys.UserKeys.of(record.user_id)
+            base = f"{_USER_PREFIX}{digest(record.user_id)}}}"  # keys.UserKeys.of's, only 3
             to_set, to_clear, withdrawn = _preference_fields(record.preferences, None)
-            if to_clear:
-                commands.append(("HDEL", k.profile, *to_clear))
-            commands.append(("HSET", k.profile, *itertools.chain.from_iterable(to_set.items())))
-            if withdrawn:
-                commands.append(("DEL", k.signals))
-            attribute_replies = []
+            args: list[Any] = [
+                "EVALSHA", sha, 3, f"{base}:profile", f"{base}:attributes", f"{base}:signals",
+                limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
+                *to_clear, *itertools.chain.from_iterable(to_set.items()),
+            ]  # fmt: skip
             if record.attributes:
-                # One script call per (source, time): usually one per line.
+                # One merge per (source, time): usually one per line.
                 groups: dict[tuple[int, float], list[str]] = {}
                 for a in record.attributes:
                     group = groups.get((a.source, a.updated_at))
                     if group is None:
                         group = groups[a.source, a.updated_at] = []
                     group += (a.name, a.value)
+                args.append(len(groups))
                 for (source, at), pairs in groups.items():
-                    attribute_replies.append(len(commands))
-                    head = ("EVALSHA", attributes_sha, 2, k.attributes, k.profile, int(source))
-                    commands.append((*head, f"{at:.6f}", limit, record.user_id, *pairs))
-            signals_reply = None
-            if record.signals:
-                signals_reply = len(commands)
-                args: list[Any] = ["EVALSHA", signals_sha, 2, k.signals, k.profile, 0]
-                for signal in record.signals:
-                    args += (signal.topic, repr(signal.weight), f"{signal.observed_at:.6f}")
-                commands.append(tuple(args))
-            marks.append((attribute_replies, signals_reply))
+                    args += (int(source), f"{at:.6f}", len(pairs) // 2, *pairs)
+            else:
+                args.append(0)
+            for signal in record.signals:
+                args += (signal.topic, repr(signal.weight), f"{signal.observed_at:.6f}")
+            commands.append(tuple(args))
         with self._guarded("write_profiles"):
             try:
                 replies = self._round_trip(commands)
             except redis.exceptions.NoScriptError:
-                # A Redis that never ran the scripts (or restarted): load them and write the
+                # A Redis that never ran the script (or restarted): load it and write the
                 # batch again, which sets the same state.
-                self.client.script_load(_SET_ATTRIBUTES_LUA)
-                self.client.script_load(_RECORD_SIGNALS_LUA)
+                self.client.script_load(_IMPORT_PROFILE_LUA)
                 replies = self._round_trip(commands)
         results = []
-        for attribute_replies, signals_reply in marks:
-            refused = 0
-            for i in attribute_replies:
-                if not int(replies[i][0]):
-                    refused = max(refused, int(replies[i][1]))
-            kept = None if signals_reply is None else bool(int(replies[signals_reply]))
+        for reply in replies:
+            refused, signals = divmod(int(reply), 3)
+            kept = None if signals == 0 else signals == 2
             results.append(ProfileWrite(signals_kept=kept, attributes_refused=refused))
         return results
 
