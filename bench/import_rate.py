@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tactful import bulk
+from tactful import bulk, runtime
 from tactful.core import ProfileService
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.model import (
@@ -38,7 +38,7 @@ from tactful.model import (
     TopicPreference,
 )
 from tactful.settings import Settings
-from tactful.store import RedisStore, connect
+from tactful.store import RedisStore
 
 TOPICS = ["running", "yoga", "golf", "cooking", "travel", "finance", "music", "cycling"]
 COUNTRIES = ["FR", "DE", "GB", "ES", "IT", "NL"]
@@ -64,16 +64,6 @@ def line(i: int, rng: random.Random, observed: str) -> dict[str, object]:
             {"topic": signal, "weight": round(rng.uniform(0.1, 5), 3), "observed_at": observed}
         ],
     }
-
-
-def store_on(url: str, settings: Settings) -> RedisStore:
-    client = connect(url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4)
-    return RedisStore(
-        client,
-        signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
-        decision_ttl_seconds=settings.policy.decision_ttl_seconds,
-        request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
-    )
 
 
 def redis_seconds(store: RedisStore) -> float:
@@ -129,7 +119,7 @@ def main() -> None:
             f"{args.profiles:,} profiles, {size / 1e6:.1f} MB ({size / args.profiles:.0f} B/line)"
         )
         with EmbeddedRedis(Path(tmp) / "redis") as redis_server:
-            store = store_on(redis_server.url, settings)
+            store = runtime.bulk_store(settings, redis_server.url)  # as `tactful import`
             redis_cpu, cpu = redis_seconds(store), time.process_time()
             with path.open("rb") as lines:
                 summary = bulk.import_lines(

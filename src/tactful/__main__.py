@@ -186,19 +186,6 @@ def report_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _bulk_store(settings: Settings, url: str) -> Any:
-    """A store for a bulk command: the learner's patient client (a batch of 500 users is not
-    a render-path call) and no circuit breaker (every error is worth seeing)."""
-    from tactful.store import RedisStore
-
-    return RedisStore(
-        runtime.learner_client(settings, url),
-        signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
-        decision_ttl_seconds=settings.policy.decision_ttl_seconds,
-        request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
-    )
-
-
 def import_command(settings: Settings, args: argparse.Namespace) -> int:
     """`tactful import FILE`: 0 when every line was imported, 1 when some were bad (each
     reported on stderr with its line number; the others were imported), 2 when the file or
@@ -219,7 +206,7 @@ def import_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with source as lines, _offline_redis(settings) as url:
             summary = bulk.import_lines(
-                _bulk_store(settings, url),
+                runtime.bulk_store(settings, url),
                 lines,
                 bad_line=bulk.report_to(sys.stderr, progress),
                 batch=args.batch,
@@ -259,7 +246,9 @@ def export_profiles_command(settings: Settings, args: argparse.Namespace) -> int
     progress = bulk.Progress(sys.stderr, enabled=bulk.show_progress(False), what="profiles")
     try:
         with target as out, _offline_redis(settings) as url:
-            summary = bulk.export_profiles(_bulk_store(settings, url), out, progress=progress)
+            summary = bulk.export_profiles(
+                runtime.bulk_store(settings, url), out, progress=progress
+            )
     except bulk.STORE_ERRORS as exc:
         progress.clear()
         print(f"tactful export: store unavailable: {exc}", file=sys.stderr)

@@ -45,6 +45,14 @@ def redis_store(settings: Settings, url: str) -> RedisStore:
     return RedisStore.for_settings(client(settings, url), settings)
 
 
+def bulk_store(settings: Settings, url: str) -> RedisStore:
+    """A store for a bulk command (import, export): the learner's patient client (a batch of
+    500 users is not a render-path call) and no circuit breaker (every error is worth seeing)."""
+    from tactful.store import RedisStore
+
+    return RedisStore.for_settings(learner_client(settings, url), settings, breaker=False)
+
+
 def start_learner(settings: Settings, url: str, stop: threading.Event) -> threading.Thread:
     from tactful.features import FeatureSpace
     from tactful.learner import Learner

@@ -584,7 +584,11 @@ class RedisStore:
         self._round_trip = round_trip(client)
 
     @classmethod
-    def for_settings(cls, client: redis.Redis, settings: Settings) -> RedisStore:
+    def for_settings(
+        cls, client: redis.Redis, settings: Settings, *, breaker: bool = True
+    ) -> RedisStore:
+        """The store as the settings describe it; ``breaker=False`` for tools that want to
+        see every error (bulk commands), not a circuit that opened."""
         return cls(
             client,
             signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
@@ -593,7 +597,9 @@ class RedisStore:
             breaker=CircuitBreaker(
                 failures=settings.redis.breaker_failures,
                 open_seconds=settings.redis.breaker_open_seconds,
-            ),
+            )
+            if breaker
+            else None,
         )
 
     @contextlib.contextmanager
