@@ -762,7 +762,6 @@ class Decider:
             # The user's memberships (sensitive ones left out), for per-segment reporting.
             payload["segments"] = draft.segments
         if candidates is not None and decision.choices:
-            # Before "features": the store's fast JSON writer wants that key last.
             payload["candidates"] = candidates
         if features:
             # x of the (x, a, r, p) tuple: what the learner regresses the reward on.
