@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 from decide_latency import (
     ECHO_METHOD,
     HOST,
@@ -83,11 +85,17 @@ class Step:
     codes: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)  # inf for a call that was not OK
     client_cpu: float = 0.0  # share of one core this client process used
+    server_cpu: float = 0.0  # cores the server used: its processes and its redis-server
     send_lag_ms: float = 0.0  # how late the last send was against its schedule
 
     @property
     def achieved(self) -> float:
         return self.codes["OK"] / self.seconds
+
+    @property
+    def cpu_us_per_answer(self) -> float:
+        """Server CPU (all its processes) per OK answer: what one Decide costs the machine."""
+        return self.server_cpu * self.seconds / self.codes["OK"] * 1e6 if self.codes["OK"] else 0.0
 
     def quantile(self, q: float) -> float:
         if not self.latencies_ms:
@@ -95,7 +103,25 @@ class Step:
         return float(np.percentile(np.asarray(self.latencies_ms), q, method="higher"))
 
 
-async def offer_load(calls: list[Any], requests: list[Any], step: Step) -> None:
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process and every process under it (tactful's workers
+    and its embedded redis-server), user and system."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+async def offer_load(
+    calls: list[Any], requests: list[Any], step: Step, server_pid: int | None = None
+) -> None:
     """Send ``step.offered`` calls per second for ``step.seconds``, on schedule."""
     total = int(step.offered * step.seconds)
     interval = 1.0 / step.offered
@@ -111,6 +137,7 @@ async def offer_load(calls: list[Any], requests: list[Any], step: Step) -> None:
             step.latencies_ms.append(float("inf"))
             step.codes[error.code().name] += 1
 
+    server0 = tree_cpu_seconds(server_pid) if server_pid else 0.0
     cpu0, start = time.process_time(), time.perf_counter()
     i = 0
     while i < total:
@@ -126,11 +153,19 @@ async def offer_load(calls: list[Any], requests: list[Any], step: Step) -> None:
     step.sent = total
     if pending:
         await asyncio.wait(pending, timeout=DEADLINE_S * 20)
-    step.client_cpu = (time.process_time() - cpu0) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    step.client_cpu = (time.process_time() - cpu0) / elapsed
+    if server_pid:
+        step.server_cpu = (tree_cpu_seconds(server_pid) - server0) / elapsed
 
 
 async def sweep(
-    name: str, target: str, method: str, requests: list[Any], args: argparse.Namespace
+    name: str,
+    target: str,
+    method: str,
+    requests: list[Any],
+    args: argparse.Namespace,
+    server_pid: int,
 ) -> list[Step]:
     steps: list[Step] = []
     # A connection each (a local subchannel pool: channels to one target otherwise share one).
@@ -152,7 +187,7 @@ async def sweep(
         saturated = 0
         for rate in args.rates:
             step = Step(name, rate, args.seconds)
-            await offer_load(calls, requests, step)
+            await offer_load(calls, requests, step, server_pid)
             steps.append(step)
             progress(
                 f"{name:>9} offered {rate:>6.0f}/s: ok {step.achieved:>7.1f}/s "
@@ -175,7 +210,8 @@ def fmt(ms: float) -> str:
 def table(steps: list[Step]) -> list[str]:
     header = (
         f"{'server':<10} {'offered/s':>9} {'ok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'p99.9 ms':>9} {'deadline':>9} {'shed':>7} {'client cpu':>10}"
+        f"{'p99.9 ms':>9} {'deadline':>9} {'shed':>7} {'client cpu':>10} {'server cpu':>10} "
+        f"{'µs/answer':>9}"
     )
     lines = [header, "-" * len(header)]
     for s in steps:
@@ -183,7 +219,7 @@ def table(steps: list[Step]) -> list[str]:
             f"{s.server:<10} {s.offered:>9.0f} {s.achieved:>8.1f} {fmt(s.quantile(50)):>8} "
             f"{fmt(s.quantile(99)):>8} {fmt(s.quantile(99.9)):>9} "
             f"{s.codes['DEADLINE_EXCEEDED']:>9} {s.codes['RESOURCE_EXHAUSTED']:>7} "
-            f"{s.client_cpu:>9.0%}"
+            f"{s.client_cpu:>9.0%} {s.server_cpu:>9.0%} {s.cpu_us_per_answer:>9.0f}"
         )
     return lines
 
@@ -296,7 +332,14 @@ def run(args: argparse.Namespace) -> int:
 
         wait_ready(children[0], f"echo serving on {echo_probe}", echo_ready)
         echo = asyncio.run(
-            sweep("grpc echo", f"{HOST}:{echo_port}", ECHO_METHOD, workload.decide, args)
+            sweep(
+                "grpc echo",
+                f"{HOST}:{echo_port}",
+                ECHO_METHOD,
+                workload.decide,
+                args,
+                children[0].proc.pid,
+            )
         )
         # One tactful at a time, on the same data and port: they would share the CPUs.
         by_workers: dict[int, list[Step]] = {}
@@ -315,7 +358,14 @@ def run(args: argparse.Namespace) -> int:
                     progress("loading 200 offers and 2,000 profiles through the gRPC API")
                     load(channel, workload)
             by_workers[workers] = asyncio.run(
-                sweep(name, f"{HOST}:{grpc_port}", DECIDE_METHOD, workload.decide, args)
+                sweep(
+                    name,
+                    f"{HOST}:{grpc_port}",
+                    DECIDE_METHOD,
+                    workload.decide,
+                    args,
+                    child.proc.pid,
+                )
             )
             for running in (children[0], child):
                 if running.proc.poll() is not None:
@@ -349,7 +399,10 @@ def run(args: argparse.Namespace) -> int:
         *verdict(echo, tactful, more),
         "",
         "skew: the client (this process, one asyncio grpc.aio loop), the server and tactful's "
-        "redis-server share these CPUs; 'client cpu' is the share of one core the client used. "
+        "redis-server share these CPUs; 'client cpu' is the share of one core the client used, "
+        "'server cpu' the cores the server used (all its processes and its redis-server) and "
+        "'µs/answer' that CPU per OK answer: what one call costs the machine, the figure that "
+        "bounds the peak (2 cores = 2,000,000 µs of CPU a second, shared with the client). "
         "Near saturation the client takes CPU from the server, and its own event loop adds "
         "queueing to the measured latency, so peaks are lower and tail latencies higher than a "
         "server would show with the client on another machine. Both rows are skewed alike "
@@ -368,6 +421,8 @@ def run(args: argparse.Namespace) -> int:
                         "achieved": s.achieved,
                         "codes": dict(s.codes),
                         "client_cpu": s.client_cpu,
+                        "server_cpu": s.server_cpu,
+                        "server_cpu_us_per_answer": s.cpu_us_per_answer,
                         **{
                             q: (None if s.quantile(p) == float("inf") else s.quantile(p))
                             for q, p in QUANTILES
