@@ -3,6 +3,7 @@ is lost. Uses tactful's own embedded redis-server, a real process this test kill
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -225,3 +226,50 @@ def test_dropped_connections_are_replaced_without_a_fallback(redis_server, runni
                 )
         finally:
             admin.close()
+
+
+def test_a_redis_that_refuses_writes_still_serves_reads(redis_server):
+    """maxmemory reached (OOM) refuses every write but still answers reads: writes get
+    UNAVAILABLE, yet Decide keeps personalising from the profile it reads (the catalog read
+    included: Redis 6 refuses MULTI when full), and the circuit breaker (on here, as in
+    production: 3 failures in a row open it) does not take those refusals for an unreachable
+    Redis."""
+    settings = make_settings(redis_timeout_ms=25)
+    settings = dataclasses.replace(
+        settings, redis=dataclasses.replace(settings.redis, breaker_failures=3)
+    )
+    store = make_store(redis_server.url, settings)
+    running = build_server(settings, store, port=0)
+    channel, decisioning, profiles, catalog = stubs(running)
+    admin = redis.Redis(unix_socket_path=str(redis_server.socket))
+    with channel:
+        catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("top", priority=0.9)))
+        catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("liked", ("yoga",))))
+        profiles.SetPreferences(
+            p.SetPreferencesRequest(
+                user_id="alice",
+                topic_preferences=[p.TopicPreference(topic="yoga", stance=p.STANCE_LIKE)],
+            )
+        )
+        request = d.DecideRequest(user_id="alice", channel="web")
+        try:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+            for _ in range(5):
+                with pytest.raises(grpc.RpcError) as err:
+                    profiles.SetPreferences(
+                        p.SetPreferencesRequest(
+                            user_id="alice",
+                            topic_preferences=[p.TopicPreference(topic="x", stance=p.STANCE_LIKE)],
+                        )
+                    )
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            for _ in range(5):  # each one's log write is refused too
+                answer = decisioning.Decide(request)
+                assert answer.arm == d.ARM_PERSONALIZED
+                assert [c.offer_id for c in answer.choices] == ["liked"]
+        finally:
+            admin.config_set("maxmemory", 0)
+            admin.close()
+            running.stop(None)  # type: ignore[arg-type]
+            store.client.close()

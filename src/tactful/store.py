@@ -80,6 +80,23 @@ STORE_DOWN_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.TryAgainError,  # a multi-key command during a slot migration
     OSError,
 )
+CATALOG_READ_ATTEMPTS = 5  # reads of the catalog before giving up on a stream of writes
+
+# Of those, the ones that say Redis is up and answering but refuses writes (maxmemory reached,
+# a replica that was promoted away): reads still work, so they must not open the breaker.
+WRITE_REFUSED_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+)
+
+
+def write_refused(error: BaseException | None) -> bool:
+    """Redis refused a write (full, or read-only), directly or inside a Lua script, where it
+    comes back as a plain "Error running script ... -OOM ..." ResponseError."""
+    if isinstance(error, WRITE_REFUSED_ERRORS):
+        return True
+    text = str(error) if isinstance(error, redis.exceptions.ResponseError) else ""
+    return "OOM command not allowed" in text or "READONLY You can't write" in text
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +526,11 @@ def store_errors(operation: str) -> Iterator[None]:
     except STORE_DOWN_ERRORS as exc:
         metrics.redis_errors(operation).inc()
         raise Unavailable(f"store unavailable: {type(exc).__name__}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if not write_refused(exc):
+            raise
+        metrics.redis_errors(operation).inc()
+        raise Unavailable("store unavailable: a script's write was refused") from exc
     finally:
         metrics.redis_seconds(operation).observe(time.perf_counter() - start)
 
@@ -614,8 +636,14 @@ class RedisStore:
         try:
             with store_errors(operation):
                 yield
-        except Unavailable:
-            self.breaker.failed()
+        except Unavailable as exc:
+            if write_refused(exc.__cause__):
+                # Redis answered: a full or read-only Redis still serves every read, so
+                # Decide keeps personalising (its log write is counted as lost) instead of
+                # falling back for everyone.
+                self.breaker.succeeded()
+            else:
+                self.breaker.failed()
             raise
         except BaseException:
             self.breaker.succeeded()  # the store answered; the error is not its health
@@ -939,16 +967,28 @@ class RedisStore:
         return None if raw is None else bytes(raw)
 
     def load_catalog(self) -> tuple[int, list[Offer], list[Segment]]:
-        """The catalog's version, offers and segments, read together (one MULTI/EXEC): a
-        process never holds offers of one version with segments of another."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(keys.CATALOG_VERSION)
-        pipe.hgetall(keys.CATALOG_OFFERS)
-        pipe.hgetall(keys.CATALOG_SEGMENTS)
-        with self._guarded("load_catalog"):
-            version, raw_offers, raw_segments = pipe.execute()
-        offers = [_decode_offer(v) for v in raw_offers.values()]
-        return int(version or 0), offers, [_decode_segment(v) for v in raw_segments.values()]
+        """The catalog's version, offers and segments, read together: a process never holds
+        offers of one version with segments of another. Every catalog write bumps the
+        version in the same atomic step, so the version read before and after the offers and
+        segments (one round trip) tells whether a write came in between; then it is read
+        again. Not MULTI/EXEC: Redis 6 refuses MULTI once maxmemory is reached, and a full
+        Redis must still serve the catalog (reads work; see WRITE_REFUSED_ERRORS)."""
+        commands = [
+            ("GET", keys.CATALOG_VERSION),
+            ("HGETALL", keys.CATALOG_OFFERS),
+            ("HGETALL", keys.CATALOG_SEGMENTS),
+            ("GET", keys.CATALOG_VERSION),
+        ]
+        for _ in range(CATALOG_READ_ATTEMPTS):
+            with self._guarded("load_catalog"):
+                version, raw_offers, raw_segments, version_after = self._round_trip(commands)
+            if version == version_after:
+                break
+        else:
+            raise Unavailable("the catalog kept changing while it was read")
+        offers = [_decode_offer(v) for v in _as_dict(raw_offers).values()]
+        segments = [_decode_segment(v) for v in _as_dict(raw_segments).values()]
+        return int(version or 0), offers, segments
 
     def put_offer(self, *, offer: Offer) -> None:
         """Put the offer if every segment it names exists (checked in the same script);
