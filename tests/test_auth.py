@@ -362,6 +362,33 @@ def test_tls_round_trip_and_plaintext_refused(store, pki):
             assert decide_over(plaintext) == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_plaintext_health_port_lets_tls_blind_probes_in_and_nothing_else(store, pki):
+    """Kubernetes' gRPC probe speaks no TLS: TACTFUL_HEALTH_PORT serves the health service
+    alone in plaintext, with the main port's status, and no other service at all."""
+    settings = tls_settings(pki, mutual=True)
+    settings = dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, health_port=free_port())
+    )
+    running = build_server(settings, store, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as plaintext:
+            check = health_pb2_grpc.HealthStub(plaintext).Check
+            for service in ("", "tactful.v1.Decisioning"):
+                status = check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+                assert status == health_pb2.HealthCheckResponse.SERVING
+            assert decide_over(plaintext, ADMIN_KEY) == grpc.StatusCode.UNIMPLEMENTED
+            running.health.enter_graceful_shutdown()  # what SIGTERM does first
+            status = check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        running.stop(0)
+    with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as gone:
+        assert (
+            code_of(health_pb2_grpc.HealthStub(gone).Check, health_pb2.HealthCheckRequest())
+            == grpc.StatusCode.UNAVAILABLE
+        )
+
+
 def test_mutual_tls_needs_a_client_certificate(store, pki):
     ca = (pki / "ca.pem").read_bytes()
     with serving(store, tls_settings(pki, mutual=True)) as running:

@@ -35,6 +35,15 @@ class ServerSettings:
     metrics_port: int = _setting(
         "TACTFUL_METRICS_PORT", 9464, "Prometheus /metrics port (0 disables).", min=0, max=65535
     )
+    health_port: int = _setting(
+        "TACTFUL_HEALTH_PORT",
+        0,
+        "A second, plaintext gRPC port serving only the standard health service (no API, no "
+        "reflection, no key): for probes that cannot speak TLS, such as Kubernetes' native gRPC "
+        "probe, when TACTFUL_TLS_CERT_FILE is set. Same status as the main port. 0: none.",
+        min=0,
+        max=65535,
+    )
     workers: int = _setting(
         "TACTFUL_WORKERS",
         1,
@@ -534,6 +543,10 @@ def _consistency_errors(settings: Settings) -> list[str]:
         errors.append(
             "TACTFUL_GRPC_PORT=0 cannot be shared by TACTFUL_WORKERS > 1 processes (each would "
             "pick a port of its own): set a port"
+        )
+    if server.health_port and server.health_port in (server.grpc_port, server.metrics_port):
+        errors.append(
+            "TACTFUL_HEALTH_PORT must differ from TACTFUL_GRPC_PORT and TACTFUL_METRICS_PORT"
         )
     security = settings.security
     if security.auth_disabled and security.api_keys:

@@ -50,12 +50,36 @@ class Running:
     health: health.HealthServicer
     decider: Decider
     catalog: CatalogService
+    health_server: grpc.Server | None = None  # TACTFUL_HEALTH_PORT's, when set
+    health_port: int = 0
 
     def stop(self, grace: float) -> None:
         """Graceful: report NOT_SERVING first so balancers drain us, then let in-flight
-        RPCs finish within the grace period."""
+        RPCs finish within the grace period. The health port answers NOT_SERVING until then."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+
+
+def health_only_server(
+    settings: Settings, servicer: health.HealthServicer, *, port: int, reuse_port: bool
+) -> tuple[grpc.Server, int]:
+    """A plaintext server with the health service alone, sharing the main server's servicer
+    (so both ports report the same status): a probe that speaks no TLS can ask it, and it
+    carries nothing else, so no key or customer data ever crosses it in clear."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="health"),
+        options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+        maximum_concurrent_rpcs=16,  # a probe's load; a flood is refused, not queued
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{settings.server.host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"could not bind the health port {address}")
+    server.start()
+    return server, bound
 
 
 def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
@@ -76,9 +100,15 @@ def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def build_server(
-    settings: Settings, store: Store, *, port: int | None = None, reuse_port: bool = False
+    settings: Settings,
+    store: Store,
+    *,
+    port: int | None = None,
+    reuse_port: bool = False,
+    health_port: int | None = None,
 ) -> Running:
     """Create and start a server; ``port=0`` binds a free port (tests). Returns it running.
+    ``health_port`` (default TACTFUL_HEALTH_PORT; 0 none) adds the plaintext health port.
 
     ``reuse_port``: bind with SO_REUSEPORT, for the worker processes that share one port
     (TACTFUL_WORKERS > 1). Off otherwise, so a second server on a port in use fails to bind
@@ -140,7 +170,18 @@ def build_server(
     server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, health_servicer, decider, catalog)
+    running = Running(server, bound, health_servicer, decider, catalog)
+    plain_health = settings.server.health_port if health_port is None else health_port
+    if plain_health:
+        try:
+            running.health_server, running.health_port = health_only_server(
+                settings, health_servicer, port=plain_health, reuse_port=reuse_port
+            )
+        except RuntimeError:
+            server.stop(0)
+            raise
+        log.info("health service also on %s:%d (plaintext)", settings.server.host, plain_health)
+    return running
 
 
 def serve_until_signalled(running: Running, settings: Settings, stop: threading.Event) -> None:
