@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -88,15 +89,44 @@ def consume(redisdb):
     script = redisdb.register_script(CONSUME_CONTACTS_LUA)
 
     def run(offers, *, slots=1, daily=0, chcap=0, ucap=0, interruptive=True, gap=0, now=100.0,
-            day="0", channel="email", stale=()):  # fmt: skip
+            day="0", channel="email", stale=(), decision=None, request_id="",
+            full_reply=False):  # fmt: skip
+        decision = decision or uuid.uuid4().hex
         args = [day, now, channel, daily, chcap, int(interruptive), gap, 3600, slots]
-        args += [len(stale), *stale]
+        args += [decision, request_id, 600, len(stale), *stale]
         for offer_id, cap in offers:
             args += [offer_id, cap]
         redisdb.hset("profile", "max_per_day", ucap)
-        return script(keys=["contacts", "profile"], args=args)
+        reply = script(keys=["contacts", "profile", "requests"], args=args)
+        if full_reply:
+            return reply
+        assert reply[0] == "+"
+        return reply[1:]
 
     return run
+
+
+def test_the_same_decision_sent_again_gets_its_answer_and_counts_nothing_twice(
+    consume, redisdb
+):
+    """A round trip retried after its reply was lost (the connection broke on the way back)
+    sends the script again: same answer, counters unchanged."""
+    assert consume([("a", 0), ("b", 0)], slots=2, chcap=3, decision="d1") == ["a", "b"]
+    assert consume([("a", 0), ("b", 0)], slots=2, chcap=3, decision="d1") == ["a", "b"]
+    assert redisdb.hget("contacts", "0|email|") == "2"
+    assert consume([("c", 0)], chcap=3, decision="d2") == ["c"]  # another decision counts
+    assert redisdb.hget("contacts", "0|email|") == "3"
+
+
+def test_a_request_id_is_claimed_by_the_first_decision_only(consume, redisdb):
+    assert consume([("a", 0)], decision="d1", request_id="r1", now=100.0) == ["a"]
+    assert redisdb.hget("requests", "r1") == "d1|100.0"
+    taken = consume([("b", 0)], decision="d2", request_id="r1", now=101.0, full_reply=True)
+    assert taken == ["!", "d1"]
+    assert redisdb.hget("contacts", "0|email|") == "1"  # nothing counted for d2
+    # Past its TTL (600 s here) a request id is a new request.
+    assert consume([("b", 0)], decision="d3", request_id="r1", now=701.0) == ["b"]
+    assert redisdb.hget("requests", "r1") == "d3|701.0"
 
 
 def test_script_consumes_best_ranked_first_and_stops_at_a_cap(consume, redisdb):

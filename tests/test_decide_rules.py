@@ -394,3 +394,50 @@ def test_contacts_are_counted_even_after_redis_forgot_its_scripts(store, catalog
     from tactful import keys
 
     assert store.client.get(keys.DecisionKeys.of(first.decision_id).record) is not None
+
+
+@pytest.mark.both_stores
+@pytest.mark.parametrize("capped", [False, True], ids=["served", "held"])
+def test_concurrent_calls_with_one_new_request_id_make_one_decision_counted_once(
+    store, catalog, decisioning, profiles, capped
+):
+    """A page's retry racing its original (same new request_id, at once, on 8 threads):
+    every answer is the one decision, its contact is counted once, and no other decision is
+    left in the log to be learned from. The same when the answer is a hold."""
+    import threading
+
+    from tactful import keys
+
+    put(catalog, offer("a", channels=["email"], priority=0.9), offer("b", channels=["email"]))
+    users = [f"racer-{n}" for n in range(3)]
+    for user in users:
+        prefs(profiles, user=user, max_messages_per_day=1)
+        if capped:  # its one message of the day is spent: every answer is a FATIGUE_CAP hold
+            decide(decisioning, user=user, channel="email", slots=1)
+    for user in users:
+        barrier = threading.Barrier(8)
+        answers: list[d.DecideResponse] = []
+
+        def call(user: str = user, barrier: threading.Barrier = barrier, out=answers) -> None:
+            barrier.wait()
+            out.append(decide(decisioning, user, "email", slots=1, request_id="r-1"))
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len({answer.decision_id for answer in answers}) == 1, user
+        if capped:
+            assert all(a.hold_reason == d.HOLD_REASON_FATIGUE_CAP for a in answers)
+        else:
+            assert all(ids(answer) == ["a"] for answer in answers)
+        k = keys.UserKeys.of(user)
+        assert (
+            store.client.hget(
+                k.contacts, next(f for f in store.client.hkeys(k.contacts) if f.endswith("|email|"))
+            )
+            == "1"
+        )
+        assert store.client.scard(k.decisions) == 1 + capped
+    assert store.client.zcard(keys.AWAITING) == len(users)  # served decisions only

@@ -166,29 +166,60 @@ class ContactPolicy:
 #   "<day>|*|"  every channel   "<day>|!|"  interruptive channels   "<day>|<ch>|"  one channel
 #   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
 #   "last|<ch>"  when the channel was last used (for minimum gaps)
+#   "spent"  the last decision that consumed, and what: "<decision_id>\n<offer>\n<offer>..."
 # KEYS[1] contacts hash; KEYS[2] profile hash: the customer's own cap is read here, inside the
-# script, so a SetPreferences racing with Decides is honoured at once.
+# script, so a SetPreferences racing with Decides is honoured at once; KEYS[3] the user's
+# request ids hash (request_id -> "<decision_id>|<time>").
 # ARGV: day, now, channel, daily cap, channel cap, interruptive (1/0), gap seconds,
-#       counter TTL, slots wanted, n stale fields, stale fields..., then (offer_id, offer cap)
-#       pairs in the policy's order: the best-ranked offer wins the last unit of a cap.
-# Returns the offers consumed; an empty list when a cap or the gap left nothing.
+#       counter TTL, slots wanted, decision id, request id ('' for none), request id TTL,
+#       n stale fields, stale fields..., then (offer_id, offer cap) pairs in the policy's
+#       order: the best-ranked offer wins the last unit of a cap.
+# Returns {'+', offers consumed...} (no offer when a cap or the gap left nothing), or
+# {'!', decision_id} when the request id already belongs to another decision made within its
+# TTL: a concurrent Decide with the same request id won, and nothing is counted for this one.
+# Idempotent per decision: the same decision's write sent again (a retried round trip whose
+# reply was lost) gets the answer it got the first time, and counts nothing twice.
 CONSUME_CONTACTS_LUA = """
 local day, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local daily, chcap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ucap = tonumber(redis.call('HGET', KEYS[2], 'max_per_day') or '0')
 local interruptive, gap = ARGV[6] == '1', tonumber(ARGV[7])
-local ttl, want, n_stale = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
-for i = 11, 10 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local ttl, want = ARGV[8], tonumber(ARGV[9])
+local decision, rid, rttl = ARGV[10], ARGV[11], tonumber(ARGV[12])
+local n_stale = tonumber(ARGV[13])
+local spent = redis.call('HGET', KEYS[1], 'spent')
+if spent then
+  local parts = {}
+  for part in string.gmatch(spent, '[^\\n]+') do parts[#parts + 1] = part end
+  if parts[1] == decision then
+    parts[1] = '+'
+    return parts
+  end
+end
+if rid ~= '' then
+  local owner = redis.call('HGET', KEYS[3], rid)
+  if owner then
+    local bar = string.find(owner, '|', 1, true)
+    local owner_id = bar and string.sub(owner, 1, bar - 1) or owner
+    local made = bar and tonumber(string.sub(owner, bar + 1)) or nil
+    if owner_id ~= decision and (made == nil or now - made <= rttl) then
+      return {'!', owner_id}
+    end
+  end
+  redis.call('HSET', KEYS[3], rid, decision .. '|' .. ARGV[2])
+  redis.call('EXPIRE', KEYS[3], rttl)
+end
+for i = 14, 13 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if gap > 0 then
   local last = tonumber(redis.call('HGET', KEYS[1], 'last|' .. channel) or '0')
-  if now - last < gap then return {} end
+  if now - last < gap then return {'+'} end
 end
 local function count(field) return tonumber(redis.call('HGET', KEYS[1], field) or '0') end
 local f_all, f_int, f_ch = day .. '|*|', day .. '|!|', day .. '|' .. channel .. '|'
 local n_all, n_int, n_ch = count(f_all), count(f_int), count(f_ch)
-local chosen = {}
-for i = 11 + n_stale, #ARGV, 2 do
-  if #chosen >= want then break end
+local chosen = {'+'}
+for i = 14 + n_stale, #ARGV, 2 do
+  if #chosen > want then break end
   if (daily > 0 and n_all >= daily) or (chcap > 0 and n_ch >= chcap)
      or (interruptive and ucap > 0 and n_int >= ucap) then break end
   local offer, ocap = ARGV[i], tonumber(ARGV[i + 1])
@@ -206,8 +237,9 @@ for i = 11 + n_stale, #ARGV, 2 do
     chosen[#chosen + 1] = offer
   end
 end
-if #chosen > 0 then
+if #chosen > 1 then
   redis.call('HSET', KEYS[1], 'last|' .. channel, ARGV[2])
+  redis.call('HSET', KEYS[1], 'spent', decision .. '\\n' .. table.concat(chosen, '\\n', 2))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 return chosen

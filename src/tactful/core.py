@@ -68,7 +68,14 @@ from tactful.model import (
 )
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.settings import PolicySettings, SegmentSettings, Settings
-from tactful.store import ContactSpend, DecisionInputs, LoggedDecision, OutcomeStatus, Store
+from tactful.store import (
+    ContactSpend,
+    DecisionInputs,
+    LoggedDecision,
+    OutcomeStatus,
+    RequestTaken,
+    Store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,9 @@ def _always() -> bool:
 DAY_SECONDS = 86400
 CONTROL_MODEL = "priority"  # the model_version of control-arm answers
 FALLBACK_MODEL = "fallback-priority"
+# A request id taken by a concurrent Decide: how long to wait for the winner's record.
+REPLAY_WAIT_ATTEMPTS = 5
+REPLAY_WAIT_SECONDS = 0.002
 
 
 # Stored rules were accepted under the limits of their day; a later, stricter setting must not
@@ -430,9 +440,34 @@ class Decider:
             if not wanted():
                 metrics.ABANDONED_DECISIONS.inc()
                 raise Abandoned("the caller is gone: nothing logged, no contact counted")
-            decision = self._log_and_consume(req, draft, offers, now)
+            try:
+                decision = self._log_and_consume(req, draft, offers, now)
+            except RequestTaken as taken:
+                return self._replay_winner(req, taken.decision_id, decision, inputs, now)
         self._count(decision, req.channel)
         return decision
+
+    def _replay_winner(
+        self,
+        req: DecideRequest,
+        winner: str,
+        mine: Decision,
+        inputs: DecisionInputs,
+        now: float,
+    ) -> Decision:
+        """A concurrent Decide with this request_id was logged first (a retry racing its
+        original): answer what it answered, as any later replay would. Its record was
+        written in the same write as its claim, so it is there; on a Redis Cluster it lives
+        on another node and may land a moment later, hence the few short waits."""
+        for attempt in range(REPLAY_WAIT_ATTEMPTS):
+            with contextlib.suppress(Unavailable):
+                logged = self._store.get_logged_decision(decision_id=winner)
+                if logged is not None:
+                    return self._replay(req, decision_from_log(logged.payload), inputs, now)
+            if attempt + 1 < REPLAY_WAIT_ATTEMPTS:
+                time.sleep(REPLAY_WAIT_SECONDS)
+        # Nothing was counted or logged for this decision: it cannot be shown as made.
+        return replace(mine, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
 
     def _log_and_consume(
         self, req: DecideRequest, draft: Draft, offers: Mapping[str, Offer], now: float
@@ -457,6 +492,9 @@ class Decider:
                 ranked=[
                     (c.offer_id, offers[c.offer_id].max_per_user_per_day) for c in decision.choices
                 ],
+                decision_id=decision.decision_id,
+                request_id=req.request_id,
+                request_id_ttl_seconds=self._policy.request_id_ttl_seconds,
             )
         try:
             consumed = self._log(req, decision, draft, now, spend)

@@ -123,14 +123,35 @@ class ContactSpend:
     slots: int
     stale: Sequence[str]
     ranked: Sequence[tuple[str, int]]  # (offer_id, offer's own cap), best first
+    decision_id: str = ""  # what the spend is for: a resent write counts nothing twice
+    request_id: str = ""  # claimed by the script: "" for none
+    request_id_ttl_seconds: int = 0
 
     def args(self) -> list[Any]:
         out: list[Any] = [self.day, repr(self.now), self.channel, *self.caps]
         out += [int(self.interruptive), self.gap_seconds, COUNTERS_TTL_SECONDS, self.slots]
+        out += [self.decision_id, self.request_id, self.request_id_ttl_seconds]
         out += [len(self.stale), *self.stale]
         for offer_id, cap in self.ranked:
             out += [offer_id, cap]
         return out
+
+
+class RequestTaken(Exception):
+    """A concurrent Decide with the same request id was logged first: ``decision_id`` is the
+    decision that request id now stands for (this one was not logged and counted nothing)."""
+
+    def __init__(self, decision_id: str) -> None:
+        super().__init__(f"request id taken by decision {decision_id}")
+        self.decision_id = decision_id
+
+
+def _consumed(reply: Sequence[Any]) -> list[str]:
+    """The caps script's answer: the offers it counted, or RequestTaken."""
+    tag, *rest = (str(part) for part in reply)
+    if tag == "!":
+        raise RequestTaken(rest[0])
+    return rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,8 +706,10 @@ class RedisStore:
         (in the policy's order) that fit; see ``contact_policy.CONSUME_CONTACTS_LUA``."""
         k = keys.UserKeys.of(user_id)
         with self._guarded("consume_contacts"):
-            consumed = self._consume_contacts(keys=[k.contacts, k.profile], args=spend.args())
-        return [str(offer_id) for offer_id in consumed]
+            reply = self._consume_contacts(
+                keys=[k.contacts, k.profile, k.requests], args=spend.args()
+            )
+        return _consumed(reply)
 
     def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None:
         k = keys.UserKeys.of_digest(user_key)
@@ -709,7 +732,12 @@ class RedisStore:
         """Log the decision (its request id, when its reward window closes) and, with
         ``spend``, consume its contacts, all in ONE round trip: the caps script goes first in
         the same write, and its answer (the offers it counted) is returned. If a concurrent
-        Decide took the last unit, the caller logs again with what was kept."""
+        Decide took the last unit, the caller logs again with what was kept.
+
+        With ``spend``, the script also claims the request id, atomically with the counting:
+        if a concurrent Decide with the same request id claimed it first, this decision's
+        record is removed again and RequestTaken names the winner (whose answer the caller
+        replays), so one request id is one decision, counted once."""
         k = keys.UserKeys.of(user_id)
         record = _record_json(decision.payload)
         commands: list[tuple[Any, ...]] = [
@@ -721,11 +749,16 @@ class RedisStore:
                 self._decision_ttl,
             )
         ]
-        if request_id:
+        made_at = float(decision.payload.get("ts", 0.0))
+        claim = f"{decision.decision_id}|{made_at!r}"
+        claim_at = None
+        if request_id and spend is None:
             # With its time: a request id older than its TTL is a new request, even while the
-            # hash lives on (its EXPIRE is refreshed by every new request id).
-            made_at = decision.payload.get("ts", 0.0)
-            commands.append(("HSET", k.requests, request_id, f"{decision.decision_id}|{made_at}"))
+            # hash lives on (its EXPIRE is refreshed by every new request id). First come
+            # first served, as the caps script does it when there is a spend.
+            claim_at = len(commands)
+            commands.append(("HSETNX", k.requests, request_id, claim))
+            commands.append(("HGET", k.requests, request_id))
             commands.append(("EXPIRE", k.requests, self._request_ttl))
         if learn_after is not None:
             commands.append(("ZADD", keys.AWAITING, learn_after, decision.decision_id))
@@ -735,17 +768,52 @@ class RedisStore:
         if spend is not None:
             script = self._consume_contacts
             args = spend.args()
-            commands.insert(0, ("EVALSHA", script.sha, 2, k.contacts, k.profile, *args))
+            commands.insert(0, ("EVALSHA", script.sha, 3, k.contacts, k.profile, k.requests, *args))
+        try:
+            with self._guarded("log_decision"):
+                try:
+                    replies = self._round_trip(commands)
+                except redis.exceptions.NoScriptError:
+                    if spend is None:
+                        raise
+                    # Redis restarted or was flushed since redis-py cached the script: the
+                    # log went through; redis-py's Script loads the script and runs it.
+                    return self.consume_contacts(user_id=user_id, spend=spend)
+            if claim_at is not None and not replies[claim_at]:
+                self._check_claim(k.requests, request_id, replies[claim_at + 1], claim, made_at)
+            return None if spend is None else _consumed(replies[0])
+        except RequestTaken:
+            # The record, its reward window and its index entry went out in the same write:
+            # take them back, or the learner would learn a reward 0 for a decision never
+            # served. If Redis cannot be asked now, the reward window still closes on a
+            # decision nobody reports on: one zero reward, the cost of a lost race.
+            with contextlib.suppress(Unavailable):
+                self._forget_decision(user_id, decision.decision_id)
+            raise
+
+    def _check_claim(
+        self, requests_key: str, request_id: str, owner: str | None, claim: str, now: float
+    ) -> None:
+        """HSETNX found the request id taken: by this decision (a re-log), fine; by another
+        one made within the TTL, RequestTaken; by one older than that, it is a new request:
+        claimed now (the rare race of two new requests on a stale id, last one wins)."""
+        owner_id, _, made = (owner or "").partition("|")
+        if owner_id == claim.partition("|")[0]:
+            return
+        if owner and (not made or now - float(made) <= self._request_ttl):
+            raise RequestTaken(owner_id)
         with self._guarded("log_decision"):
-            try:
-                replies = self._round_trip(commands)
-            except redis.exceptions.NoScriptError:
-                if spend is None:
-                    raise
-                # Redis restarted or was flushed since redis-py cached the script: the log
-                # went through; redis-py's Script loads the script and runs it.
-                return self.consume_contacts(user_id=user_id, spend=spend)
-        return None if spend is None else [str(offer_id) for offer_id in replies[0]]
+            self.client.hset(requests_key, request_id, claim)
+
+    def _forget_decision(self, user_id: str, decision_id: str) -> None:
+        with self._guarded("log_decision"):
+            self._round_trip(
+                [
+                    ("DEL", keys.DecisionKeys.of(decision_id).record),
+                    ("ZREM", keys.AWAITING, decision_id),
+                    ("SREM", keys.UserKeys.of(user_id).decisions, decision_id),
+                ]
+            )
 
     def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None:
         with self._guarded("get_logged_decision"):
@@ -1395,6 +1463,8 @@ def _decode_profile(
     counters = []
     last_contacts = []
     for field, count in contacts.items():
+        if field == "spent":  # the caps script's note of its last decision, not a counter
+            continue
         window, _, rest = field.partition("|")
         if window == "last":  # "last|<channel>" -> when that channel was last used
             last_contacts.append((rest, float(count)))
