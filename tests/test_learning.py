@@ -5,6 +5,8 @@ marked ``both_stores`` on a Redis Cluster too)."""
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import math
 import time
 import zlib
@@ -183,11 +185,14 @@ sparse_vectors = st.builds(
     st.lists(st.tuples(sparse_vectors, st.floats(-5, 5, allow_nan=False)), max_size=40),
     st.floats(1.0, 4.0),
     st.floats(0.0, 1e9, allow_nan=False),
+    st.floats(0.0, 100.0),
+    st.lists(st.floats(0.0, 1e6), min_size=N_DENSE, max_size=N_DENSE),
 )
-def test_explicit_outranks_inferred_after_any_updates(updates, kappa, strength):
+def test_explicit_outranks_inferred_after_any_updates(updates, kappa, strength, bonus, foreign):
     """Whatever rewards the learner sees (adversarial ones included), the published model
     scores an explicitly liked offer above one with an inferred signal of any strength when
-    all else is equal."""
+    all else is equal, with any exploration bonus: the learner's own variances, or any a
+    foreign snapshot carries for the dense weights, once a server has loaded it."""
     learner = RidgeLearner(SPACE, l2=1.0, kappa=kappa)
     for x, reward in updates:
         learner.update(x, reward)
@@ -199,6 +204,17 @@ def test_explicit_outranks_inferred_after_any_updates(updates, kappa, strength):
     inferred = SPACE.featurize(ctx, o, UserEvidence(False, strength / (1 + strength), 0))
     scores = dot_many(theta, [liked, inferred])
     assert scores[0] > scores[1]
+    squashed = strength / (1 + strength)
+    batch = SPACE.featurize_many(ctx, [o, o], [True, False], [0.0, squashed], 0)
+    tampered = learner.variance()
+    tampered[:N_DENSE] = foreign  # large variances on the explicit and inferred weights
+    for variance in (learner.variance(), tampered):
+        published = LinearModel("v", theta, SPACE.layout, learner.updates, variance)
+        served = LinearModel.from_bytes(published.to_bytes(), SPACE)
+        with_bonus = served.scores(batch, bonus)
+        assert with_bonus[0] > with_bonus[1]
+        spread = batch.spread(served.variance)
+        assert spread[0] == spread[1]  # the same bonus: only the evidence differs
 
 
 def test_rank_one_updates_equal_the_ridge_solution():
@@ -226,6 +242,106 @@ def test_projection_keeps_everything_else():
     mask = np.ones(SPACE.dim, bool)
     mask[[EXPLICIT_LIKE, INFERRED_INTEREST]] = False
     assert np.array_equal(out[mask], theta[mask])
+
+
+def test_the_learner_keeps_diag_a_and_publishes_its_inverse():
+    rng = np.random.default_rng(5)
+    learner = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
+    a = np.eye(SPACE.dim) * 2.0
+    for _ in range(30):
+        idx = rng.choice(SPACE.dim, size=6, replace=False)
+        idx[0] = idx[1]  # a hashed collision: the values add up in x
+        x = SparseVector(tuple(int(i) for i in idx), tuple(rng.normal(size=6)))
+        learner.update(x, float(rng.random()))
+        dense = np.zeros(SPACE.dim)
+        np.add.at(dense, list(x.indices), list(x.values))
+        a += np.outer(dense, dense)
+    assert np.allclose(learner.precision, np.diagonal(a))
+    expected = 1.0 / np.diagonal(a)
+    expected[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0
+    assert np.allclose(learner.variance(), expected)
+    # A checkpoint keeps it; one saved before it was kept recovers it from A^-1, once.
+    restored = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
+    restored.restore(learner.to_bytes())
+    assert np.array_equal(restored.precision, learner.precision)
+    buffer = io.BytesIO()
+    np.savez(buffer, a_inv=learner.a_inv, b=learner.b, updates=np.array(learner.updates))
+    old = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
+    old.restore(buffer.getvalue())
+    assert np.allclose(old.precision, learner.precision)
+    assert old.updates == learner.updates
+
+
+def test_the_bonus_is_the_spread_of_each_vector_times_the_setting():
+    ctx = RequestContext("web", "home", 14, (("device", "mobile"),), (("cart", 42.0),))
+    offers = [Offer(f"o{i}", "t", ("running", f"t{i}"), ("web",), i / 10) for i in range(5)]
+    batch = SPACE.featurize_many(ctx, offers, [True, False] * 2 + [True], [0.3] * 5, 2)
+    rng = np.random.default_rng(9)
+    theta, variance = rng.normal(size=SPACE.dim), rng.random(SPACE.dim)
+    model = LinearModel("v", theta, SPACE.layout, 10, variance)
+    predicted = batch.dot(theta)
+    spread = np.array(
+        [
+            math.sqrt(sum(v * v * variance[i] for i, v in zip(x.indices, x.values, strict=True)))
+            for x in (batch.vector(k) for k in range(len(batch)))
+        ]
+    )
+    assert np.allclose(batch.spread(variance), spread)
+    assert np.allclose(model.scores(batch, 0.5), predicted + 0.5 * spread)
+    assert np.array_equal(model.scores(batch, 0.0), predicted)  # 0 disables it
+    no_variance = LinearModel("v", theta, SPACE.layout, 10)  # the prior, an old snapshot
+    assert np.array_equal(no_variance.scores(batch, 0.5), predicted)
+
+
+def old_snapshot(theta: np.ndarray, **extra: object) -> bytes:
+    """A snapshot as servers published them before the variance existed (``extra``: more
+    header fields)."""
+    buffer = io.BytesIO()
+    header = json.dumps({"version": "ridge-1", "layout": SPACE.layout, "updates": 3, **extra})
+    buffer.write(len(header).to_bytes(4, "big") + header.encode())
+    np.save(buffer, theta, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_a_snapshot_carries_the_variance_and_an_old_one_still_loads():
+    theta = prior_theta(SPACE.dim)
+    variance = np.linspace(0.0, 2.0, SPACE.dim)
+    loaded = LinearModel.from_bytes(
+        LinearModel("ridge-2", theta, SPACE.layout, 7, variance).to_bytes(), SPACE
+    )
+    assert loaded.variance is not None and loaded.updates == 7
+    expected = variance.copy()
+    expected[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0  # whatever the writer sent
+    assert np.array_equal(loaded.variance, expected)
+    old = LinearModel.from_bytes(old_snapshot(theta), SPACE)
+    assert old.variance is None and old.version == "ridge-1" and old.updates == 3
+    assert np.array_equal(old.theta, theta)
+
+
+def bad_variance_snapshots() -> list[bytes]:
+    theta = prior_theta(SPACE.dim)
+    good = np.full(SPACE.dim, 0.5)
+    out = []
+    for variance in (
+        np.full(7, 0.5),  # wrong size
+        np.full((SPACE.dim, 2), 0.5),  # wrong shape
+        good.astype(np.float32),  # wrong dtype
+        np.where(np.arange(SPACE.dim) == 9, np.nan, good),
+        np.where(np.arange(SPACE.dim) == 9, np.inf, good),
+        np.where(np.arange(SPACE.dim) == 9, -1e-3, good),  # a variance is never negative
+    ):
+        out.append(LinearModel("ridge-v", theta, SPACE.layout, 1, variance).to_bytes())
+    # The header promises a variance the snapshot does not hold.
+    promised = LinearModel("ridge-w", theta, SPACE.layout, 1, good).to_bytes()
+    out.append(old_snapshot(theta, variance=True))
+    out.append(promised[: len(promised) - 40])  # cut short
+    return out
+
+
+@pytest.mark.parametrize("raw", bad_variance_snapshots())
+def test_a_snapshot_with_an_unusable_variance_is_refused(raw):
+    with pytest.raises(SnapshotError):
+        LinearModel.from_bytes(raw, SPACE)
 
 
 # --- exploration --------------------------------------------------------------------------
@@ -276,11 +392,22 @@ def test_slot_frequencies_match_propensities_seeded():
     assert chi_square(counts, probs * n) < CHI2_999[4]
 
 
-def test_served_propensities_match_observed_choices(catalog, decisioning):
+@pytest.mark.parametrize("variance", [False, True], ids=["prior", "with-bonus"])
+def test_served_propensities_match_observed_choices(catalog, decisioning, models, variance):
     """Through the real server: the first slot's choice over many decisions follows the
-    propensities the responses report."""
+    propensities the responses report; with a model that carries variances too, whose
+    bonus (TACTFUL_EXPLORATION_BONUS, on by default) reorders the offers."""
     for i, priority in enumerate([0.9, 0.88, 0.85, 0.8]):
         catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer(f"o{i}", priority=priority)))
+    if variance:
+        spread = np.random.default_rng(11).random(SPACE.dim) * 0.05
+        models.publish(
+            lambda v: LinearModel(
+                f"ridge-{v}", prior_theta(SPACE.dim), SPACE.layout, 1, spread
+            ).to_bytes(),
+            keep=2,
+            now=time.time(),
+        )
     n = 1500
     counts: dict[str, int] = {}
     reported: dict[str, float] = {}
@@ -297,6 +424,7 @@ def test_served_propensities_match_observed_choices(catalog, decisioning):
     observed = np.array([counts[i] for i in ids], dtype=float)
     expected = np.array([reported[i] for i in ids]) * n
     assert chi_square(observed, expected) < CHI2_999[len(ids) - 1]
+    assert response.model_version == ("ridge-1" if variance else "prior")
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -469,11 +597,12 @@ def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
         b"not a snapshot",
         LinearModel("ridge-x", np.zeros(7), SPACE.layout).to_bytes(),  # wrong size
         LinearModel("ridge-y", prior_theta(SPACE.dim), "other-layout/9").to_bytes(),
+        *bad_variance_snapshots()[:1],  # a variance of the wrong size
     ):
         models.publish(lambda v, p=payload: p, keep=5, now=time.time())
         response = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
         assert response.model_version == f"ridge-{good}"
-    assert metrics.MODEL_REJECTED._value.get() == rejected + 3
+    assert metrics.MODEL_REJECTED._value.get() == rejected + 4
 
 
 class VersionedModels:

@@ -37,6 +37,7 @@ from tactful.features import (
     EXPLICIT_LIKE,
     INFERRED_INTEREST,
     PRIORITY,
+    FeatureBatch,
     FeatureSpace,
     FloatArray,
     SparseVector,
@@ -71,14 +72,25 @@ def project(theta: FloatArray, kappa: float) -> FloatArray:
     return out
 
 
+def evidence_free(variance: FloatArray) -> FloatArray:
+    """The variances with those of the explicit-like and inferred-interest weights set to 0,
+    so the bonus never depends on them (see the guarantee in the module doc)."""
+    out = variance.copy()
+    out[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0
+    return out
+
+
 @dataclass(frozen=True)
 class LinearModel:
-    """What a server needs to decide: a published, projected theta and its version."""
+    """What a server needs to decide: a published, projected theta, the variance of each
+    weight (``diag(A^-1)`` without the explicit and inferred ones; None in the prior and in
+    snapshots published before it existed: no bonus), and its version."""
 
     version: str
     theta: FloatArray
     layout: str
     updates: int = 0  # rewards learned: exploration narrows as evidence grows
+    variance: FloatArray | None = None
 
     def gamma(self, floor: float, scale: float) -> float:
         """The IGW gamma for this model: ``max(floor, scale * sqrt(updates))``. SquareCB's
@@ -86,13 +98,30 @@ class LinearModel:
         from exploring almost uniformly (its prior is already a sensible rule)."""
         return max(floor, scale * math.sqrt(self.updates))
 
+    def scores(self, batch: FeatureBatch, bonus: float) -> FloatArray:
+        """The policy's score of each vector of ``batch``: the predicted reward ``theta . x``
+        plus ``bonus`` times its spread ``sqrt(sum_i x_i^2 variance_i)`` (optimism in the
+        face of uncertainty); the predicted reward alone without a bonus or a variance."""
+        predicted = batch.dot(self.theta)
+        if bonus <= 0 or self.variance is None:
+            return predicted
+        out: FloatArray = predicted + bonus * batch.spread(self.variance)
+        return out
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         header = json.dumps(
-            {"version": self.version, "layout": self.layout, "updates": self.updates}
+            {
+                "version": self.version,
+                "layout": self.layout,
+                "updates": self.updates,
+                "variance": self.variance is not None,
+            }
         ).encode()
         buffer.write(len(header).to_bytes(4, "big") + header)
         np.save(buffer, self.theta, allow_pickle=False)
+        if self.variance is not None:
+            np.save(buffer, self.variance, allow_pickle=False)
         return buffer.getvalue()
 
     @classmethod
@@ -100,7 +129,10 @@ class LinearModel:
         try:
             size = int.from_bytes(raw[:4], "big")
             header = json.loads(raw[4 : 4 + size])
-            theta = np.load(io.BytesIO(raw[4 + size :]), allow_pickle=False)
+            body = io.BytesIO(raw[4 + size :])
+            theta = np.load(body, allow_pickle=False)
+            # A snapshot from before the variance was published has none: no bonus.
+            variance = np.load(body, allow_pickle=False) if header.get("variance") else None
             version, updates = str(header["version"]), int(header.get("updates", 0))
         except (ValueError, OSError, EOFError, TypeError, KeyError, AttributeError) as exc:
             raise SnapshotError(f"corrupt model snapshot: {exc!r}") from exc
@@ -111,11 +143,21 @@ class LinearModel:
             )
         if theta.dtype != np.float64 or not np.all(np.isfinite(theta)):
             raise SnapshotError("model snapshot holds non-finite weights")
-        return cls(version, theta, space.layout, updates)
+        if variance is not None:
+            if variance.shape != (space.dim,) or variance.dtype != np.float64:
+                raise SnapshotError(
+                    f"model snapshot variance {variance.dtype} {variance.shape}, "
+                    f"this server uses float64 ({space.dim},)"
+                )
+            if not np.all(np.isfinite(variance)) or np.any(variance < 0):
+                raise SnapshotError("model snapshot holds negative or non-finite variances")
+            # Whoever wrote it, the bonus never reads the explicit or inferred weights.
+            variance = evidence_free(variance)
+        return cls(version, theta, space.layout, updates, variance)
 
 
 class RidgeLearner:
-    """Online ridge regression with rank-one updates of A^-1."""
+    """Online ridge regression with rank-one updates of A^-1, and the diagonal of A."""
 
     def __init__(self, space: FeatureSpace, *, l2: float, kappa: float) -> None:
         self.space = space
@@ -123,6 +165,7 @@ class RidgeLearner:
         self.l2 = l2
         self.a_inv = np.eye(space.dim) / l2
         self.b = prior_theta(space.dim) * l2  # so that A^-1 b starts at the prior
+        self.precision = np.full(space.dim, float(l2))  # diag(A) = l2 + sum x_i^2
         self.updates = 0
 
     def update(self, x: SparseVector, reward: float) -> None:
@@ -135,23 +178,47 @@ class RidgeLearner:
         denominator = 1.0 + float(vals @ u[idx])
         self.a_inv -= np.outer(u, u) / denominator
         self.b[idx] += reward * vals
+        self.precision[idx] += vals * vals
         self.updates += 1
 
     def theta(self) -> FloatArray:
         raw: FloatArray = self.a_inv @ self.b
         return project(raw, self.kappa)
 
+    def variance(self) -> FloatArray:
+        """``1 / diag(A)``: each weight's variance in a diagonal posterior (up to the noise
+        scale), without the explicit and inferred ones. O(d), what a snapshot carries instead
+        of the d x d ``A^-1`` (see the module doc for why not ``diag(A^-1)``)."""
+        return evidence_free(1.0 / self.precision)
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
-        np.savez(buffer, a_inv=self.a_inv, b=self.b, updates=np.array(self.updates))
+        np.savez(
+            buffer,
+            a_inv=self.a_inv,
+            b=self.b,
+            precision=self.precision,
+            updates=np.array(self.updates),
+        )
         return buffer.getvalue()
 
     def restore(self, raw: bytes) -> None:
         with np.load(io.BytesIO(raw), allow_pickle=False) as data:
             a_inv, b = data["a_inv"], data["b"]
-            if a_inv.shape != (self.space.dim, self.space.dim) or b.shape != (self.space.dim,):
+            dim = self.space.dim
+            if a_inv.shape != (dim, dim) or b.shape != (dim,):
                 raise SnapshotError("learner state built for another feature layout")
+            if "precision" in data.files:
+                precision = data["precision"]
+                if precision.shape != (dim,) or not np.all(np.isfinite(precision)):
+                    raise SnapshotError("learner state holds an unusable precision")
+            else:
+                # Saved before diag(A) was kept: recovered once, when the learner starts (off
+                # the request path), so what was learned before does not count as unexplored.
+                precision = np.diagonal(np.linalg.inv(a_inv)).copy()
+            precision = np.maximum(precision, self.l2)  # diag(A) >= l2, whatever rounding did
             self.a_inv, self.b, self.updates = a_inv, b, int(data["updates"])
+            self.precision = precision
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,14 +154,14 @@ class Learner:
         now = self.clock()
         if not force and (now - self._last_publish) * 1000 < self.settings.publish_interval_ms:
             return None
-        theta = self.ridge.theta()
-        if not np.all(np.isfinite(theta)):
+        theta, variance = self.ridge.theta(), self.ridge.variance()
+        if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(variance))):
             # Servers would refuse it anyway; say so here, where it can be fixed.
             log.error("learner state went non-finite: not publishing (restore a checkpoint)")
             return None
         version = self.models.publish(
             lambda v: LinearModel(
-                f"ridge-{v}", theta, self.space.layout, self.ridge.updates
+                f"ridge-{v}", theta, self.space.layout, self.ridge.updates, variance
             ).to_bytes(),
             keep=self.settings.keep_versions,
             now=now,
