@@ -11,6 +11,7 @@ def test_defaults_are_valid():
     settings = Settings.from_env({})
     assert settings.server.grpc_port == 50051
     assert settings.privacy.pseudonym_key  # a random one when none is set
+    assert Settings.from_env({"TACTFUL_EXPLORATION_BONUS": "0"}).learning.exploration_bonus == 0
 
 
 @pytest.mark.parametrize(
@@ -27,6 +28,8 @@ def test_defaults_are_valid():
         ({"TACTFUL_WORKERS": "0"}, "TACTFUL_WORKERS"),
         ({"TACTFUL_REDIS_URL": "unix+cluster:///tmp/r.sock"}, "TACTFUL_REDIS_URL"),
         ({"TACTFUL_REDIS_URL": "localhost:6379"}, "TACTFUL_REDIS_URL"),
+        ({"TACTFUL_EXPLORATION_BONUS": "-0.1"}, "TACTFUL_EXPLORATION_BONUS"),
+        ({"TACTFUL_EXPLORATION_BONUS": "nan"}, "TACTFUL_EXPLORATION_BONUS"),
     ],
 )  # fmt: skip
 def test_inconsistent_or_malformed_settings_are_refused(env, named):

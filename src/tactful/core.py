@@ -675,19 +675,21 @@ class Decider:
             contacts_today=contacts_today,
             segments=book.features(member_ids, self._max_feature_segments) if book else (),
         )
-        predicted = batch.dot(model.theta)
+        # The policy's scores: predicted reward plus the optimism bonus (bandit.py); the
+        # propensities are computed from these very numbers, so they stay exact.
+        scores = model.scores(batch, self._learning.exploration_bonus)
         picks = pick_slate(
-            predicted,
+            scores,
             slots,
             model.gamma(self._learning.exploration_gamma, self._learning.exploration_gamma_scale),
             self._rng(req, decision_id),
         )
         # Choices are listed best score first, whatever order the slots were drawn in.
-        picks.sort(key=lambda pick: (-predicted[pick.index], eligible[pick.index].offer_id))
+        picks.sort(key=lambda pick: (-scores[pick.index], eligible[pick.index].offer_id))
         choices = tuple(
             Choice(
                 eligible[pick.index].offer_id,
-                float(predicted[pick.index]),
+                float(scores[pick.index]),
                 pick.propensity,
                 _with_segment(
                     book,
@@ -706,7 +708,7 @@ class Decider:
         # a choice's propensity is conditional on earlier picks; see bandit.py).
         candidates = {
             "ids": [o.offer_id for o in eligible],
-            "scores": predicted.round(6).tolist(),
+            "scores": scores.round(6).tolist(),
             "priorities": [o.priority for o in eligible],
             "liked": [int(flag) for flag in liked_flags],
             "slots": len(picks),

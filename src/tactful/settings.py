@@ -267,6 +267,16 @@ class LearningSettings:
         "exploration narrows as evidence grows (0: fixed gamma).",
         min=0.0,
     )
+    exploration_bonus: float = _setting(
+        "TACTFUL_EXPLORATION_BONUS",
+        0.4,
+        "Optimism added to each offer's predicted reward before inverse gap weighting: this "
+        "times the model's uncertainty about the offer, sqrt(sum of x_i^2 / A_ii) over its "
+        "features (A_ii: ridge prior plus the sum of the feature's squared values learned; "
+        "the explicit-like and inferred-interest features are left out), so offers the model "
+        "knows little about are tried sooner (0: no bonus).",
+        min=0.0,
+    )
     kappa: float = _setting(
         "TACTFUL_EXPLICIT_KAPPA",
         1.0,
