@@ -110,6 +110,7 @@ RPC_TIMEOUT_S = 5.0
 NOTHING = -1  # a policy's choice when what it showed is not eligible: no reward
 DRAIN_TIMEOUT_S = 15.0
 DEFAULT_GAMMA = LearningSettings().exploration_gamma
+DEFAULT_BONUS = LearningSettings().exploration_bonus
 
 
 # --- rounds ---------------------------------------------------------------------------------
@@ -869,16 +870,31 @@ def horizons(names: Sequence[str], runs: list[SeedRun], rounds: int) -> list[str
 
 def run(args: argparse.Namespace) -> int:
     gammas = [float(g) for g in args.gammas.split(",")] if args.gammas else [DEFAULT_GAMMA]
+    bonuses = [float(b) for b in args.bonuses.split(",")] if args.bonuses else [DEFAULT_BONUS]
     feature_sets = args.feature_sets.split(",")
+    common: dict[str, str] = {}
+    for assignment in args.set:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.startswith("TACTFUL_"):
+            progress(f"--set {assignment!r}: expected TACTFUL_<NAME>=<value>")
+            return 2
+        common[key] = value
     variants: list[tuple[str, dict[str, str]]] = []
     for gamma in gammas:
-        for feature_set in feature_sets:
-            env = {"TACTFUL_EXPLORATION_GAMMA": repr(gamma), "TACTFUL_FEATURE_SET": feature_set}
-            if args.hash_bits:
-                env["TACTFUL_FEATURE_HASH_BITS"] = str(args.hash_bits)
-            name = "tactful" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
-            name += f" {feature_set}" if len(feature_sets) > 1 else ""
-            variants.append((name, env))
+        for bonus in bonuses:
+            for feature_set in feature_sets:
+                env = {
+                    **common,
+                    "TACTFUL_EXPLORATION_GAMMA": repr(gamma),
+                    "TACTFUL_EXPLORATION_BONUS": repr(bonus),
+                    "TACTFUL_FEATURE_SET": feature_set,
+                }
+                if args.hash_bits:
+                    env["TACTFUL_FEATURE_HASH_BITS"] = str(args.hash_bits)
+                name = "tactful" + (f" gamma={gamma:g}" if len(gammas) > 1 else "")
+                name += f" bonus={bonus:g}" if len(bonuses) > 1 else ""
+                name += f" {feature_set}" if len(feature_sets) > 1 else ""
+                variants.append((name, env))
     # The coldstart scenario runs each variant twice: learning from segment memberships, and
     # with TACTFUL_SEGMENT_MAX_FEATURES=0 (the same segments target, nothing is learned). It
     # measures learning, not latency: a 1 s Redis timeout keeps a busy machine from turning
@@ -983,6 +999,20 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help=f"comma-separated exploration gammas, one tactful server each "
         f"(default: the setting's default, {DEFAULT_GAMMA:g})",
+    )
+    parser.add_argument(
+        "--bonuses",
+        default="",
+        help=f"comma-separated exploration bonuses (TACTFUL_EXPLORATION_BONUS), one tactful "
+        f"server each (default: the setting's default, {DEFAULT_BONUS:g}; 0: no bonus)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TACTFUL_NAME=VALUE",
+        help="a setting for every tactful server (repeatable), e.g. "
+        "--set TACTFUL_EXPLORATION_GAMMA_SCALE=50",
     )
     parser.add_argument("--hash-bits", type=int, default=0, help="TACTFUL_FEATURE_HASH_BITS")
     parser.add_argument(
