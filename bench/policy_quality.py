@@ -54,9 +54,11 @@ probability of the chosen offers, mean ± sd over seeds; for tactful also how of
 explored, and its learner lag (``tactful_learner_lag_seconds`` from /metrics).
 
     .venv/bin/python bench/policy_quality.py [--seeds 3] [--rounds 4000] [--gammas 200,1000]
+        [--bonuses 0,0.4] [--set TACTFUL_EXPLORATION_GAMMA_SCALE=20]
 
 The defaults (both scenarios, 3 seeds, 4000 rounds, one tactful server) take about 2 minutes
-on a 2-core machine; each extra gamma adds about a minute.
+on a 2-core machine; each extra gamma or bonus adds about a minute. ``--set`` passes a
+setting to every tactful server (the bench gives them none of its own environment's).
 
     .venv/bin/python bench/policy_quality.py --scenarios coldstart [--newcomers 600] [--first-k 3]
 

@@ -262,7 +262,7 @@ class LearningSettings:
     )
     exploration_gamma_scale: float = _setting(
         "TACTFUL_EXPLORATION_GAMMA_SCALE",
-        20.0,
+        50.0,
         "Gamma grows as scale x sqrt(rewards learned) once that passes the least gamma, so "
         "exploration narrows as evidence grows (0: fixed gamma).",
         min=0.0,
