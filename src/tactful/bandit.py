@@ -120,11 +120,15 @@ class LinearModel:
         from exploring almost uniformly (its prior is already a sensible rule)."""
         return max(floor, scale * math.sqrt(self.updates))
 
-    def scores(self, batch: FeatureBatch, bonus: float) -> FloatArray:
+    def scores(
+        self, batch: FeatureBatch, bonus: float, predicted: FloatArray | None = None
+    ) -> FloatArray:
         """The policy's score of each vector of ``batch``: the predicted reward ``theta . x``
-        plus ``bonus`` times its spread ``sqrt(sum_i x_i^2 variance_i)`` (optimism in the
-        face of uncertainty); the predicted reward alone without a bonus or a variance."""
-        predicted = batch.dot(self.theta)
+        (``predicted``, when the caller has it already) plus ``bonus`` times its spread
+        ``sqrt(sum_i x_i^2 variance_i)`` (optimism in the face of uncertainty); the
+        predicted reward alone without a bonus or a variance."""
+        if predicted is None:
+            predicted = batch.dot(self.theta)
         if bonus <= 0 or self.variance is None:
             return predicted
         out: FloatArray = predicted + bonus * batch.spread(self.variance)

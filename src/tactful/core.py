@@ -677,7 +677,8 @@ class Decider:
         )
         # The policy's scores: predicted reward plus the optimism bonus (bandit.py); the
         # propensities are computed from these very numbers, so they stay exact.
-        scores = model.scores(batch, self._learning.exploration_bonus)
+        predicted = batch.dot(model.theta)
+        scores = model.scores(batch, self._learning.exploration_bonus, predicted)
         picks = pick_slate(
             scores,
             slots,
@@ -702,13 +703,14 @@ class Decider:
         )
         features = {eligible[p.index].offer_id: batch.vector(p.index) for p in picks}
         # What an off-policy estimate needs to replay another policy on this request: every
-        # offer the draw was made from, with the model's score, the business priority and
-        # whether the user explicitly likes it (parallel lists, ~50 entries: a few hundred
-        # bytes, no per-offer objects), and how many slots were drawn (with more than one,
-        # a choice's propensity is conditional on earlier picks; see bandit.py).
+        # offer the draw was made from, with the model's predicted reward (without the bonus
+        # the draw added: "greedy on the current model" ranks by the estimate), the business
+        # priority and whether the user explicitly likes it (parallel lists, ~50 entries: a
+        # few hundred bytes, no per-offer objects), and how many slots were drawn (with more
+        # than one, a choice's propensity is conditional on earlier picks; see bandit.py).
         candidates = {
             "ids": [o.offer_id for o in eligible],
-            "scores": scores.round(6).tolist(),
+            "scores": predicted.round(6).tolist(),
             "priorities": [o.priority for o in eligible],
             "liked": [int(flag) for flag in liked_flags],
             "slots": len(picks),
