@@ -407,6 +407,8 @@ class Decider:
         self._clock = clock
         seed = settings.learning.seed
         self._seed = secrets.randbits(63) if seed < 0 else seed
+        self._seed_key = self._seed.to_bytes(8, "big")
+        self._thread_rng = threading.local()  # one generator per serving thread (see _rng)
         self._contacts = ContactPolicy(settings.contact)
         self._recent = RecentRules()
         self._known_channels = frozenset(
@@ -722,10 +724,23 @@ class Decider:
         """A generator seeded by (process seed, user, request_id or decision_id), as VW's
         explore library seeds from the event id: the same request with the same inputs draws
         the same slate (reproducible tests and replays), different requests, and different
-        users reusing a request id, draw independently; no lock is shared between threads."""
+        users reusing a request id, draw independently; no lock is shared between threads.
+
+        The 128-bit state comes from BLAKE2b keyed with the process seed, and is set on this
+        thread's own PCG64: a fresh ``default_rng`` per Decide spent 15 µs in SeedSequence
+        (5% of a Decide's CPU); setting the state costs 2."""
         key = f"{req.user_id}\x00{req.request_id or decision_id}".encode("utf-8", "surrogatepass")
-        entropy = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
-        return np.random.default_rng([self._seed, entropy])
+        digest = hashlib.blake2b(key, digest_size=16, key=self._seed_key).digest()
+        generator: np.random.Generator | None = getattr(self._thread_rng, "generator", None)
+        if generator is None:
+            generator = self._thread_rng.generator = np.random.Generator(np.random.PCG64(0))
+        generator.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(digest, "big"), "inc": 1},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return generator
 
     def _decayed(self, signals: Sequence[Signal], now: float) -> dict[str, float]:
         return {s.topic: decay(s, now, self._half_life) for s in signals}
