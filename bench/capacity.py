@@ -71,6 +71,8 @@ TARGET_RPS = 1000
 TARGET_P99_MS = 8.0
 TARGET_P999_MS = 20.0
 TARGET_PEAK_SHARE = 0.40
+TARGET_SCALE_RPS = 2000  # with 2 processes, before p99 passes TARGET_SCALE_P99_MS
+TARGET_SCALE_P99_MS = 25.0
 DECIDE_METHOD = "/tactful.v1.Decisioning/Decide"
 QUANTILES = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
 CHANNELS = 8
@@ -258,41 +260,53 @@ def peak(steps: list[Step]) -> float:
     return max((s.achieved for s in steps if s.quantile(99) <= DEADLINE_S * 1e3), default=0.0)
 
 
-def verdict(echo: list[Step], tactful: list[Step], more: dict[int, list[Step]]) -> list[str]:
+def verdict(echo: list[Step], by_workers: dict[int, list[Step]]) -> list[str]:
+    """The issue's targets, each with MET / NOT MET: p99 and p99.9 at 1,000 rps (every
+    tactful row), the sustained peak against echo's (the best tactful row), and the rate two
+    processes reach before their p99 passes 25 ms."""
     lines = []
-    at = [s for s in tactful if s.offered == TARGET_RPS]
-    if at:
-        s = at[0]
-        p99, p999 = s.quantile(99), s.quantile(99.9)
+    for workers, steps in by_workers.items():
+        name = "tactful" if workers == 1 else f"tactful x{workers}"
+        at = [s for s in steps if s.offered == TARGET_RPS]
+        if not at:
+            lines.append(f"{name} at {TARGET_RPS} rps: not measured (add it to --rates)")
+            continue
+        p99, p999 = at[0].quantile(99), at[0].quantile(99.9)
         ok = p99 <= TARGET_P99_MS and p999 <= TARGET_P999_MS
         lines.append(
-            f"target at {TARGET_RPS} rps: Decide p99 {fmt(p99)} ms <= {TARGET_P99_MS:g}, "
+            f"{name} at {TARGET_RPS} rps: Decide p99 {fmt(p99)} ms <= {TARGET_P99_MS:g}, "
             f"p99.9 {fmt(p999)} ms <= {TARGET_P999_MS:g}: {'MET' if ok else 'NOT MET'}"
         )
-    else:
-        lines.append(f"target at {TARGET_RPS} rps: not measured (add it to --rates)")
 
-    echo_peak, tactful_peak = peak(echo), peak(tactful)
-    share = tactful_peak / echo_peak if echo_peak else 0.0
+    echo_peak = peak(echo)
+    peaks = {workers: peak(steps) for workers, steps in by_workers.items()}
+    best_workers = max(peaks, key=lambda w: peaks[w], default=1)
+    best = peaks.get(best_workers, 0.0)
+    share = best / echo_peak if echo_peak else 0.0
     raw_echo = max((s.achieved for s in echo), default=0.0)
-    raw_tactful = max((s.achieved for s in tactful), default=0.0)
     lines.append(
-        f"sustained peak (p99 within the deadline): echo {echo_peak:.0f} rps, tactful "
-        f"{tactful_peak:.0f} rps = {share:.0%} of echo (target >= {TARGET_PEAK_SHARE:.0%}): "
-        f"{'MET' if share >= TARGET_PEAK_SHARE else 'NOT MET'}; most OK answers at any step: "
-        f"echo {raw_echo:.0f}/s, tactful {raw_tactful:.0f}/s"
+        f"sustained peak (p99 within the deadline): echo {echo_peak:.0f} rps; tactful "
+        + ", ".join(f"{peaks[w]:.0f} rps with {w} process{'es' if w > 1 else ''}" for w in peaks)
+        + f"; best = {share:.0%} of echo (target >= {TARGET_PEAK_SHARE:.0%}): "
+        f"{'MET' if share >= TARGET_PEAK_SHARE else 'NOT MET'}"
+    )
+    lines.append(
+        f"most OK answers at any step: echo {raw_echo:.0f}/s; tactful "
+        + ", ".join(
+            f"{max((s.achieved for s in steps), default=0.0):.0f}/s with {w}"
+            for w, steps in by_workers.items()
+        )
     )
     if echo and max(s.offered for s in echo) <= raw_echo * 1.05:
         lines.append(
             "  (echo never saturated at the highest offered rate: its true peak is higher)"
         )
-    for workers, steps in more.items():
+    if 2 in by_workers:
+        within = [s.achieved for s in by_workers[2] if s.quantile(99) <= TARGET_SCALE_P99_MS]
+        reached = max(within, default=0.0)
         lines.append(
-            f"TACTFUL_WORKERS={workers}: sustained peak {peak(steps):.0f} rps "
-            f"({peak(steps) / tactful_peak:.1f}x one process); most OK answers at any step "
-            f"{max((s.achieved for s in steps), default=0.0):.0f}/s"
-            if tactful_peak
-            else f"TACTFUL_WORKERS={workers}: sustained peak {peak(steps):.0f} rps"
+            f"TACTFUL_WORKERS=2 before p99 passes {TARGET_SCALE_P99_MS:g} ms: {reached:.0f} rps "
+            f"(target >= {TARGET_SCALE_RPS}): {'MET' if reached >= TARGET_SCALE_RPS else 'NOT MET'}"
         )
     return lines
 
@@ -381,8 +395,6 @@ def run(args: argparse.Namespace) -> int:
                 child.stop()
             shutil.rmtree(workdir, ignore_errors=True)
 
-    tactful = by_workers.get(1, [])
-    more = {w: steps for w, steps in by_workers.items() if w != 1}
     steps = echo + [s for rows in by_workers.values() for s in rows]
     lines = [
         f"Capacity, open loop: {args.seconds:g} s per offered rate, {DEADLINE_S * 1e3:.0f} ms "
@@ -396,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         "",
         *table(steps),
         "",
-        *verdict(echo, tactful, more),
+        *verdict(echo, by_workers),
         "",
         "skew: the client (this process, one asyncio grpc.aio loop), the server and tactful's "
         "redis-server share these CPUs; 'client cpu' is the share of one core the client used, "
