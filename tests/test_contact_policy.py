@@ -106,9 +106,7 @@ def consume(redisdb):
     return run
 
 
-def test_the_same_decision_sent_again_gets_its_answer_and_counts_nothing_twice(
-    consume, redisdb
-):
+def test_the_same_decision_sent_again_gets_its_answer_and_counts_nothing_twice(consume, redisdb):
     """A round trip retried after its reply was lost (the connection broke on the way back)
     sends the script again: same answer, counters unchanged."""
     assert consume([("a", 0), ("b", 0)], slots=2, chcap=3, decision="d1") == ["a", "b"]
