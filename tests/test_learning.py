@@ -671,3 +671,32 @@ def test_due_reward_windows_are_closed_in_batches(catalog, decisioning, models):
     later = time.time() + 3600
     assert models.close_due_windows(later, batch=2) == 5  # three batches in one call
     assert models.close_due_windows(later, batch=2) == 0  # each offer learned once
+
+
+@pytest.mark.both_stores
+def test_a_rollback_racing_the_learners_publishing_always_wins(models):
+    """The learner publishes every 50 ms; an operator's rollback can land while a publish is
+    in flight. Whatever the interleaving, once `rollback` returns the rolled-back version is
+    served, kept and pinned."""
+    import threading
+
+    snapshot = lambda v: LinearModel(f"ridge-{v}", prior_theta(SPACE.dim), SPACE.layout).to_bytes()  # noqa: E731
+    keep = 10_000  # the target stays kept: this is about who sets "current" last
+    for trial in range(20):
+        models.unpin()
+        target = models.publish(snapshot, keep=keep, now=float(trial))
+        stop = threading.Event()
+
+        def publish_until_stopped(stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                models.publish(snapshot, keep=keep, now=0.0)
+
+        publisher = threading.Thread(target=publish_until_stopped)
+        publisher.start()
+        time.sleep(0.003)
+        models.rollback(target)
+        stop.set()
+        publisher.join()
+        current, versions = models.versions()
+        assert current == target, trial
+        assert target in [v for v, _ in versions]

@@ -479,6 +479,32 @@ return 1
 # KEYS awaiting zset, learned hash, reward stream; ARGV now, then per decision: decision_id,
 # n, and n (offer_id, feature vector JSON) pairs (the decision log is in other slots: the
 # caller reads it first).
+# Publishes a model version unless a rollback pinned one, and drops the versions beyond the
+# newest ``keep``, in one atomic step: a rollback (below) lands either before it (then nothing
+# is published) or after it (then it wins), never in between, and never loses its version.
+# KEYS[1] pinned, KEYS[2] versions zset, KEYS[3] current, KEYS[4] the new snapshot; ARGV:
+# version, snapshot bytes, published at, keep, snapshot key prefix. Returns 1, or 0 if pinned.
+_PUBLISH_MODEL_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[4], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))) do
+  redis.call('DEL', ARGV[5] .. old)
+  redis.call('ZREM', KEYS[2], old)
+end
+return 1
+"""
+
+# Serves a kept version again and pins it, if it is still kept. KEYS[1] the snapshot,
+# KEYS[2] current, KEYS[3] pinned; ARGV[1] the version. Returns 1, or 0 if it is gone.
+_ROLLBACK_MODEL_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+return 1
+"""
+
 _CLOSE_WINDOWS_LUA = """
 local sent = 0
 local i = 2
@@ -1154,6 +1180,8 @@ class ModelStore:
         self.client = client
         self._close_windows = client.register_script(_CLOSE_WINDOWS_LUA)
         self._renew_lease = client.register_script(_RENEW_LEASE_LUA)
+        self._publish_model = client.register_script(_PUBLISH_MODEL_LUA)
+        self._rollback_model = client.register_script(_ROLLBACK_MODEL_LUA)
 
     def hold_lease(self, token: str, ttl_ms: int) -> bool:
         """Take the learner lease, or renew it if this token holds it."""
@@ -1247,22 +1275,21 @@ class ModelStore:
         pipe.execute()
 
     def publish(self, snapshot: Callable[[int], bytes], *, keep: int, now: float) -> int | None:
-        """Publish a new model version unless a rollback pinned an older one."""
+        """Publish a new model version unless a rollback pinned an older one (checked in
+        the same atomic step as the publish: a rollback racing it always wins)."""
         if self.client.exists(keys.MODEL_PINNED):
-            return None
+            return None  # the common case, without building a snapshot for nothing
         version = int(self.client.incr(keys.MODEL_SEQ))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(keys.model_snapshot(version), snapshot(version))
-        pipe.zadd(keys.MODEL_VERSIONS, {str(version): now})
-        pipe.set(keys.MODEL_CURRENT, version)
-        pipe.execute()
-        old: Any = self.client.zrange(keys.MODEL_VERSIONS, 0, -(keep + 1))
-        if old:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(*(keys.model_snapshot(int(v)) for v in old))
-            pipe.zrem(keys.MODEL_VERSIONS, *old)
-            pipe.execute()
-        return version
+        published = self._publish_model(
+            keys=[
+                keys.MODEL_PINNED,
+                keys.MODEL_VERSIONS,
+                keys.MODEL_CURRENT,
+                keys.model_snapshot(version),
+            ],
+            args=[version, snapshot(version), now, keep, keys.model_snapshot(0)[:-1]],
+        )
+        return version if int(published) else None
 
     def versions(self) -> tuple[int, list[tuple[int, float]]]:
         current = int(self.client.get(keys.MODEL_CURRENT) or 0)
@@ -1272,12 +1299,12 @@ class ModelStore:
     def rollback(self, version: int) -> None:
         """Serve ``version`` again and pin it: the learner keeps learning but publishes
         nothing until ``unpin``."""
-        if not self.client.exists(keys.model_snapshot(version)):
+        pinned = self._rollback_model(
+            keys=[keys.model_snapshot(version), keys.MODEL_CURRENT, keys.MODEL_PINNED],
+            args=[version],
+        )
+        if not int(pinned):
             raise KeyError(version)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(keys.MODEL_CURRENT, version)
-        pipe.set(keys.MODEL_PINNED, version)
-        pipe.execute()
 
     def unpin(self) -> None:
         self.client.delete(keys.MODEL_PINNED)
