@@ -325,7 +325,30 @@ def test_a_line_over_the_attribute_cap_is_reported_when_its_batch_is_written(sto
     assert violation.field == "attributes" and "at most 128" in violation.description
     profile = stored(store, "u1")
     assert len(profile.attributes) == cap  # the attributes were not written
-    assert profile.max_messages_per_day == 4  # the rest of the line was
+    assert profile.max_messages_per_day == 0  # nor the rest of the line: refused whole
+
+
+def test_a_line_refused_by_its_second_attribute_group_leaves_the_first_unwritten(store):
+    """A line's STATED and IMPORTED attributes are two groups: if the second passes the cap,
+    the first, already merged, is put back (the line is refused whole)."""
+    cap = validation.MAX_ATTRIBUTES_PER_USER
+    for start in range(0, cap - 1, 64):
+        names = tuple((f"a{i}", "x") for i in range(start, min(start + 64, cap - 1)))
+        store.set_attributes(update=AttributesUpdate("u1", names, IMPORTED), now=NOW, limit=cap)
+    before = stored(store, "u1").attributes
+    summary, _ = run(
+        store,
+        line(
+            "u1",
+            attributes={
+                "stated_one": {"value": "x", "source": "STATED"},
+                "imported_one": "y",
+                "imported_two": "z",
+            },
+        ),
+    )
+    assert (summary.imported, summary.bad) == (0, 1)
+    assert stored(store, "u1").attributes == before
 
 
 @pytest.mark.both_stores

@@ -767,7 +767,7 @@ def import_lines(
                 summary.bad += 1
                 problem = (
                     f"a user holds at most {validation.MAX_ATTRIBUTES_PER_USER}; this would "
-                    f"leave {result.attributes_refused} (attributes not written; the rest was)"
+                    f"leave {result.attributes_refused} (nothing of this line was written)"
                 )
                 bad_line(number, [FieldViolation("attributes", problem)])
                 continue

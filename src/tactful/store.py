@@ -326,8 +326,9 @@ return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 # and parse than Redis spent running them). In order: the profile hash's fields cleared
 # (NEUTRAL stances) and set (user id, stances, opt-ins, limits, consent: as SetPreferences
 # writes them), the signals deleted if consent is withdrawn, each group of attributes merged
-# by SetAttributes' own merge (one group per source and time; a group that would pass the
-# cap writes nothing, as a SetAttributes call), then the signals as RecordSignals' script
+# by SetAttributes' own merge (one group per source and time; if a group would pass the cap,
+# nothing of the line is written: the attributes are merged first and put back), then the
+# signals as RecordSignals' script
 # writes them in its replacing mode (half-life 0: each replaces its topic's state), only if
 # the profile, as now written, holds consent.
 # KEYS profile, attributes, signals hashes; ARGV cap, withdrawn (1/0), number of
@@ -341,24 +342,40 @@ _IMPORT_PROFILE_LUA = (
     + """
 local cap = tonumber(ARGV[1])
 local n_clear, n_set = tonumber(ARGV[3]), tonumber(ARGV[4])
-local i = 5
-if n_clear > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, i, i + n_clear - 1)) end
-i = i + n_clear
-if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i, i + 2 * n_set - 1)) end
-i = i + 2 * n_set
-if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
+local profile_at = 5
+local i = profile_at + n_clear + 2 * n_set
+-- The attributes first: a line whose attributes would pass the cap is refused whole, so
+-- they are merged before anything else is written, and put back as they were if a group is
+-- refused (a script runs atomically: nobody sees the attributes in between).
+local before = nil
 local refused = 0
 local groups = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, groups do
   local source, at, n_pairs = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
+  if groups > 1 and before == nil then before = redis.call('HGETALL', KEYS[2]) end
   local ok, count = merge_attributes(KEYS[2], source, at, cap, i, i + 2 * n_pairs - 1)
-  -- (SetAttributes' HSET of the user id is not repeated: the profile's, above, set it.)
   if ok == 0 and count > refused then refused = count end
   i = i + 2 * n_pairs
 end
-if i > #ARGV then return refused * 3 end
+if refused > 0 then
+  if before ~= nil then
+    redis.call('DEL', KEYS[2])
+    if #before > 0 then redis.call('HSET', KEYS[2], unpack(before)) end
+  end
+  return refused * 3
+end
+-- (SetAttributes' HSET of the user id is not repeated: the profile's, below, sets it.)
+if n_clear > 0 then
+  redis.call('HDEL', KEYS[1], unpack(ARGV, profile_at, profile_at + n_clear - 1))
+end
+if n_set > 0 then
+  local first = profile_at + n_clear
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, first + 2 * n_set - 1))
+end
+if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
+if i > #ARGV then return 0 end
 local consent = redis.call('HGET', KEYS[1], 'consent')
 if not consent or string.sub(consent, 1, 1) ~= '1' then return refused * 3 + 1 end
 for j = i, #ARGV, 3 do
