@@ -157,6 +157,15 @@ def test_report_and_export_end_to_end(
         assert "not significant" not in text
     else:
         assert "**not significant**" in text
+    # The same report as a page: the tables rendered, the emphasis as HTML, the plots linked.
+    page = (tmp_path / "roi" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    for heading in ("<h2>Arms</h2>", "<h2>Holds</h2>"):
+        assert heading in page
+    assert "<td>PERSONALIZED</td>" in page and "<td>greedy</td>" in page
+    assert "|---" not in page and "**" not in page
+    for image in sorted(png.name for png in (tmp_path / "roi").glob("*.png")):
+        assert f'src="{image}"' in page
 
     out = tmp_path / "export.dsjson"
     assert main(["export", "--since", since, "--out", str(out)]) == 0

@@ -315,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
             "--roles", required=True, help="decide, profile and/or admin, e.g. decide+profile"
         )
     for name, help_text, out in (
-        ("report", "ROI report of the decision log (Markdown, PNG plots with matplotlib)", "DIR"),
+        (
+            "report",
+            "ROI report of the decision log (Markdown and HTML, PNG plots with matplotlib)",
+            "DIR",
+        ),
         (
             "export",
             "the decision log as Vowpal Wabbit DSJson (--cb_adf --dsjson), "

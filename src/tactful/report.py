@@ -798,11 +798,37 @@ def write(
     out: Path,
     top_segments: int = DEFAULT_TOP_SEGMENTS,
 ) -> Path:
+    """``report.md``, the same as ``report.html``, and the PNG plots both show, in ``out``.
+    Returns the Markdown's path."""
     out.mkdir(parents=True, exist_ok=True)
     report = build(records, since, until, top_segments)
     path = out / "report.md"
-    path.write_text(markdown(report, plot(report, out), top_segments))
+    text = markdown(report, plot(report, out), top_segments)
+    path.write_text(text)
+    (out / "report.html").write_text(html(text))
     return path
+
+
+HTML_STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }
+table { border-collapse: collapse; margin: 1rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; }
+td { font-variant-numeric: tabular-nums; }
+img { max-width: 100%; }
+"""
+
+
+def html(text: str) -> str:
+    """The Markdown report as one HTML page (tables and all, rendered by Python-Markdown),
+    for a browser or a mail; the plots are the same PNG files beside it."""
+    import markdown as md
+
+    body = md.markdown(text, extensions=["tables"], output_format="html")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>tactful ROI report</title>\n<style>{HTML_STYLE}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 # --- export -----------------------------------------------------------------------------------
