@@ -17,6 +17,7 @@ from tactful.contact_policy import (
     ContactPolicy,
     Limits,
     Window,
+    carried_over,
     counter_field,
 )
 from tactful.model import Profile, QuietHours
@@ -81,6 +82,32 @@ def test_a_minimum_gap_closes_the_channel_until_it_has_passed():
     assert capacity.remaining == 0 and capacity.open_again == 4100.0
 
 
+def test_the_day_of_a_zone_left_today_still_counts_until_it_ends():
+    """A customer in UTC moves to Tokyo at 12:00 UTC (21:00 in Tokyo, whose day began at
+    15:00 UTC the day before): the UTC day is still running and counts as Tokyo's today."""
+    now = ts("2026-11-26T12:00:00+00:00")
+    tokyo = POLICY.window(now, Profile("u", quiet_hours=QuietHours(0, 0, "Asia/Tokyo")))
+    utc_day = ts("2026-11-26T00:00:00+00:00")
+    assert carried_over(utc_day, tokyo, now)
+    # And back: from Tokyo (its day began 15:00 UTC on the 25th) to Los Angeles at 12:00 UTC
+    # (04:00 there; its day began 08:00 UTC): the Tokyo day runs until 15:00 UTC.
+    los_angeles = POLICY.window(
+        now, Profile("u", quiet_hours=QuietHours(0, 0, "America/Los_Angeles"))
+    )
+    assert carried_over(ts("2026-11-25T15:00:00+00:00"), los_angeles, now)
+    assert not carried_over(ts("2026-11-25T15:00:00+00:00"), los_angeles, now + 3 * 3600)
+
+
+def test_yesterday_in_the_same_zone_is_never_carried_even_after_a_23_hour_day():
+    paris = Profile("u", quiet_hours=QuietHours(0, 0, "Europe/Paris"))
+    for today in ("2026-11-26T00:30:00+01:00", "2026-03-30T00:30:00+02:00"):  # after a DST day
+        now = ts(today)
+        window = POLICY.window(now, paris)
+        yesterday = POLICY.window(window.start - 1, paris)
+        assert not carried_over(yesterday.start, window, now)
+        assert not carried_over(window.start, window, now)  # today is today, not carried
+
+
 # --- the script, on a real Redis -----------------------------------------------------------
 
 
@@ -134,6 +161,18 @@ def test_script_consumes_best_ranked_first_and_stops_at_a_cap(consume, redisdb):
     assert redisdb.hget("contacts", "0|*|a") == "1"
     assert consume([("c", 0)], chcap=2, day="1", stale=["0|email|"]) == ["c"]  # a new day
     assert redisdb.hget("contacts", "0|email|") is None
+
+
+def test_script_adds_a_running_day_of_another_zone_to_today_and_drops_past_days(consume, redisdb):
+    redisdb.hset("contacts", mapping={"7|email|": 2, "7|*|a": 1, "5|email|": 9, "5|*|b": 9})
+    # Day "10" is today's; "7" is another zone's day still running, "5" a day past.
+    assert consume([("a", 2), ("b", 0)], chcap=4, day="10", stale=["+7|email|", "+7|*|a",
+                   "5|email|", "5|*|b"]) == ["a"]  # fmt: skip
+    assert redisdb.hget("contacts", "10|email|") == "3"  # 2 carried + 1
+    assert redisdb.hget("contacts", "10|*|a") == "2"  # a's own cap of 2 is now reached
+    assert not redisdb.hexists("contacts", "7|email|") and not redisdb.hexists("contacts", "5|*|b")
+    assert consume([("a", 2), ("b", 0)], slots=2, chcap=4, day="10") == ["b"]
+    assert consume([("b", 0)], chcap=4, day="10") == []  # 2 carried + 2 today: the cap of 4
 
 
 def test_script_skips_an_offer_at_its_own_cap_for_the_next(consume):

@@ -47,6 +47,22 @@ def test_channel_cap_cuts_slots_then_holds_until_tomorrow(catalog, decisioning):
     assert len(decide(decisioning, channel="web").choices) == 1  # other channels are open
 
 
+def test_moving_to_another_time_zone_does_not_reset_a_cap(catalog, decisioning, profiles):
+    """Two e-mails today (the cap), then the customer sets a time zone in the preference
+    centre: the new zone's day began at another hour, but what was sent today still counts."""
+    put(catalog, offer("a", priority=0.9), offer("b", priority=0.5), offer("c", priority=0.1))
+    assert len(decide(decisioning, slots=2).choices) == 2
+    for zone in ("Asia/Tokyo", "America/Los_Angeles", "UTC"):
+        profiles.SetPreferences(
+            p.SetPreferencesRequest(
+                user_id="alice", quiet_hours=p.QuietHours(start_hour=0, end_hour=0, time_zone=zone)
+            )
+        )
+        held = decide(decisioning)
+        assert held.choices == [] and held.hold_reason == d.HOLD_REASON_FATIGUE_CAP, zone
+    assert len(decide(decisioning, user="bob", slots=2).choices) == 2  # others are not held
+
+
 def test_the_customers_own_cap_counts_interruptions_only(catalog, decisioning, profiles):
     put(catalog, offer("a", channels=["web", "push"]))
     profiles.SetPreferences(p.SetPreferencesRequest(user_id="alice", max_messages_per_day=1))

@@ -77,6 +77,20 @@ class Capacity:
     open_again: float | None
 
 
+def carried_over(start: float, window: Window, now: float) -> bool:
+    """Whether counters of the day that began at ``start`` still count today, as ``window``'s.
+
+    They do when that day is another zone's and has not ended: the customer moved to another
+    time zone today, and what they were sent in the day of the old zone still counts against
+    the new day's caps (a move of zone must never reset a cap). Message times are not kept,
+    so the whole old day is counted: a cap can only be met early, never passed. The day
+    before in the same zone is never carried: it began at least 23 hours (a spring-forward
+    day) before this one, and ended when this one began."""
+    return (
+        start != window.start and start <= now < start + 86400 and start > window.start - 23 * 3600
+    )
+
+
 def counter_field(window: Window | str, channel: str, offer_id: str = "") -> str:
     key = window.key if isinstance(window, Window) else window
     return f"{key}|{channel}|{offer_id}"
@@ -167,6 +181,9 @@ class ContactPolicy:
 #   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
 #   "last|<ch>"  when the channel was last used (for minimum gaps)
 #   "spent"  the last decision that consumed, and what: "<decision_id>\n<offer>\n<offer>..."
+# Fields of other days are dropped first (the n stale fields of ARGV); a field marked with a
+# leading '+' is a day of another zone that is still running (``carried_over``): its count is
+# added to today's field of the same channel and offer before it goes.
 # KEYS[1] contacts hash; KEYS[2] profile hash: the customer's own cap is read here, inside the
 # script, so a SetPreferences racing with Decides is honoured at once; KEYS[3] the user's
 # request ids hash (request_id -> "<decision_id>|<time>").
@@ -209,7 +226,18 @@ if rid ~= '' then
   redis.call('HSET', KEYS[3], rid, decision .. '|' .. ARGV[2])
   redis.call('EXPIRE', KEYS[3], rttl)
 end
-for i = 14, 13 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
+for i = 14, 13 + n_stale do
+  local field = ARGV[i]
+  if string.sub(field, 1, 1) == '+' then
+    field = string.sub(field, 2)
+    local n = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+    local bar = string.find(field, '|', 1, true)
+    if n > 0 and bar then
+      redis.call('HINCRBY', KEYS[1], day .. string.sub(field, bar), n)
+    end
+  end
+  redis.call('HDEL', KEYS[1], field)
+end
 if gap > 0 then
   local last = tonumber(redis.call('HGET', KEYS[1], 'last|' .. channel) or '0')
   if now - last < gap then return {'+'} end

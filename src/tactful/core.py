@@ -28,7 +28,7 @@ from prometheus_client import Counter
 from tactful import keys, metrics, scoring, validation
 from tactful import segments as segment_rules
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
-from tactful.contact_policy import ContactPolicy, Limits, Window, counter_field
+from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
 from tactful.errors import (
     Abandoned,
     FieldViolation,
@@ -307,11 +307,13 @@ class ModelCache:
 @dataclass(frozen=True, slots=True)
 class ContactPlan:
     """What consuming a decision's contacts needs: the user's day, the caps on this channel,
-    and counter fields of past days to drop."""
+    counter fields of past days to drop, and fields of another zone's day still running to
+    add to today's (see ``contact_policy.carried_over``)."""
 
     window: Window
     limits: Limits
     stale: tuple[str, ...]
+    carried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +493,7 @@ class Decider:
                 gap_seconds=limits.gap_seconds,
                 slots=len(decision.choices),
                 stale=plan.stale,
+                carried=plan.carried,
                 ranked=[
                     (c.offer_id, offers[c.offer_id].max_per_user_per_day) for c in decision.choices
                 ],
@@ -606,10 +609,7 @@ class Decider:
             return hold(HoldReason.QUIET_HOURS, quiet_until)
         # What today's counters (from the one read) still allow on this channel.
         window = self._contacts.window(now, profile)
-        counts = {
-            counter_field(str(int(c.window_start)), c.channel, c.offer_id): c.count
-            for c in profile.contact_counters
-        }
+        counts, carried, past = _todays_counts(profile.contact_counters, window, now)
         limits = self._contacts.limits(req.channel, profile)
         last_contact = dict(profile.last_contacts).get(req.channel, 0.0)
         capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
@@ -642,10 +642,10 @@ class Decider:
         slots = req.slots or 1
         if capacity.remaining > 0:
             slots = min(slots, capacity.remaining)  # draw no more than the caps let through
-        stale = tuple(field for field in counts if not field.startswith(window.key + "|")) + tuple(
+        stale = past + tuple(
             f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30
         )
-        plan = ContactPlan(window, limits, stale)
+        plan = ContactPlan(window, limits, stale, carried)
         if control:
             choices = tuple(
                 Choice(
@@ -920,6 +920,30 @@ def _fresh_replay(stored: str | None, now: float, policy: PolicySettings) -> str
     if made_at and now - float(made_at) > policy.request_id_ttl_seconds:
         return None
     return decision_id
+
+
+def _todays_counts(
+    counters: Iterable[ContactCounter], window: Window, now: float
+) -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
+    """Today's counts by field of ``window``, with those of another zone's day that is still
+    running added in (the customer changed time zone today: the caps script folds them in
+    for good), and the fields that are not today's: (counts, carried, past)."""
+    counts: dict[str, int] = {}
+    carried: list[str] = []
+    past: list[str] = []
+    for c in counters:
+        start = str(int(c.window_start))
+        if start == window.key:
+            field = counter_field(window, c.channel, c.offer_id)
+            counts[field] = counts.get(field, 0) + c.count
+            continue
+        if carried_over(c.window_start, window, now):
+            carried.append(counter_field(start, c.channel, c.offer_id))
+            field = counter_field(window, c.channel, c.offer_id)
+            counts[field] = counts.get(field, 0) + c.count
+        else:
+            past.append(counter_field(start, c.channel, c.offer_id))
+    return counts, tuple(carried), tuple(past)
 
 
 def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:
