@@ -29,8 +29,10 @@ proto: $(STUBS) ## regenerate the gRPC stubs from proto/
 
 # promtool checks and unit-tests deploy/prometheus/alerts.yml (tests/test_deploy.py). No PyPI
 # package ships it; Debian's `prometheus` package does. Installed only when missing, as root,
-# with apt-get; never fails the build (the tests then skip, loudly). Only promtool is wanted,
-# never a Prometheus server: a policy-rc.d that denies service starts is put in place for the
+# with apt-get; never fails the build (the tests then skip, loudly). The package's prometheus
+# binary is used too: tests/test_dashboard_live.py runs one on a free port, for its duration,
+# to query every dashboard panel and alert rule. No Prometheus *service* is ever wanted: a
+# policy-rc.d that denies service starts is put in place for the
 # install when the system has none (Debian's container images have one), and the service the
 # package installs is then stopped and disabled in case it was started anyway.
 promtool: ## install promtool (Debian package prometheus) if missing: root and apt-get only
