@@ -173,13 +173,21 @@ def _send(grpc_port: int, stop_sending: threading.Event) -> None:
             time.sleep(0.01)
 
 
+# One process, and two (as `make serve`): then /metrics sums the workers' multiprocess files.
+@pytest.mark.parametrize("workers", [1, 2])
 def test_every_panel_and_alert_works_on_a_real_prometheus(
     prometheus: tuple[int, int],
     data_dir: Path,  # noqa: F811 (the fixture of test_serve)
+    workers: int,
 ) -> None:
     prometheus_port, metrics_port = prometheus
     grpc_port = free_port()
-    server = start(data_dir, grpc_port, TACTFUL_METRICS_PORT=str(metrics_port))
+    server = start(
+        data_dir,
+        grpc_port,
+        TACTFUL_METRICS_PORT=str(metrics_port),
+        TACTFUL_WORKERS=str(workers),
+    )
     stop_sending = threading.Event()
     errors: list[BaseException] = []
     sender = threading.Thread(target=traffic, args=(grpc_port, stop_sending, errors))
