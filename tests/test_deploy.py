@@ -192,6 +192,7 @@ def test_the_alerts_cover_the_issue():
         "tactful_decision_log_failures_total",
         "tactful_decisions_total",
         "tactful_learner_backlog",
+        "tactful_redis_errors_total",
     } <= used
     assert 'hold_reason="FATIGUE_CAP"' in ALERT_BLOCKS["TactfulFatigueHoldSpike"]
     errors = rule_exprs(ALERT_BLOCKS["TactfulGrpcServerErrorsCritical"])
