@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             records = report.read_log(client, 0.0, time.time() + 1)
         finally:
             embedded.stop()
-    built = report.build(records, 0.0, time.time())
+    # The report's period: the simulated run (its store held nothing else).
+    built = report.build(records, started, time.time())
     if args.out:
-        print(f"report: {report.write(records, 0.0, time.time(), Path(args.out))}")
+        print(f"report: {report.write(records, started, time.time(), Path(args.out))}")
     comparisons, true_uplift = compare(world, records)
     print(f"{args.rounds} rounds in {time.time() - started:.0f} s, {len(records)} decisions")
     print(f"OPE on {built.ope_used} single-slot personalised decisions")
