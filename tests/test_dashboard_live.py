@@ -56,11 +56,20 @@ MUST_SHOW = {
     "Server errors",  # 0, not "No data"
     "Hold reasons",  # e-mail's cap of 2 a day holds the traffic's later e-mails
     "Learner lag",  # the clicks, learned and published
+    "CTR by arm",  # half the users are in the control group here
+    "Uplift (personalised - control)",
 }
 
 
 def grafana_expr(expr: str) -> str:
-    return expr.replace("$__rate_interval", RATE_INTERVAL).replace('"$instance"', '".*"')
+    """As Grafana sends it: the variables replaced (the time range: the last hour)."""
+    for variable, value in (
+        ("$__rate_interval", RATE_INTERVAL),
+        ("$__range", "1h"),
+        ('"$instance"', '".*"'),
+    ):
+        expr = expr.replace(variable, value)
+    return expr
 
 
 def api(port: int, path: str, **params: str) -> Any:
@@ -187,6 +196,7 @@ def test_every_panel_and_alert_works_on_a_real_prometheus(
         grpc_port,
         TACTFUL_METRICS_PORT=str(metrics_port),
         TACTFUL_WORKERS=str(workers),
+        TACTFUL_CONTROL_SHARE="0.5",  # both arms get traffic: CTR by arm and the uplift
     )
     stop_sending = threading.Event()
     errors: list[BaseException] = []

@@ -283,6 +283,8 @@ def test_the_dashboard_queries_only_exported_metrics():
         "tactful_learner_lag_seconds_bucket",
         "tactful_learner_backlog",
         "tactful_model_version",
+        "tactful_offers_served_total",  # CTR by arm, with the uplift
+        "tactful_arm_outcomes_total",
     } <= used
     decide = " ".join(expr for _, expr in exprs if 'grpc_method="Decide"' in expr)
     for quantile in ("0.5", "0.99", "0.999"):

@@ -448,7 +448,7 @@ class Decider:
                 decision = self._log_and_consume(req, draft, offers, now)
             except RequestTaken as taken:
                 return self._replay_winner(req, taken.decision_id, decision, inputs, now)
-        self._count(decision, req.channel)
+        self._count(decision, req.channel, dry_run=req.dry_run)
         return decision
 
     def _replay_winner(
@@ -754,7 +754,7 @@ class Decider:
             decision = Decision(
                 decision_id, (), HoldReason.STORE_UNAVAILABLE, FALLBACK_MODEL, Arm.FALLBACK
             )
-            self._count(decision, req.channel)
+            self._count(decision, req.channel, dry_run=req.dry_run)
             return decision
         # What this user said, if this process decided for them recently; sensitive offers
         # need an explicit LIKE we cannot check now, so they are never in a fallback, and
@@ -765,7 +765,7 @@ class Decider:
             decision = Decision(
                 decision_id, (), HoldReason.CHANNEL_OPTED_OUT, FALLBACK_MODEL, Arm.FALLBACK
             )
-            self._count(decision, req.channel)
+            self._count(decision, req.channel, dry_run=req.dry_run)
             return decision
         eligible = [
             o
@@ -784,7 +784,7 @@ class Decider:
         hold = HoldReason.NONE if choices else HoldReason.STORE_UNAVAILABLE
         metrics.FALLBACKS.labels("fallback" if choices else "held").inc()
         decision = Decision(decision_id, choices, hold, FALLBACK_MODEL, Arm.FALLBACK)
-        self._count(decision, req.channel)
+        self._count(decision, req.channel, dry_run=req.dry_run)
         return decision
 
     def _log(
@@ -831,13 +831,15 @@ class Decider:
             spend=spend,
         )
 
-    def _count(self, decision: Decision, channel: str) -> None:
+    def _count(self, decision: Decision, channel: str, *, dry_run: bool) -> None:
         # Channel names come from callers: only configured ones become label values.
         label = channel if channel in self._known_channels else "other"
         _decisions_counter(label, decision.arm, decision.hold_reason).inc()
         for choice in decision.choices:
             for reason in choice.reasons:
                 _choices_counter(reason.code).inc()
+        if decision.choices and not dry_run:
+            _served_counter(label, decision.arm).inc(len(decision.choices))
 
     def record_outcome(self, report: OutcomeReport) -> bool:
         """Store an outcome against its logged decision; True if new, False if a duplicate."""
@@ -851,12 +853,13 @@ class Decider:
             "reward": report.reward(),
             "ts": self._clock(),
         }
-        status = self._store.record_outcome(
+        stored = self._store.record_outcome(
             decision_id=report.decision_id,
             offer_id=report.offer_id,
             outcome_id=report.outcome_id,
             outcome=outcome,
         )
+        status = stored.status
         if status == OutcomeStatus.UNKNOWN_DECISION:
             metrics.OUTCOMES.labels(report.event.name, "unknown_decision").inc()
             raise NotFound(f"decision {report.decision_id[:64]!r} is unknown or has expired")
@@ -864,6 +867,8 @@ class Decider:
             raise InvalidArgument([FieldViolation("offer_id", "was not chosen in this decision")])
         recorded = status == OutcomeStatus.RECORDED
         metrics.OUTCOMES.labels(report.event.name, "recorded" if recorded else "duplicate").inc()
+        if recorded and stored.arm in _ARMS:
+            metrics.ARM_OUTCOMES.labels(stored.arm, report.event.name).inc()
         # A repeated DISMISS sets the cooldown again: if the first attempt's write failed
         # (UNAVAILABLE), the client's retry is what puts the offer away.
         if report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
@@ -889,6 +894,10 @@ class Decider:
 # series that happened (a racing double lookup returns the same child, so no lock here).
 _DECISION_COUNTERS: dict[tuple[str, Arm, HoldReason], Counter] = {}
 _CHOICE_COUNTERS: dict[ReasonCode, Counter] = {}
+_SERVED_COUNTERS: dict[tuple[str, Arm], Counter] = {}
+# Arms as the decision log spells them: what an outcome's arm label may be (a record written
+# by another version with something else is not counted by arm).
+_ARMS = frozenset(arm.name for arm in Arm)
 
 
 def _decisions_counter(channel: str, arm: Arm, hold_reason: HoldReason) -> Counter:
@@ -896,6 +905,13 @@ def _decisions_counter(channel: str, arm: Arm, hold_reason: HoldReason) -> Count
     if counter is None:
         counter = metrics.DECISIONS.labels(channel, arm.name, hold_reason.name)
         _DECISION_COUNTERS[channel, arm, hold_reason] = counter
+    return counter
+
+
+def _served_counter(channel: str, arm: Arm) -> Counter:
+    counter = _SERVED_COUNTERS.get((channel, arm))
+    if counter is None:
+        counter = _SERVED_COUNTERS[channel, arm] = metrics.OFFERS_SERVED.labels(channel, arm.name)
     return counter
 
 

@@ -70,6 +70,19 @@ OUTCOMES = Counter(
     "ReportOutcome calls by event and result (recorded, duplicate, unknown_decision).",
     ["event", "result"],
 )
+# What the dashboard's "CTR by arm" divides: offers served to callers (dry runs excluded) and
+# first reports of each outcome, both by the arm of their decision. The ROI report's CTR is
+# the exact one (one success per offer served, with an interval); these are the live view.
+OFFERS_SERVED = Counter(
+    "tactful_offers_served_total",
+    "Offers returned by Decide (not in dry runs), by channel (as tactful_decisions_total) and arm.",
+    ["channel", "arm"],
+)
+ARM_OUTCOMES = Counter(
+    "tactful_arm_outcomes_total",
+    "Outcomes recorded (each outcome_id once), by the arm of their decision and event.",
+    ["arm", "event"],
+)
 FALLBACKS = Counter(
     "tactful_store_fallbacks_total",
     "Decide answers made without the store, by what the caller got (fallback or held).",

@@ -179,6 +179,12 @@ class OutcomeStatus:
     OFFER_NOT_IN_DECISION = -2
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedOutcome:
+    status: int  # an OutcomeStatus
+    arm: str = ""  # the arm of the decision, as logged ("" when it is unknown)
+
+
 class Store(Protocol):
     def read_for_decision(self, *, user_id: str, request_id: str) -> DecisionInputs: ...
 
@@ -200,7 +206,7 @@ class Store(Protocol):
 
     def record_outcome(
         self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
-    ) -> int: ...
+    ) -> RecordedOutcome: ...
 
     def get_profile(self, *, user_id: str) -> Profile: ...
 
@@ -458,7 +464,9 @@ return {1}
 
 # Stores an outcome once per outcome_id, only for a logged decision that chose the offer.
 # KEYS decision record, outcomes hash; ARGV offer_id, outcome_id, outcome JSON.
-# Returns {status, record}: the record (for its feature vector) when the offer has one.
+# Returns {status, record, arm}: the record (for its feature vector) when the offer has one,
+# and the decision's arm (for the metrics); {status, false} when there is no such decision or
+# the offer was not chosen in it.
 _RECORD_OUTCOME_LUA = """
 local record = redis.call('GET', KEYS[1])
 if not record then return {-1, false} end
@@ -471,9 +479,11 @@ if status == 1 then
   local ttl = redis.call('TTL', KEYS[1])
   if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 end
+local arm = decision['arm']
+if type(arm) ~= 'string' then arm = '' end
 local features = decision['features']
-if type(features) == 'table' and features[ARGV[1]] then return {status, record} end
-return {status, false}
+if type(features) == 'table' and features[ARGV[1]] then return {status, record, arm} end
+return {status, false, arm}
 """
 
 # Sends an offer's reward to the learner: the first one for the offer, while the decision's
@@ -869,17 +879,19 @@ class RedisStore:
 
     def record_outcome(
         self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
-    ) -> int:
+    ) -> RecordedOutcome:
         """Store the outcome (once per outcome_id) and send the offer's first reward to the
         learner while its reward window is open: one script in the decision's slot, then
         one in the stream's (see ``_SEND_REWARD_LUA``). A duplicate outcome_id sends again
         too: a no-op, unless the first attempt failed between the two."""
         k = keys.DecisionKeys.of(decision_id)
         with self._guarded("record_outcome"):
-            status, record = self._record_outcome(
+            reply = self._record_outcome(
                 keys=[k.record, k.outcomes],
                 args=[offer_id, outcome_id, json.dumps(outcome, separators=(",", ":"))],
             )
+            status, record = reply[0], reply[1]
+            arm = reply[2] if len(reply) > 2 else ""
             if record is not None and int(status) >= 0:
                 vector = json.loads(record)["features"][offer_id]
                 self._send_reward(
@@ -892,7 +904,7 @@ class RedisStore:
                         repr(float(outcome["ts"])),
                     ],
                 )
-        return int(status)
+        return RecordedOutcome(int(status), arm if isinstance(arm, str) else "")
 
     # --- profiles -------------------------------------------------------------------------
 
