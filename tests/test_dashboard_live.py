@@ -61,6 +61,17 @@ MUST_SHOW = {
 }
 
 
+BROKEN_ALERTS = {
+    "TactfulDown",
+    "TactfulGrpcServerErrorsCritical",
+    "TactfulGrpcServerErrors",
+    "TactfulRedisErrors",
+    "TactfulStoreFallbacks",
+    "TactfulDecisionLogFailures",
+    "TactfulModelRejected",
+}
+
+
 def grafana_expr(expr: str) -> str:
     """As Grafana sends it: the variables replaced (the time range: the last hour)."""
     for variable, value in (
@@ -242,8 +253,11 @@ def test_every_panel_and_alert_works_on_a_real_prometheus(
         assert len(rules) == ALERTS.read_text().count("- alert:")
         broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
         assert not broken
-        # A healthy server under light traffic: no alert has even started to fire.
-        assert not [r["name"] for r in rules if r.get("state") in ("pending", "firing")]
+        # A working server: none of the alerts that say it is broken has even started to fire
+        # (the latency ones may, on a busy machine: they are about the machine as well).
+        active = {r["name"] for r in rules if r.get("state") in ("pending", "firing")}
+        assert {r["name"] for r in rules} >= BROKEN_ALERTS
+        assert not active & BROKEN_ALERTS
     finally:
         stop_sending.set()
         if sender.is_alive():
