@@ -88,6 +88,7 @@ class Step:
     latencies_ms: list[float] = field(default_factory=list)  # inf for a call that was not OK
     client_cpu: float = 0.0  # share of one core this client process used
     server_cpu: float = 0.0  # cores the server used: its processes and its redis-server
+    redis_cpu: float = 0.0  # of which its redis-server (tactful's embedded store)
     send_lag_ms: float = 0.0  # how late the last send was against its schedule
 
     @property
@@ -99,26 +100,33 @@ class Step:
         """Server CPU (all its processes) per OK answer: what one Decide costs the machine."""
         return self.server_cpu * self.seconds / self.codes["OK"] * 1e6 if self.codes["OK"] else 0.0
 
+    @property
+    def redis_us_per_answer(self) -> float:
+        """The redis-server's share of ``cpu_us_per_answer``."""
+        return self.redis_cpu * self.seconds / self.codes["OK"] * 1e6 if self.codes["OK"] else 0.0
+
     def quantile(self, q: float) -> float:
         if not self.latencies_ms:
             return float("inf")
         return float(np.percentile(np.asarray(self.latencies_ms), q, method="higher"))
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU seconds used so far by a process and every process under it (tactful's workers
-    and its embedded redis-server), user and system."""
+    and its embedded redis-server), user and system: (all of them, the redis-server alone)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return 0.0, 0.0
+    total = redis = 0.0
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = proc.cpu_times()
             total += times.user + times.system
-    return total
+            if proc.name().startswith("redis-server"):
+                redis += times.user + times.system
+    return total, redis
 
 
 async def offer_load(
@@ -139,7 +147,7 @@ async def offer_load(
             step.latencies_ms.append(float("inf"))
             step.codes[error.code().name] += 1
 
-    server0 = tree_cpu_seconds(server_pid) if server_pid else 0.0
+    server0, redis0 = tree_cpu_seconds(server_pid) if server_pid else (0.0, 0.0)
     cpu0, start = time.process_time(), time.perf_counter()
     i = 0
     while i < total:
@@ -158,7 +166,9 @@ async def offer_load(
     elapsed = time.perf_counter() - start
     step.client_cpu = (time.process_time() - cpu0) / elapsed
     if server_pid:
-        step.server_cpu = (tree_cpu_seconds(server_pid) - server0) / elapsed
+        server1, redis1 = tree_cpu_seconds(server_pid)
+        step.server_cpu = (server1 - server0) / elapsed
+        step.redis_cpu = (redis1 - redis0) / elapsed
 
 
 async def sweep(
@@ -213,7 +223,7 @@ def table(steps: list[Step]) -> list[str]:
     header = (
         f"{'server':<10} {'offered/s':>9} {'ok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'p99.9 ms':>9} {'deadline':>9} {'shed':>7} {'client cpu':>10} {'server cpu':>10} "
-        f"{'µs/answer':>9}"
+        f"{'µs/answer':>9} {'of redis':>8}"
     )
     lines = [header, "-" * len(header)]
     for s in steps:
@@ -221,7 +231,8 @@ def table(steps: list[Step]) -> list[str]:
             f"{s.server:<10} {s.offered:>9.0f} {s.achieved:>8.1f} {fmt(s.quantile(50)):>8} "
             f"{fmt(s.quantile(99)):>8} {fmt(s.quantile(99.9)):>9} "
             f"{s.codes['DEADLINE_EXCEEDED']:>9} {s.codes['RESOURCE_EXHAUSTED']:>7} "
-            f"{s.client_cpu:>9.0%} {s.server_cpu:>9.0%} {s.cpu_us_per_answer:>9.0f}"
+            f"{s.client_cpu:>9.0%} {s.server_cpu:>9.0%} {s.cpu_us_per_answer:>9.0f} "
+            f"{s.redis_us_per_answer:>8.0f}"
         )
     return lines
 
@@ -412,9 +423,10 @@ def run(args: argparse.Namespace) -> int:
         "",
         "skew: the client (this process, one asyncio grpc.aio loop), the server and tactful's "
         "redis-server share these CPUs; 'client cpu' is the share of one core the client used, "
-        "'server cpu' the cores the server used (all its processes and its redis-server) and "
+        "'server cpu' the cores the server used (all its processes and its redis-server), "
         "'µs/answer' that CPU per OK answer: what one call costs the machine, the figure that "
-        "bounds the peak (2 cores = 2,000,000 µs of CPU a second, shared with the client). "
+        "bounds the peak (2 cores = 2,000,000 µs of CPU a second, shared with the client), "
+        "and 'of redis' the redis-server's part of it. "
         "Near saturation the client takes CPU from the server, and its own event loop adds "
         "queueing to the measured latency, so peaks are lower and tail latencies higher than a "
         "server would show with the client on another machine. Both rows are skewed alike "
@@ -435,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
                         "client_cpu": s.client_cpu,
                         "server_cpu": s.server_cpu,
                         "server_cpu_us_per_answer": s.cpu_us_per_answer,
+                        "redis_cpu_us_per_answer": s.redis_us_per_answer,
                         **{
                             q: (None if s.quantile(p) == float("inf") else s.quantile(p))
                             for q, p in QUANTILES
