@@ -343,7 +343,8 @@ def test_report_by_segment_end_to_end(
     assert "## Segments" in text and "health" not in text.split("## Segments")[1].split("##")[0]
     for row in section.rows:
         pers, ctrl, u = row.arms["PERSONALIZED"], row.arms["CONTROL"], row.uplift
-        line = next(x for x in text.splitlines() if x.startswith(f"| {row.label} |"))
+        label = f"`{row.label}`" if row.segments == (row.label,) else row.label
+        line = next(x for x in text.splitlines() if x.startswith(f"| {label} |"))
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[1:4] == [str(row.decisions), str(pers.decisions), str(ctrl.decisions)]
         assert cells[4] == f"{pers.ctr:.2%} ({pers.successes}/{pers.shown})"
@@ -357,7 +358,7 @@ def test_report_by_segment_end_to_end(
     out = tmp_path / "roi"
     assert main(["report", "--since", since, "--out", str(out), "--segments", "1"]) == 0
     written = (out / "report.md").read_text()
-    assert f"| {ranked[0]} |" in written and "| 3 other segments |" in written
+    assert f"| `{ranked[0]}` |" in written and "| 3 other segments |" in written
     if "segments.png" in written:
         assert (out / "segments.png").stat().st_size > 0
 
@@ -377,3 +378,10 @@ def test_segment_section_without_memberships() -> None:
     assert "1 decisions recorded no memberships" in text
     empty = report.markdown(report.build(records[:1], 0.0, 1.0))
     assert "No decision in this period recorded" in empty
+
+
+def test_segment_ids_are_shown_as_they_are_on_the_html_page() -> None:
+    """Segment ids may hold '_' and '.': as code spans they are never read as emphasis."""
+    page = report.html("| segment |\n|---|\n| `a._b_.` |\n| `x:__y__` |\n")
+    assert "<code>a._b_.</code>" in page and "<code>x:__y__</code>" in page
+    assert "<em>" not in page and "<strong>" not in page

@@ -587,7 +587,7 @@ def _segment_lines(section: SegmentSection, top: int) -> list[str]:
             change = _points(u)
             verdict = "significant" if u.significant else "**not significant**"
         lines.append(
-            f"| {row.label} | {row.decisions} | {p.decisions} | {c.decisions} "
+            f"| {_segment_label(row)} | {row.decisions} | {p.decisions} | {c.decisions} "
             f"| {_pct(p.ctr)} ({p.successes}/{p.shown}) | {_pct(c.ctr)} ({c.successes}/{c.shown}) "
             f"| {change} | {verdict} |"
         )
@@ -614,6 +614,12 @@ def _segment_lines(section: SegmentSection, top: int) -> list[str]:
     )
     lines.append(" ".join(notes))
     return lines
+
+
+def _segment_label(row: SegmentRow) -> str:
+    """A segment id as a code span: shown as it is, in Markdown and in the HTML page (an id
+    such as ``a._b_.`` would otherwise turn into emphasis)."""
+    return f"`{row.label}`" if row.segments == (row.label,) else row.label
 
 
 def markdown(
