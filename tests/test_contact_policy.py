@@ -82,20 +82,23 @@ def test_a_minimum_gap_closes_the_channel_until_it_has_passed():
     assert capacity.remaining == 0 and capacity.open_again == 4100.0
 
 
-def test_the_day_of_a_zone_left_today_still_counts_until_it_ends():
+def test_the_day_of_a_zone_left_counts_as_long_as_it_overlaps_today():
     """A customer in UTC moves to Tokyo at 12:00 UTC (21:00 in Tokyo, whose day began at
-    15:00 UTC the day before): the UTC day is still running and counts as Tokyo's today."""
+    15:00 UTC the day before): the UTC day overlaps Tokyo's today, so it counts."""
     now = ts("2026-11-26T12:00:00+00:00")
     tokyo = POLICY.window(now, Profile("u", quiet_hours=QuietHours(0, 0, "Asia/Tokyo")))
     utc_day = ts("2026-11-26T00:00:00+00:00")
     assert carried_over(utc_day, tokyo, now)
-    # And back: from Tokyo (its day began 15:00 UTC on the 25th) to Los Angeles at 12:00 UTC
-    # (04:00 there; its day began 08:00 UTC): the Tokyo day runs until 15:00 UTC.
-    los_angeles = POLICY.window(
-        now, Profile("u", quiet_hours=QuietHours(0, 0, "America/Los_Angeles"))
-    )
-    assert carried_over(ts("2026-11-25T15:00:00+00:00"), los_angeles, now)
-    assert not carried_over(ts("2026-11-25T15:00:00+00:00"), los_angeles, now + 3 * 3600)
+    # From Paris to Los Angeles (found in review): two e-mails at 09:05 in Paris are 00:05 in
+    # LA, the same LA day; they count for the whole LA day, after the Paris day has ended too.
+    paris_day = ts("2026-06-10T00:00:00+02:00")
+    la = Profile("u", quiet_hours=QuietHours(0, 0, "America/Los_Angeles"))
+    for local in ("2026-06-10T01:00:00-07:00", "2026-06-10T23:59:00-07:00"):
+        now = ts(local)
+        assert carried_over(paris_day, POLICY.window(now, la), now), local
+    # The next LA day does not overlap the Paris day: it is past.
+    tomorrow = ts("2026-06-11T00:30:00-07:00")
+    assert not carried_over(paris_day, POLICY.window(tomorrow, la), tomorrow)
 
 
 def test_yesterday_in_the_same_zone_is_never_carried_even_after_a_23_hour_day():
@@ -159,20 +162,45 @@ def test_script_consumes_best_ranked_first_and_stops_at_a_cap(consume, redisdb):
     assert consume([("c", 0)], chcap=2) == []  # channel cap reached
     assert redisdb.hget("contacts", "0|email|") == "2"
     assert redisdb.hget("contacts", "0|*|a") == "1"
-    assert consume([("c", 0)], chcap=2, day="1", stale=["0|email|"]) == ["c"]  # a new day
-    assert redisdb.hget("contacts", "0|email|") is None
+    tomorrow = dict(day="86400", now=86400 + 100.0)
+    assert consume([("c", 0)], chcap=2, **tomorrow) == ["c"]  # a new day
+    assert redisdb.hget("contacts", "0|email|") is None  # yesterday's fields are gone
 
 
-def test_script_adds_a_running_day_of_another_zone_to_today_and_drops_past_days(consume, redisdb):
-    redisdb.hset("contacts", mapping={"7|email|": 2, "7|*|a": 1, "5|email|": 9, "5|*|b": 9})
-    # Day "10" is today's; "7" is another zone's day still running, "5" a day past.
-    assert consume([("a", 2), ("b", 0)], chcap=4, day="10", stale=["+7|email|", "+7|*|a",
-                   "5|email|", "5|*|b"]) == ["a"]  # fmt: skip
-    assert redisdb.hget("contacts", "10|email|") == "3"  # 2 carried + 1
-    assert redisdb.hget("contacts", "10|*|a") == "2"  # a's own cap of 2 is now reached
-    assert not redisdb.hexists("contacts", "7|email|") and not redisdb.hexists("contacts", "5|*|b")
-    assert consume([("a", 2), ("b", 0)], slots=2, chcap=4, day="10") == ["b"]
-    assert consume([("b", 0)], chcap=4, day="10") == []  # 2 carried + 2 today: the cap of 4
+def test_script_adds_a_day_of_another_zone_to_today_and_drops_past_days(consume, redisdb):
+    today, other, past = 10 * 86400, 10 * 86400 - 7 * 3600, 9 * 86400
+    redisdb.hset(
+        "contacts",
+        mapping={
+            f"{other}|email|": 2,
+            f"{other}|*|a": 1,
+            f"{past}|email|": 9,
+            f"{past}|*|b": 9,
+            "last|email": 5.0,
+        },
+    )
+    now = today + 3600
+    run = dict(chcap=4, day=str(today), now=now)
+    assert consume([("a", 2), ("b", 0)], **run) == ["a"]
+    assert redisdb.hget("contacts", f"{today}|email|") == "3"  # 2 carried + 1
+    assert redisdb.hget("contacts", f"{today}|*|a") == "2"  # a's own cap of 2 is now reached
+    assert redisdb.hkeys("contacts") and not [
+        f for f in redisdb.hkeys("contacts") if f.startswith((f"{other}|", f"{past}|"))
+    ]
+    assert consume([("a", 2), ("b", 0)], slots=2, **run) == ["b"]
+    assert consume([("b", 0)], **run) == []  # 2 carried + 2 today: the cap of 4
+
+
+def test_script_counts_what_was_folded_after_its_caller_read(consume, redisdb):
+    """Found in review: a Decide that read the profile before a change of zone consumes
+    under the old day, after a Decide of the new zone folded that day into its own. The
+    script looks at every field, so the old day's Decide still sees the sends."""
+    old_day, new_day = 10 * 86400, 10 * 86400 + 9 * 3600
+    now = new_day + 60
+    assert consume([("a", 0)], chcap=2, day=str(old_day), now=now - 30) == ["a"]
+    assert consume([("b", 0)], chcap=2, day=str(new_day), now=now) == ["b"]  # folds old_day
+    assert consume([("c", 0)], chcap=2, day=str(old_day), now=now) == []  # read before: held
+    assert redisdb.hget("contacts", f"{old_day}|email|") == "2"  # folded back, nothing lost
 
 
 def test_script_skips_an_offer_at_its_own_cap_for_the_next(consume):

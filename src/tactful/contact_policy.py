@@ -77,18 +77,22 @@ class Capacity:
     open_again: float | None
 
 
-def carried_over(start: float, window: Window, now: float) -> bool:
-    """Whether counters of the day that began at ``start`` still count today, as ``window``'s.
+#: A day that began more than this before today's is over, even if it was a long (25-hour) day
+#: of another zone; yesterday in the same zone always began at least this long before today.
+CARRY_SECONDS = 23 * 3600
 
-    They do when that day is another zone's and has not ended: the customer moved to another
-    time zone today, and what they were sent in the day of the old zone still counts against
-    the new day's caps (a move of zone must never reset a cap). Message times are not kept,
-    so the whole old day is counted: a cap can only be met early, never passed. The day
+
+def carried_over(start: float, window: Window, now: float) -> bool:
+    """Whether counters of the day that began at ``start`` count today, as ``window``'s.
+
+    They do when that day is another zone's and overlaps today: the customer moved to another
+    time zone (today or yesterday), and what they were sent in the old zone's day may have
+    been sent today in the new one (a move of zone must never reset a cap). Message times are
+    not kept, so the whole old day counts: a cap can only be met early, never passed. The day
     before in the same zone is never carried: it began at least 23 hours (a spring-forward
-    day) before this one, and ended when this one began."""
-    return (
-        start != window.start and start <= now < start + 86400 and start > window.start - 23 * 3600
-    )
+    day) before this one, and ended when this one began. ``CONSUME_CONTACTS_LUA`` applies the
+    same rule, on every field of the hash, when it consumes."""
+    return start != window.start and window.start - CARRY_SECONDS < start <= now
 
 
 def counter_field(window: Window | str, channel: str, offer_id: str = "") -> str:
@@ -181,15 +185,18 @@ class ContactPolicy:
 #   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
 #   "last|<ch>"  when the channel was last used (for minimum gaps)
 #   "spent"  the last decision that consumed, and what: "<decision_id>\n<offer>\n<offer>..."
-# Fields of other days are dropped first (the n stale fields of ARGV); a field marked with a
-# leading '+' is a day of another zone that is still running (``carried_over``): its count is
-# added to today's field of the same channel and offer before it goes.
+# Fields of other days go first: a field of a day that overlaps today (another zone's, see
+# ``carried_over``: same rule, the script is the authority) is added to today's field of the
+# same channel and offer; a field of a day past is dropped. Every field of the hash is looked
+# at, not only those the caller read, so a Decide that read the profile before a change of
+# zone still counts what a Decide made after it folded into the new zone's day.
 # KEYS[1] contacts hash; KEYS[2] profile hash: the customer's own cap is read here, inside the
 # script, so a SetPreferences racing with Decides is honoured at once; KEYS[3] the user's
 # request ids hash (request_id -> "<decision_id>|<time>").
 # ARGV: day, now, channel, daily cap, channel cap, interruptive (1/0), gap seconds,
 #       counter TTL, slots wanted, decision id, request id ('' for none), request id TTL,
-#       n stale fields, stale fields..., then (offer_id, offer cap) pairs in the policy's
+#       n stale fields (other fields to drop: "last|<channel>" of long ago), stale fields...,
+#       then (offer_id, offer cap) pairs in the policy's
 #       order: the best-ranked offer wins the last unit of a cap.
 # Returns {'+', offers consumed...} (no offer when a cap or the gap left nothing), or
 # {'!', decision_id} when the request id already belongs to another decision made within its
@@ -197,6 +204,7 @@ class ContactPolicy:
 # Idempotent per decision: the same decision's write sent again (a retried round trip whose
 # reply was lost) gets the answer it got the first time, and counts nothing twice.
 CONSUME_CONTACTS_LUA = """
+local CARRY_SECONDS = @CARRY_SECONDS@
 local day, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local daily, chcap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ucap = tonumber(redis.call('HGET', KEYS[2], 'max_per_day') or '0')
@@ -226,18 +234,22 @@ if rid ~= '' then
   redis.call('HSET', KEYS[3], rid, decision .. '|' .. ARGV[2])
   redis.call('EXPIRE', KEYS[3], rttl)
 end
-for i = 14, 13 + n_stale do
-  local field = ARGV[i]
-  if string.sub(field, 1, 1) == '+' then
-    field = string.sub(field, 2)
-    local n = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-    local bar = string.find(field, '|', 1, true)
-    if n > 0 and bar then
-      redis.call('HINCRBY', KEYS[1], day .. string.sub(field, bar), n)
+local today = tonumber(day)
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local field = fields[i]
+  local bar = string.find(field, '|', 1, true)
+  local from = bar and tonumber(string.sub(field, 1, bar - 1))
+  if from and from ~= today then
+    if from > today - CARRY_SECONDS and from <= now then
+      redis.call('HINCRBY', KEYS[1], day .. string.sub(field, bar), tonumber(fields[i + 1]))
+      redis.call('HDEL', KEYS[1], field)
+    elseif from <= today - CARRY_SECONDS then
+      redis.call('HDEL', KEYS[1], field)
     end
   end
-  redis.call('HDEL', KEYS[1], field)
 end
+for i = 14, 13 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if gap > 0 then
   local last = tonumber(redis.call('HGET', KEYS[1], 'last|' .. channel) or '0')
   if now - last < gap then return {'+'} end
@@ -271,4 +283,4 @@ if #chosen > 1 then
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 return chosen
-"""
+""".replace("@CARRY_SECONDS@", str(CARRY_SECONDS))

@@ -307,13 +307,11 @@ class ModelCache:
 @dataclass(frozen=True, slots=True)
 class ContactPlan:
     """What consuming a decision's contacts needs: the user's day, the caps on this channel,
-    counter fields of past days to drop, and fields of another zone's day still running to
-    add to today's (see ``contact_policy.carried_over``)."""
+    and old fields to drop (counters of other days are the caps script's to fold or drop)."""
 
     window: Window
     limits: Limits
     stale: tuple[str, ...]
-    carried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +446,7 @@ class Decider:
                 decision = self._log_and_consume(req, draft, offers, now)
             except RequestTaken as taken:
                 return self._replay_winner(req, taken.decision_id, decision, inputs, now)
-        self._count(decision, req.channel, dry_run=req.dry_run)
+        self._count(decision, req.channel)
         return decision
 
     def _replay_winner(
@@ -493,7 +491,6 @@ class Decider:
                 gap_seconds=limits.gap_seconds,
                 slots=len(decision.choices),
                 stale=plan.stale,
-                carried=plan.carried,
                 ranked=[
                     (c.offer_id, offers[c.offer_id].max_per_user_per_day) for c in decision.choices
                 ],
@@ -512,6 +509,7 @@ class Decider:
                 return decision  # a page still renders; its view just goes uncounted
             return replace(decision, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
         if consumed is None or len(consumed) == len(decision.choices):
+            self._count_served(decision, req.channel)
             return decision
         assert plan is not None
         kept = tuple(c for c in decision.choices if c.offer_id in set(consumed))
@@ -529,6 +527,7 @@ class Decider:
             )
         with contextlib.suppress(Unavailable):
             self._log(req, served, draft, now, None)  # the record says what was served
+        self._count_served(served, req.channel)  # logged: the first write stored the record
         return served
 
     def _replay(
@@ -609,7 +608,7 @@ class Decider:
             return hold(HoldReason.QUIET_HOURS, quiet_until)
         # What today's counters (from the one read) still allow on this channel.
         window = self._contacts.window(now, profile)
-        counts, carried, past = _todays_counts(profile.contact_counters, window, now)
+        counts = _todays_counts(profile.contact_counters, window, now)
         limits = self._contacts.limits(req.channel, profile)
         last_contact = dict(profile.last_contacts).get(req.channel, 0.0)
         capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
@@ -642,10 +641,8 @@ class Decider:
         slots = req.slots or 1
         if capacity.remaining > 0:
             slots = min(slots, capacity.remaining)  # draw no more than the caps let through
-        stale = past + tuple(
-            f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30
-        )
-        plan = ContactPlan(window, limits, stale, carried)
+        stale = tuple(f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30)
+        plan = ContactPlan(window, limits, stale)
         if control:
             choices = tuple(
                 Choice(
@@ -754,7 +751,7 @@ class Decider:
             decision = Decision(
                 decision_id, (), HoldReason.STORE_UNAVAILABLE, FALLBACK_MODEL, Arm.FALLBACK
             )
-            self._count(decision, req.channel, dry_run=req.dry_run)
+            self._count(decision, req.channel)
             return decision
         # What this user said, if this process decided for them recently; sensitive offers
         # need an explicit LIKE we cannot check now, so they are never in a fallback, and
@@ -765,7 +762,7 @@ class Decider:
             decision = Decision(
                 decision_id, (), HoldReason.CHANNEL_OPTED_OUT, FALLBACK_MODEL, Arm.FALLBACK
             )
-            self._count(decision, req.channel, dry_run=req.dry_run)
+            self._count(decision, req.channel)
             return decision
         eligible = [
             o
@@ -784,7 +781,7 @@ class Decider:
         hold = HoldReason.NONE if choices else HoldReason.STORE_UNAVAILABLE
         metrics.FALLBACKS.labels("fallback" if choices else "held").inc()
         decision = Decision(decision_id, choices, hold, FALLBACK_MODEL, Arm.FALLBACK)
-        self._count(decision, req.channel, dry_run=req.dry_run)
+        self._count(decision, req.channel)
         return decision
 
     def _log(
@@ -831,15 +828,22 @@ class Decider:
             spend=spend,
         )
 
-    def _count(self, decision: Decision, channel: str, *, dry_run: bool) -> None:
-        # Channel names come from callers: only configured ones become label values.
-        label = channel if channel in self._known_channels else "other"
-        _decisions_counter(label, decision.arm, decision.hold_reason).inc()
+    def _count(self, decision: Decision, channel: str) -> None:
+        _decisions_counter(self._channel_label(channel), decision.arm, decision.hold_reason).inc()
         for choice in decision.choices:
             for reason in choice.reasons:
                 _choices_counter(reason.code).inc()
-        if decision.choices and not dry_run:
-            _served_counter(label, decision.arm).inc(len(decision.choices))
+
+    def _count_served(self, decision: Decision, channel: str) -> None:
+        """Offers served in a logged decision: the ones an outcome can be reported for (the
+        dashboard's CTR by arm divides by them). Dry runs, fallbacks and decisions whose log
+        write failed are not counted."""
+        if decision.choices:
+            _served_counter(self._channel_label(channel), decision.arm).inc(len(decision.choices))
+
+    def _channel_label(self, channel: str) -> str:
+        # Channel names come from callers: only configured ones become label values.
+        return channel if channel in self._known_channels else "other"
 
     def record_outcome(self, report: OutcomeReport) -> bool:
         """Store an outcome against its logged decision; True if new, False if a duplicate."""
@@ -940,26 +944,16 @@ def _fresh_replay(stored: str | None, now: float, policy: PolicySettings) -> str
 
 def _todays_counts(
     counters: Iterable[ContactCounter], window: Window, now: float
-) -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
-    """Today's counts by field of ``window``, with those of another zone's day that is still
-    running added in (the customer changed time zone today: the caps script folds them in
-    for good), and the fields that are not today's: (counts, carried, past)."""
+) -> dict[str, int]:
+    """Today's counts by field of ``window``, with those of another zone's day that overlaps
+    today added in (``carried_over``: the customer changed time zone; the caps script folds
+    them in for good when it next consumes). Counters of past days are left out."""
     counts: dict[str, int] = {}
-    carried: list[str] = []
-    past: list[str] = []
     for c in counters:
-        start = str(int(c.window_start))
-        if start == window.key:
+        if c.window_start == window.start or carried_over(c.window_start, window, now):
             field = counter_field(window, c.channel, c.offer_id)
             counts[field] = counts.get(field, 0) + c.count
-            continue
-        if carried_over(c.window_start, window, now):
-            carried.append(counter_field(start, c.channel, c.offer_id))
-            field = counter_field(window, c.channel, c.offer_id)
-            counts[field] = counts.get(field, 0) + c.count
-        else:
-            past.append(counter_field(start, c.channel, c.offer_id))
-    return counts, tuple(carried), tuple(past)
+    return counts
 
 
 def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:

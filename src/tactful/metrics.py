@@ -75,7 +75,9 @@ OUTCOMES = Counter(
 # the exact one (one success per offer served, with an interval); these are the live view.
 OFFERS_SERVED = Counter(
     "tactful_offers_served_total",
-    "Offers returned by Decide (not in dry runs), by channel (as tactful_decisions_total) and arm.",
+    "Offers returned by logged Decides (not dry runs, not fallbacks, not when the log write "
+    "failed): those an outcome can be reported for; by channel (as tactful_decisions_total) "
+    "and arm.",
     ["channel", "arm"],
 )
 ARM_OUTCOMES = Counter(

@@ -121,19 +121,17 @@ class ContactSpend:
     interruptive: bool
     gap_seconds: float
     slots: int
-    stale: Sequence[str]  # fields of past days, dropped
+    stale: Sequence[str]  # other fields to drop ("last|<channel>" of long ago)
     ranked: Sequence[tuple[str, int]]  # (offer_id, offer's own cap), best first
     decision_id: str = ""  # what the spend is for: a resent write counts nothing twice
     request_id: str = ""  # claimed by the script: "" for none
     request_id_ttl_seconds: int = 0
-    carried: Sequence[str] = ()  # fields of another zone's day still running: added to today's
 
     def args(self) -> list[Any]:
         out: list[Any] = [self.day, repr(self.now), self.channel, *self.caps]
         out += [int(self.interruptive), self.gap_seconds, COUNTERS_TTL_SECONDS, self.slots]
         out += [self.decision_id, self.request_id, self.request_id_ttl_seconds]
-        out += [len(self.stale) + len(self.carried), *self.stale]
-        out += ["+" + field for field in self.carried]
+        out += [len(self.stale), *self.stale]
         for offer_id, cap in self.ranked:
             out += [offer_id, cap]
         return out
