@@ -185,11 +185,15 @@ class ContactPolicy:
 #   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
 #   "last|<ch>"  when the channel was last used (for minimum gaps)
 #   "spent"  the last decision that consumed, and what: "<decision_id>\n<offer>\n<offer>..."
-# Fields of other days go first: a field of a day that overlaps today (another zone's, see
-# ``carried_over``: same rule, the script is the authority) is added to today's field of the
-# same channel and offer; a field of a day past is dropped. Every field of the hash is looked
-# at, not only those the caller read, so a Decide that read the profile before a change of
-# zone still counts what a Decide made after it folded into the new zone's day.
+#   "day"  the day every counter of the hash belongs to (this script keeps it so)
+# Fields of other days go first, when "day" is not the caller's day (a new day, a change of
+# time zone, or a hash from before "day" was kept): a field of a day that overlaps today
+# (another zone's, see ``carried_over``: same rule, the script is the authority) is added to
+# today's field of the same channel and offer; a field of a day past is dropped. Every field
+# of the hash is looked at, not only those the caller read, so a Decide that read the profile
+# before a change of zone still counts what a Decide made after it folded into the new
+# zone's day. Only then: on other calls the hash holds today's counters alone, and scanning
+# it (a field per offer served today) would cost Redis time on every Decide.
 # KEYS[1] contacts hash; KEYS[2] profile hash: the customer's own cap is read here, inside the
 # script, so a SetPreferences racing with Decides is honoured at once; KEYS[3] the user's
 # request ids hash (request_id -> "<decision_id>|<time>").
@@ -234,20 +238,23 @@ if rid ~= '' then
   redis.call('HSET', KEYS[3], rid, decision .. '|' .. ARGV[2])
   redis.call('EXPIRE', KEYS[3], rttl)
 end
-local today = tonumber(day)
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  local field = fields[i]
-  local bar = string.find(field, '|', 1, true)
-  local from = bar and tonumber(string.sub(field, 1, bar - 1))
-  if from and from ~= today then
-    if from > today - CARRY_SECONDS and from <= now then
-      redis.call('HINCRBY', KEYS[1], day .. string.sub(field, bar), tonumber(fields[i + 1]))
-      redis.call('HDEL', KEYS[1], field)
-    elseif from <= today - CARRY_SECONDS then
-      redis.call('HDEL', KEYS[1], field)
+if redis.call('HGET', KEYS[1], 'day') ~= day then
+  local today = tonumber(day)
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields, 2 do
+    local field = fields[i]
+    local bar = string.find(field, '|', 1, true)
+    local from = bar and tonumber(string.sub(field, 1, bar - 1))
+    if from and from ~= today then
+      if from > today - CARRY_SECONDS and from <= now then
+        redis.call('HINCRBY', KEYS[1], day .. string.sub(field, bar), tonumber(fields[i + 1]))
+        redis.call('HDEL', KEYS[1], field)
+      elseif from <= today - CARRY_SECONDS then
+        redis.call('HDEL', KEYS[1], field)
+      end
     end
   end
+  if #fields > 0 then redis.call('HSET', KEYS[1], 'day', day) end
 end
 for i = 14, 13 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if gap > 0 then
@@ -278,6 +285,7 @@ for i = 14 + n_stale, #ARGV, 2 do
   end
 end
 if #chosen > 1 then
+  redis.call('HSET', KEYS[1], 'day', day)
   redis.call('HSET', KEYS[1], 'last|' .. channel, ARGV[2])
   redis.call('HSET', KEYS[1], 'spent', decision .. '\\n' .. table.concat(chosen, '\\n', 2))
   redis.call('EXPIRE', KEYS[1], ttl)

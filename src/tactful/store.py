@@ -1519,8 +1519,8 @@ def _decode_profile(
     counters = []
     last_contacts = []
     for field, count in contacts.items():
-        if field == "spent":  # the caps script's note of its last decision, not a counter
-            continue
+        if field in ("spent", "day"):  # the caps script's notes (its last decision, the
+            continue  # day of the counters), not counters
         window, _, rest = field.partition("|")
         if window == "last":  # "last|<channel>" -> when that channel was last used
             last_contacts.append((rest, float(count)))
