@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tactful.contact_policy import (
     CONSUME_CONTACTS_LUA,
+    DAY_MARK,
     ContactPolicy,
     Limits,
     Window,
@@ -238,3 +239,17 @@ def test_no_cap_is_ever_exceeded_under_concurrency(redisdb, consume, cap, reques
         list(pool.map(one, requests))
     assert len(returned) <= cap
     assert int(redisdb.hget("contacts", "0|email|") or 0) == len(returned)
+
+
+def test_a_counter_of_a_day_not_begun_by_this_clock_keeps_the_hash_scanned(consume, redisdb):
+    """Found in review: servers' clocks differ. A Decide on a server a second behind, for a
+    customer read before a change of zone, meets the new zone's counter of a day that has
+    not begun by its clock: it keeps it, and must not mark the hash as all of its own day,
+    or the next Decide of that day would skip the scan and pass the cap."""
+    utc_day, new_york_day = 10 * 86400, 10 * 86400 + 5 * 3600
+    cap = dict(daily=2, chcap=0)
+    assert consume([("a", 0)], day=str(new_york_day), now=new_york_day + 0.5, **cap) == ["a"]
+    assert consume([("b", 0)], day=str(utc_day), now=new_york_day - 0.5, **cap) == ["b"]
+    assert not redisdb.hexists("contacts", DAY_MARK)
+    assert consume([("c", 0)], day=str(utc_day), now=new_york_day + 60, **cap) == []
+    assert redisdb.hget("contacts", DAY_MARK) == str(utc_day)  # folded: one day again

@@ -77,6 +77,12 @@ class Capacity:
     open_again: float | None
 
 
+#: The caps script's mark: the day every counter of the contacts hash belongs to. Named as a
+#: "last|<channel>" field because versions before the mark read such fields as a channel's
+#: last contact time, so they tolerate it during a rolling upgrade or a rollback (and no
+#: channel can be called "~day").
+DAY_MARK = "last|~day"
+
 #: A day that began more than this before today's is over, even if it was a long (25-hour) day
 #: of another zone; yesterday in the same zone always began at least this long before today.
 CARRY_SECONDS = 23 * 3600
@@ -185,9 +191,11 @@ class ContactPolicy:
 #   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
 #   "last|<ch>"  when the channel was last used (for minimum gaps)
 #   "spent"  the last decision that consumed, and what: "<decision_id>\n<offer>\n<offer>..."
-#   "day"  the day every counter of the hash belongs to (this script keeps it so)
-# Fields of other days go first, when "day" is not the caller's day (a new day, a change of
-# time zone, or a hash from before "day" was kept): a field of a day that overlaps today
+#   "last|~day"  the mark: the day every counter of the hash belongs to (``DAY_MARK``), kept
+#                by this script; absent while a counter of a day not yet begun (by this
+#                server's clock: another one's may be ahead) is in the hash
+# Fields of other days go first, when the mark is not the caller's day (a new day, a change of
+# time zone, or a hash from before the mark was kept): a field of a day that overlaps today
 # (another zone's, see ``carried_over``: same rule, the script is the authority) is added to
 # today's field of the same channel and offer; a field of a day past is dropped. Every field
 # of the hash is looked at, not only those the caller read, so a Decide that read the profile
@@ -208,7 +216,7 @@ class ContactPolicy:
 # Idempotent per decision: the same decision's write sent again (a retried round trip whose
 # reply was lost) gets the answer it got the first time, and counts nothing twice.
 CONSUME_CONTACTS_LUA = """
-local CARRY_SECONDS = @CARRY_SECONDS@
+local CARRY_SECONDS, DAY_MARK = @CARRY_SECONDS@, '@DAY_MARK@'
 local day, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local daily, chcap = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ucap = tonumber(redis.call('HGET', KEYS[2], 'max_per_day') or '0')
@@ -216,6 +224,13 @@ local interruptive, gap = ARGV[6] == '1', tonumber(ARGV[7])
 local ttl, want = ARGV[8], tonumber(ARGV[9])
 local decision, rid, rttl = ARGV[10], ARGV[11], tonumber(ARGV[12])
 local n_stale = tonumber(ARGV[13])
+local function mark(clean)
+  if clean then
+    redis.call('HSET', KEYS[1], DAY_MARK, day)
+  else
+    redis.call('HDEL', KEYS[1], DAY_MARK)
+  end
+end
 local spent = redis.call('HGET', KEYS[1], 'spent')
 if spent then
   local parts = {}
@@ -238,7 +253,8 @@ if rid ~= '' then
   redis.call('HSET', KEYS[3], rid, decision .. '|' .. ARGV[2])
   redis.call('EXPIRE', KEYS[3], rttl)
 end
-if redis.call('HGET', KEYS[1], 'day') ~= day then
+local clean = true  -- no counter of another day is left in the hash
+if redis.call('HGET', KEYS[1], DAY_MARK) ~= day then
   local today = tonumber(day)
   local fields = redis.call('HGETALL', KEYS[1])
   for i = 1, #fields, 2 do
@@ -251,10 +267,12 @@ if redis.call('HGET', KEYS[1], 'day') ~= day then
         redis.call('HDEL', KEYS[1], field)
       elseif from <= today - CARRY_SECONDS then
         redis.call('HDEL', KEYS[1], field)
+      else
+        clean = false  -- a day not begun by our clock: kept, and looked at again next time
       end
     end
   end
-  if #fields > 0 then redis.call('HSET', KEYS[1], 'day', day) end
+  if #fields > 0 then mark(clean) end
 end
 for i = 14, 13 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if gap > 0 then
@@ -285,10 +303,10 @@ for i = 14 + n_stale, #ARGV, 2 do
   end
 end
 if #chosen > 1 then
-  redis.call('HSET', KEYS[1], 'day', day)
+  mark(clean)
   redis.call('HSET', KEYS[1], 'last|' .. channel, ARGV[2])
   redis.call('HSET', KEYS[1], 'spent', decision .. '\\n' .. table.concat(chosen, '\\n', 2))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 return chosen
-""".replace("@CARRY_SECONDS@", str(CARRY_SECONDS))
+""".replace("@CARRY_SECONDS@", str(CARRY_SECONDS)).replace("@DAY_MARK@", DAY_MARK)

@@ -34,7 +34,7 @@ from redis.retry import Retry
 
 from tactful import keys, metrics
 from tactful.breaker import CircuitBreaker, CircuitOpen
-from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS
+from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS, DAY_MARK
 from tactful.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from tactful.model import (
     Attribute,
@@ -1519,8 +1519,8 @@ def _decode_profile(
     counters = []
     last_contacts = []
     for field, count in contacts.items():
-        if field in ("spent", "day"):  # the caps script's notes (its last decision, the
-            continue  # day of the counters), not counters
+        if field in ("spent", DAY_MARK):  # the caps script's notes (its last decision,
+            continue  # the day of the counters), not counters
         window, _, rest = field.partition("|")
         if window == "last":  # "last|<channel>" -> when that channel was last used
             last_contacts.append((rest, float(count)))
