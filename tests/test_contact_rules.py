@@ -184,7 +184,7 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
             # at once can pass the render path's 10 ms, and the held answers would then say
             # STORE_UNAVAILABLE (tests/test_breaker.py covers that).
             TACTFUL_REDIS_SOCKET_TIMEOUT_MS="1000",
-            TACTFUL_REDIS_BREAKER_FAILURES="0",
+            TACTFUL_REDIS_BREAKER_FAILURE_RATE="0",
         )
         for port in ports
     ]

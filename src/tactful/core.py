@@ -366,7 +366,9 @@ class HardRules:
 
 class RecentRules:
     """The hard rules of users this process decided for recently, kept in memory so an answer
-    made while Redis is down still honours what they said (bounded LRU)."""
+    made while Redis is down still honours what they said (bounded LRU). Whoever learns of a
+    change keeps it current: Decide when it reads a profile, SetPreferences when it writes
+    one, and DeleteProfile, which forgets the user."""
 
     def __init__(self, size: int = 50_000) -> None:
         self._size = size
@@ -384,6 +386,10 @@ class RecentRules:
         with self._lock:
             return self._rules.get(user_id)
 
+    def forget(self, user_id: str) -> None:
+        with self._lock:
+            self._rules.pop(user_id, None)
+
 
 class Decider:
     def __init__(
@@ -394,6 +400,7 @@ class Decider:
         settings: Settings,
         *,
         clock: Clock = time.time,
+        recent: RecentRules | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -410,7 +417,7 @@ class Decider:
         self._seed_key = self._seed.to_bytes(8, "big")
         self._thread_rng = threading.local()  # one generator per serving thread (see _rng)
         self._contacts = ContactPolicy(settings.contact)
-        self._recent = RecentRules()
+        self._recent = recent or RecentRules()
         self._known_channels = frozenset(
             (*settings.policy.render_time_channels, *settings.contact.interruptive_channels)
         ) | {channel for channel, _ in settings.contact.channel_caps}
@@ -422,18 +429,21 @@ class Decider:
         validation.require(validation.check_decide(req))
         now = self._clock()
         decision_id = uuid.uuid4().hex
+        profile: Profile | None = None
         try:
             read_at = time.monotonic()
             inputs = self._store.read_for_decision(user_id=req.user_id, request_id=req.request_id)
+            profile = inputs.profile
             replay = _fresh_replay(inputs.replay_decision_id, now, self._policy)
             if replay:
-                logged = self._store.get_logged_decision(decision_id=replay)
+                logged = self._store.get_logged_decision(decision_id=replay, render=True)
                 if logged is not None:
                     return self._replay(req, decision_from_log(logged.payload), inputs, now)
             snapshot = self._catalog.snapshot(inputs.catalog_version, read_at=read_at)
             model = self._models.model(inputs.model_version, read_at=read_at)
         except Unavailable:
-            return self._without_store(req, decision_id, now)
+            # What was read (if the profile was) is the freshest account of what the user said.
+            return self._without_store(req, decision_id, now, profile)
 
         offers = snapshot.offers
         draft = self._choose(req, inputs.profile, snapshot, model, decision_id, now)
@@ -463,7 +473,7 @@ class Decider:
         on another node and may land a moment later, hence the few short waits."""
         for attempt in range(REPLAY_WAIT_ATTEMPTS):
             with contextlib.suppress(Unavailable):
-                logged = self._store.get_logged_decision(decision_id=winner)
+                logged = self._store.get_logged_decision(decision_id=winner, render=True)
                 if logged is not None:
                     return self._replay(req, decision_from_log(logged.payload), inputs, now)
             if attempt + 1 < REPLAY_WAIT_ATTEMPTS:
@@ -742,10 +752,14 @@ class Decider:
     def _decayed(self, signals: Sequence[Signal], now: float) -> dict[str, float]:
         return {s.topic: decay(s, now, self._half_life) for s in signals}
 
-    def _without_store(self, req: DecideRequest, decision_id: str, now: float) -> Decision:
+    def _without_store(
+        self, req: DecideRequest, decision_id: str, now: float, profile: Profile | None = None
+    ) -> Decision:
         """Redis is down or slow. A page being rendered still gets an answer from the
         in-process catalog by business priority; a message that would be sent (email, push,
-        sms) is held, since no preference or cap can be checked."""
+        sms) is held, since no cap can be checked. The hard rules are the ``profile``'s, when
+        it was read before the store failed (the catalog or model load), else what this
+        process last knew of the user."""
         if req.channel not in self._policy.render_time_channels:
             metrics.FALLBACKS.labels("held").inc()
             decision = Decision(
@@ -758,6 +772,9 @@ class Decider:
         # neither are targeted ones (segments or excluded_segments): memberships rest on the
         # profile we cannot read now, and a rule we cannot check must not widen an audience.
         rules = self._recent.get(req.user_id)
+        if profile is not None:
+            rules = HardRules.of(profile, now)
+            self._recent.remember(req.user_id, rules)
         if rules is not None and req.channel in rules.opted_out:
             decision = Decision(
                 decision_id, (), HoldReason.CHANNEL_OPTED_OUT, FALLBACK_MODEL, Arm.FALLBACK
@@ -1014,15 +1031,26 @@ def decision_from_log(payload: Mapping[str, Any]) -> Decision:
 
 
 class ProfileService:
-    def __init__(self, store: Store, settings: Settings, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Clock = time.time,
+        recent: RecentRules | None = None,
+    ) -> None:
         self._store = store
         self._half_life = settings.policy.signal_half_life_hours * 3600.0
         self._clock = clock
+        # The Decider's memory of hard rules, kept current here (see RecentRules).
+        self._recent = recent or RecentRules()
 
     def set_preferences(self, update: PreferencesUpdate) -> Profile:
         validation.require(validation.check_preferences(update))
         now = self._clock()
-        return self._present(self._store.set_preferences(update=update, now=now), now)
+        profile = self._store.set_preferences(update=update, now=now)
+        self._recent.remember(update.user_id, HardRules.of(profile, now))
+        return self._present(profile, now)
 
     def set_attributes(self, update: AttributesUpdate) -> Profile:
         """Merge stated or imported facts about the user; the store stamps them with now and
@@ -1051,6 +1079,7 @@ class ProfileService:
     def delete_profile(self, user_id: str) -> None:
         validation.require(validation.check_user_id(user_id))
         self._store.delete_profile(user_id=user_id)
+        self._recent.forget(user_id)
 
     def _present(self, profile: Profile, now: float) -> Profile:
         """The profile as the customer should see it: signals decayed to now, every list in

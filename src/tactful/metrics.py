@@ -167,3 +167,19 @@ def redis_errors(operation: str) -> Counter:
     if child is None:
         child = _redis_errors[operation] = REDIS_ERRORS.labels(operation)
     return child
+
+
+REDIS_RETRIES = Counter(
+    "tactful_redis_retries_total",
+    "Store operations tried again after a timeout or a dropped connection (within their "
+    "budget), by operation: a healthy but busy Redis shows here, not in the errors.",
+    ["operation"],
+)
+_redis_retries: dict[str, Counter] = {}
+
+
+def redis_retries(operation: str) -> Counter:
+    child = _redis_retries.get(operation)
+    if child is None:
+        child = _redis_retries[operation] = REDIS_RETRIES.labels(operation)
+    return child

@@ -29,6 +29,7 @@ def client(settings: Settings, url: str) -> Any:
         socket_timeout=settings.redis.socket_timeout_ms / 1000,
         connect_timeout=settings.redis.connect_timeout_ms / 1000,
         max_connections=settings.redis.max_connections,
+        retries=0,  # the store retries what may be sent again, within each call's budget
     )
 
 
@@ -45,12 +46,22 @@ def redis_store(settings: Settings, url: str) -> RedisStore:
     return RedisStore.for_settings(client(settings, url), settings)
 
 
+#: How long a bulk command's batch may wait for Redis (retries included): nobody renders a page
+#: while it waits, and a batch of 500 profiles is one round trip.
+BULK_BUDGET_SECONDS = 10.0
+
+
 def bulk_store(settings: Settings, url: str) -> RedisStore:
     """A store for a bulk command (import, export): the learner's patient client (a batch of
     500 users is not a render-path call) and no circuit breaker (every error is worth seeing)."""
     from tactful.store import RedisStore
 
-    return RedisStore.for_settings(learner_client(settings, url), settings, breaker=False)
+    return RedisStore.for_settings(
+        learner_client(settings, url),
+        settings,
+        breaker=False,
+        write_budget_seconds=BULK_BUDGET_SECONDS,
+    )
 
 
 def start_learner(settings: Settings, url: str, stop: threading.Event) -> threading.Thread:

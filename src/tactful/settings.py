@@ -134,10 +134,18 @@ class RedisSettings:
     socket_timeout_ms: float = _setting(
         "TACTFUL_REDIS_SOCKET_TIMEOUT_MS",
         10.0,
-        "Per-command timeout, kept well inside a render-time deadline: past it Decide answers "
-        "without the store (fallback or hold) and writes return UNAVAILABLE. With the circuit "
-        "breaker it bounds a Decide on a frozen Redis to about this plus a millisecond "
-        "(bench/faults.py).",
+        "Budget of Decide's render-time Redis read and write (and of the rate limiter's "
+        "check), never longer than what is left of the call's deadline: past it Decide answers "
+        "without the store (fallback or hold), so a slow Redis still gives a fast answer.",
+        min=1.0,
+    )
+    write_timeout_ms: float = _setting(
+        "TACTFUL_REDIS_WRITE_TIMEOUT_MS",
+        1000.0,
+        "Budget of every other store call (preferences, attributes, signals, outcomes, "
+        "erasure, catalog, profile and model reads): it waits for Redis as long as the call's "
+        "deadline allows, up to this when the call has none or a longer one; idempotent calls "
+        "are retried on a timeout or a dropped connection within it. Past it: UNAVAILABLE.",
         min=1.0,
     )
     connect_timeout_ms: float = _setting(
@@ -146,13 +154,29 @@ class RedisSettings:
     max_connections: int = _setting(
         "TACTFUL_REDIS_MAX_CONNECTIONS", 64, "Connection pool size per process.", min=1
     )
-    breaker_failures: int = _setting(
-        "TACTFUL_REDIS_BREAKER_FAILURES",
-        3,
-        "Store errors in a row that open the circuit breaker: while open, store calls fail at "
-        "once (Decide answers without the store) instead of each waiting out a timeout "
-        "(0: no breaker).",
-        min=0,
+    breaker_failure_rate: float = _setting(
+        "TACTFUL_REDIS_BREAKER_FAILURE_RATE",
+        0.5,
+        "Share of failed store calls, over the breaker's window, that opens the circuit "
+        "breaker: while open, store calls fail at once (Decide answers without the store) "
+        "instead of each waiting out its budget. A refused connection opens it at once; a "
+        "slow call that succeeded is no failure (0: no breaker).",
+        min=0.0,
+        max=1.0,
+    )
+    breaker_min_calls: int = _setting(
+        "TACTFUL_REDIS_BREAKER_MIN_CALLS",
+        20,
+        "Least store calls in the window before a failure rate can open the circuit: a few "
+        "calls that time out together in one slow moment are no evidence that Redis is down.",
+        min=1,
+    )
+    breaker_window_seconds: float = _setting(
+        "TACTFUL_REDIS_BREAKER_WINDOW_SECONDS",
+        2.0,
+        "The sliding window the failure rate is measured over.",
+        min=0.1,
+        max=600.0,
     )
     breaker_open_seconds: float = _setting(
         "TACTFUL_REDIS_BREAKER_OPEN_SECONDS",

@@ -20,8 +20,9 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import hiredis
 import orjson
@@ -32,7 +33,7 @@ from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from tactful import keys, metrics
+from tactful import deadline, keys, metrics, validation
 from tactful.breaker import CircuitBreaker, CircuitOpen
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS, DAY_MARK
 from tactful.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
@@ -57,6 +58,8 @@ from tactful.model import (
 from tactful.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: A client of one Redis server, or of a Redis Cluster (TACTFUL_REDIS_URL redis+cluster://).
 Client = redis.Redis | RedisCluster
@@ -200,7 +203,9 @@ class Store(Protocol):
 
     def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None: ...
 
-    def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None: ...
+    def get_logged_decision(
+        self, *, decision_id: str, render: bool = False
+    ) -> LoggedDecision | None: ...
 
     def record_outcome(
         self, *, decision_id: str, offer_id: str, outcome_id: str, outcome: dict[str, Any]
@@ -240,7 +245,9 @@ class Store(Protocol):
 # Adds inferred signals, decaying what is stored to the new observation's time, atomically,
 # and only for a user who consented to the use of their behaviour (returns 0 otherwise: the
 # signals are not kept at all). KEYS[1] signals hash, KEYS[2] profile hash; ARGV[1] half-life
-# seconds (0: replace, see below); then (topic, weight, observed_at) triples.
+# seconds (0: replace, see below), ARGV[2] the most topics a user may have signals of; then
+# (topic, weight, observed_at) triples. Returns 1 (kept), 0 (no consent), or minus the count of
+# topics the call would have left when that is over the cap (nothing written).
 # RecordSignals adds observations, so sending the same ones twice counts them twice. A bulk
 # import sends a signal's *state* (its weight at observed_at, as GetProfile and the export
 # show it) with half-life 0: the stored value of the topic is replaced, not added to, so
@@ -248,8 +255,13 @@ class Store(Protocol):
 _RECORD_SIGNALS_LUA = """
 local consent = redis.call('HGET', KEYS[2], 'consent')
 if not consent or string.sub(consent, 1, 1) ~= '1' then return 0 end
-local half_life = tonumber(ARGV[1])
-for i = 2, #ARGV, 3 do
+local half_life, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local count = redis.call('HLEN', KEYS[1])
+for i = 3, #ARGV, 3 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then count = count + 1 end
+end
+if count > cap then return -count end
+for i = 3, #ARGV, 3 do
   local topic, w, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local old = false
   if half_life > 0 then old = redis.call('HGET', KEYS[1], topic) end
@@ -266,6 +278,49 @@ for i = 2, #ARGV, 3 do
   redis.call('HSET', KEYS[1], topic, string.format('%.17g|%.6f', w, t))
 end
 return 1
+"""
+
+# SetPreferences, atomically: the stances to clear and to set, the signals deleted if consent
+# is withdrawn, and the whole profile returned as it is right after. A user holds at most
+# ARGV[1] topic stances and ARGV[2] channel choices: a call that would leave more changes
+# nothing and returns {0, kind ('t' or 'c'), count}. KEYS profile, signals, contacts,
+# cooldowns, attributes hashes; ARGV the two caps, withdrawn (1/0), number of fields to clear,
+# those fields, then (field, value) pairs to set.
+_SET_PREFERENCES_LUA = """
+local n_clear = tonumber(ARGV[4])
+local first_set = 5 + n_clear
+local new = {t = 0, c = 0}
+for i = first_set, #ARGV, 2 do
+  local kind = string.sub(ARGV[i], 1, 2)
+  if (kind == 't:' or kind == 'c:') and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    new[string.sub(kind, 1, 1)] = new[string.sub(kind, 1, 1)] + 1
+  end
+end
+if new.t + new.c > 0 then
+  local held = {t = 0, c = 0}
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    local kind = string.sub(field, 1, 2)
+    if kind == 't:' or kind == 'c:' then
+      held[string.sub(kind, 1, 1)] = held[string.sub(kind, 1, 1)] + 1
+    end
+  end
+  local cleared = {t = 0, c = 0}
+  for i = 5, first_set - 1 do
+    local kind = string.sub(ARGV[i], 1, 1)
+    if cleared[kind] and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+      cleared[kind] = cleared[kind] + 1
+    end
+  end
+  for kind, cap in pairs({t = tonumber(ARGV[1]), c = tonumber(ARGV[2])}) do
+    local count = held[kind] - cleared[kind] + new[kind]
+    if new[kind] > 0 and count > cap then return {0, kind, count} end
+  end
+end
+if n_clear > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 5, first_set - 1)) end
+if first_set <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first_set, #ARGV)) end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) end
+return {1, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+  redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5])}
 """
 
 # Merges attributes, all from one source, atomically, and returns the whole profile as it is
@@ -473,6 +528,9 @@ local chosen = false
 for _, id in ipairs(decision['offer_ids']) do if id == ARGV[1] then chosen = true end end
 if not chosen then return {-2, false} end
 local status = redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+-- The very same outcome (same JSON, same time) already there: a retried attempt of the
+-- call that stored it, which must get that call's answer.
+if status == 0 and redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then status = 1 end
 if status == 1 then
   local ttl = redis.call('TTL', KEYS[1])
   if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
@@ -590,23 +648,96 @@ return 0
 """
 
 
-@contextlib.contextmanager
-def store_errors(operation: str) -> Iterator[None]:
-    """Time one store operation, and turn 'Redis is unreachable' into the domain's
-    Unavailable (counted); let bugs through."""
-    start = time.perf_counter()
-    try:
-        yield
-    except STORE_DOWN_ERRORS as exc:
-        metrics.redis_errors(operation).inc()
-        raise Unavailable(f"store unavailable: {type(exc).__name__}") from exc
-    except redis.exceptions.ResponseError as exc:
-        if not write_refused(exc):
-            raise
-        metrics.redis_errors(operation).inc()
-        raise Unavailable("store unavailable: a script's write was refused") from exc
-    finally:
-        metrics.redis_seconds(operation).observe(time.perf_counter() - start)
+class NotSent(redis.exceptions.ConnectionError):
+    """No connection to Redis could be made: the command was never sent, so even a call
+    that must not run twice can be tried again."""
+
+
+#: ``time.monotonic()`` by which the store attempt in progress must have its reply (a
+#: ``ContextVar``: each serving thread has its own); None: the client's own socket timeout.
+_ATTEMPT_DEADLINE: ContextVar[float | None] = ContextVar("tactful_attempt_deadline", default=None)
+#: The least time an attempt is given: a socket timeout of 0 would mean "non-blocking".
+_MIN_ATTEMPT_SECONDS = 0.0005
+
+
+class _Budgeted:
+    """Mixed into a redis-py connection class: its socket timeout is the current attempt's
+    budget (what is left until ``_ATTEMPT_DEADLINE``), set on every send, so one pool serves
+    calls with different budgets: a render-time read, a write that may wait a second. A
+    failure to connect is ``NotSent``."""
+
+    _sock: Any
+    socket_timeout: float | None
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise NotSent(str(exc)) from exc
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect_check_health(check_health=False)
+        if self._sock is not None:
+            deadline = _ATTEMPT_DEADLINE.get()
+            if deadline is None:
+                self._sock.settimeout(self.socket_timeout)
+            else:
+                self._sock.settimeout(max(_MIN_ATTEMPT_SECONDS, deadline - time.monotonic()))
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+class _BudgetedConnection(_Budgeted, redis.Connection):
+    pass
+
+
+class _BudgetedUnixConnection(_Budgeted, redis.UnixDomainSocketConnection):
+    pass
+
+
+class _BudgetedSSLConnection(_Budgeted, redis.SSLConnection):
+    pass
+
+
+_CONNECTION_CLASSES = {
+    "unix": _BudgetedUnixConnection,
+    "rediss": _BudgetedSSLConnection,
+    "redis": _BudgetedConnection,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How long one store operation may wait for Redis, retries included: ``seconds``, or
+    what is left of the call's deadline, less a margin to answer without the store (a
+    fallback, an error), if that is sooner."""
+
+    seconds: float
+
+    def deadline(self) -> float:
+        now = time.monotonic()
+        at = now + self.seconds
+        left = deadline.seconds_left()
+        if left is not None:
+            at = min(at, now + left - max(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * left))
+        return max(at, now + _MIN_ATTEMPT_SECONDS)
+
+
+#: What a call keeps of its deadline to answer once the store has failed it: this share of what
+#: is left, and at least this long (an answer still has to be built, and the machine may be busy).
+DEADLINE_MARGIN_SHARE = 0.1
+DEADLINE_MARGIN_SECONDS = 0.002
+#: Waits between attempts of an idempotent operation: the first, doubled each time.
+RETRY_FIRST_WAIT_SECONDS = 0.002
+RETRY_MAX_WAIT_SECONDS = 0.05
+#: Errors after which an idempotent operation is tried again (within its budget).
+RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,  # NotSent and BusyLoadingError among them
+    redis.exceptions.TimeoutError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    OSError,
+)
 
 
 def connect(
@@ -615,11 +746,14 @@ def connect(
     socket_timeout: float,
     connect_timeout: float,
     max_connections: int,
+    retries: int = 1,
     **options: Any,
 ) -> Client:
-    """A client tuned for the render path: short timeouts, and one immediate retry on a
-    broken connection only (enough to replace a connection a restarted Redis closed). A
-    timeout is not retried: a slow Redis would otherwise cost the caller twice.
+    """A client whose commands time out after ``socket_timeout``, or after the budget a
+    ``RedisStore`` operation sets for its attempt (``_BudgetedConnection``). redis-py itself
+    retries a command ``retries`` times on a broken connection (a timeout is never retried
+    by it); the server's store passes 0 and retries by itself, knowing which operations are
+    idempotent and how long each may wait.
 
     ``redis+cluster://host:port`` (or ``rediss+cluster://``) names a Redis Cluster by any
     one of its nodes: redis-py's ``RedisCluster`` finds the others and routes each command
@@ -628,30 +762,43 @@ def connect(
     errors, timeouts and a cluster that is down, so on a cluster a timed-out command may be
     sent once more."""
     scheme, _, rest = url.partition("://")
+    base_scheme = scheme.removesuffix(CLUSTER_SUFFIX)
+    connection_class = options.pop("connection_class", None)
+    if connection_class is None:
+        connection_class = _CONNECTION_CLASSES.get(base_scheme, _BudgetedConnection)
+    elif not issubclass(connection_class, _Budgeted):  # a caller's own (tests observe trips)
+        connection_class = type(connection_class.__name__, (_Budgeted, connection_class), {})
     common: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
         "max_connections": max_connections,
         "health_check_interval": 0,
+        "connection_class": connection_class,
     }
     if scheme.endswith(CLUSTER_SUFFIX):
         return RedisCluster.from_url(
-            f"{scheme.removesuffix(CLUSTER_SUFFIX)}://{rest}",
+            f"{base_scheme}://{rest}",
             retry=Retry(NoBackoff(), 1),
             **common,
             **options,
         )
     return redis.Redis.from_url(
         url,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        retry_on_error=[redis.exceptions.ConnectionError],
+        retry=Retry(NoBackoff(), retries, supported_errors=(redis.exceptions.ConnectionError,)),
+        retry_on_error=[redis.exceptions.ConnectionError] if retries else [],
         **common,
         **options,
     )
 
 
 class RedisStore:
+    """The store on Redis. Every operation runs through ``_run``: behind the circuit breaker,
+    within its budget (``render`` for what a page waits for, ``write`` for the rest; both
+    bounded by the call's deadline), tried again on a timeout or a dropped connection while
+    its budget lasts if it is idempotent, and turned into ``Unavailable`` when Redis cannot
+    be reached."""
+
     def __init__(
         self,
         client: Client,
@@ -660,14 +807,19 @@ class RedisStore:
         decision_ttl_seconds: int,
         request_id_ttl_seconds: int,
         breaker: CircuitBreaker | None = None,
+        render_budget_seconds: float = 0.01,
+        write_budget_seconds: float = 1.0,
     ) -> None:
         self.client = client
         # No breaker given: one that never opens (tools and tests that want every error).
-        self.breaker = breaker or CircuitBreaker(failures=0, open_seconds=0.0)
+        self.breaker = breaker or CircuitBreaker.never()
+        self.render = Budget(render_budget_seconds)
+        self.write = Budget(write_budget_seconds)
         self._half_life = signal_half_life_seconds
         self._decision_ttl = decision_ttl_seconds
         self._request_ttl = request_id_ttl_seconds
         self._record_signals = client.register_script(_RECORD_SIGNALS_LUA)
+        self._set_preferences = client.register_script(_SET_PREFERENCES_LUA)
         self._set_attributes = client.register_script(_SET_ATTRIBUTES_LUA)
         self._import_profile = client.register_script(_IMPORT_PROFILE_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
@@ -681,53 +833,104 @@ class RedisStore:
 
     @classmethod
     def for_settings(
-        cls, client: redis.Redis, settings: Settings, *, breaker: bool = True
+        cls,
+        client: Client,
+        settings: Settings,
+        *,
+        breaker: bool = True,
+        write_budget_seconds: float | None = None,
     ) -> RedisStore:
         """The store as the settings describe it; ``breaker=False`` for tools that want to
-        see every error (bulk commands), not a circuit that opened."""
+        see every error (bulk commands), not a circuit that opened, and may wait longer
+        (``write_budget_seconds``)."""
+        redis_settings = settings.redis
         return cls(
             client,
             signal_half_life_seconds=settings.policy.signal_half_life_hours * 3600,
             decision_ttl_seconds=settings.policy.decision_ttl_seconds,
             request_id_ttl_seconds=settings.policy.request_id_ttl_seconds,
             breaker=CircuitBreaker(
-                failures=settings.redis.breaker_failures,
-                open_seconds=settings.redis.breaker_open_seconds,
+                failure_rate=redis_settings.breaker_failure_rate,
+                min_calls=redis_settings.breaker_min_calls,
+                window_seconds=redis_settings.breaker_window_seconds,
+                open_seconds=redis_settings.breaker_open_seconds,
             )
             if breaker
             else None,
+            render_budget_seconds=redis_settings.socket_timeout_ms / 1000,
+            write_budget_seconds=write_budget_seconds or redis_settings.write_timeout_ms / 1000,
         )
 
-    @contextlib.contextmanager
-    def _guarded(self, operation: str) -> Iterator[None]:
-        """``store_errors`` behind the circuit breaker: while the circuit is open the store
-        is not asked at all, and the caller gets ``Unavailable`` at once."""
+    def _run(
+        self,
+        operation: str,
+        attempt: Callable[[], _T],
+        *,
+        budget: Budget,
+        idempotent: bool = True,
+    ) -> _T:
+        """``attempt()`` behind the circuit breaker and within ``budget``: while the circuit
+        is open the store is not asked at all. A timeout or a dropped connection is tried
+        again while the budget lasts if the operation is idempotent (whatever it is, if the
+        connection could not even be made: nothing was sent). What is still failing then is
+        ``Unavailable`` (counted); a bug or a script error goes through as it is."""
         try:
             self.breaker.before_call()
         except CircuitOpen:
             metrics.redis_errors(operation).inc()
             raise Unavailable("store unavailable: circuit open") from None
+        start = time.perf_counter()
+        until = budget.deadline()
+        wait = RETRY_FIRST_WAIT_SECONDS
         try:
-            with store_errors(operation):
-                yield
-        except Unavailable as exc:
-            if write_refused(exc.__cause__):
-                # Redis answered: a full or read-only Redis still serves every read, so
-                # Decide keeps personalising (its log write is counted as lost) instead of
-                # falling back for everyone.
+            while True:
+                token = _ATTEMPT_DEADLINE.set(until)
+                try:
+                    result = attempt()
+                except STORE_DOWN_ERRORS as exc:
+                    if write_refused(exc):
+                        raise self._refused(operation, exc) from exc
+                    retry = isinstance(exc, NotSent) or (
+                        idempotent and isinstance(exc, RETRYABLE_ERRORS)
+                    )
+                    if retry and time.monotonic() + wait + _MIN_ATTEMPT_SECONDS < until:
+                        metrics.redis_retries(operation).inc()
+                        time.sleep(wait)
+                        wait = min(wait * 2, RETRY_MAX_WAIT_SECONDS)
+                        continue
+                    # Refused twice (or once, with no time left to ask again): nothing
+                    # listens, which no slow moment explains. A timeout is only a rate.
+                    conclusive = isinstance(exc, redis.exceptions.ConnectionError) and not (
+                        isinstance(exc, redis.exceptions.BusyLoadingError)
+                    )
+                    self.breaker.failed(conclusive=conclusive)
+                    metrics.redis_errors(operation).inc()
+                    raise Unavailable(f"store unavailable: {type(exc).__name__}") from exc
+                except redis.exceptions.ResponseError as exc:
+                    if write_refused(exc):
+                        raise self._refused(operation, exc) from exc
+                    self.breaker.succeeded()  # the store answered; the error is not its health
+                    raise
+                except BaseException:
+                    self.breaker.succeeded()
+                    raise
+                finally:
+                    _ATTEMPT_DEADLINE.reset(token)
                 self.breaker.succeeded()
-            else:
-                self.breaker.failed()
-            raise
-        except BaseException:
-            self.breaker.succeeded()  # the store answered; the error is not its health
-            raise
-        else:
-            self.breaker.succeeded()
+                return result
+        finally:
+            metrics.redis_seconds(operation).observe(time.perf_counter() - start)
+
+    def _refused(self, operation: str, exc: Exception) -> Unavailable:
+        """Redis answered, refusing the write (full, or read-only): a full or read-only Redis
+        still serves every read, so this is no reason to open the circuit (Decide keeps
+        personalising, its log write counted as lost, instead of falling back for everyone)."""
+        self.breaker.succeeded()
+        metrics.redis_errors(operation).inc()
+        return Unavailable("store unavailable: the write was refused")
 
     def ping(self) -> bool:
-        with self._guarded("ping"):
-            return bool(self.client.ping())
+        return self._run("ping", lambda: bool(self.client.ping()), budget=self.write)
 
     # --- decisions ------------------------------------------------------------------------
 
@@ -744,8 +947,9 @@ class RedisStore:
         ]
         if request_id:
             commands.append(("HGET", k.requests, request_id))
-        with self._guarded("read_for_decision"):
-            replies = self._round_trip(commands)
+        replies = self._run(
+            "read_for_decision", lambda: self._round_trip(commands), budget=self.render
+        )
         profile = _decode_profile(user_id, *(_as_dict(reply) for reply in replies[:5]))
         return DecisionInputs(
             profile=profile,
@@ -758,10 +962,13 @@ class RedisStore:
         """Check every cap and consume one unit per offer returned, atomically: the offers
         (in the policy's order) that fit; see ``contact_policy.CONSUME_CONTACTS_LUA``."""
         k = keys.UserKeys.of(user_id)
-        with self._guarded("consume_contacts"):
-            reply = self._consume_contacts(
+        reply = self._run(
+            "consume_contacts",
+            lambda: self._consume_contacts(
                 keys=[k.contacts, k.profile, k.requests], args=spend.args()
-            )
+            ),
+            budget=self.render,
+        )
         return _consumed(reply)
 
     def add_cooldowns(self, *, user_key: str, fields: Sequence[str], until: float) -> None:
@@ -770,8 +977,7 @@ class RedisStore:
         pipe.hset(k.cooldowns, mapping={field: repr(until) for field in fields})
         # Every cooldown lasts the same time, so the newest ends last: the key goes with it.
         pipe.expireat(k.cooldowns, int(until) + 1)
-        with self._guarded("add_cooldowns"):
-            pipe.execute()
+        self._run("add_cooldowns", pipe.execute, budget=self.write)
 
     def log_decision(
         self,
@@ -823,15 +1029,18 @@ class RedisStore:
             args = spend.args()
             commands.insert(0, ("EVALSHA", script.sha, 3, k.contacts, k.profile, k.requests, *args))
         try:
-            with self._guarded("log_decision"):
-                try:
-                    replies = self._round_trip(commands)
-                except redis.exceptions.NoScriptError:
-                    if spend is None:
-                        raise
-                    # Redis restarted or was flushed since redis-py cached the script: the
-                    # log went through; redis-py's Script loads the script and runs it.
-                    return self.consume_contacts(user_id=user_id, spend=spend)
+            try:
+                # Idempotent: the record, index and window are sets; the caps script counts
+                # a decision once however often it is sent (its ``spent`` mark).
+                replies = self._run(
+                    "log_decision", lambda: self._round_trip(commands), budget=self.render
+                )
+            except redis.exceptions.NoScriptError:
+                if spend is None:
+                    raise
+                # Redis restarted or was flushed since redis-py cached the script: the
+                # log went through; redis-py's Script loads the script and runs it.
+                return self.consume_contacts(user_id=user_id, spend=spend)
             if claim_at is not None and not replies[claim_at]:
                 self._check_claim(k.requests, request_id, replies[claim_at + 1], claim, made_at)
             return None if spend is None else _consumed(replies[0])
@@ -855,22 +1064,29 @@ class RedisStore:
             return
         if owner and (not made or now - float(made) <= self._request_ttl):
             raise RequestTaken(owner_id)
-        with self._guarded("log_decision"):
-            self.client.hset(requests_key, request_id, claim)
+        self._run(
+            "log_decision",
+            lambda: self.client.hset(requests_key, request_id, claim),
+            budget=self.render,
+        )
 
     def _forget_decision(self, user_id: str, decision_id: str) -> None:
-        with self._guarded("log_decision"):
-            self._round_trip(
-                [
-                    ("DEL", keys.DecisionKeys.of(decision_id).record),
-                    ("ZREM", keys.AWAITING, decision_id),
-                    ("SREM", keys.UserKeys.of(user_id).decisions, decision_id),
-                ]
-            )
+        commands: list[tuple[Any, ...]] = [
+            ("DEL", keys.DecisionKeys.of(decision_id).record),
+            ("ZREM", keys.AWAITING, decision_id),
+            ("SREM", keys.UserKeys.of(user_id).decisions, decision_id),
+        ]
+        self._run("log_decision", lambda: self._round_trip(commands), budget=self.render)
 
-    def get_logged_decision(self, *, decision_id: str) -> LoggedDecision | None:
-        with self._guarded("get_logged_decision"):
-            raw = self.client.get(keys.DecisionKeys.of(decision_id).record)
+    def get_logged_decision(
+        self, *, decision_id: str, render: bool = False
+    ) -> LoggedDecision | None:
+        """The logged decision; ``render``: for a Decide (a replay), on the render budget."""
+        raw = self._run(
+            "get_logged_decision",
+            lambda: self.client.get(keys.DecisionKeys.of(decision_id).record),
+            budget=self.render if render else self.write,
+        )
         if raw is None:
             return None
         return LoggedDecision(decision_id=decision_id, payload=json.loads(raw))
@@ -883,61 +1099,96 @@ class RedisStore:
         one in the stream's (see ``_SEND_REWARD_LUA``). A duplicate outcome_id sends again
         too: a no-op, unless the first attempt failed between the two."""
         k = keys.DecisionKeys.of(decision_id)
-        with self._guarded("record_outcome"):
-            reply = self._record_outcome(
+        # Both scripts are idempotent, so both are retried: the first answers "recorded"
+        # again when it finds this very outcome (same JSON, same time) already stored.
+        reply: Any = self._run(
+            "record_outcome",
+            lambda: self._record_outcome(
                 keys=[k.record, k.outcomes],
                 args=[offer_id, outcome_id, json.dumps(outcome, separators=(",", ":"))],
+            ),
+            budget=self.write,
+        )
+        status, record = reply[0], reply[1]
+        arm = reply[2] if len(reply) > 2 else ""
+        if record is not None and int(status) >= 0:
+            vector = json.loads(record)["features"][offer_id]
+            args = [
+                decision_id,
+                offer_id,
+                repr(float(outcome["reward"])),
+                json.dumps(vector, separators=(",", ":")),
+                repr(float(outcome["ts"])),
+            ]
+            self._run(
+                "record_outcome",
+                lambda: self._send_reward(
+                    keys=[keys.AWAITING, keys.LEARNED, keys.OUTCOME_STREAM], args=args
+                ),
+                budget=self.write,
             )
-            status, record = reply[0], reply[1]
-            arm = reply[2] if len(reply) > 2 else ""
-            if record is not None and int(status) >= 0:
-                vector = json.loads(record)["features"][offer_id]
-                self._send_reward(
-                    keys=[keys.AWAITING, keys.LEARNED, keys.OUTCOME_STREAM],
-                    args=[
-                        decision_id,
-                        offer_id,
-                        repr(float(outcome["reward"])),
-                        json.dumps(vector, separators=(",", ":")),
-                        repr(float(outcome["ts"])),
-                    ],
-                )
         return RecordedOutcome(int(status), arm if isinstance(arm, str) else "")
 
     # --- profiles -------------------------------------------------------------------------
 
     def get_profile(self, *, user_id: str) -> Profile:
         k = keys.UserKeys.of(user_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(k.profile)
-        pipe.hgetall(k.signals)
-        pipe.hgetall(k.contacts)
-        pipe.hgetall(k.cooldowns)
-        pipe.hgetall(k.attributes)
-        with self._guarded("get_profile"):
-            replies = pipe.execute()
+
+        def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(k.profile)
+            pipe.hgetall(k.signals)
+            pipe.hgetall(k.contacts)
+            pipe.hgetall(k.cooldowns)
+            pipe.hgetall(k.attributes)
+            return pipe.execute()
+
+        replies = self._run("get_profile", read, budget=self.write)
         return _decode_profile(user_id, *replies)
 
     def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile:
+        """Merge the preferences and return the profile right after, atomically (one script:
+        all or nothing, and no concurrent writer in between). A call that would leave the
+        user more topic stances or channel choices than ``validation`` allows writes nothing
+        and raises ``InvalidArgument`` naming the bound."""
         k = keys.UserKeys.of(update.user_id)
         to_set, to_clear, withdrawn = _preference_fields(update, now)
-        # One MULTI/EXEC: the merge is all or nothing, and the profile we return is the state
-        # right after it, not after a concurrent writer.
-        pipe = self.client.pipeline(transaction=True)
-        if to_clear:
-            pipe.hdel(k.profile, *to_clear)
-        if to_set:
-            pipe.hset(k.profile, mapping=to_set)  # type: ignore[arg-type]
-        if withdrawn:  # no consent, no behaviour kept: what was inferred goes with it
-            pipe.delete(k.signals)
-        pipe.hgetall(k.profile)
-        pipe.hgetall(k.signals)
-        pipe.hgetall(k.contacts)
-        pipe.hgetall(k.cooldowns)
-        pipe.hgetall(k.attributes)
-        with self._guarded("set_preferences"):
-            replies = pipe.execute()
-        return _decode_profile(update.user_id, *replies[-5:])
+        args: list[Any] = [
+            validation.MAX_TOPIC_PREFERENCES_PER_USER,
+            validation.MAX_CHANNEL_PREFERENCES_PER_USER,
+            1 if withdrawn else 0,
+            len(to_clear),
+            *to_clear,
+            *itertools.chain.from_iterable(to_set.items()),
+        ]
+        # Idempotent: every field is set to a value stamped with ``now``, taken once.
+        reply: Any = self._run(
+            "set_preferences",
+            lambda: self._set_preferences(
+                keys=[k.profile, k.signals, k.contacts, k.cooldowns, k.attributes], args=args
+            ),
+            budget=self.write,
+        )
+        if not int(reply[0]):
+            field, what, limit = (
+                ("topic_preferences", "topic stances", validation.MAX_TOPIC_PREFERENCES_PER_USER)
+                if reply[1] == "t"
+                else (
+                    "channel_preferences",
+                    "channel choices",
+                    validation.MAX_CHANNEL_PREFERENCES_PER_USER,
+                )
+            )
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        field,
+                        f"a user holds at most {limit} {what}; this would leave {reply[2]} "
+                        "(set some to NEUTRAL first)",
+                    )
+                ]
+            )
+        return _decode_profile(update.user_id, *(_as_dict(hash_) for hash_ in reply[1:]))
 
     def set_attributes(self, *, update: AttributesUpdate, now: float, limit: int) -> Profile:
         """Merge the attributes (STATED outranks IMPORTED, an empty value removes; see
@@ -948,10 +1199,14 @@ class RedisStore:
         args: list[Any] = [int(update.source or 0), f"{now:.6f}", limit, update.user_id]
         for name, value in update.attributes:
             args += [name, value]
-        with self._guarded("set_attributes"):
-            reply: Any = self._set_attributes(
+        # Idempotent: the same values with the same stamp, and the cap counts what they leave.
+        reply: Any = self._run(
+            "set_attributes",
+            lambda: self._set_attributes(
                 keys=[k.attributes, k.profile, k.signals, k.contacts, k.cooldowns], args=args
-            )
+            ),
+            budget=self.write,
+        )
         if not int(reply[0]):
             raise InvalidArgument(
                 [
@@ -966,17 +1221,37 @@ class RedisStore:
     def record_signals(self, *, user_id: str, signals: Sequence[Signal]) -> bool:
         """Keep the signals if the user consented; False (and nothing kept) otherwise."""
         k = keys.UserKeys.of(user_id)
-        args: list[Any] = [self._half_life]
+        args: list[Any] = [self._half_life, validation.MAX_SIGNAL_TOPICS_PER_USER]
         for signal in signals:
             args += [signal.topic, repr(float(signal.weight)), f"{signal.observed_at:.6f}"]
-        with self._guarded("record_signals"):
-            return bool(self._record_signals(keys=[k.signals, k.profile], args=args))
+        # Not idempotent: observations add up, so a second attempt after a timeout could
+        # count them twice. Tried again only when the first was never sent.
+        kept = int(
+            self._run(
+                "record_signals",
+                lambda: self._record_signals(keys=[k.signals, k.profile], args=args),
+                budget=self.write,
+                idempotent=False,
+            )
+        )
+        if kept < 0:
+            limit = validation.MAX_SIGNAL_TOPICS_PER_USER
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "signals",
+                        f"a user holds signals of at most {limit} topics; this would leave {-kept}",
+                    )
+                ]
+            )
+        return bool(kept)
 
     def delete_profile(self, *, user_id: str) -> None:
         """Erasure: the user's keys, and every decision logged for them with its outcomes
         (they hold a pseudonym, a key digest and the request context)."""
         k = keys.UserKeys.of(user_id)
-        with self._guarded("delete_profile"):
+
+        def erase() -> None:
             decision_ids: Any = list(self.client.smembers(k.decisions))
             if decision_ids:
                 # Not a transaction: each decision has its own slot (a pipeline on a cluster
@@ -990,6 +1265,8 @@ class RedisStore:
                 pipe.hdel(keys.LEARNED, *decision_ids)
                 pipe.execute()
             self.client.delete(*k.all())
+
+        self._run("delete_profile", erase, budget=self.write)
 
     # --- bulk import and export ---------------------------------------------------------
 
@@ -1031,14 +1308,17 @@ class RedisStore:
             for signal in record.signals:
                 args += (signal.topic, repr(signal.weight), f"{signal.observed_at:.6f}")
             commands.append(tuple(args))
-        with self._guarded("write_profiles"):
+
+        def write() -> list[Any]:
             try:
-                replies = self._round_trip(commands)
+                return self._round_trip(commands)
             except redis.exceptions.NoScriptError:
                 # A Redis that never ran the script (or restarted): load it and write the
                 # batch again, which sets the same state.
                 self.client.script_load(_IMPORT_PROFILE_LUA)
-                replies = self._round_trip(commands)
+                return self._round_trip(commands)
+
+        replies = self._run("write_profiles", write, budget=self.write)
         results = []
         for reply in replies:
             refused, signals = divmod(int(reply), 3)
@@ -1068,8 +1348,7 @@ class RedisStore:
         commands: list[tuple[Any, ...]] = []
         for k in users:
             commands += (("HGETALL", k.profile), ("HGETALL", k.signals), ("HGETALL", k.attributes))
-        with self._guarded("scan_profiles"):
-            replies = self._round_trip(commands)
+        replies = self._run("scan_profiles", lambda: self._round_trip(commands), budget=self.write)
         for i in range(0, len(replies), 3):
             fields = _as_dict(replies[i])
             if not fields:  # deleted since the SCAN found it
@@ -1081,12 +1360,17 @@ class RedisStore:
     # --- catalog --------------------------------------------------------------------------
 
     def catalog_version(self) -> int:
-        with self._guarded("catalog_version"):
-            return int(self.client.get(keys.CATALOG_VERSION) or 0)
+        version = self._run(
+            "catalog_version", lambda: self.client.get(keys.CATALOG_VERSION), budget=self.write
+        )
+        return int(version or 0)
 
     def load_model(self, *, version: int) -> bytes | None:
-        with self._guarded("load_model"):
-            raw: Any = _undecoded(self.client, "GET", keys.model_snapshot(version))
+        raw: Any = self._run(
+            "load_model",
+            lambda: _undecoded(self.client, "GET", keys.model_snapshot(version)),
+            budget=self.write,
+        )
         return None if raw is None else bytes(raw)
 
     def load_catalog(self) -> tuple[int, list[Offer], list[Segment]]:
@@ -1103,8 +1387,9 @@ class RedisStore:
             ("GET", keys.CATALOG_VERSION),
         ]
         for _ in range(CATALOG_READ_ATTEMPTS):
-            with self._guarded("load_catalog"):
-                version, raw_offers, raw_segments, version_after = self._round_trip(commands)
+            version, raw_offers, raw_segments, version_after = self._run(
+                "load_catalog", lambda: self._round_trip(commands), budget=self.write
+            )
             if version == version_after:
                 break
         else:
@@ -1117,11 +1402,14 @@ class RedisStore:
         """Put the offer if every segment it names exists (checked in the same script);
         ``InvalidArgument`` naming each missing one otherwise, and nothing written."""
         named = list(dict.fromkeys((*offer.segments, *offer.excluded_segments)))
-        with self._guarded("put_offer"):
-            missing: Any = self._put_offer(
+        missing: Any = self._run(
+            "put_offer",
+            lambda: self._put_offer(
                 keys=[keys.CATALOG_OFFERS, keys.CATALOG_SEGMENTS, keys.CATALOG_VERSION],
                 args=[offer.offer_id, json.dumps(asdict(offer)), *named],
-            )
+            ),
+            budget=self.write,
+        )
         if missing:
             unknown = set(missing)
             raise InvalidArgument(
@@ -1137,26 +1425,34 @@ class RedisStore:
             )
 
     def get_offer(self, *, offer_id: str) -> Offer | None:
-        with self._guarded("get_offer"):
-            raw = self.client.hget(keys.CATALOG_OFFERS, offer_id)
+        raw = self._run(
+            "get_offer", lambda: self.client.hget(keys.CATALOG_OFFERS, offer_id), budget=self.write
+        )
         return None if raw is None else _decode_offer(str(raw))
 
     def delete_offer(self, *, offer_id: str) -> bool:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(keys.CATALOG_OFFERS, offer_id)
-        pipe.incr(keys.CATALOG_VERSION)
-        with self._guarded("delete_offer"):
-            deleted, _ = pipe.execute()
+
+        def delete() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hdel(keys.CATALOG_OFFERS, offer_id)
+            pipe.incr(keys.CATALOG_VERSION)
+            return pipe.execute()
+
+        # Not retried after a timeout: a second attempt would find nothing and say so.
+        deleted, _ = self._run("delete_offer", delete, budget=self.write, idempotent=False)
         return bool(deleted)
 
     def put_segment(self, *, segment: Segment, limit: int) -> None:
         """Create or replace the segment; a new one when the catalog holds ``limit`` already
         is ``FailedPrecondition`` (checked in the same script)."""
-        with self._guarded("put_segment"):
-            put = self._put_segment(
+        put = self._run(
+            "put_segment",
+            lambda: self._put_segment(
                 keys=[keys.CATALOG_SEGMENTS, keys.CATALOG_VERSION],
                 args=[segment.segment_id, json.dumps(asdict(segment)), limit],
-            )
+            ),
+            budget=self.write,
+        )
         if not int(put):
             raise FailedPrecondition(
                 f"the catalog holds {limit} segments, the most TACTFUL_MAX_SEGMENTS allows: "
@@ -1164,18 +1460,26 @@ class RedisStore:
             )
 
     def get_segment(self, *, segment_id: str) -> Segment | None:
-        with self._guarded("get_segment"):
-            raw = self.client.hget(keys.CATALOG_SEGMENTS, segment_id)
+        raw = self._run(
+            "get_segment",
+            lambda: self.client.hget(keys.CATALOG_SEGMENTS, segment_id),
+            budget=self.write,
+        )
         return None if raw is None else _decode_segment(str(raw))
 
     def delete_segment(self, *, segment_id: str) -> bool:
         """Delete the segment; False if there is none. ``FailedPrecondition`` naming the
         offers when offers still name it (nothing deleted)."""
-        with self._guarded("delete_segment"):
-            reply: Any = self._delete_segment(
+        # Not retried after a timeout: a second attempt would find nothing and say so.
+        reply: Any = self._run(
+            "delete_segment",
+            lambda: self._delete_segment(
                 keys=[keys.CATALOG_SEGMENTS, keys.CATALOG_OFFERS, keys.CATALOG_VERSION],
                 args=[segment_id],
-            )
+            ),
+            budget=self.write,
+            idempotent=False,
+        )
         status = int(reply[0])
         if status < 0:
             offers = sorted(str(o) for o in reply[1:])
@@ -1191,8 +1495,15 @@ class RedisStore:
 
     def take_token(self, *, bucket: str, rate: float, burst: float) -> float:
         """Take a token from ``bucket``: 0.0 if taken, else the seconds to wait for one."""
-        with self._guarded("rate_limit"):
-            return float(self._take_token(keys=[bucket], args=[rate, burst]))
+        # On the render budget (it delays every call), and not retried: a second attempt
+        # could take a second token.
+        wait = self._run(
+            "rate_limit",
+            lambda: self._take_token(keys=[bucket], args=[rate, burst]),
+            budget=self.render,
+            idempotent=False,
+        )
+        return float(wait)
 
 
 def _undecoded(client: Client, *command: Any) -> Any:
@@ -1385,17 +1696,13 @@ def _single_node_round_trip(
     """The commands in one write, then their replies: one round trip on one pooled
     connection, what a non-transactional pipeline sends, minus a pipeline's per-command
     bookkeeping (command stack, options, response callbacks, observability hooks), which
-    costs more client time than Redis spends on the commands. As with a pipeline, a broken
-    connection is retried once by the client's Retry policy, and a timeout is not."""
+    costs more client time than Redis spends on the commands. Not retried here: the
+    store's ``_run`` knows whether the commands may be sent again, and for how long."""
     conn = pool.get_connection()
     try:
-        replies: list[Any] = conn.retry.call_with_retry(
-            lambda: _exchange(conn, commands),
-            lambda _error: conn.disconnect(),  # type: ignore[no-untyped-call]
-        )
+        return _exchange(conn, commands)
     finally:
         pool.release(conn)
-    return replies
 
 
 def _exchange(conn: redis.Connection, commands: Sequence[tuple[Any, ...]]) -> list[Any]:

@@ -37,6 +37,12 @@ MAX_MESSAGES_PER_DAY = 1000
 MAX_PAGE_SIZE = 1000
 MAX_ATTRIBUTES_PER_CALL = 64
 MAX_ATTRIBUTES_PER_USER = 128  # enforced by the store, atomically with the merge
+# Per user, also enforced by the store atomically with the write: what one user can grow to,
+# so that every Decide for them reads a bounded profile (and no one user can make Redis slow
+# for everyone).
+MAX_TOPIC_PREFERENCES_PER_USER = 1000
+MAX_CHANNEL_PREFERENCES_PER_USER = 100
+MAX_SIGNAL_TOPICS_PER_USER = 1000
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_SEGMENTS_PER_OFFER = 32  # in segments and in excluded_segments, each
 MAX_SEGMENT_DESCRIPTION_CHARS = 1000

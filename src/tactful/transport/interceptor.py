@@ -18,7 +18,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter
 
-from tactful import metrics
+from tactful import deadline, metrics
 from tactful.errors import (
     Abandoned,
     FailedPrecondition,
@@ -155,7 +155,9 @@ class ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed in queue")
                 if isinstance(request, Undecodable):
                     raise InvalidArgument([request.violation])
-                return behavior(request, context)
+                # The store sizes its Redis budgets from what is left of it.
+                with deadline.call_deadline(remaining):
+                    return behavior(request, context)
             except TactfulError as error:
                 context.abort_with_status(rpc_status.to_status(to_status(error)))
             except Exception:

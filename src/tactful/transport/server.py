@@ -11,7 +11,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tactful.core import CatalogCache, CatalogService, Decider, ModelCache, ProfileService
+from tactful.core import (
+    CatalogCache,
+    CatalogService,
+    Decider,
+    ModelCache,
+    ProfileService,
+    RecentRules,
+)
 from tactful.features import FeatureSpace
 from tactful.settings import Settings
 from tactful.store import Store
@@ -127,9 +134,12 @@ def build_server(
     catalog_cache = CatalogCache(store)
     space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
     models = ModelCache(store, space, settings.learning.kappa)
-    decider = Decider(store, catalog_cache, models, settings)
+    # What this process knows of each recent user's hard rules, for answers without the
+    # store: Decide fills it, SetPreferences and DeleteProfile keep it current.
+    recent = RecentRules()
+    decider = Decider(store, catalog_cache, models, settings, recent=recent)
     catalog = CatalogService(store, catalog_cache, settings.segments)
-    profiles = ProfileService(store, settings)
+    profiles = ProfileService(store, settings, recent=recent)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(
