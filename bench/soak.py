@@ -32,7 +32,9 @@ stops, a read-back of acknowledged writes (``--sample``, 500, of each kind, one 
 time, 5 s deadlines): GetProfile must show the last acknowledged stance of each sampled
 (user, topic) (a refused write may have been applied after all: such a stance is counted
 apart, not as missing); an acknowledged outcome sent again must answer ``recorded=false``
-(``recorded=true`` or NOT_FOUND: missing). From the server's /metrics, each phase's increase
+(``recorded=true`` or NOT_FOUND: missing). Outcomes refused during the load are sent again,
+as a client would: NOT_FOUND then means the decision was answered but never logged, an
+outcome that can no longer be joined. From the server's /metrics, each phase's increase
 of ``tactful_redis_errors_total`` by operation, the circuit-breaker transitions, decision-log
 failures and store fallbacks.
 
@@ -174,6 +176,7 @@ class Ledger:
 
     preferences: dict[tuple[str, str], Written] = field(default_factory=dict)
     outcomes: list[decisioning_pb2.ReportOutcomeRequest] = field(default_factory=list)
+    refused_outcomes: list[decisioning_pb2.ReportOutcomeRequest] = field(default_factory=list)
 
 
 def code_of(error: grpc.RpcError) -> str:
@@ -278,7 +281,10 @@ class Client:
         except grpc.RpcError as error:
             code = code_of(error)
             self.tally.errors[REPORT_OUTCOME, code] += 1
-            self.tally.outcomes_not_found += code == "NOT_FOUND"
+            if code == "NOT_FOUND":
+                self.tally.outcomes_not_found += 1
+            else:
+                self.ledger.refused_outcomes.append(request)  # a client would send it again
             return
         if response.recorded:
             self.ledger.outcomes.append(request)
@@ -305,6 +311,12 @@ class ReadBack:
     outcomes_checked: int = 0
     outcomes_missing: int = 0
     outcomes_unchecked: int = 0
+    # Outcomes refused during the load (not NOT_FOUND), sent again after it, as a client would:
+    retried: int = 0
+    retried_recorded: int = 0
+    retried_duplicate: int = 0  # the refused report had been recorded after all
+    retried_not_found: int = 0  # its decision was answered but never logged: the join is lost
+    retried_failed: int = 0
 
 
 @dataclass
@@ -349,6 +361,7 @@ class PhaseResult:
             "acknowledged preferences missing": self.readback.preferences_missing,
             "acknowledged outcomes missing": self.readback.outcomes_missing,
             "outcomes NOT_FOUND": self.tally.outcomes_not_found,
+            "refused outcomes NOT_FOUND when sent again": self.readback.retried_not_found,
         }
 
     def targets(self) -> list[tuple[str, str, bool]]:
@@ -473,6 +486,7 @@ def run_phase(name: str, clients: list[Client], server: Server, options: Options
         tally.merge(client.tally)
         ledger.preferences.update(client.ledger.preferences)
         ledger.outcomes += client.ledger.outcomes
+        ledger.refused_outcomes += client.ledger.refused_outcomes
     readback = read_back(clients[0], ledger, options, random.Random(options.seed))
     return PhaseResult(
         name, seconds, tally, readback, metrics, stalls_sent[0], load_before, load_after
@@ -534,6 +548,21 @@ def read_back(client: Client, ledger: Ledger, options: Options, rng: random.Rand
             continue
         out.outcomes_checked += 1
         out.outcomes_missing += response.recorded  # recorded again: the first was lost
+    refused = ledger.refused_outcomes
+    for request in rng.sample(refused, min(options.sample, len(refused))):
+        out.retried += 1
+        try:
+            response = patiently(client.decisioning.ReportOutcome, request)
+        except grpc.RpcError as error:
+            if code_of(error) == "NOT_FOUND":
+                out.retried_not_found += 1
+            else:
+                out.retried_failed += 1
+            continue
+        if response.recorded:
+            out.retried_recorded += 1
+        else:
+            out.retried_duplicate += 1
     return out
 
 
@@ -697,6 +726,9 @@ def phase_text(result: PhaseResult, options: Options) -> list[str]:
         f"{rb.preferences_missing} missing ({rb.preferences_refused_applied} showed a refused "
         f"write, {rb.preferences_unchecked} unchecked); {rb.outcomes_checked} acknowledged "
         f"outcomes, {rb.outcomes_missing} missing ({rb.outcomes_unchecked} unchecked)",
+        f"  refused outcomes sent again after the load: {rb.retried}: recorded "
+        f"{rb.retried_recorded}, already recorded {rb.retried_duplicate}, NOT_FOUND (decision "
+        f"never logged) {rb.retried_not_found}, failed {rb.retried_failed}",
         "  server: redis errors by operation: "
         f"{_labelled(m['tactful_redis_errors_total'], 'operation')}; breaker transitions: "
         f"{_labelled(m['tactful_redis_circuit_transitions_total'], 'state')}",

@@ -4,7 +4,8 @@ loop SetPreferences, Decide (100 ms deadline), ReportOutcome, first with Redis l
 then with ``CLIENT PAUSE 25 ALL`` every second.
 
 Counts, not times: no write refused, no acknowledged write missing when read back, no outcome
-NOT_FOUND for an answered personalised decision, in both phases. The fallback share is a rate
+NOT_FOUND for an answered personalised decision (when first reported, or when a refused report
+is sent again after the load), in both phases. The fallback share is a rate
 target of the bench (``bench/soak.py``), not asserted here. One run serves both tests: the
 first checks that the run did the work it reports on, so the second cannot pass by doing
 nothing.
