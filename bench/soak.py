@@ -729,7 +729,7 @@ def phase_text(result: PhaseResult, options: Options) -> list[str]:
         f"  refused outcomes sent again after the load: {rb.retried}: recorded "
         f"{rb.retried_recorded}, already recorded {rb.retried_duplicate}, NOT_FOUND (decision "
         f"never logged) {rb.retried_not_found}, failed {rb.retried_failed}",
-        "  server: redis errors by operation: "
+        "  server: redis errors by operation (with calls the open circuit refused): "
         f"{_labelled(m['tactful_redis_errors_total'], 'operation')}; breaker transitions: "
         f"{_labelled(m['tactful_redis_circuit_transitions_total'], 'state')}",
         "          decision log failures "
