@@ -434,15 +434,28 @@ def increase(
     return out
 
 
-def stall_redis(socket: Path, options: Options, stop: threading.Event, sent: list[int]) -> None:
-    """``CLIENT PAUSE <ms> ALL`` every ``stall_every_s`` until ``stop``."""
-    client = redis.Redis(unix_socket_path=str(socket), socket_timeout=2.0)
-    try:
-        while not stop.wait(options.stall_every_s):
-            client.execute_command("CLIENT", "PAUSE", options.stall_ms, "ALL")
-            sent[0] += 1
-    finally:
-        client.close()
+class Stalls:
+    """``CLIENT PAUSE <ms> ALL`` to the embedded redis-server every ``stall_every_s``, from a
+    thread of its own, until stopped."""
+
+    def __init__(self, socket: Path, options: Options) -> None:
+        self.socket = socket
+        self.every_s = options.stall_every_s
+        self.ms = options.stall_ms
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2.0)
+        try:
+            while not stop.wait(self.every_s):
+                client.execute_command("CLIENT", "PAUSE", self.ms, "ALL")
+                self.sent += 1
+        except BaseException as exc:  # the phase stops and raises it: no stalls, no figures
+            self.error = exc
+            stop.set()
+        finally:
+            client.close()
 
 
 def run_phase(name: str, clients: list[Client], server: Server, options: Options) -> PhaseResult:
@@ -456,15 +469,10 @@ def run_phase(name: str, clients: list[Client], server: Server, options: Options
         threading.Thread(target=c.run, args=(stop,), name=f"soak-client-{c.index}", daemon=True)
         for c in clients
     ]
-    stalls_sent = [0]
+    stalls = Stalls(server.redis_socket, options)
     if name == "stalls":
         threads.append(
-            threading.Thread(
-                target=stall_redis,
-                args=(server.redis_socket, options, stop, stalls_sent),
-                name="soak-stalls",
-                daemon=True,
-            )
+            threading.Thread(target=stalls.run, args=(stop,), name="soak-stalls", daemon=True)
         )
     start = time.monotonic()
     try:
@@ -479,6 +487,8 @@ def run_phase(name: str, clients: list[Client], server: Server, options: Options
     for client in clients:
         if client.error is not None:
             raise RuntimeError(f"client {client.index} failed") from client.error
+    if stalls.error is not None:
+        raise RuntimeError("could not pause redis-server") from stalls.error
     load_after = os.getloadavg()[0]
     metrics = increase(before, scrape(server.metrics_port))
     tally, ledger = Tally(), Ledger()
@@ -489,7 +499,7 @@ def run_phase(name: str, clients: list[Client], server: Server, options: Options
         ledger.refused_outcomes += client.ledger.refused_outcomes
     readback = read_back(clients[0], ledger, options, random.Random(options.seed))
     return PhaseResult(
-        name, seconds, tally, readback, metrics, stalls_sent[0], load_before, load_after
+        name, seconds, tally, readback, metrics, stalls.sent, load_before, load_after
     )
 
 

@@ -24,7 +24,7 @@ import soak
 pytestmark = pytest.mark.slow
 
 OPTIONS = soak.Options(
-    seconds=4.0, threads=3, workers=2, users=100, sample=300, stall_every_s=1.0, stall_ms=25
+    seconds=4.0, threads=3, workers=2, users=100, sample=200, stall_every_s=1.0, stall_ms=25
 )
 
 
