@@ -188,3 +188,15 @@ def test_a_frozen_store_opens_the_circuit_and_service_returns_when_it_does(redis
             time.sleep(0.02)
         assert arm == d.ARM_PERSONALIZED
         assert store.breaker.state == CLOSED
+
+
+def test_only_the_probe_closes_an_open_circuit():
+    """A call let through before the circuit opened may still come back with an answer: one
+    late success is no proof that Redis is back (the probe is)."""
+    clock = Clock()
+    breaker = rate_breaker(clock)
+    breaker.failed(conclusive=True)
+    breaker.succeeded()  # a call that was in flight when it opened
+    assert breaker.state == OPEN
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()

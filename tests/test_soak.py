@@ -46,7 +46,6 @@ def test_the_short_soak_does_what_it_reports_on(run: tuple[list[soak.PhaseResult
     assert results[1].stalls_sent >= 2, report
 
 
-@pytest.mark.xfail(reason="issue 14: fixed by the store budget/breaker change", strict=False)
 def test_no_write_refused_or_lost_under_load_and_stalls(run: tuple[list[soak.PhaseResult], str]):
     results, report = run
     counts = {f"{r.name}: {what}": n for r in results for what, n in r.must_be_zero().items()}

@@ -102,7 +102,9 @@ class CircuitBreaker:
             return
         with self._lock:
             self._record(failed=False)
-            if self._state != CLOSED:
+            # Only the probe closes an open circuit: a call let through before it opened
+            # may still come back, and one late answer is no proof that Redis is back.
+            if self._state == HALF_OPEN:
                 self._probing = False
                 self._move(CLOSED)
 

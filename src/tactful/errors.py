@@ -35,7 +35,9 @@ class FailedPrecondition(TactfulError):
 
 
 class Unavailable(TactfulError):
-    """The store could not be reached; nothing was written."""
+    """The store could not be reached in time. A write may or may not have been applied
+    (a reply that came too late is no proof that nothing was done): retrying it is safe for
+    every idempotent call, which is every write but RecordSignals."""
 
 
 class Abandoned(TactfulError):

@@ -710,9 +710,11 @@ _CONNECTION_CLASSES = {
 class Budget:
     """How long one store operation may wait for Redis, retries included: ``seconds``, or
     what is left of the call's deadline, less a margin to answer without the store (a
-    fallback, an error), if that is sooner."""
+    fallback, an error), if that is sooner; each attempt at most ``attempt_seconds`` (None:
+    the whole budget)."""
 
     seconds: float
+    attempt_seconds: float | None = None
 
     def deadline(self) -> float:
         now = time.monotonic()
@@ -727,6 +729,8 @@ class Budget:
 #: is left, and at least this long (an answer still has to be built, and the machine may be busy).
 DEADLINE_MARGIN_SHARE = 0.1
 DEADLINE_MARGIN_SECONDS = 0.002
+#: How many render budgets Decide's log write may take in all (see ``RedisStore``).
+DECIDE_WRITE_ATTEMPTS = 4
 #: Waits between attempts of an idempotent operation: the first, doubled each time.
 RETRY_FIRST_WAIT_SECONDS = 0.002
 RETRY_MAX_WAIT_SECONDS = 0.05
@@ -815,6 +819,13 @@ class RedisStore:
         self.breaker = breaker or CircuitBreaker.never()
         self.render = Budget(render_budget_seconds)
         self.write = Budget(write_budget_seconds)
+        # Decide's log write: each attempt on the render budget, but tried again (it is
+        # idempotent) for a few of them, within the deadline: a decision that is not logged
+        # can never be joined with its outcome nor learned from, and the page that waits
+        # has already been given the time by its deadline.
+        self.render_write = Budget(
+            render_budget_seconds * DECIDE_WRITE_ATTEMPTS, attempt_seconds=render_budget_seconds
+        )
         self._half_life = signal_half_life_seconds
         self._decision_ttl = decision_ttl_seconds
         self._request_ttl = request_id_ttl_seconds
@@ -884,7 +895,10 @@ class RedisStore:
         wait = RETRY_FIRST_WAIT_SECONDS
         try:
             while True:
-                token = _ATTEMPT_DEADLINE.set(until)
+                attempt_until = until
+                if budget.attempt_seconds is not None:
+                    attempt_until = min(until, time.monotonic() + budget.attempt_seconds)
+                token = _ATTEMPT_DEADLINE.set(attempt_until)
                 try:
                     result = attempt()
                 except STORE_DOWN_ERRORS as exc:
@@ -1033,7 +1047,7 @@ class RedisStore:
                 # Idempotent: the record, index and window are sets; the caps script counts
                 # a decision once however often it is sent (its ``spent`` mark).
                 replies = self._run(
-                    "log_decision", lambda: self._round_trip(commands), budget=self.render
+                    "log_decision", lambda: self._round_trip(commands), budget=self.render_write
                 )
             except redis.exceptions.NoScriptError:
                 if spend is None:
