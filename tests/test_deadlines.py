@@ -56,7 +56,7 @@ def slow_server(redisdb: Any, redis_proc: Any):
 def assert_nothing_written_for(user_id: str, profiles: Any, redisdb: Any) -> None:
     profile = profiles.GetProfile(p.GetProfileRequest(user_id=user_id))
     assert not profile.contact_counters
-    assert not redisdb.exists(keys.UserKeys.of(user_id).decisions)
+    assert not redisdb.exists(keys.UserKeys.of(user_id).decided)
 
 
 def test_a_decide_past_its_deadline_logs_nothing_and_counts_no_contact(slow_server, redisdb):

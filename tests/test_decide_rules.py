@@ -439,5 +439,5 @@ def test_concurrent_calls_with_one_new_request_id_make_one_decision_counted_once
             )
             == "1"
         )
-        assert store.client.scard(k.decisions) == 1 + capped
+        assert store.client.zcard(k.decided) == 1 + capped
     assert store.client.zcard(keys.AWAITING) == len(users)  # served decisions only

@@ -226,11 +226,13 @@ def test_delete_profile_leaves_no_key_of_the_user(store, profiles, catalog, deci
     )
     profiles.SetPreferences(p.SetPreferencesRequest(user_id="bob", max_messages_per_day=2))
     digest = keys.user_digest("alice")
-    assert len(list(store.client.scan_iter(match=f"*{digest}*"))) == 6
-    # Every key UserKeys lists but the cooldowns (nothing was dismissed).
-    assert store.client.exists(*keys.UserKeys.of("alice").all()) == 6
+    assert len(list(store.client.scan_iter(match=f"*{digest}*"))) == 7
+    # Every key UserKeys lists but the cooldowns (nothing was dismissed) and the decision
+    # set of versions before the decision index.
+    assert store.client.exists(*keys.UserKeys.of("alice").all()) == 7
     decision_keys = keys.DecisionKeys.of(shown.decision_id)
     assert store.client.exists(decision_keys.record, decision_keys.outcomes) == 2
+    assert store.client.get(decision_keys.owner) == digest
     assert store.client.zscore(keys.AWAITING, shown.decision_id) is not None
     assert store.client.hexists(keys.LEARNED, shown.decision_id)  # the click went to learning
 
@@ -239,6 +241,7 @@ def test_delete_profile_leaves_no_key_of_the_user(store, profiles, catalog, deci
     assert list(store.client.scan_iter(match=f"*{digest}*")) == []
     # Its decisions and their outcomes go too: they hold a pseudonym and the context.
     assert store.client.exists(decision_keys.record, decision_keys.outcomes) == 0
+    assert not store.client.exists(decision_keys.owner)
     assert store.client.zscore(keys.AWAITING, shown.decision_id) is None  # its reward window
     assert not store.client.hexists(keys.LEARNED, shown.decision_id)
     assert list(store.client.scan_iter(match="*alice*")) == []

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 
-from tactful import keys, metrics, scoring, validation
+from tactful import metrics, scoring, validation
 from tactful import segments as segment_rules
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
 from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
 from tactful.errors import (
     Abandoned,
+    Aborted,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -456,6 +457,10 @@ class Decider:
                 decision = self._log_and_consume(req, draft, offers, now)
             except RequestTaken as taken:
                 return self._replay_winner(req, taken.decision_id, decision, inputs, now)
+            except Aborted:
+                # The user was erased while this was decided from their profile: nothing of
+                # them was kept, and nothing made from it is shown.
+                decision = replace(decision, choices=(), hold_reason=HoldReason.NO_ELIGIBLE_OFFER)
         self._count(decision, req.channel)
         return decision
 
@@ -510,11 +515,11 @@ class Decider:
             )
         try:
             consumed = self._log(req, decision, draft, now, spend)
-        except Unavailable:
+        except Unavailable as error:
             # The answer is still worth more to a page than an error; the decision just
             # cannot be joined with an outcome later. Counted so ops can see it.
             metrics.DECISION_LOG_FAILURES.inc()
-            log.warning("decision %s not logged: store unavailable", decision.decision_id)
+            log.warning("decision %s not logged: %s", decision.decision_id, error)
             if spend is None or req.channel in self._policy.render_time_channels:
                 return decision  # a page still renders; its view just goes uncounted
             return replace(decision, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
@@ -535,7 +540,7 @@ class Decider:
                 hold_reason=HoldReason.FATIGUE_CAP,
                 next_eligible_time=open_again,
             )
-        with contextlib.suppress(Unavailable):
+        with contextlib.suppress(Unavailable, Aborted):
             self._log(req, served, draft, now, None)  # the record says what was served
         self._count_served(served, req.channel)  # logged: the first write stored the record
         return served
@@ -820,10 +825,10 @@ class Decider:
         payload = decision_to_log(decision)
         payload.update(
             ts=now,
+            # The user, by a keyed pseudonym only: whoever holds the log cannot test
+            # candidate ids against it. (The store keeps where the user's keys are beside
+            # the record, not in it, so a DISMISS still reaches their cooldowns.)
             user=self._pseudonym(req.user_id),
-            # Where the user's keys are (an unkeyed digest, as in the key names), so a
-            # DISMISS can put the offer on that user's cooldown without the user id.
-            user_key=keys.user_digest(req.user_id),
             channel=req.channel,
             placement=req.placement,
             numeric_context=dict(req.numeric_context),
@@ -893,20 +898,24 @@ class Decider:
         # A repeated DISMISS sets the cooldown again: if the first attempt's write failed
         # (UNAVAILABLE), the client's retry is what puts the offer away.
         if report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
-            self._cool_down(report)
+            self._cool_down(report, outcome["ts"])
         return recorded
 
-    def _cool_down(self, report: OutcomeReport) -> None:
-        """A dismissed offer (and, if configured, its topics) stays away from that user."""
+    def _cool_down(self, report: OutcomeReport, started: float) -> None:
+        """A dismissed offer (and, if configured, its topics) stays away from that user
+        (unless they were erased since ``started``)."""
         logged = self._store.get_logged_decision(decision_id=report.decision_id)
         offer = self._catalog.last_known().get(report.offer_id)
-        if logged is None or "user_key" not in logged.payload:
+        # Records logged before the owner was kept beside them carry it as user_key.
+        owner = None if logged is None else logged.owner or logged.payload.get("user_key")
+        if not owner:
             return
         dismissed = offer or Offer(report.offer_id, "", (), ())
         self._store.add_cooldowns(
-            user_key=logged.payload["user_key"],
+            user_key=owner,
             fields=self._contacts.cooldown_fields(dismissed),
             until=self._clock() + self._contacts.cooldown_seconds,
+            started=started,
         )
 
 
@@ -1070,7 +1079,7 @@ class ProfileService:
             for s in observed
         ]
         validation.require(validation.check_signals(user_id, signals, now))
-        return self._store.record_signals(user_id=user_id, signals=signals)
+        return self._store.record_signals(user_id=user_id, signals=signals, now=now)
 
     def get_profile(self, user_id: str) -> Profile:
         validation.require(validation.check_user_id(user_id))
@@ -1078,7 +1087,7 @@ class ProfileService:
 
     def delete_profile(self, user_id: str) -> None:
         validation.require(validation.check_user_id(user_id))
-        self._store.delete_profile(user_id=user_id)
+        self._store.delete_profile(user_id=user_id, now=self._clock())
         self._recent.forget(user_id)
 
     def _present(self, profile: Profile, now: float) -> Profile:

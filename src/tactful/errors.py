@@ -43,3 +43,8 @@ class Unavailable(TactfulError):
 class Abandoned(TactfulError):
     """The caller is gone (its deadline passed, or it cancelled): the work stopped before
     anything was written, so no contact was counted for an answer nobody saw."""
+
+
+class Aborted(TactfulError):
+    """The call was in flight while what it writes to was erased (DeleteProfile): nothing was
+    written, so nothing of the erased user comes back. Sent again, it is a new write."""

@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from tactful import deadline, metrics
 from tactful.errors import (
     Abandoned,
+    Aborted,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -77,6 +78,8 @@ def to_status(error: TactfulError) -> status_pb2.Status:
     if isinstance(error, FailedPrecondition):
         message = _cut(str(error), MAX_MESSAGE_BYTES)
         return status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=message)
+    if isinstance(error, Aborted):
+        return status_pb2.Status(code=code_pb2.ABORTED, message=str(error))
     if isinstance(error, Abandoned):
         return status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=str(error))
     if isinstance(error, Unavailable):

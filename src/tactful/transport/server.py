@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tactful import keys as redis_keys
 from tactful.core import (
     CatalogCache,
     CatalogService,
@@ -131,6 +132,7 @@ def build_server(
         *auth.interceptors(settings.security, METHODS, address, store),
         ServerInterceptor(),
     ]
+    redis_keys.prepare()
     catalog_cache = CatalogCache(store)
     space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
     models = ModelCache(store, space, settings.learning.kappa)
