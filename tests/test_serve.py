@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tactful import runtime
 from tactful.embedded_redis import with_parent_death
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import decisioning_pb2_grpc, profiles_pb2_grpc
@@ -158,6 +160,29 @@ def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
     finally:
         output = stop(process)
     assert "demo catalog" not in output
+
+
+def test_a_stop_signal_taken_by_another_thread_still_ends_the_wait():
+    """Python runs signal handlers in the main thread only, and the kernel may hand a signal
+    for the process to any of its threads (two at once were seen to both go to a learner or
+    gRPC thread). The main thread waiting for a stop must still run the handler."""
+    stop = threading.Event()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    runtime.stop_on_signals(stop)
+    # Sent by a thread to itself: its C-level handler runs there, not in the main thread.
+    other = threading.Timer(0.1, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM))
+    watchdog = threading.Timer(5.0, stop.set)  # a bare stop.wait() would only end here
+    try:
+        other.start()
+        watchdog.start()
+        started = time.monotonic()
+        runtime.wait_for_stop(stop)
+        assert time.monotonic() - started < 2.0
+    finally:
+        watchdog.cancel()
+        other.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_serve_on_a_redis_cluster(data_dir: Path, redis_cluster):

@@ -74,7 +74,7 @@ def serve(settings: Settings) -> int:
 
 def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str) -> int:
     """TACTFUL_WORKERS=1: the gRPC server, /metrics and the learner thread in this process."""
-    from tactful.transport.server import build_server, serve_until_signalled
+    from tactful.transport.server import build_server
 
     if settings.server.metrics_port:
         start_http_server(settings.server.metrics_port, addr=settings.server.host)
@@ -91,7 +91,7 @@ def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str
     learner = (
         runtime.start_learner(settings, url, stop) if settings.learning.embedded_learner else None
     )
-    serve_until_signalled(running, settings, stop)
+    runtime.serve_until_stopped(running, settings, stop)
     if learner is not None:
         learner.join(timeout=10)
     return 0

@@ -83,12 +83,12 @@ def _child_setup(settings: Settings, supervisor: int) -> threading.Event:
 def run_worker(settings: Settings, url: str, ready: Connection, supervisor: int) -> None:
     """One gRPC server on the shared port, until SIGTERM; then NOT_SERVING and drain."""
     stop = _child_setup(settings, supervisor)
-    from tactful.transport.server import build_server, serve_until_signalled
+    from tactful.transport.server import build_server
 
     running = build_server(settings, runtime.redis_store(settings, url), reuse_port=True)
     ready.send(running.port)
     ready.close()
-    serve_until_signalled(running, settings, stop)
+    runtime.serve_until_stopped(running, settings, stop)
 
 
 def run_learner(settings: Settings, url: str, ready: Connection, supervisor: int) -> None:
@@ -97,7 +97,7 @@ def run_learner(settings: Settings, url: str, ready: Connection, supervisor: int
     thread = runtime.start_learner(settings, url, stop)
     ready.send(0)
     ready.close()
-    stop.wait()
+    runtime.wait_for_stop(stop)
     thread.join(timeout=STOP_MARGIN_SECONDS)
 
 
