@@ -35,6 +35,10 @@ def serve(settings: Settings) -> int:
     from tactful.transport.auth import check_serving
 
     check_serving(settings.security)  # before anything starts: no keys, unreadable TLS files
+    # From here on a Ctrl-C or SIGTERM stops the server in order (as soon as it is up, when it
+    # comes during start-up), never as a KeyboardInterrupt halfway through.
+    stop = threading.Event()
+    runtime.stop_on_signals(stop)
     embedded: EmbeddedRedis | None = None
     url = settings.redis.url
     if not url:
@@ -62,9 +66,9 @@ def serve(settings: Settings) -> int:
             from tactful.workers import supervise
 
             store.client.close()  # the workers and the learner have their own
-            status = supervise(settings, url, store_name)
+            status = supervise(settings, url, store_name, stop)
         else:
-            status = _serve_one_process(settings, url, store, store_name)
+            status = _serve_one_process(settings, url, store, store_name, stop)
     finally:
         if embedded is not None:  # last: every process that used it has stopped
             embedded.stop()
@@ -72,7 +76,9 @@ def serve(settings: Settings) -> int:
     return status
 
 
-def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str) -> int:
+def _serve_one_process(
+    settings: Settings, url: str, store: Any, store_name: str, stop: threading.Event
+) -> int:
     """TACTFUL_WORKERS=1: the gRPC server, /metrics and the learner thread in this process."""
     from tactful.transport.server import build_server
 
@@ -86,13 +92,11 @@ def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str
         settings.server.metrics_port,
         store_name,
     )
-    stop = threading.Event()
-    runtime.stop_on_signals(stop)
     learner = (
         runtime.start_learner(settings, url, stop) if settings.learning.embedded_learner else None
     )
     runtime.serve_until_stopped(running, settings, stop)
-    if learner is not None:
+    if learner is not None:  # it saves its state before serve() stops the redis-server
         learner.join(timeout=10)
     return 0
 
