@@ -80,9 +80,12 @@ WORKDIR /var/lib/tactful
 VOLUME ["/var/lib/tactful"]
 EXPOSE 50051 9464
 
-# gRPC health of the whole server (SERVING until SIGTERM starts the drain).
+# gRPC health of the whole server (SERVING until SIGTERM starts the drain), asked with the
+# server's own TACTFUL_* settings: on TACTFUL_HEALTH_PORT when set, else on the gRPC port, over
+# TLS when TACTFUL_TLS_CERT_FILE is set. Mutual TLS needs TACTFUL_HEALTH_PORT (a probe has no
+# client certificate).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('TACTFUL_GRPC_PORT', '50051')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=2); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD ["python", "-m", "tactful", "healthcheck"]
 
 # SIGTERM: the supervisor passes it to the workers, which go NOT_SERVING and drain in-flight
 # RPCs (TACTFUL_SHUTDOWN_GRACE_SECONDS, 5 s by default, under docker stop's 10 s); then the

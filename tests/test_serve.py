@@ -3,22 +3,27 @@ demo catalog, health, and a clean stop on SIGTERM that keeps the data on disk.""
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tactful import runtime
 from tactful.embedded_redis import with_parent_death
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import decisioning_pb2_grpc, profiles_pb2_grpc
@@ -38,7 +43,11 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
+def start(
+    data_dir: Path, port: int, *, new_session: bool = False, **env: str
+) -> subprocess.Popen[str]:
+    """`tactful serve` with output on its stdout. ``new_session``: in a process group of its
+    own, as a terminal's foreground job is, so a test can send it a Ctrl-C (``os.killpg``)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("TACTFUL_")}
     environment.update(
         TACTFUL_DATA_DIR=str(data_dir),
@@ -59,6 +68,7 @@ def start(data_dir: Path, port: int, **env: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=new_session,
     )
 
 
@@ -100,6 +110,7 @@ def stop(process: subprocess.Popen[str]) -> str:
         process.kill()
         output, _ = process.communicate()
     assert process.returncode == 0, output
+    assert "Traceback" not in output, output  # a normal stop is not an error
     return output
 
 
@@ -158,6 +169,141 @@ def test_serve_answers_from_the_demo_catalog_and_stops_cleanly(data_dir: Path):
     finally:
         output = stop(process)
     assert "demo catalog" not in output
+
+
+def log_time(line: str) -> datetime.datetime:
+    """When tactful wrote a log line (its LOG_FORMAT starts with asctime)."""
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def redis_shutdown_time(data_dir: Path) -> datetime.datetime:
+    """When the embedded redis-server began to shut down, from its own log."""
+    log = (data_dir / "redis.log").read_text()
+    found = re.search(r"(\d\d \w{3} \d{4} [\d:]{8}\.\d{3}) # User requested shutdown", log)
+    assert found, log
+    return datetime.datetime.strptime(found[1], "%d %b %Y %H:%M:%S.%f")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("workers", "signum"),
+    [("1", signal.SIGINT), ("2", signal.SIGINT), ("2", signal.SIGTERM)],
+    ids=["one-process-ctrl-c", "workers-ctrl-c", "workers-group-sigterm"],
+)
+def test_a_signal_to_the_process_group_stops_the_redis_server_last(
+    data_dir: Path, workers: str, signum: signal.Signals
+):
+    """Ctrl-C in a terminal sends SIGINT to its whole foreground process group (and some
+    process managers send SIGTERM to a group). Only tactful itself may act on it: the servers
+    drain and the learner saves what it learned while the embedded redis-server, which they
+    all use until then, still runs; tactful stops it last. No traceback on the way out."""
+    port = free_port()
+    process = start(data_dir, port, new_session=True, TACTFUL_WORKERS=workers)
+    try:
+        wait_serving(port, process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = decisioning_pb2_grpc.DecisioningStub(channel)
+            shown = stub.Decide(d.DecideRequest(user_id="dora", channel="web"), timeout=5)
+            stub.ReportOutcome(  # a reward for the learner to apply and save on the way out
+                d.ReportOutcomeRequest(
+                    decision_id=shown.decision_id,
+                    offer_id=shown.choices[0].offer_id,
+                    event=d.OUTCOME_EVENT_CLICK,
+                    outcome_id="click-1",
+                ),
+                timeout=5,
+            )
+        os.killpg(process.pid, signum)  # the terminal's Ctrl-C: every process of the group
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output, output
+    redis_log = (data_dir / "redis.log").read_text()
+    assert "Received SIGINT" not in redis_log, redis_log  # the terminal's signal missed it
+    lines = output.splitlines()
+    servers = [line for line in lines if "gRPC server stopped" in line]
+    learners = [line for line in lines if "learner stopped" in line]
+    assert len(servers) == int(workers) and len(learners) == 1, output
+    assert "embedded redis-server stopped" in output, output
+    # redis-server was asked to stop only once every server and the learner had stopped.
+    assert max(log_time(line) for line in servers + learners) <= redis_shutdown_time(data_dir)
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_while_the_workers_start_stops_them_cleanly(data_dir: Path):
+    """A Ctrl-C that comes while a worker process is still starting (importing, before its
+    handlers exist) is no KeyboardInterrupt in it: it starts with SIGINT and SIGTERM blocked,
+    leaves the terminal's process group, and stops on the supervisor's SIGTERM."""
+    process = start(data_dir, free_port(), new_session=True, TACTFUL_WORKERS="2")
+    head = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # until the first worker process exists
+            head.append(line)
+            if "worker 1 started" in line:
+                break
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    output = "".join(head) + output
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "embedded redis-server stopped" in output, output
+
+
+@pytest.mark.slow
+def test_a_killed_tactful_takes_its_redis_server_and_workers_with_it(data_dir: Path):
+    """Children in sessions of their own (out of reach of a terminal's Ctrl-C) still die with
+    a SIGKILLed tactful: each is told to, by the kernel (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    process = start(data_dir, port, new_session=True, TACTFUL_WORKERS="2")
+    try:
+        wait_serving(port, process)
+        children = psutil.Process(process.pid).children(recursive=True)
+        ours = [  # redis-server, two workers and the learner (not multiprocessing's tracker)
+            child
+            for child in children
+            if child.pid == redis_pid(data_dir) or "spawn_main" in " ".join(child.cmdline())
+        ]
+        assert len(ours) == 4, [child.cmdline() for child in children]
+        assert all(os.getsid(child.pid) == child.pid for child in ours)  # sessions of their own
+        process.kill()
+        process.communicate()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    _, left = psutil.wait_procs(children, timeout=20)
+    assert not [child for child in left if child.status() != psutil.STATUS_ZOMBIE], left
+
+
+def test_a_stop_signal_taken_by_another_thread_still_ends_the_wait():
+    """Python runs signal handlers in the main thread only, and the kernel may hand a signal
+    for the process to any of its threads (two at once were seen to both go to a learner or
+    gRPC thread). The main thread waiting for a stop must still run the handler."""
+    stop = threading.Event()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    runtime.stop_on_signals(stop)
+    # Sent by a thread to itself: its C-level handler runs there, not in the main thread.
+    other = threading.Timer(0.1, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM))
+    watchdog = threading.Timer(5.0, stop.set)  # a bare stop.wait() would only end here
+    try:
+        other.start()
+        watchdog.start()
+        started = time.monotonic()
+        runtime.wait_for_stop(stop)
+        assert time.monotonic() - started < 2.0
+    finally:
+        watchdog.cancel()
+        other.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_serve_on_a_redis_cluster(data_dir: Path, redis_cluster):

@@ -2,8 +2,8 @@
 ``tactful learn`` (a learner on its own), ``tactful model list|rollback|unpin``,
 ``tactful report`` / ``tactful export`` (the decision log as an ROI report / VW DSJson),
 ``tactful import`` / ``tactful export --profiles`` (profiles as JSON lines, see ``bulk``),
-``tactful new-key`` / ``tactful hash-key`` (API keys and their TACTFUL_API_KEYS entries) and
-``tactful settings`` (the settings table)."""
+``tactful new-key`` / ``tactful hash-key`` (API keys and their TACTFUL_API_KEYS entries),
+``tactful settings`` (the settings table) and ``tactful healthcheck`` (the container's probe)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from tactful import runtime
 from tactful.settings import Settings, SettingsError, key_digest, parse_roles, settings_table
 
@@ -35,6 +33,10 @@ def serve(settings: Settings) -> int:
     from tactful.transport.auth import check_serving
 
     check_serving(settings.security)  # before anything starts: no keys, unreadable TLS files
+    # From here on a Ctrl-C or SIGTERM stops the server in order (as soon as it is up, when it
+    # comes during start-up), never as a KeyboardInterrupt halfway through.
+    stop = threading.Event()
+    runtime.stop_on_signals(stop)
     embedded: EmbeddedRedis | None = None
     url = settings.redis.url
     if not url:
@@ -62,9 +64,9 @@ def serve(settings: Settings) -> int:
             from tactful.workers import supervise
 
             store.client.close()  # the workers and the learner have their own
-            status = supervise(settings, url, store_name)
+            status = supervise(settings, url, store_name, stop)
         else:
-            status = _serve_one_process(settings, url, store, store_name)
+            status = _serve_one_process(settings, url, store, store_name, stop)
     finally:
         if embedded is not None:  # last: every process that used it has stopped
             embedded.stop()
@@ -72,9 +74,13 @@ def serve(settings: Settings) -> int:
     return status
 
 
-def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str) -> int:
+def _serve_one_process(
+    settings: Settings, url: str, store: Any, store_name: str, stop: threading.Event
+) -> int:
     """TACTFUL_WORKERS=1: the gRPC server, /metrics and the learner thread in this process."""
-    from tactful.transport.server import build_server, serve_until_signalled
+    from prometheus_client import start_http_server
+
+    from tactful.transport.server import build_server
 
     if settings.server.metrics_port:
         start_http_server(settings.server.metrics_port, addr=settings.server.host)
@@ -86,15 +92,100 @@ def _serve_one_process(settings: Settings, url: str, store: Any, store_name: str
         settings.server.metrics_port,
         store_name,
     )
-    stop = threading.Event()
-    runtime.stop_on_signals(stop)
     learner = (
         runtime.start_learner(settings, url, stop) if settings.learning.embedded_learner else None
     )
-    serve_until_signalled(running, settings, stop)
-    if learner is not None:
+    runtime.serve_until_stopped(running, settings, stop)
+    if learner is not None:  # it saves its state before serve() stops the redis-server
         learner.join(timeout=10)
     return 0
+
+
+def healthcheck(settings: Settings, timeout: float) -> int:
+    """`tactful healthcheck`, the container's HEALTHCHECK: 0 when the server these TACTFUL_*
+    settings describe reports SERVING on this host, else 1 with the reason on stderr.
+
+    It asks the plaintext TACTFUL_HEALTH_PORT when set, else the gRPC port, over TLS when
+    TACTFUL_TLS_CERT_FILE is set: trusting that very certificate (the probe checks it talks to
+    this server, not who signed it), under a name the certificate carries (it need not name
+    127.0.0.1). With mutual TLS the probe has no client certificate to show: it needs
+    TACTFUL_HEALTH_PORT. Imports only gRPC and its health stubs: it runs every few seconds."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, security = settings.server, settings.security
+    host = _local_address(server.host)
+    port = server.health_port or server.grpc_port
+    target = f"{host}:{port}"
+    if server.health_port or not security.tls_cert_file:
+        channel = grpc.insecure_channel(target)
+    elif security.tls_client_ca_file:
+        print(
+            "tactful healthcheck: with mutual TLS (TACTFUL_TLS_CLIENT_CA_FILE) a probe has no "
+            "client certificate: set TACTFUL_HEALTH_PORT, the plaintext health port",
+            file=sys.stderr,
+        )
+        return 1
+    else:
+        try:
+            with open(security.tls_cert_file, "rb") as file:
+                certificate = file.read()
+        except OSError as exc:
+            print(f"tactful healthcheck: TACTFUL_TLS_CERT_FILE: {exc}", file=sys.stderr)
+            return 1
+        name = _certificate_name(security.tls_cert_file, host)
+        options = [("grpc.ssl_target_name_override", name)] if name else []
+        credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
+        channel = grpc.secure_channel(target, credentials, options=options)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            print(f"tactful healthcheck: {target}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"tactful healthcheck: {target}: {status}", file=sys.stderr)
+        return 1
+    print(f"tactful healthcheck: {target}: {status}")
+    return 0
+
+
+def _local_address(host: str) -> str:
+    """Where a probe on this host reaches a server bound to ``host`` (TACTFUL_GRPC_HOST)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _certificate_name(path: str, address: str) -> str | None:
+    """A name the server certificate in ``path`` carries, for a probe that connects to
+    ``address``: None when it names that address, or when it cannot be read (the handshake
+    then fails with gRPC's reason). A wildcard name gets a label of its own."""
+    import _ssl
+
+    # The standard library's decoder of a PEM certificate file (the first certificate in
+    # it: the server's own); private, but in every CPython since 2.7.
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    try:
+        info: dict[str, Any] = decode(path) if decode is not None else {}
+    except (OSError, ValueError):
+        return None
+    alt_names = info.get("subjectAltName", ())
+    addresses = [value for kind, value in alt_names if kind == "IP Address"]
+    dns_names = [value for kind, value in alt_names if kind == "DNS"]
+    if address in addresses:
+        return None
+    if dns_names:
+        return str(dns_names[0]).replace("*", "healthcheck", 1)
+    if addresses:
+        return str(addresses[0])
+    common_names = [v for rdn in info.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return str(common_names[0]) if common_names else None
 
 
 def learn(settings: Settings) -> int:
@@ -103,6 +194,8 @@ def learn(settings: Settings) -> int:
     if not settings.redis.url:
         print("tactful learn: set TACTFUL_REDIS_URL to the servers' Redis", file=sys.stderr)
         return 2
+    from prometheus_client import start_http_server
+
     stop = threading.Event()
     runtime.stop_on_signals(stop)
     learner = runtime.start_learner(settings, settings.redis.url, stop)  # its metrics first
@@ -307,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("version", type=int)
     model_sub.add_parser("unpin", help="let the learner publish new versions again")
     sub.add_parser("settings", help="print the settings table (Markdown)")
+    check = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if the server on this host reports SERVING, else 1 (the container's "
+        "HEALTHCHECK; TLS and TACTFUL_HEALTH_PORT as the server's settings say)",
+    )
+    check.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)"
+    )
     new_key = sub.add_parser("new-key", help="make a random API key and its settings entry")
     hash_key = sub.add_parser("hash-key", help="the TACTFUL_API_KEYS entry of an existing key")
     hash_key.add_argument("key", nargs="?", help="the key (default: read from stdin)")
@@ -359,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("new-key", "hash-key"):
         return key_command(args)
+    if args.command == "healthcheck":
+        try:
+            return healthcheck(Settings.from_env(), args.timeout)
+        except SettingsError as exc:  # 1, not 2: a container engine reserves 2
+            print(f"tactful healthcheck: {exc}", file=sys.stderr)
+            return 1
     try:
         settings = Settings.from_env()
         logging.basicConfig(

@@ -5,6 +5,10 @@ listens on a Unix socket inside the data directory (no port to collide with, and
 TCP loopback), keeps an append-only file there (``appendfsync everysec`` by default: a crash
 of redis or tactful loses nothing acknowledged; a power cut may lose the last second), and is
 told to die with the process that started it.
+
+It runs in a session of its own: a terminal's Ctrl-C (SIGINT to every process of its
+foreground process group) reaches tactful alone, which lets its servers drain and its learner
+save its state, all against this redis-server, and stops it last.
 """
 
 from __future__ import annotations
@@ -100,7 +104,11 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(with_parent_death(args), stdin=subprocess.DEVNULL)
+        # A session of its own (setsid in the child, no preexec_fn): no signal meant for the
+        # terminal's process group reaches it. It still dies with its parent (setpriv).
+        self._process = subprocess.Popen(
+            with_parent_death(args), stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
         try:
@@ -125,7 +133,10 @@ class EmbeddedRedis:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM makes redis flush its append-only file and exit cleanly."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
+            return
+        if process.poll() is not None:  # someone else stopped it: say so, it was not us
+            log.warning("embedded redis-server had already exited (%s)", process.returncode)
             return
         process.terminate()
         try:

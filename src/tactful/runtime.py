@@ -1,5 +1,5 @@
 """What every `tactful serve` process builds, one process or several: Redis clients, the
-store, the learner thread and the SIGTERM/SIGINT handler."""
+store, the learner thread, the SIGTERM/SIGINT handler and the wait for it."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from tactful.settings import Settings
 
 if TYPE_CHECKING:
     from tactful.store import RedisStore
+    from tactful.transport.server import Running
 
 log = logging.getLogger("tactful")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 #: With several processes, each line says which one wrote it.
 PROCESS_LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
+#: How often a main thread waiting for a stop signal wakes up (see ``wait_for_stop``).
+WAKE_SECONDS = 0.25
 
 
 def client(settings: Settings, url: str) -> Any:
@@ -82,6 +85,7 @@ def start_learner(settings: Settings, url: str, stop: threading.Event) -> thread
             except Exception:  # a Redis outage must not end learning for good
                 log.exception("learner failed; retrying in 1 s")
                 stop.wait(1.0)
+        log.info("learner stopped")
 
     thread = threading.Thread(target=run, name="learner", daemon=True)
     thread.start()
@@ -95,3 +99,26 @@ def stop_on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def wait_for_stop(stop: threading.Event) -> None:
+    """Block the main thread until a signal handler sets ``stop``.
+
+    Not a bare ``stop.wait()``: Python runs signal handlers in the main thread only, and a main
+    thread blocked on a lock runs them only if the kernel interrupts that very thread. A signal
+    for the process may be taken by any of its threads: a learner process that got a
+    terminal's SIGINT and the supervisor's SIGTERM at once had both taken by another thread,
+    and its main thread slept on until the supervisor SIGKILLed it. Waking every
+    ``WAKE_SECONDS``, the main thread runs a pending handler within that time."""
+    while not stop.wait(WAKE_SECONDS):
+        pass
+
+
+def serve_until_stopped(running: Running, settings: Settings, stop: threading.Event) -> None:
+    """Serve until SIGTERM/SIGINT, then report NOT_SERVING and drain (TACTFUL_SHUTDOWN_GRACE_
+    SECONDS): what every server process does once it is up."""
+    from tactful.transport.server import serve_until_signalled
+
+    wait_for_stop(stop)
+    serve_until_signalled(running, settings, stop)  # ``stop`` is set: it drains at once
+    log.info("gRPC server stopped")

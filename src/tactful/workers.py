@@ -25,6 +25,14 @@ A child that exits while serving is restarted with exponential backoff (0.5 s do
 stops everything (exit 1): a bad TLS file or a port in use would otherwise restart forever.
 SIGTERM or SIGINT: every child gets SIGTERM, workers report NOT_SERVING and drain in-flight
 RPCs for TACTFUL_SHUTDOWN_GRACE_SECONDS; the supervisor exits 0 once all have exited cleanly.
+
+Only the supervisor orchestrates that stop. Each child runs in a session of its own, as the
+embedded redis-server does, so a terminal's Ctrl-C (SIGINT to its whole foreground process
+group) reaches the supervisor alone: a child that got it too would stop on its own at once,
+and get the supervisor's SIGTERM on top of it. A child starts with SIGINT and SIGTERM
+blocked (the signal mask survives fork and exec; multiprocessing's resource tracker starts
+the same way) and unblocks them once it has left the terminal's process group and installed
+its handlers: a SIGTERM meanwhile waits for it, a Ctrl-C meanwhile is the supervisor's.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
@@ -62,42 +71,51 @@ STABLE_SECONDS = 30.0
 #: Beyond the drain's grace period: the learner's last checkpoint, interpreter shutdown.
 STOP_MARGIN_SECONDS = 10.0
 POLL_SECONDS = 0.2
+#: Blocked in a child until it has its own session and handlers.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 # --- the children ----------------------------------------------------------------------------
 
 
 def _child_setup(settings: Settings, supervisor: int) -> threading.Event:
-    """First thing in every child: die with the supervisor, log like it, handle signals."""
+    """First thing in every child (started with STOP_SIGNALS blocked): die with the
+    supervisor, leave the terminal's process group, log like the supervisor, handle signals."""
     from tactful.embedded_redis import die_with_parent
 
     die_with_parent()  # a SIGKILLed supervisor leaves no worker serving on its own
     if os.getppid() != supervisor:  # it died before the line above
         os._exit(1)
+    os.setsid()  # a Ctrl-C is the supervisor's to act on (see the module's doc)
+    # Drops a Ctrl-C that came before the line above (ignoring a pending signal discards it):
+    # the supervisor got it too, and sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=settings.server.log_level.upper(), format=runtime.PROCESS_LOG_FORMAT)
     stop = threading.Event()
     runtime.stop_on_signals(stop)  # first: a SIGTERM during start-up still stops cleanly
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     return stop
 
 
 def run_worker(settings: Settings, url: str, ready: Connection, supervisor: int) -> None:
     """One gRPC server on the shared port, until SIGTERM; then NOT_SERVING and drain."""
     stop = _child_setup(settings, supervisor)
-    from tactful.transport.server import build_server, serve_until_signalled
+    from tactful.transport.server import build_server
 
     running = build_server(settings, runtime.redis_store(settings, url), reuse_port=True)
     ready.send(running.port)
     ready.close()
-    serve_until_signalled(running, settings, stop)
+    runtime.serve_until_stopped(running, settings, stop)
 
 
 def run_learner(settings: Settings, url: str, ready: Connection, supervisor: int) -> None:
-    """The one learner, until SIGTERM."""
+    """The one learner, until SIGTERM; then it saves its state (the supervisor stops the
+    embedded redis-server only after this process has exited)."""
     stop = _child_setup(settings, supervisor)
     thread = runtime.start_learner(settings, url, stop)
     ready.send(0)
     ready.close()
-    stop.wait()
+    runtime.wait_for_stop(stop)
     thread.join(timeout=STOP_MARGIN_SECONDS)
 
 
@@ -160,6 +178,8 @@ class Supervisor:
 
     def run(self, stop: threading.Event, store_name: str) -> int:
         server = self._settings.server
+        if stop.is_set():  # stopped during start-up, before any child
+            return 0
         for child in self.children:
             self._start(child)
         # Start-up: every child must come up once; one that cannot (a TLS file it cannot
@@ -175,6 +195,8 @@ class Supervisor:
                         child.process.pid,
                         _exit_reason(child.process.exitcode),
                     )
+                    self._forget(child.process.pid)
+                    child.process = None  # said: _stop_all need not say it again
                     self._stop_all()
                     return 1
         if not stop.is_set():
@@ -210,7 +232,17 @@ class Supervisor:
             args=(self._settings, self._url, send, os.getpid()),
             name=f"tactful {child.name}",
         )
-        process.start()
+        # The child inherits this thread's signal mask: it starts with STOP_SIGNALS blocked
+        # (and unblocks them in _child_setup). A signal for the supervisor meanwhile goes to
+        # another of its threads, or waits: its handler runs either way. The resource tracker
+        # every spawn needs is started first: starting it ends with SIG_UNBLOCK of these
+        # very signals (CPython 3.11), which would undo the block for the first child.
+        resource_tracker.ensure_running()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         send.close()  # the child holds the only writer: its exit shows as end of file
         child.process, child.ready, child.serving = process, receive, False
         child.started_at, child.restart_at = time.monotonic(), None
@@ -260,9 +292,12 @@ class Supervisor:
             multiprocess.mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
 
     def _stop_all(self) -> int:
-        """SIGTERM to every child; 0 once all have exited cleanly within the grace period."""
+        """SIGTERM to every child; 0 once all have exited cleanly within the grace period. A
+        child that had exited already, not yet seen by the loop, counts too: one that died
+        of the signal that stops us (it should not get any but ours) is no clean stop."""
         grace = self._settings.server.shutdown_grace_seconds
-        running = [c for c in self.children if c.alive]
+        started = [c for c in self.children if c.process is not None]
+        running = [c for c in started if c.alive]
         for child in running:
             assert child.process is not None and child.process.pid is not None
             with contextlib.suppress(ProcessLookupError):
@@ -274,7 +309,7 @@ class Supervisor:
         )
         deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
         status = 0
-        for child in running:
+        for child in started:
             process = child.process
             assert process is not None
             process.join(max(0.0, deadline - time.monotonic()))
@@ -345,11 +380,10 @@ def _fresh_metrics_dir(configured: str, stack: contextlib.ExitStack) -> Path:
     return path
 
 
-def supervise(settings: Settings, url: str, store_name: str) -> int:
-    """Run TACTFUL_WORKERS workers (and the learner) until SIGTERM/SIGINT; the exit status."""
+def supervise(settings: Settings, url: str, store_name: str, stop: threading.Event) -> int:
+    """Run TACTFUL_WORKERS workers (and the learner) until ``stop`` is set (by the SIGTERM/
+    SIGINT handler, ``runtime.stop_on_signals``); the exit status."""
     server = settings.server
-    stop = threading.Event()
-    runtime.stop_on_signals(stop)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_held_port(server.host, server.grpc_port))
