@@ -134,16 +134,16 @@ class RedisSettings:
     socket_timeout_ms: float = _setting(
         "TACTFUL_REDIS_SOCKET_TIMEOUT_MS",
         10.0,
-        "Budget of Decide's render-time Redis read and write (and of the rate limiter's "
-        "check), never longer than what is left of the call's deadline: past it Decide answers "
-        "without the store (fallback or hold), so a slow Redis still gives a fast answer.",
+        "Budget of Decide's render-time Redis read (and of the rate limiter's check), never "
+        "longer than what is left of the call's deadline: past it Decide answers without the "
+        "store (fallback or hold), so a slow Redis still gives a page a fast answer.",
         min=1.0,
     )
     write_timeout_ms: float = _setting(
         "TACTFUL_REDIS_WRITE_TIMEOUT_MS",
         1000.0,
-        "Budget of every other store call (preferences, attributes, signals, outcomes, "
-        "erasure, catalog, profile and model reads): it waits for Redis as long as the call's "
+        "Budget of every other store call (Decide's log write, preferences, attributes, "
+        "signals, outcomes, erasure, catalog, profile and model reads): it waits for Redis as long as the call's "
         "deadline allows, up to this when the call has none or a longer one; idempotent calls "
         "are retried on a timeout or a dropped connection within it. Past it: UNAVAILABLE.",
         min=1.0,
