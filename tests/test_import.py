@@ -621,3 +621,45 @@ def test_the_fast_path_returns_only_what_the_general_path_would(text):
         assert fast is None
     else:
         assert fast is None or fast == general
+
+
+@pytest.mark.parametrize(
+    ("field", "bound", "make"),
+    [
+        (
+            "topic_preferences",
+            validation.MAX_TOPIC_PREFERENCES_PER_USER,
+            lambda names: {"topic_preferences": [{"topic": n, "stance": "LIKE"} for n in names]},
+        ),
+        (
+            "channel_preferences",
+            validation.MAX_CHANNEL_PREFERENCES_PER_USER,
+            lambda names: {
+                "channel_preferences": [{"channel": n, "opted_in": True} for n in names]
+            },
+        ),
+        (
+            "signals",
+            validation.MAX_SIGNAL_TOPICS_PER_USER,
+            lambda names: {
+                "consent": {"inferred_personalization": True},
+                "signals": [{"topic": n, "weight": 1.0} for n in names],
+            },
+        ),
+    ],
+)
+def test_lines_that_would_pass_a_per_user_bound_are_refused_whole(store, field, bound, make):
+    """Lines for one user add up; the API's per-user bounds hold for an import too."""
+    per_line = 100
+    lines = [
+        line("u1", **make([f"n{i}" for i in range(start, start + per_line)]))
+        for start in range(0, bound, per_line)
+    ]
+    lines.append(line("u1", max_messages_per_day=4, **make(["one-more"])))
+    summary, bad = run(store, *lines)
+    assert (summary.imported, summary.bad) == (len(lines) - 1, 1)
+    (violation,) = bad.lines[len(lines)]
+    assert violation.field == field and f"at most {bound}" in violation.description
+    profile = stored(store, "u1")
+    assert profile.max_messages_per_day == 0  # the line was refused whole
+    assert len(getattr(profile, field)) == bound

@@ -763,6 +763,14 @@ def import_lines(
         future, written = writing
         writing = None
         for number, result in zip(written, future.result(), strict=True):
+            if result.over_bound is not None:
+                summary.bad += 1
+                field, bound = result.over_bound
+                problem = f"a user holds at most {bound}; this would leave more"
+                bad_line(
+                    number, [FieldViolation(field, f"{problem} (nothing of this line was written)")]
+                )
+                continue
             if result.attributes_refused:
                 summary.bad += 1
                 problem = (

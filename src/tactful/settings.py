@@ -143,9 +143,10 @@ class RedisSettings:
         "TACTFUL_REDIS_WRITE_TIMEOUT_MS",
         1000.0,
         "Budget of every other store call (Decide's log write, preferences, attributes, "
-        "signals, outcomes, erasure, catalog, profile and model reads): it waits for Redis as long as the call's "
-        "deadline allows, up to this when the call has none or a longer one; idempotent calls "
-        "are retried on a timeout or a dropped connection within it. Past it: UNAVAILABLE.",
+        "signals, outcomes, erasure, catalog, profile and model reads): it waits for Redis as "
+        "long as the call's deadline allows, up to this when the call has none or a longer "
+        "one; idempotent calls are retried on a timeout or a dropped connection within it. "
+        "Past it: UNAVAILABLE.",
         min=1.0,
     )
     connect_timeout_ms: float = _setting(

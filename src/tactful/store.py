@@ -181,6 +181,17 @@ class ProfileWrite:
 
     signals_kept: bool | None  # None: the record had none; False: no consent, none kept
     attributes_refused: int  # 0, or how many attributes the user would have had (over the cap)
+    # The per-user bound the line would have passed (nothing of it written): its field and
+    # the bound, e.g. ("topic_preferences", 1000); None: none.
+    over_bound: tuple[str, int] | None = None
+
+
+#: What the import script's negative answers mean: the field and its per-user bound.
+_IMPORT_BOUNDS = {
+    1: ("topic_preferences", validation.MAX_TOPIC_PREFERENCES_PER_USER),
+    2: ("channel_preferences", validation.MAX_CHANNEL_PREFERENCES_PER_USER),
+    3: ("signals", validation.MAX_SIGNAL_TOPICS_PER_USER),
+}
 
 
 class OutcomeStatus:
@@ -508,8 +519,46 @@ _IMPORT_PROFILE_LUA = (
     + """
 local cap = tonumber(ARGV[1])
 local n_clear, n_set = tonumber(ARGV[3]), tonumber(ARGV[4])
-local profile_at = 5
+local profile_at = 8
 local i = profile_at + n_clear + 2 * n_set
+-- The per-user bounds of SetPreferences and RecordSignals (ARGV[5..7]: topic stances, channel
+-- choices, signal topics), before anything is written: a line that would pass one is refused
+-- whole, answering -1, -2 or -3.
+do
+  local new = {t = 0, c = 0}
+  for j = profile_at + n_clear, i - 1, 2 do
+    local kind = string.sub(ARGV[j], 1, 1)
+    if new[kind] and string.sub(ARGV[j], 2, 2) == ':'
+        and redis.call('HEXISTS', KEYS[1], ARGV[j]) == 0 then
+      new[kind] = new[kind] + 1
+    end
+  end
+  if new.t + new.c > 0 then
+    local held = {t = 0, c = 0}
+    for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+      local kind = string.sub(field, 1, 1)
+      if held[kind] and string.sub(field, 2, 2) == ':' then held[kind] = held[kind] + 1 end
+    end
+    for j = profile_at, profile_at + n_clear - 1 do
+      local kind = string.sub(ARGV[j], 1, 1)
+      if held[kind] and redis.call('HEXISTS', KEYS[1], ARGV[j]) == 1 then
+        held[kind] = held[kind] - 1
+      end
+    end
+    if new.t > 0 and held.t + new.t > tonumber(ARGV[5]) then return -1 end
+    if new.c > 0 and held.c + new.c > tonumber(ARGV[6]) then return -2 end
+  end
+  local j = i + 1
+  for _ = 1, tonumber(ARGV[i]) do j = j + 3 + 2 * tonumber(ARGV[j + 2]) end
+  if j <= #ARGV then
+    local count = 0
+    if ARGV[2] ~= '1' then count = redis.call('HLEN', KEYS[3]) end
+    for k = j, #ARGV, 3 do
+      if ARGV[2] == '1' or redis.call('HEXISTS', KEYS[3], ARGV[k]) == 0 then count = count + 1 end
+    end
+    if count > tonumber(ARGV[7]) then return -3 end
+  end
+end
 -- The attributes first: a line whose attributes would pass the cap is refused whole, so
 -- they are merged before anything else is written, and put back as they were if a group is
 -- refused (a script runs atomically: nobody sees the attributes in between).
@@ -1422,6 +1471,9 @@ class RedisStore:
             args: list[Any] = [
                 "EVALSHA", sha, 3, f"{base}:profile", f"{base}:attributes", f"{base}:signals",
                 limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
+                validation.MAX_TOPIC_PREFERENCES_PER_USER,
+                validation.MAX_CHANNEL_PREFERENCES_PER_USER,
+                validation.MAX_SIGNAL_TOPICS_PER_USER,
                 *to_clear, *itertools.chain.from_iterable(to_set.items()),
             ]  # fmt: skip
             if record.attributes:
@@ -1453,6 +1505,9 @@ class RedisStore:
         replies = self._run("write_profiles", write, budget=self.write)
         results = []
         for reply in replies:
+            if int(reply) < 0:
+                results.append(ProfileWrite(None, 0, over_bound=_IMPORT_BOUNDS[-int(reply)]))
+                continue
             refused, signals = divmod(int(reply), 3)
             kept = None if signals == 0 else signals == 2
             results.append(ProfileWrite(signals_kept=kept, attributes_refused=refused))
