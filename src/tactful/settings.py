@@ -134,9 +134,18 @@ class RedisSettings:
     socket_timeout_ms: float = _setting(
         "TACTFUL_REDIS_SOCKET_TIMEOUT_MS",
         10.0,
-        "Budget of Decide's render-time Redis read (and of the rate limiter's check), never "
-        "longer than what is left of the call's deadline: past it Decide answers without the "
-        "store (fallback or hold), so a slow Redis still gives a page a fast answer.",
+        "Least budget of Decide's render-time Redis read (and of the rate limiter's check), "
+        "its whole budget on a quiet machine; never longer than what is left of the call's "
+        "deadline: past it Decide answers without the store (fallback or hold), so a Redis "
+        "that does not answer still gives a page a fast answer.",
+        min=1.0,
+    )
+    render_timeout_max_ms: float = _setting(
+        "TACTFUL_REDIS_RENDER_TIMEOUT_MAX_MS",
+        50.0,
+        "Most that Decide's read budget stretches to, from TACTFUL_REDIS_SOCKET_TIMEOUT_MS, "
+        "when Redis round trips are slow but answering (a loaded machine): it follows 4x the "
+        "99th percentile of recent reads, and stays under half of the call's deadline.",
         min=1.0,
     )
     write_timeout_ms: float = _setting(

@@ -18,6 +18,7 @@ import functools
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -869,14 +870,68 @@ class Budget:
     seconds: float
 
     def deadline(self) -> float:
-        now = time.monotonic()
-        at = now + self.seconds
-        left = deadline.seconds_left()
-        if left is not None:
-            at = min(at, now + left - max(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * left))
-        return max(at, now + _MIN_ATTEMPT_SECONDS)
+        return _within_call(time.monotonic(), self.seconds)
+
+    def observe(self, seconds: float) -> None:
+        """An attempt succeeded in ``seconds`` (only an adaptive budget learns from it)."""
 
 
+def _within_call(now: float, seconds: float, share: float = 1.0) -> float:
+    """``now + seconds``, or sooner: ``share`` of what is left of the call's deadline, less
+    a margin to answer without the store (a fallback, an error)."""
+    at = now + seconds
+    left = deadline.seconds_left()
+    if left is not None:
+        margin = max(DEADLINE_MARGIN_SECONDS, DEADLINE_MARGIN_SHARE * left)
+        at = min(at, now + min(share * left, left - margin))
+    return max(at, now + _MIN_ATTEMPT_SECONDS)
+
+
+class RenderBudget:
+    """The budget of Decide's read: tight, so a store that does not answer still leaves time
+    for a fast fallback, yet not tighter than this machine's Redis round trips are now.
+
+    At least ``floor`` (TACTFUL_REDIS_SOCKET_TIMEOUT_MS). Like TCP's retransmission timeout,
+    it follows the round trips it sees: ``RENDER_P99_FACTOR`` times the 99th percentile of the
+    last ``RENDER_SAMPLES`` successful reads, up to ``ceiling``
+    (TACTFUL_REDIS_RENDER_TIMEOUT_MAX_MS) and to half of what is left of the call's deadline.
+    On a quiet machine (round trips well under a millisecond) it is the floor, and a frozen
+    Redis costs a Decide that much; on a machine so loaded that Redis itself waits for a CPU,
+    a read that would have answered in 20 ms is waited for rather than turned into a
+    fallback. Only successes are sampled: a Redis that stopped answering does not stretch it."""
+
+    def __init__(self, floor: float, ceiling: float) -> None:
+        self.floor = floor
+        self.ceiling = max(floor, ceiling)
+        self.seconds = floor
+        self._samples: list[float] = []
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def deadline(self) -> float:
+        return _within_call(time.monotonic(), self.seconds, share=RENDER_DEADLINE_SHARE)
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            if len(self._samples) < RENDER_SAMPLES:
+                self._samples.append(seconds)
+            else:
+                self._samples[self._next] = seconds
+            self._next = (self._next + 1) % RENDER_SAMPLES
+            if self._next % RENDER_REFRESH_EVERY:
+                return
+            ordered = sorted(self._samples)
+        p99 = ordered[int(0.99 * (len(ordered) - 1))]
+        self.seconds = min(self.ceiling, max(self.floor, RENDER_P99_FACTOR * p99))
+
+
+#: The render budget (``RenderBudget``): how many recent reads it follows, how often it looks
+#: again, how many times their 99th percentile it allows, and at most what share of the call's
+#: deadline.
+RENDER_SAMPLES = 512
+RENDER_REFRESH_EVERY = 32
+RENDER_P99_FACTOR = 4.0
+RENDER_DEADLINE_SHARE = 0.5
 #: What a call keeps of its deadline to answer once the store has failed it: this share of what
 #: is left, and at least this long (an answer still has to be built, and the machine may be busy).
 DEADLINE_MARGIN_SHARE = 0.1
@@ -971,12 +1026,15 @@ class RedisStore:
         request_id_ttl_seconds: int,
         breaker: CircuitBreaker | None = None,
         render_budget_seconds: float = 0.01,
+        render_budget_max_seconds: float = 0.05,
         write_budget_seconds: float = 1.0,
     ) -> None:
         self.client = client
         # No breaker given: one that never opens (tools and tests that want every error).
         self.breaker = breaker or CircuitBreaker.never()
-        self.render = Budget(render_budget_seconds)
+        self.render: Budget | RenderBudget = RenderBudget(
+            render_budget_seconds, render_budget_max_seconds
+        )
         self.write = Budget(write_budget_seconds)
         self._half_life = signal_half_life_seconds
         self._decision_ttl = decision_ttl_seconds
@@ -1026,6 +1084,7 @@ class RedisStore:
             if breaker
             else None,
             render_budget_seconds=redis_settings.socket_timeout_ms / 1000,
+            render_budget_max_seconds=redis_settings.render_timeout_max_ms / 1000,
             write_budget_seconds=write_budget_seconds or redis_settings.write_timeout_ms / 1000,
         )
 
@@ -1034,7 +1093,7 @@ class RedisStore:
         operation: str,
         attempt: Callable[[], _T],
         *,
-        budget: Budget,
+        budget: Budget | RenderBudget,
         idempotent: bool = True,
     ) -> _T:
         """``attempt()`` behind the circuit breaker and within ``budget``: while the circuit
@@ -1053,6 +1112,7 @@ class RedisStore:
         try:
             while True:
                 token = _ATTEMPT_DEADLINE.set(until)
+                sent = time.perf_counter()
                 try:
                     result = attempt()
                 except STORE_DOWN_ERRORS as exc:
@@ -1080,6 +1140,7 @@ class RedisStore:
                 finally:
                     _ATTEMPT_DEADLINE.reset(token)
                 self.breaker.succeeded()
+                budget.observe(time.perf_counter() - sent)
                 return result
         finally:
             metrics.redis_seconds(operation).observe(time.perf_counter() - start)
