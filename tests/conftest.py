@@ -114,6 +114,7 @@ def make_store(url: str, settings: Settings, **client_options: Any) -> RedisStor
         socket_timeout=settings.redis.socket_timeout_ms / 1000,
         connect_timeout=settings.redis.connect_timeout_ms / 1000,
         max_connections=settings.redis.max_connections,
+        retries=0,  # as the server's store: it retries what may be sent again, itself
         **client_options,
     )
     return RedisStore.for_settings(client, settings)

@@ -97,17 +97,17 @@ def test_after_the_open_period_one_probe_decides_whether_service_is_back():
     with pytest.raises(CircuitOpen):
         breaker.before_call()
     clock.now += 0.02
-    breaker.before_call()  # the probe
+    assert breaker.before_call()  # the probe
     assert breaker.state == HALF_OPEN
     with pytest.raises(CircuitOpen):
         breaker.before_call()  # one probe at a time: the others still fail fast
-    breaker.failed()  # the probe failed: open for another period
+    breaker.failed(probe=True)  # the probe failed: open for another period
     assert breaker.state == OPEN
     with pytest.raises(CircuitOpen):
         breaker.before_call()
     clock.now += 1.01
-    breaker.before_call()
-    breaker.succeeded()
+    assert breaker.before_call()
+    breaker.succeeded(probe=True)
     assert breaker.state == CLOSED
     breaker.before_call()
     breaker.before_call()  # closed: everyone through
@@ -200,3 +200,12 @@ def test_only_the_probe_closes_an_open_circuit():
     assert breaker.state == OPEN
     with pytest.raises(CircuitOpen):
         breaker.before_call()
+    clock.now += 1.01
+    assert breaker.before_call()  # the probe
+    breaker.succeeded()  # another call let through before it opened answers late
+    breaker.failed()  # and another fails late: neither decides, nor lets a second probe in
+    assert breaker.state == HALF_OPEN
+    with pytest.raises(CircuitOpen):
+        breaker.before_call()
+    breaker.succeeded(probe=True)
+    assert breaker.state == CLOSED

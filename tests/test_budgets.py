@@ -130,3 +130,42 @@ def test_a_write_never_waits_past_the_calls_deadline(redis_server, admin):
         # Ignoring the deadline, it would wait out the pause and succeed.
         store.set_preferences(update=update, now=2.0)
     store.client.close()
+
+
+@pytest.mark.both_stores
+def test_a_resent_log_write_counts_nothing_twice_even_after_other_decides(store_backend, store):
+    """A log write whose reply was lost is sent again (it is idempotent): by then other
+    Decides for the same user may have consumed; the resent write still counts nothing
+    again, and answers what it counted the first time."""
+    from tactful.store import ContactSpend, LoggedDecision
+
+    day = "1700000000"
+
+    def log(decision_id: str, now: float) -> list[str] | None:
+        spend = ContactSpend(
+            day=day,
+            now=now,
+            channel="web",
+            caps=(0, 0),
+            interruptive=False,
+            gap_seconds=0.0,
+            slots=1,
+            stale=(),
+            ranked=[("offer-a", 0)],
+            decision_id=decision_id,
+        )
+        return store.log_decision(
+            user_id="dora",
+            decision=LoggedDecision(decision_id, {"ts": now, "offer_ids": ["offer-a"]}),
+            request_id="",
+            learn_after=None,
+            spend=spend,
+        )
+
+    now = 1_700_000_100.0
+    assert log("A", now) == ["offer-a"]
+    assert log("B", now + 1) == ["offer-a"]
+    assert log("C", now + 2) == ["offer-a"]
+    assert log("A", now) == ["offer-a"]  # resent: answered as before
+    counters = store.get_profile(user_id="dora").contact_counters
+    assert {(c.channel, c.offer_id): c.count for c in counters}[("web", "offer-a")] == 3

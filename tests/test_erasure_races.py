@@ -244,3 +244,24 @@ def test_the_decision_log_names_its_user_by_a_keyed_pseudonym_only(held):
     record = store.client.get(keys.DecisionKeys.of(shown.decision_id).record)
     assert keys.user_digest(USER) not in record
     assert "user_key" not in record
+
+
+def test_an_import_that_began_before_an_erasure_brings_nothing_back(store: RedisStore):
+    """A bulk import reads its file for minutes: a line of a user erased meanwhile is not
+    written (it would bring back the profile, user id in clear), and is reported."""
+    import time
+
+    from tactful import bulk
+
+    began = time.time()
+    store.set_preferences(update=PreferencesUpdate(USER, max_messages_per_day=3), now=began)
+    store.delete_profile(user_id=USER, now=began + 1)
+    bad: list[tuple[int, Any]] = []
+    line = b'{"user_id": "erin", "max_messages_per_day": 2}\n'
+    summary = bulk.import_lines(store, [line], bad_line=lambda n, v: bad.append((n, v)), now=began)
+    assert (summary.imported, summary.bad) == (0, 1)
+    assert "erased" in bad[0][1][0].description
+    assert_erased(store)
+    # An import that begins after the erasure writes the profile anew.
+    later = bulk.import_lines(store, [line], bad_line=lambda n, v: None, now=began + 2)
+    assert later.imported == 1

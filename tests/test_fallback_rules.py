@@ -4,6 +4,7 @@ which SetPreferences keeps current and DeleteProfile clears. Real redis-server, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.errors import Unavailable
-from tactful.model import Offer, Segment
+from tactful.model import Offer, PreferencesUpdate, Segment, Stance, TopicPreference
 from tactful.store import RedisStore
 from tactful.transport.server import Running, build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
@@ -77,9 +78,14 @@ def web(user_id: str) -> d.DecideRequest:
 
 
 def test_a_fallback_after_a_catalog_read_failure_honours_the_profile_it_read(serving):
-    store, catalog, decisioning, profiles = serving
+    store, catalog, decisioning, _ = serving
     assert decisioning.Decide(web("bob")).arm == d.ARM_PERSONALIZED  # remembered: no dislike
-    profiles.SetPreferences(dislike("bob", "golf"))
+    # Written through another process (this one's memory does not hear of it): only the
+    # profile the Decide reads knows of the dislike.
+    store.set_preferences(
+        update=PreferencesUpdate("bob", (TopicPreference("golf", Stance.DISLIKE, 0.0),)),
+        now=time.time(),
+    )
     # A catalog change the next Decide must load, and its load fails after the profile read.
     catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("new", ("news",), priority=0.1)))
     store.catalog_down = True

@@ -82,11 +82,12 @@ class CircuitBreaker:
     def enabled(self) -> bool:
         return self._rate > 0
 
-    def before_call(self) -> None:
-        """Raise CircuitOpen if the call must not reach the store; else let it through
-        (as the one probe, when half-open)."""
+    def before_call(self) -> bool:
+        """Raise CircuitOpen if the call must not reach the store; else let it through and
+        say whether it is the one probe of a half-open circuit (its caller passes that on
+        to ``succeeded`` or ``failed``: only the probe's answer closes or reopens it)."""
         if self._state == CLOSED or not self.enabled:
-            return  # the common case, without the lock
+            return False  # the common case, without the lock
         with self._lock:
             if self._state == OPEN:
                 if self._clock() < self._open_until:
@@ -96,34 +97,40 @@ class CircuitBreaker:
                 if self._probing:
                     raise CircuitOpen
                 self._probing = True
+                return True
+            return False
 
-    def succeeded(self) -> None:
+    def succeeded(self, *, probe: bool = False) -> None:
         if not self.enabled:
             return
         with self._lock:
             self._record(failed=False)
             # Only the probe closes an open circuit: a call let through before it opened
             # may still come back, and one late answer is no proof that Redis is back.
-            if self._state == HALF_OPEN:
+            if probe and self._state == HALF_OPEN:
                 self._probing = False
                 self._move(CLOSED)
 
-    def failed(self, *, conclusive: bool = False) -> None:
+    def failed(self, *, probe: bool = False, conclusive: bool = False) -> None:
         """A call found the store unreachable; ``conclusive``: in a way no slow moment
         explains (connection refused), so the circuit opens without waiting for a rate."""
         if not self.enabled:
             return
         with self._lock:
             calls, failures = self._record(failed=True)
-            self._probing = False
-            if (
-                self._state == HALF_OPEN
-                or conclusive
-                or (calls >= self._min_calls and failures >= self._rate * calls)
+            if probe:
+                self._probing = False
+                if self._state == HALF_OPEN:
+                    self._open(OPEN)
+                return
+            if self._state == CLOSED and (
+                conclusive or (calls >= self._min_calls and failures >= self._rate * calls)
             ):
-                self._open_until = self._clock() + self._open_seconds
-                if self._state != OPEN:
-                    self._move(OPEN)
+                self._open(OPEN)
+
+    def _open(self, state: str) -> None:
+        self._open_until = self._clock() + self._open_seconds
+        self._move(state)
 
     def _record(self, *, failed: bool) -> tuple[int, int]:
         """Count one ended call; return the calls and failures of the whole window."""

@@ -763,6 +763,11 @@ def import_lines(
         future, written = writing
         writing = None
         for number, result in zip(written, future.result(), strict=True):
+            if result.erased:
+                summary.bad += 1
+                problem = "the profile was erased while the import ran: nothing of this line "
+                bad_line(number, [FieldViolation("user_id", problem + "was written")])
+                continue
             if result.over_bound is not None:
                 summary.bad += 1
                 field, bound = result.over_bound
@@ -792,7 +797,10 @@ def import_lines(
             nonlocal writing, records, numbers
             finish()
             future = writer.submit(
-                store.write_profiles, records, limit=validation.MAX_ATTRIBUTES_PER_USER
+                store.write_profiles,
+                records,
+                limit=validation.MAX_ATTRIBUTES_PER_USER,
+                started=now,
             )
             writing = (future, numbers)
             records, numbers = [], []

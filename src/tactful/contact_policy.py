@@ -231,13 +231,21 @@ local function mark(clean)
     redis.call('HDEL', KEYS[1], DAY_MARK)
   end
 end
+-- 'spent': what the user's last SPENT_KEPT decisions counted, newest first, an entry a
+-- decision (its id, then the offers, a line each), entries separated by tabs: a write resent
+-- after a lost reply answers what it counted, even when other Decides came between.
+local SPENT_KEPT = 16
 local spent = redis.call('HGET', KEYS[1], 'spent')
+local kept_spends = {}
 if spent then
-  local parts = {}
-  for part in string.gmatch(spent, '[^\\n]+') do parts[#parts + 1] = part end
-  if parts[1] == decision then
-    parts[1] = '+'
-    return parts
+  for entry in string.gmatch(spent, '[^\t]+') do
+    local parts = {}
+    for part in string.gmatch(entry, '[^\\n]+') do parts[#parts + 1] = part end
+    if parts[1] == decision then
+      parts[1] = '+'
+      return parts
+    end
+    if #kept_spends < SPENT_KEPT - 1 then kept_spends[#kept_spends + 1] = entry end
   end
 end
 if rid ~= '' then
@@ -305,7 +313,9 @@ end
 if #chosen > 1 then
   mark(clean)
   redis.call('HSET', KEYS[1], 'last|' .. channel, ARGV[2])
-  redis.call('HSET', KEYS[1], 'spent', decision .. '\\n' .. table.concat(chosen, '\\n', 2))
+  local entry = decision .. '\\n' .. table.concat(chosen, '\\n', 2)
+  redis.call('HSET', KEYS[1], 'spent', entry .. (#kept_spends > 0 and '\t' or '')
+    .. table.concat(kept_spends, '\t'))
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 return chosen

@@ -459,7 +459,8 @@ class Decider:
                 return self._replay_winner(req, taken.decision_id, decision, inputs, now)
             except Aborted:
                 # The user was erased while this was decided from their profile: nothing of
-                # them was kept, and nothing made from it is shown.
+                # them was kept, and nothing made from it is shown or remembered.
+                self._recent.forget(req.user_id)
                 decision = replace(decision, choices=(), hold_reason=HoldReason.NO_ELIGIBLE_OFFER)
         self._count(decision, req.channel)
         return decision
@@ -898,12 +899,13 @@ class Decider:
         # A repeated DISMISS sets the cooldown again: if the first attempt's write failed
         # (UNAVAILABLE), the client's retry is what puts the offer away.
         if report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
-            self._cool_down(report, outcome["ts"])
+            self._cool_down(report)
         return recorded
 
-    def _cool_down(self, report: OutcomeReport, started: float) -> None:
-        """A dismissed offer (and, if configured, its topics) stays away from that user
-        (unless they were erased since ``started``)."""
+    def _cool_down(self, report: OutcomeReport) -> None:
+        """A dismissed offer (and, if configured, its topics) stays away from that user,
+        unless they were erased since the decision was made (the cooldown would bring a key
+        of theirs back)."""
         logged = self._store.get_logged_decision(decision_id=report.decision_id)
         offer = self._catalog.last_known().get(report.offer_id)
         # Records logged before the owner was kept beside them carry it as user_key.
@@ -915,7 +917,7 @@ class Decider:
             user_key=owner,
             fields=self._contacts.cooldown_fields(dismissed),
             until=self._clock() + self._contacts.cooldown_seconds,
-            started=started,
+            started=float(logged.payload.get("ts", 0.0)) if logged is not None else 0.0,
         )
 
 

@@ -39,6 +39,7 @@ from tactful import deadline, keys, metrics, validation
 from tactful.breaker import CircuitBreaker, CircuitOpen
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS, DAY_MARK
 from tactful.errors import (
+    Abandoned,
     Aborted,
     FailedPrecondition,
     FieldViolation,
@@ -185,6 +186,9 @@ class ProfileWrite:
     # The per-user bound the line would have passed (nothing of it written): its field and
     # the bound, e.g. ("topic_preferences", 1000); None: none.
     over_bound: tuple[str, int] | None = None
+    # The user was erased after the import began: nothing of the line was written (it would
+    # have brought back a profile erased meanwhile).
+    erased: bool = False
 
 
 #: What the import script's negative answers mean: the field and its per-user bound.
@@ -300,8 +304,8 @@ return ids
 """
 
 # A logged decision, the user's slot part (fenced): the decision goes on the user's index,
-# which forgets decisions past their TTL and keeps at most ARGV[4] (the oldest beyond are
-# returned: the caller deletes them, so the index always reaches every decision kept); with a
+# which forgets decisions past their TTL; the oldest beyond ARGV[4] are returned, for the
+# caller to delete and then take off the index (so it always reaches every decision kept); with a
 # request id, it goes on the request-id index likewise (past its TTL or beyond ARGV[8], the
 # oldest request ids are forgotten), and is claimed here when ARGV[6] is '1' (no caps script
 # claimed it): first come first served, as the caps script does. KEYS decided zset, requests
@@ -342,10 +346,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - ttl))
 local dropped = {'+'}
 local over = redis.call('ZCARD', KEYS[1]) - most
 if over > 0 then
+  -- Named, not removed: the caller deletes them, then takes them off the index (so the index
+  -- names them until they are gone, and a failed delete is tried again next time).
   for _, old in ipairs(redis.call('ZRANGE', KEYS[1], 0, over - 1)) do
     dropped[#dropped + 1] = old
   end
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 return dropped
@@ -374,8 +379,10 @@ local consent = redis.call('HGET', KEYS[2], 'consent')
 if not consent or string.sub(consent, 1, 1) ~= '1' then return 0 end
 local half_life, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local count = redis.call('HLEN', KEYS[1])
+local seen = {}
 for i = 3, #ARGV, 3 do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then count = count + 1 end
+  if not seen[ARGV[i]] and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then count = count + 1 end
+  seen[ARGV[i]] = true
 end
 if count > cap then return -count end
 for i = 3, #ARGV, 3 do
@@ -554,8 +561,13 @@ do
   if j <= #ARGV then
     local count = 0
     if ARGV[2] ~= '1' then count = redis.call('HLEN', KEYS[3]) end
+    local seen = {}
     for k = j, #ARGV, 3 do
-      if ARGV[2] == '1' or redis.call('HEXISTS', KEYS[3], ARGV[k]) == 0 then count = count + 1 end
+      if not seen[ARGV[k]]
+          and (ARGV[2] == '1' or redis.call('HEXISTS', KEYS[3], ARGV[k]) == 0) then
+        count = count + 1
+      end
+      seen[ARGV[k]] = true
     end
     if count > tonumber(ARGV[7]) then return -3 end
   end
@@ -975,10 +987,10 @@ def connect(
 
     ``redis+cluster://host:port`` (or ``rediss+cluster://``) names a Redis Cluster by any
     one of its nodes: redis-py's ``RedisCluster`` finds the others and routes each command
-    by its key's slot, with the same timeouts, ``max_connections`` per node, and one retry
-    (after refreshing its slot map). That retry is redis-py's own: it covers connection
-    errors, timeouts and a cluster that is down, so on a cluster a timed-out command may be
-    sent once more."""
+    by its key's slot (following MOVED and ASK), with the same timeouts, ``max_connections``
+    per node, and ``retries`` retries of its own (after refreshing its slot map), which cover
+    timeouts too: the server's store passes 0, so nothing that must not run twice is sent
+    again behind its back."""
     scheme, _, rest = url.partition("://")
     base_scheme = scheme.removesuffix(CLUSTER_SUFFIX)
     connection_class = options.pop("connection_class", None)
@@ -997,7 +1009,7 @@ def connect(
     if scheme.endswith(CLUSTER_SUFFIX):
         return RedisCluster.from_url(
             f"{base_scheme}://{rest}",
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), retries),
             **common,
             **options,
         )
@@ -1046,7 +1058,7 @@ class RedisStore:
         self._log_decision = client.register_script(_FENCE_LUA + _LOG_DECISION_LUA)
         self._add_cooldowns = client.register_script(_FENCE_LUA + _ADD_COOLDOWNS_LUA)
         self._erase_user = client.register_script(_ERASE_USER_LUA)
-        self._import_profile = client.register_script(_IMPORT_PROFILE_LUA)
+        self._import_profile = client.register_script(_FENCE_LUA + _IMPORT_PROFILE_LUA)
         self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
         self._send_reward = client.register_script(_SEND_REWARD_LUA)
         self._consume_contacts = client.register_script(_FENCE_LUA + CONSUME_CONTACTS_LUA)
@@ -1101,8 +1113,13 @@ class RedisStore:
         again while the budget lasts if the operation is idempotent (whatever it is, if the
         connection could not even be made: nothing was sent). What is still failing then is
         ``Unavailable`` (counted); a bug or a script error goes through as it is."""
+        left = deadline.seconds_left()
+        if left is not None and left <= 0:
+            # The caller is gone: nothing is sent for it (a write now would be one it cannot
+            # know about, and one that may run after what it does next).
+            raise Abandoned("the caller's deadline passed: nothing was sent to the store")
         try:
-            self.breaker.before_call()
+            probe = self.breaker.before_call()
         except CircuitOpen:
             metrics.redis_errors(operation).inc()
             raise Unavailable("store unavailable: circuit open") from None
@@ -1117,7 +1134,7 @@ class RedisStore:
                     result = attempt()
                 except STORE_DOWN_ERRORS as exc:
                     if write_refused(exc):
-                        raise self._refused(operation, exc) from exc
+                        raise self._refused(operation, probe) from exc
                     retry = isinstance(exc, NotSent) or (
                         idempotent and isinstance(exc, RETRYABLE_ERRORS)
                     )
@@ -1126,30 +1143,31 @@ class RedisStore:
                         time.sleep(wait)
                         wait = min(wait * 2, RETRY_MAX_WAIT_SECONDS)
                         continue
-                    self.breaker.failed(conclusive=_refused(exc))
+                    self.breaker.failed(probe=probe, conclusive=_refused(exc))
                     metrics.redis_errors(operation).inc()
                     raise Unavailable(f"store unavailable: {type(exc).__name__}") from exc
                 except redis.exceptions.ResponseError as exc:
                     if write_refused(exc):
-                        raise self._refused(operation, exc) from exc
-                    self.breaker.succeeded()  # the store answered; the error is not its health
+                        raise self._refused(operation, probe) from exc
+                    # The store answered; the error is not its health.
+                    self.breaker.succeeded(probe=probe)
                     raise
                 except BaseException:
-                    self.breaker.succeeded()
+                    self.breaker.succeeded(probe=probe)
                     raise
                 finally:
                     _ATTEMPT_DEADLINE.reset(token)
-                self.breaker.succeeded()
+                self.breaker.succeeded(probe=probe)
                 budget.observe(time.perf_counter() - sent)
                 return result
         finally:
             metrics.redis_seconds(operation).observe(time.perf_counter() - start)
 
-    def _refused(self, operation: str, exc: Exception) -> Unavailable:
+    def _refused(self, operation: str, probe: bool) -> Unavailable:
         """Redis answered, refusing the write (full, or read-only): a full or read-only Redis
         still serves every read, so this is no reason to open the circuit (Decide keeps
         personalising, its log write counted as lost, instead of falling back for everyone)."""
-        self.breaker.succeeded()
+        self.breaker.succeeded(probe=probe)
         metrics.redis_errors(operation).inc()
         return Unavailable("store unavailable: the write was refused")
 
@@ -1266,25 +1284,30 @@ class RedisStore:
         # answered but unlogged: bench/soak.py). Idempotent: the record, owner and window
         # are sets; the caps script counts a decision once however often it is sent (its
         # ``spent`` mark), the log script indexes it once.
-        replies = self._run("log_decision", attempt, budget=self.write)
-        logged = replies[-1]
         try:
+            replies = self._run("log_decision", attempt, budget=self.write)
+            logged = replies[-1]
             if ERASED in (logged, replies[0]):
                 raise Aborted("the user was erased while this decision was made")
             if logged[0] == "!":
                 raise RequestTaken(str(logged[1]))
             consumed = None if spend is None else _consumed(replies[0])
-        except (Aborted, RequestTaken):
-            # Take back what went out with it, or the learner would learn a reward 0 for a
-            # decision never served (or one of a user who is gone). If Redis cannot be asked
-            # now, the record expires with its TTL, unindexed: the cost of a lost race.
-            with contextlib.suppress(Unavailable):
-                self._forget_decisions(user_id, [decision.decision_id])
+        except (Aborted, RequestTaken, Unavailable, Abandoned):
+            # Take back what went out with it (all of it, or none, or its record alone: a
+            # failed write cannot tell), or the learner would learn a reward 0 for a decision
+            # never served, or a record would outlive the index an erasure reads. If Redis
+            # cannot be asked now either, the record expires with its TTL.
+            self._forget_quietly(user_id, [decision.decision_id])
             raise
         if len(logged) > 1:  # the user's index was full: its oldest decisions go
-            with contextlib.suppress(Unavailable):
-                self._forget_decisions(user_id, [str(old) for old in logged[1:]])
+            self._forget_quietly(user_id, [str(old) for old in logged[1:]])
         return consumed
+
+    def _forget_quietly(self, user_id: str, decision_ids: Sequence[str]) -> None:
+        """``_forget_decisions`` as a clean-up: on the store's own time (the caller's
+        deadline is the caller's), and a store that cannot be asked is no error."""
+        with deadline.call_deadline(None), contextlib.suppress(Unavailable):
+            self._forget_decisions(user_id, decision_ids)
 
     def _forget_decisions(self, user_id: str, decision_ids: Sequence[str]) -> None:
         """Delete decisions (records, outcomes, owners, reward windows) and then take them off
@@ -1499,20 +1522,23 @@ class RedisStore:
         k = keys.UserKeys.of(user_id)
         at = time.time() if now is None else now
 
-        def erase() -> None:
-            ids: Any = self._erase_user(
-                keys=[k.erased, k.profile, k.signals, k.contacts, k.requests, k.cooldowns,
-                      k.attributes, k.requested, k.decisions, k.decided],
-                args=[k.digest, repr(at), ERASURE_FENCE_SECONDS],
-            )  # fmt: skip
-            if ids:
-                self._forget_decisions(user_id, [str(i) for i in ids])
-
-        self._run("delete_profile", erase, budget=self.write)
+        # Its decision indexes last: the script returns what they name, then deletes the rest.
+        user_keys = [k.erased, k.profile, k.signals, k.contacts, k.requests, k.cooldowns]
+        user_keys += [k.attributes, k.requested, k.decisions, k.decided]
+        fence: list[Any] = [k.digest, repr(at), ERASURE_FENCE_SECONDS]
+        ids: Any = self._run(
+            "delete_profile",
+            lambda: self._erase_user(keys=user_keys, args=fence),
+            budget=self.write,
+        )
+        if ids:
+            self._forget_decisions(user_id, [str(i) for i in ids])
 
     # --- bulk import and export ---------------------------------------------------------
 
-    def write_profiles(self, records: Sequence[ProfileRecord], *, limit: int) -> list[ProfileWrite]:
+    def write_profiles(
+        self, records: Sequence[ProfileRecord], *, limit: int, started: float | None = None
+    ) -> list[ProfileWrite]:
         """Write validated profile records (``tactful import``) in ONE round trip: one
         ``_IMPORT_PROFILE_LUA`` call per user, all its keys in the user's slot, sent as a
         non-transactional pipeline (on a cluster, each node gets its users' calls). Per user,
@@ -1526,11 +1552,14 @@ class RedisStore:
         commands: list[tuple[Any, ...]] = []
         sha = self._import_profile.sha
         digest = keys.user_digest
+        fence_at = repr(time.time() if started is None else started)  # the erasure fence
         for record in records:
-            base = f"{_USER_PREFIX}{digest(record.user_id)}}}"  # keys.UserKeys.of's, only 3
+            user_digest = digest(record.user_id)
+            base = f"{_USER_PREFIX}{user_digest}}}"  # keys.UserKeys.of's, only 3
             to_set, to_clear, withdrawn = _preference_fields(record.preferences, None)
             args: list[Any] = [
-                "EVALSHA", sha, 3, f"{base}:profile", f"{base}:attributes", f"{base}:signals",
+                "EVALSHA", sha, 4, f"{base}:profile", f"{base}:attributes", f"{base}:signals",
+                keys.erasure_fence(f"{base}:profile"), user_digest, fence_at,
                 limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
                 validation.MAX_TOPIC_PREFERENCES_PER_USER,
                 validation.MAX_CHANNEL_PREFERENCES_PER_USER,
@@ -1560,12 +1589,15 @@ class RedisStore:
             except redis.exceptions.NoScriptError:
                 # A Redis that never ran the script (or restarted): load it and write the
                 # batch again, which sets the same state.
-                self.client.script_load(_IMPORT_PROFILE_LUA)
+                self.client.script_load(self._import_profile.script)
                 return self._round_trip(commands)
 
         replies = self._run("write_profiles", write, budget=self.write)
         results = []
         for reply in replies:
+            if reply == ERASED:
+                results.append(ProfileWrite(None, 0, erased=True))
+                continue
             if int(reply) < 0:
                 results.append(ProfileWrite(None, 0, over_bound=_IMPORT_BOUNDS[-int(reply)]))
                 continue
@@ -1902,13 +1934,13 @@ class ModelStore:
         return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups)
 
 
-#: What the operating system says when nothing listens where Redis should be, or Redis
-#: dropped the connection: evidence that no slow moment explains.
-_REFUSALS = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError)
+#: What the operating system says when nothing listens where Redis should be: evidence that no
+#: slow moment explains. (A reset is not: one dropped connection is counted in the rate.)
+_REFUSALS = (ConnectionRefusedError, FileNotFoundError)
 
 
 def _refused(error: BaseException) -> bool:
-    """The connection was refused or reset (redis-py wraps the OSError; a timeout, even one
+    """The connection was refused (redis-py wraps the OSError; a timeout, even one
     connecting, is not a refusal: a busy machine is slow to accept too)."""
     seen: BaseException | None = error
     for _ in range(5):  # redis-py's wrappers, the OSError under them
