@@ -201,7 +201,8 @@ def learn(settings: Settings) -> int:
     learner = runtime.start_learner(settings, settings.redis.url, stop)  # its metrics first
     if settings.server.metrics_port:
         start_http_server(settings.server.metrics_port, addr=settings.server.host)
-    learner.join()
+    runtime.wait_for_stop(stop)  # not learner.join(): a signal must reach the main thread
+    learner.join(timeout=10)
     return 0
 
 
