@@ -22,6 +22,7 @@ import grpc
 import pytest
 from test_serve import free_port, wait_serving
 
+from tactful.settings import Settings
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import decisioning_pb2_grpc
 
@@ -66,6 +67,11 @@ def test_the_image_writes_only_to_its_volume_and_dev_shm():
     assert env["TACTFUL_METRICS_DIR"].startswith("/dev/shm/")
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"  # no __pycache__ on a read-only root
     assert 'VOLUME ["/var/lib/tactful"]' in runtime_stage()
+
+
+def test_the_image_serves_no_reflection():
+    assert runtime_env()["TACTFUL_GRPC_REFLECTION"] == "false"
+    assert Settings.from_env({"TACTFUL_GRPC_REFLECTION": "false"}).server.reflection is False
 
 
 @pytest.fixture

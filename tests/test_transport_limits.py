@@ -120,7 +120,7 @@ def test_calls_that_never_send_their_request_do_not_hold_the_threads(store):
 
 
 def test_idle_reflection_calls_do_not_hold_the_threads(store):
-    settings = production_like(make_settings())
+    settings = production_like(make_settings(), reflection=True)
     with (
         serving(store, settings) as running,
         grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,

@@ -44,6 +44,13 @@ class ServerSettings:
         min=0,
         max=65535,
     )
+    reflection: bool = _setting(
+        "TACTFUL_GRPC_REFLECTION",
+        False,
+        "Serve gRPC server reflection (grpcurl, Postman list and describe the API without the "
+        ".proto files). Off by default: it hands the whole API surface to anyone who can reach "
+        "the port, and no client needs it to call. `make serve` turns it on.",
+    )
     workers: int = _setting(
         "TACTFUL_WORKERS",
         1,

@@ -155,10 +155,11 @@ async def _start(plan: _Plan) -> tuple[Any, int, HealthServicer, Any | None, int
     servicer = HealthServicer(("", *SERVICE_NAMES))
     standard = _Handlers()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, standard)
-    names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(names), standard
-    )
+    if settings.server.reflection:
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names), standard
+        )
     for service, handlers in standard.services.items():
         observe = service == health.SERVICE_NAME
         _add(
@@ -265,7 +266,12 @@ def build_server(
     if security.tls_client_ca_file:
         transport += ", client certificates required"
     keys = "off" if security.auth_disabled else f"{len(security.api_keys)} API key(s)"
-    log.info("gRPC transport: %s; authentication: %s", transport, keys)
+    log.info(
+        "gRPC transport: %s; authentication: %s; reflection: %s",
+        transport,
+        keys,
+        "on" if settings.server.reflection else "off",
+    )
     if health_server is not None:
         log.info("health service also on %s:%d (plaintext)", settings.server.host, plain_health)
     return Running(
