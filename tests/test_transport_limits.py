@@ -1,6 +1,6 @@
 """What a client cannot do to the transport: hold the serving threads with calls that never
-send their request message, or grow memory with health Watch calls. Real server, real stubs,
-real redis-server.
+send their request message, grow memory with health Watch calls, or send messages larger than
+the API needs. Real server, real stubs, real redis-server.
 
 An idle call is opened the way a careless or hostile client would: its headers go out, its
 request message never does (a request iterator that blocks)."""
@@ -22,14 +22,17 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from test_auth import DECIDE_KEY, bearer, secured
 from test_deadlines import SlowReadStore
+from test_serve import free_port
 
 from tactful.settings import ServerSettings, Settings
 from tactful.store import RedisStore
 from tactful.transport.server import Running, build_server
+from tactful.v1 import catalog_pb2 as c
 from tactful.v1 import decisioning_pb2 as d
-from tactful.v1 import decisioning_pb2_grpc
+from tactful.v1 import decisioning_pb2_grpc, profiles_pb2_grpc
+from tactful.v1 import profiles_pb2 as p
 
-from conftest import make_settings, make_store, redis_url
+from conftest import make_settings, make_store, offer, redis_url
 
 DECIDE = "/tactful.v1.Decisioning/Decide"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -182,6 +185,126 @@ def test_watching_unknown_services_is_refused_and_known_ones_are_watched(server)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         finally:
             watch.cancel()
+
+
+# --- message sizes --------------------------------------------------------------------------
+
+CHAR4 = "\U0001f600"  # four bytes in UTF-8
+
+
+def largest_valid_requests() -> dict[str, Any]:
+    """The largest request of each kind that validation.py accepts (a PutOffer's topics and
+    channels have no count limit: it gets a generous 64 and 16)."""
+    decide = d.DecideRequest(
+        user_id=CHAR4 * 64,  # 256 bytes
+        channel="w" * 32,
+        placement="p" * 128,
+        numeric_context={f"{i:02d}" + "n" * 62: 1.5e300 for i in range(64)},
+        categorical_context={f"{i:02d}" + "k" * 62: CHAR4 * 64 for i in range(64)},
+        candidate_offer_ids=[f"{i:04d}" + "o" * 124 for i in range(1000)],
+        slots=10,
+        request_id="r" * 128,
+        dry_run=True,
+    )
+    attributes = p.SetAttributesRequest(
+        user_id=CHAR4 * 64,
+        attributes={f"a{i:02d}" + "b" * 61: CHAR4 * 256 for i in range(64)},
+        source=p.ATTRIBUTE_SOURCE_STATED,
+    )
+    preferences = p.SetPreferencesRequest(
+        user_id=CHAR4 * 64,
+        topic_preferences=[
+            p.TopicPreference(topic=f"{i:03d}" + "t" * 61, stance=p.STANCE_LIKE) for i in range(256)
+        ],
+        channel_preferences=[
+            p.ChannelPreference(channel=f"c{i:03d}" + "h" * 28, opted_in=True) for i in range(256)
+        ],
+        max_messages_per_day=1000,
+        quiet_hours=p.QuietHours(
+            start_hour=22, end_hour=7, time_zone="America/Argentina/ComodRivadavia"
+        ),
+    )
+    signals = p.RecordSignalsRequest(
+        user_id=CHAR4 * 64,
+        signals=[p.Signal(topic=f"{i:03d}" + "s" * 61, weight=1e6) for i in range(256)],
+    )
+    segment = c.PutSegmentRequest(
+        segment=c.Segment(
+            segment_id="s" * 64,
+            rule='attr.country == "' + CHAR4 * 1981 + '"',  # 2000 characters
+            description=CHAR4 * 1000,
+        )
+    )
+    put_offer = c.PutOfferRequest(
+        offer=offer(
+            "o" * 128,
+            tuple(f"{i:02d}" + "t" * 62 for i in range(64)),
+            title=CHAR4 * 200,
+            channels=[f"c{i:02d}" + "h" * 29 for i in range(16)],
+            segments=[f"{i:02d}" + "g" * 62 for i in range(32)],
+            excluded_segments=[f"{i:02d}" + "x" * 62 for i in range(32)],
+        )
+    )
+    return {
+        "Decide": decide,
+        "SetAttributes": attributes,
+        "SetPreferences": preferences,
+        "RecordSignals": signals,
+        "PutSegment": segment,
+        "PutOffer": put_offer,
+    }
+
+
+def test_the_receive_limit_holds_the_largest_valid_request_with_margin():
+    limit = ServerSettings().max_receive_message_bytes
+    sizes = {name: r.ByteSize() for name, r in largest_valid_requests().items()}
+    assert max(sizes.values()) * 1.5 < limit, sizes
+
+
+def test_the_largest_valid_requests_are_accepted(channel, catalog):
+    requests = largest_valid_requests()
+    segments = (*requests["PutOffer"].offer.segments, *requests["PutOffer"].offer.excluded_segments)
+    for segment_id in segments:
+        catalog.PutSegment(
+            c.PutSegmentRequest(segment=c.Segment(segment_id=segment_id, rule='likes("a")')),
+            timeout=10,
+        )
+    stubs = {
+        "Decide": decisioning_pb2_grpc.DecisioningStub(channel).Decide,
+        "SetAttributes": profiles_pb2_grpc.ProfilesStub(channel).SetAttributes,
+        "SetPreferences": profiles_pb2_grpc.ProfilesStub(channel).SetPreferences,
+        "RecordSignals": profiles_pb2_grpc.ProfilesStub(channel).RecordSignals,
+        "PutSegment": catalog.PutSegment,
+        "PutOffer": catalog.PutOffer,
+    }
+    for name, request in requests.items():
+        stubs[name](request, timeout=10)  # raises on anything but OK
+
+
+def test_a_message_past_the_limit_is_resource_exhausted(decisioning):
+    limit = ServerSettings().max_receive_message_bytes
+    request = d.DecideRequest(user_id="u" * limit, channel="web")
+    with pytest.raises(grpc.RpcError) as refused:
+        decisioning.Decide(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The server goes on serving.
+    assert decisioning.Decide(d.DecideRequest(user_id="u", channel="web"), timeout=10).choices == []
+
+
+def test_the_health_port_takes_only_small_messages(store):
+    base = make_settings()
+    settings = dataclasses.replace(
+        base, server=dataclasses.replace(base.server, health_port=free_port())
+    )
+    with (
+        serving(store, settings) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as plaintext,
+    ):
+        check = health_pb2_grpc.HealthStub(plaintext).Check
+        assert check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+        with pytest.raises(grpc.RpcError) as refused:
+            check(health_pb2.HealthCheckRequest(service="x" * 4096), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # --- the RPC limit --------------------------------------------------------------------------

@@ -103,6 +103,16 @@ class ServerSettings:
         min=1.0,
         max=600_000.0,
     )
+    max_receive_message_bytes: int = _setting(
+        "TACTFUL_GRPC_MAX_RECEIVE_MESSAGE_BYTES",
+        256 * 1024,
+        "Largest request message accepted (larger: RESOURCE_EXHAUSTED before it is read "
+        "whole). The largest valid request is a Decide with 1,000 candidates of the longest "
+        "offer ids and full context maps, 157 KB (tests/test_transport_limits.py). The "
+        "plaintext health port takes 1 KiB.",
+        min=64 * 1024,
+        max=64 * 1024 * 1024,
+    )
     max_connection_age_seconds: float = _setting(
         "TACTFUL_GRPC_MAX_CONNECTION_AGE_SECONDS",
         0.0,

@@ -50,6 +50,8 @@ METHODS = tuple(
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 )
+#: The plaintext health port's message limit: a HealthCheckRequest names one service.
+HEALTH_PORT_MAX_RECEIVE_BYTES = 1024
 
 
 @dataclass
@@ -147,7 +149,11 @@ async def _start(plan: _Plan) -> tuple[Any, int, HealthServicer, Any | None, int
     reuse = ("grpc.so_reuseport", 1 if plan.reuse_port else 0)
     server = grpc.aio.server(
         migration_thread_pool=calls.pool,
-        options=[reuse, *connection_age_options(settings)],
+        options=[
+            reuse,
+            ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
+            *connection_age_options(settings),
+        ],
     )
     for service, handlers in plan.api.items():
         _add(server, service, {m: calls.api(f"/{service}/{m}", h) for m, h in handlers.items()})
@@ -187,7 +193,10 @@ async def _start_health_only(plan: _Plan, servicer: HealthServicer) -> tuple[Any
     (so both ports report the same status): a probe that speaks no TLS can ask it, and it
     carries nothing else, so no key or customer data ever crosses it in clear."""
     server = grpc.aio.server(
-        options=[("grpc.so_reuseport", 1 if plan.reuse_port else 0)],
+        options=[
+            ("grpc.so_reuseport", 1 if plan.reuse_port else 0),
+            ("grpc.max_receive_message_length", HEALTH_PORT_MAX_RECEIVE_BYTES),
+        ],
     )
     handlers = _Handlers()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, handlers)
