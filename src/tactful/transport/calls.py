@@ -19,11 +19,10 @@ ends with is sent from the loop (gRPC's asyncio ``abort()`` is a coroutine of th
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any, NoReturn
 
@@ -116,8 +115,6 @@ class Calls:
         self._in_flight = 0
         self._lock = threading.Lock()
 
-    # --- the API: synchronous unary handlers, run in the pool ------------------------------
-
     def api(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """A servicer's unary handler, served as the module's docstring says."""
         return grpc.stream_unary_rpc_method_handler(ApiCall(self, full_method, handler).serve)
@@ -153,15 +150,6 @@ class Calls:
             # gRPC takes a cancelled handler quietly.
             raise asyncio.CancelledError from None
         raise AssertionError("unreachable")  # pragma: no cover - abort() raises
-
-    # --- the standard services (health, reflection): asynchronous, on the loop ---------------
-
-    def standard(
-        self, full_method: str, handler: grpc.RpcMethodHandler, *, observe: bool
-    ) -> grpc.RpcMethodHandler:
-        """A standard service's asyncio handler, its request messages received within the time
-        limit. ``observe``: keep the gRPC metrics of a unary one (health Check)."""
-        return StandardCall(self, full_method, handler, observe=observe).handler()
 
     def refuse_unknown(self) -> grpc.GenericRpcHandler:
         """Last in line: a method no service has is refused like a known one (a caller with a
@@ -261,88 +249,6 @@ class ApiCall:
         except TactfulError as error:
             return statuses.failure(statuses.to_status(error))
         return self._serialize(response)  # type: ignore[no-any-return]
-
-
-class StandardCall:
-    """One method of a standard service, its request messages received within the time limit
-    (whatever its streaming shape, gRPC is told it reads a stream, so that it is the handler
-    that waits for the messages)."""
-
-    def __init__(
-        self, calls: Calls, full_method: str, handler: grpc.RpcMethodHandler, *, observe: bool
-    ) -> None:
-        self._calls = calls
-        self._handler = handler
-        self._deserialize = handler.request_deserializer
-        self._meter = Meter(full_method) if observe else None
-
-    def handler(self) -> grpc.RpcMethodHandler:
-        h = self._handler
-        if h.unary_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary, response_serializer=h.response_serializer
-            )
-        if h.unary_stream is not None or h.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming, response_serializer=h.response_serializer
-            )
-        return h  # client-streaming, unary answer: none of the standard services has one
-
-    async def _first(self, context: Any) -> Any:
-        """The one request of a unary-request method; the call is ended without it."""
-        try:
-            request = await self._calls.receive(context)
-        except TimeoutError:
-            await self._calls.end(context, self._calls.too_slow)
-        if request is None:
-            await self._calls.end(context, NO_REQUEST)
-        return await self._decoded(context, request)
-
-    async def _decoded(self, context: Any, data: bytes) -> Any:
-        try:
-            return decode(self._deserialize, data)
-        except InvalidArgument as error:
-            await self._calls.end(context, statuses.failure(statuses.to_status(error)))
-
-    async def _requests(self, context: Any) -> AsyncIterator[Any]:
-        """The requests of a streaming call, each within the time limit."""
-        while True:
-            try:
-                request = await self._calls.receive(context)
-            except TimeoutError:
-                await self._calls.end(context, self._calls.too_slow)
-            if request is None:
-                return
-            yield await self._decoded(context, request)
-
-    async def _unary(self, _: object, context: Any) -> Any:
-        meter = self._meter
-        if meter is None:
-            return await self._handler.unary_unary(await self._first(context), context)
-        meter.started.inc()
-        start = time.perf_counter()
-        code = grpc.StatusCode.CANCELLED
-        try:
-            response = await self._handler.unary_unary(await self._first(context), context)
-            code = grpc.StatusCode.OK
-            return response
-        except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            meter.handled(code, time.perf_counter() - start)
-
-    async def _streaming(self, _: object, context: Any) -> None:
-        h = self._handler
-        if h.unary_stream is not None:
-            responses = h.unary_stream(await self._first(context), context)
-        else:
-            responses = h.stream_stream(self._requests(context), context)
-        if inspect.isasyncgen(responses):
-            async for response in responses:
-                await context.write(response)
-        else:
-            await responses  # the handler writes its responses itself
 
 
 class _Unknown(grpc.GenericRpcHandler):  # type: ignore[misc]

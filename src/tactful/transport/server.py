@@ -22,7 +22,7 @@ from tactful.core import CatalogCache, CatalogService, Decider, ModelCache, Prof
 from tactful.features import FeatureSpace
 from tactful.settings import Settings
 from tactful.store import Store
-from tactful.transport import auth
+from tactful.transport import auth, standard
 from tactful.transport.calls import Calls
 from tactful.transport.health import Health, HealthServicer
 from tactful.transport.loop import LoopThread, event_loop
@@ -130,6 +130,16 @@ def _add(server: Any, service: str, handlers: Mapping[str, grpc.RpcMethodHandler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
+def _add_standard(server: Any, calls: Calls, services: _Handlers, *, observe: bool) -> None:
+    """The standard services' handlers; ``observe``: health Check keeps its gRPC metrics."""
+    for service, handlers in services.services.items():
+        wrapped = {
+            m: standard.handler(calls, f"/{service}/{m}", h, observe=observe)
+            for m, h in handlers.items()
+        }
+        _add(server, service, wrapped)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What build_server works out before anything starts."""
@@ -159,20 +169,14 @@ async def _start(plan: _Plan) -> tuple[Any, int, HealthServicer, Any | None, int
         _add(server, service, {m: calls.api(f"/{service}/{m}", h) for m, h in handlers.items()})
 
     servicer = HealthServicer(("", *SERVICE_NAMES))
-    standard = _Handlers()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, standard)
+    services = _Handlers()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, services)
     if settings.server.reflection:
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(names), standard
+            reflection.aio.ReflectionServicer(names), services
         )
-    for service, handlers in standard.services.items():
-        observe = service == health.SERVICE_NAME
-        _add(
-            server,
-            service,
-            {m: calls.standard(f"/{service}/{m}", h, observe=observe) for m, h in handlers.items()},
-        )
+    _add_standard(server, calls, services, observe=True)
     server.add_generic_rpc_handlers((calls.refuse_unknown(),))
     bound = _bind(server, plan.address, plan.credentials)
     for name in ("", *SERVICE_NAMES):
@@ -198,17 +202,9 @@ async def _start_health_only(plan: _Plan, servicer: HealthServicer) -> tuple[Any
             ("grpc.max_receive_message_length", HEALTH_PORT_MAX_RECEIVE_BYTES),
         ],
     )
-    handlers = _Handlers()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, handlers)
-    for service, methods in handlers.services.items():
-        _add(
-            server,
-            service,
-            {
-                m: plan.calls.standard(f"/{service}/{m}", h, observe=False)
-                for m, h in methods.items()
-            },
-        )
+    services = _Handlers()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, services)
+    _add_standard(server, plan.calls, services, observe=False)
     address = f"{plan.settings.server.host}:{plan.health_port}"
     try:
         bound = _bind(server, address, None)
