@@ -84,8 +84,11 @@ class Meter:
         self.latency = metrics.GRPC_HANDLING_SECONDS.labels(*self._labels)
         self._handled: dict[grpc.StatusCode, Counter] = {}
 
-    def handled(self, code: grpc.StatusCode, seconds: float) -> None:
-        self.latency.observe(seconds)
+    def handled(self, code: grpc.StatusCode, seconds: float | None) -> None:
+        """A call ended with ``code``, ``seconds`` after its request arrived (None: it was
+        answered without one, and its time is the client's, not the server's)."""
+        if seconds is not None:
+            self.latency.observe(seconds)
         counter = self._handled.get(code)
         if counter is None:
             counter = self._handled[code] = metrics.GRPC_HANDLED.labels(*self._labels, code.name)
@@ -183,24 +186,41 @@ class ApiCall:
         self._meter = Meter(full_method)
 
     async def serve(self, _: object, context: Any) -> bytes:
-        self._meter.started.inc()
-        start = time.perf_counter()
-        code = grpc.StatusCode.CANCELLED  # until the call is answered
-        try:
-            answer = await self._answer(context)
-            if isinstance(answer, bytes):
-                code = grpc.StatusCode.OK
-                return answer
-            code = answer.code
-            try:
-                await self._calls.end(context, answer)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-        finally:
-            self._meter.handled(code, time.perf_counter() - start)
+        meter = self._meter
+        meter.started.inc()
+        received: float | None = None
 
-    async def _answer(self, context: Any) -> bytes | Failure:
+        def handled(code: grpc.StatusCode) -> None:
+            meter.handled(code, None if received is None else time.perf_counter() - received)
+
+        try:
+            admitted = await self._admit_and_receive(context)
+            if isinstance(admitted, Failure):  # (a NamedTuple: asked first)
+                answer: bytes | Failure = admitted
+            else:
+                received = time.perf_counter()
+                answer = await self._work(context, *admitted)
+        except asyncio.CancelledError:  # the caller has gone, or the server stopped the call
+            handled(grpc.StatusCode.CANCELLED)
+            raise
+        # Counted before the answer goes out: a caller that has it finds it counted.
+        if isinstance(answer, bytes):
+            handled(grpc.StatusCode.OK)
+            return answer
+        if answer is not NO_REQUEST:
+            handled(answer.code)
+            await self._calls.end(context, answer)
+        try:
+            await self._calls.end(context, answer)
+        except asyncio.CancelledError:  # over already: a message past the size limit
+            handled(grpc.StatusCode.CANCELLED)
+            raise
+        except grpc.aio.AbortError:
+            handled(answer.code)
+            raise
+
+    async def _admit_and_receive(self, context: Any) -> tuple[bytes, bytes | None] | Failure:
+        """The request and the caller's key digest; or the refusal to end the call with."""
         calls = self._calls
         caller: bytes | None = None
         if calls.authenticator is not None:
@@ -214,6 +234,11 @@ class ApiCall:
             return calls.too_slow
         if request is None:
             return NO_REQUEST
+        return request, caller
+
+    async def _work(self, context: Any, request: bytes, caller: bytes | None) -> bytes | Failure:
+        """A slot, then a thread for the call."""
+        calls = self._calls
         if not calls.take_slot():
             return BUSY
         work = CallContext(context.time_remaining())

@@ -81,17 +81,19 @@ class StandardCall:
         if meter is None:
             return await self._handler.unary_unary(await self._first(context), context)
         meter.started.inc()
-        start = time.perf_counter()
+        received: float | None = None
         code = grpc.StatusCode.CANCELLED
         try:
-            response = await self._handler.unary_unary(await self._first(context), context)
+            request = await self._first(context)
+            received = time.perf_counter()
+            response = await self._handler.unary_unary(request, context)
             code = grpc.StatusCode.OK
             return response
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            meter.handled(code, time.perf_counter() - start)
+            meter.handled(code, None if received is None else time.perf_counter() - received)
 
     async def _streaming(self, _: object, context: Any) -> None:
         h = self._handler
