@@ -55,13 +55,15 @@ LABEL org.opencontainers.image.title="tactful" \
 # Two worker processes on the gRPC port (set TACTFUL_WORKERS to the CPUs the container gets,
 # less one for the embedded redis-server). Their metric files live in /dev/shm: memory, and
 # writable even with a read-only root filesystem (in Kubernetes, /dev/shm or an emptyDir
-# with medium: Memory).
+# with medium: Memory). No server reflection (the default, said here so it is not turned on
+# by accident): clients and grpcurl take the .proto files.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     TACTFUL_DATA_DIR=/var/lib/tactful \
     TACTFUL_WORKERS=2 \
-    TACTFUL_METRICS_DIR=/dev/shm/tactful-metrics
+    TACTFUL_METRICS_DIR=/dev/shm/tactful-metrics \
+    TACTFUL_GRPC_REFLECTION=false
 
 RUN groupadd --system --gid 10001 tactful \
     && useradd --system --uid 10001 --gid tactful --home-dir /var/lib/tactful \

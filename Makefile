@@ -61,10 +61,11 @@ promtool: ## install promtool (Debian package prometheus) if missing: root and a
 # deployment sets TACTFUL_API_KEYS instead (README "Security"). Two worker processes by
 # default, so development runs the supervisor, SO_REUSEPORT and summed /metrics as the
 # container does; two, not one per CPU, because redis-server and the client need CPU too on
-# a laptop. `TACTFUL_WORKERS=1 make serve` runs one process.
+# a laptop. `TACTFUL_WORKERS=1 make serve` runs one process. Server reflection on, so
+# grpcurl needs no .proto files (off by default, and in the container and Kubernetes).
 TACTFUL_WORKERS ?= 2
-serve: setup ## start tactful on :50051 (metrics :9464), 2 worker processes, embedded redis-server in .tactful/, no auth
-	TACTFUL_AUTH_DISABLED=true TACTFUL_WORKERS=$(TACTFUL_WORKERS) $(BIN)/python -m tactful serve
+serve: setup ## start tactful on :50051 (metrics :9464), 2 worker processes, embedded redis-server in .tactful/, no auth, reflection on
+	TACTFUL_AUTH_DISABLED=true TACTFUL_GRPC_REFLECTION=true TACTFUL_WORKERS=$(TACTFUL_WORKERS) $(BIN)/python -m tactful serve
 
 test: setup promtool ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check

@@ -191,11 +191,20 @@ def test_an_admin_key_may_call_everything(channel):
     catalog.DeleteOffer(catalog_pb2.DeleteOfferRequest(offer_id="a"), metadata=key, timeout=10)
 
 
-def test_health_and_reflection_need_no_key(channel):
-    health = health_pb2_grpc.HealthStub(channel)
-    status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
-    assert status == health_pb2.HealthCheckResponse.SERVING
-    assert "tactful.v1.Decisioning" in ProtoReflectionDescriptorDatabase(channel).get_services()
+def test_health_and_reflection_need_no_key(store):
+    settings = secured()
+    settings = dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, reflection=True)
+    )
+    with (
+        serving(store, settings) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "tactful.v1.Decisioning" in services
 
 
 def test_a_made_up_method_needs_admin_and_grows_no_labels(channel):

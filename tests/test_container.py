@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_auth import openssl, secured, serving
 from test_serve import free_port, wait_serving
 
+from tactful.settings import Settings
 from tactful.store import RedisStore
 from tactful.transport.server import build_server
 from tactful.v1 import decisioning_pb2 as d
@@ -174,6 +175,11 @@ def test_with_mutual_tls_healthcheck_needs_the_health_port(store: RedisStore, pk
         assert with_port.returncode == 0, with_port.stderr
     finally:
         running.stop(0)
+
+
+def test_the_image_serves_no_reflection():
+    assert runtime_env()["TACTFUL_GRPC_REFLECTION"] == "false"
+    assert Settings.from_env({"TACTFUL_GRPC_REFLECTION": "false"}).server.reflection is False
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tactful import validation
+from tactful.settings import ServerSettings
 from tactful.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -380,9 +381,9 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES_PER_RPC", "10000"))
 BATCH = 16  # structured requests sent at once, per hypothesis example
 RAW_BATCH = 4  # raw payloads sent with them, each a mutation of one of the requests
 TIMEOUT = 30
-# gRPC's own limit on a received message: past it the transport answers RESOURCE_EXHAUSTED
-# before tactful sees the request.
-MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+# The server's limit on a received message (TACTFUL_GRPC_MAX_RECEIVE_MESSAGE_BYTES): past it
+# gRPC answers RESOURCE_EXHAUSTED before tactful sees the request.
+MAX_RECEIVE_BYTES = ServerSettings().max_receive_message_bytes
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 # Well-formed requests the catalog's state refuses: deleting a segment offers name, or a new
 # segment past TACTFUL_MAX_SEGMENTS.

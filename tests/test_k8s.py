@@ -219,6 +219,7 @@ def test_one_learner_and_servers_without_one():
         assert refs == ["tactful-config"]
     assert CONFIG["TACTFUL_EMBEDDED_LEARNER"] == "false"
     assert CONFIG["TACTFUL_LOAD_DEMO_CATALOG"] == "false"
+    assert CONFIG["TACTFUL_GRPC_REFLECTION"] == "false"  # the API is not advertised
 
 
 def test_secrets_come_from_the_secret_and_are_required():

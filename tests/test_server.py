@@ -1,12 +1,14 @@
 """Standard services a deployment relies on: health (Kubernetes gRPC probes) and reflection
-(grpcurl), and the NOT_SERVING flip that starts a graceful stop."""
+(grpcurl; a setting, off by default), and the NOT_SERVING flip that starts a graceful stop."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -25,8 +27,33 @@ def test_health_reports_every_service_serving(channel):
         assert response.status == health_pb2.HealthCheckResponse.SERVING, name
 
 
-def test_reflection_lists_the_api(channel):
-    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+def test_reflection_is_off_by_default(channel):
+    assert Settings.from_env({}).server.reflection is False
+    with pytest.raises(grpc.RpcError) as off:
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_make_serve_turns_reflection_on():
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    serve = makefile.split("\nserve:", 1)[1].split("\n\n", 1)[0]
+    assert "TACTFUL_GRPC_REFLECTION=true" in serve
+
+
+def test_reflection_lists_the_api_when_set(store):
+    settings = Settings.from_env({"TACTFUL_GRPC_REFLECTION": "true"})
+    assert settings.server.reflection is True
+    base = make_settings()
+    running = build_server(
+        dataclasses.replace(base, server=dataclasses.replace(base.server, reflection=True)),
+        store,
+        port=0,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    finally:
+        running.stop(None)
     assert {
         "tactful.v1.Decisioning",
         "tactful.v1.Profiles",

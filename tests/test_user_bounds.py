@@ -64,14 +64,16 @@ def test_topic_stances_stop_at_the_bound_and_a_refused_call_changes_nothing(prof
 
 
 def test_channel_choices_stop_at_the_bound(profiles):
-    profiles.SetPreferences(
-        p.SetPreferencesRequest(
-            user_id="chan",
-            channel_preferences=[
-                p.ChannelPreference(channel=f"c{i}", opted_in=True) for i in range(CHANNELS)
-            ],
+    for start in range(0, CHANNELS, PER_CALL):
+        profiles.SetPreferences(
+            p.SetPreferencesRequest(
+                user_id="chan",
+                channel_preferences=[
+                    p.ChannelPreference(channel=f"c{i}", opted_in=True)
+                    for i in range(start, min(start + PER_CALL, CHANNELS))
+                ],
+            )
         )
-    )
     with pytest.raises(grpc.RpcError) as refused:
         profiles.SetPreferences(
             p.SetPreferencesRequest(

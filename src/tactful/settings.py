@@ -44,6 +44,13 @@ class ServerSettings:
         min=0,
         max=65535,
     )
+    reflection: bool = _setting(
+        "TACTFUL_GRPC_REFLECTION",
+        False,
+        "Serve gRPC server reflection (grpcurl, Postman list and describe the API without the "
+        ".proto files). Off by default: it hands the whole API surface to anyone who can reach "
+        "the port, and no client needs it to call. `make serve` turns it on.",
+    )
     workers: int = _setting(
         "TACTFUL_WORKERS",
         1,
@@ -65,7 +72,9 @@ class ServerSettings:
     max_workers: int = _setting(
         "TACTFUL_GRPC_MAX_WORKERS",
         4,
-        "Threads serving RPCs in one process. Python runs one of them at a time (the GIL): "
+        "Threads running API calls in one process, each once its request has arrived (one "
+        "event loop thread receives the requests and answers health checks). Python runs one "
+        "of them at a time (the GIL): "
         "more threads than it takes to cover the Redis round trips only add contention "
         "(bench/capacity.py: 16 threads served 93 Decides/s past capacity, 4 held 640/s). "
         "Raise it when Redis is far away (each thread waits out two round trips per Decide).",
@@ -75,13 +84,34 @@ class ServerSettings:
     max_concurrent_rpcs: int = _setting(
         "TACTFUL_MAX_CONCURRENT_RPCS",
         8,
-        "RPCs one process accepts at once (running plus queued for a thread); past it a call "
-        "is refused at once with RESOURCE_EXHAUSTED instead of queueing past its deadline "
-        "(0: unlimited). Keep the queue short: a call waiting behind more than a few others "
-        "costs milliseconds each, and past capacity a long queue turns every call into a "
-        "missed deadline instead of some fast refusals.",
+        "API calls one process accepts at once (running plus queued for a thread, counted "
+        "once their request message has arrived); past it a call is refused at once with "
+        "RESOURCE_EXHAUSTED instead of queueing past its deadline (0: unlimited). Health "
+        "checks are not counted. Keep the queue short: a call waiting behind more than a few "
+        "others costs milliseconds each, and past capacity a long queue turns every call "
+        "into a missed deadline instead of some fast refusals.",
         min=0,
         max=100_000,
+    )
+    receive_timeout_ms: float = _setting(
+        "TACTFUL_GRPC_RECEIVE_TIMEOUT_MS",
+        5000.0,
+        "How long a call may take to deliver its request message (each message, on a "
+        "streaming call) once it has started; past it the call is ended with CANCELLED. A "
+        "call waiting for its message holds no thread (requests are received on the event "
+        "loop), and this bounds how long it holds anything at all.",
+        min=1.0,
+        max=600_000.0,
+    )
+    max_receive_message_bytes: int = _setting(
+        "TACTFUL_GRPC_MAX_RECEIVE_MESSAGE_BYTES",
+        256 * 1024,
+        "Largest request message accepted (larger: RESOURCE_EXHAUSTED before it is read "
+        "whole). The largest valid request is a Decide with 1,000 candidates of the longest "
+        "offer ids and full context maps, 157 KB (tests/test_transport_limits.py). The "
+        "plaintext health port takes 1 KiB.",
+        min=64 * 1024,
+        max=64 * 1024 * 1024,
     )
     max_connection_age_seconds: float = _setting(
         "TACTFUL_GRPC_MAX_CONNECTION_AGE_SECONDS",

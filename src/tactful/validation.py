@@ -41,7 +41,7 @@ MAX_ATTRIBUTES_PER_USER = 128  # enforced by the store, atomically with the merg
 # so that every Decide for them reads a bounded profile (and no one user can make Redis slow
 # for everyone).
 MAX_TOPIC_PREFERENCES_PER_USER = 1000
-MAX_CHANNEL_PREFERENCES_PER_USER = 100
+MAX_CHANNEL_PREFERENCES_PER_USER = 1000
 MAX_SIGNAL_TOPICS_PER_USER = 1000
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_SEGMENTS_PER_OFFER = 32  # in segments and in excluded_segments, each
