@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -122,6 +123,27 @@ def test_calls_that_never_send_their_request_do_not_hold_the_threads(store):
             assert idle.codes(timeout=0) == [None] * IDLE_CALLS  # still open, not refused
 
 
+def test_a_request_that_comes_late_but_in_time_is_answered(store):
+    """The thread is given when the message arrives, however late within the limit."""
+    settings = production_like(make_settings(), receive_timeout_ms=2000.0)
+    with (
+        serving(store, settings) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        decide = channel.stream_unary(
+            DECIDE,
+            request_serializer=d.DecideRequest.SerializeToString,
+            response_deserializer=d.DecideResponse.FromString,
+        )
+
+        def late() -> Iterator[d.DecideRequest]:
+            time.sleep(0.5)
+            yield d.DecideRequest(user_id="u", channel="web")
+
+        with idle_calls(channel, DECIDE):  # the threads are free all the same
+            assert decide(late(), timeout=5).arm == d.ARM_PERSONALIZED
+
+
 def test_idle_reflection_calls_do_not_hold_the_threads(store):
     settings = production_like(make_settings(), reflection=True)
     with (
@@ -150,6 +172,30 @@ def test_an_idle_call_is_ended_once_the_receive_time_limit_passes(store):
             idle.close()
         assert codes == [grpc.StatusCode.CANCELLED] * 4
         assert_still_served(channel)
+
+
+def test_a_reflection_stream_idle_after_its_first_request_is_ended_in_time(store):
+    """Reflection streams its requests: past the first, a wait for the next is bounded too."""
+    settings = production_like(make_settings(), reflection=True, receive_timeout_ms=300.0)
+    release = threading.Event()
+
+    def one_then_nothing() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait()
+
+    with (
+        serving(store, settings) as running,
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        info = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+        call = info(one_then_nothing(), timeout=30)
+        try:
+            assert next(call).HasField("list_services_response")
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+            assert ended.value.code() == grpc.StatusCode.CANCELLED
+        finally:
+            release.set()
 
 
 def test_idle_calls_without_a_key_are_refused_at_once(store):

@@ -72,9 +72,9 @@ class ServerSettings:
     max_workers: int = _setting(
         "TACTFUL_GRPC_MAX_WORKERS",
         4,
-        "Threads running API calls in one process, each once its request has arrived (one "
-        "event loop thread receives the requests and answers health checks). Python runs one "
-        "of them at a time (the GIL): "
+        "Threads serving API calls in one process, each given to a call once its request "
+        "message has arrived (health and reflection have threads of their own). Python runs "
+        "one of them at a time (the GIL): "
         "more threads than it takes to cover the Redis round trips only add contention "
         "(bench/capacity.py: 16 threads served 93 Decides/s past capacity, 4 held 640/s). "
         "Raise it when Redis is far away (each thread waits out two round trips per Decide).",
@@ -85,7 +85,7 @@ class ServerSettings:
         "TACTFUL_MAX_CONCURRENT_RPCS",
         8,
         "API calls one process accepts at once (running plus queued for a thread, counted "
-        "once their request message has arrived); past it a call is refused at once with "
+        "from the arrival of their request message); past it a call is refused at once with "
         "RESOURCE_EXHAUSTED instead of queueing past its deadline (0: unlimited). Health "
         "checks are not counted. Keep the queue short: a call waiting behind more than a few "
         "others costs milliseconds each, and past capacity a long queue turns every call "
@@ -97,9 +97,9 @@ class ServerSettings:
         "TACTFUL_GRPC_RECEIVE_TIMEOUT_MS",
         5000.0,
         "How long a call may take to deliver its request message (each message, on a "
-        "streaming call) once it has started; past it the call is ended with CANCELLED. A "
-        "call waiting for its message holds no thread (requests are received on the event "
-        "loop), and this bounds how long it holds anything at all.",
+        "streaming call) once it has started; past it the call is ended with CANCELLED. "
+        "Until its message is there a call holds no thread and is not counted in "
+        "TACTFUL_MAX_CONCURRENT_RPCS; this bounds how long it holds anything at all.",
         min=1.0,
         max=600_000.0,
     )

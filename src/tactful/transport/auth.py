@@ -1,5 +1,5 @@
-"""Who may call what: API keys with roles, checked before a call's request is even read, and
-the server's TLS credentials.
+"""Who may call what: API keys with roles, checked by a server interceptor, and the server's
+TLS credentials.
 
 A client sends its key in metadata (``authorization: Bearer <key>`` or ``x-api-key: <key>``).
 Settings hold only the keys' sha256 digests (``TACTFUL_API_KEYS``): the presented key is
@@ -8,10 +8,9 @@ one role, worked out once per method; ``admin`` implies every role. Health check
 reflection stay open (probes and tools carry no key); any other method no table names needs
 ``admin`` (default deny).
 
-A refused call never reaches the servicer: it is answered at once, its request message not
-waited for nor parsed. It is counted in ``grpc_server_started_total`` /
-``grpc_server_handled_total`` with its status code like any other call, and in
-``tactful_auth_failures_total{reason}``.
+A refused call never reaches the servicer: it is answered at once, its request neither waited
+for nor parsed. It is counted in ``grpc_server_started_total`` / ``grpc_server_handled_total``
+with its status code like any other call, and in ``tactful_auth_failures_total{reason}``.
 """
 
 from __future__ import annotations
@@ -21,16 +20,18 @@ import hmac
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tactful import keys, metrics
 from tactful.errors import Unavailable
 from tactful.settings import SecuritySettings, SettingsError
 from tactful.store import Store
-from tactful.transport.statuses import Failure, failure
+from tactful.transport import receiving
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,14 @@ def presented_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | N
     return api_key
 
 
-class Authenticator:
-    """Judges a call by its method and metadata alone: refused (UNAUTHENTICATED without a
-    known key, PERMISSION_DENIED when the key lacks the method's role), or let through. CPU
-    only, a sha256 and a dict lookup: it runs on the event loop as the call starts.
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call without a known key (UNAUTHENTICATED) or whose key lacks the method's
+    role (PERMISSION_DENIED). Must come first among the server's interceptors: the ones after
+    it cache their handler per method, whoever calls.
 
-    ``methods`` are the full names of the methods the server has: their roles are worked out
-    once. A name outside them is judged on every call and kept nowhere, so a caller cannot
-    grow memory by inventing method names."""
+    ``methods`` are the full names of the methods the server has: their roles and refusal
+    handlers are worked out once. A name outside them is judged on every call and cached
+    nowhere, so a caller cannot grow memory or metric labels by inventing method names."""
 
     def __init__(
         self,
@@ -107,34 +108,41 @@ class Authenticator:
             for digest, roles in ((bytes.fromhex(h), r) for h, r in api_keys)
         }
         self._roles = {method: required_role(method) for method in methods}
+        self._refusals = {
+            (method, reason): _refusal(method, reason, role, labelled=True)
+            for method, role in self._roles.items()
+            if role is not None
+            for reason in _MESSAGES
+        }
 
-    def admit(
-        self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
-    ) -> Failure | bytes | None:
-        """The refusal to answer the call with; else the digest of the caller's key (None: an
-        open service, no key asked)."""
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = details.method
         role = self._roles[method] if method in self._roles else required_role(method)
         if role is None:
-            return None
-        key = presented_key(metadata)
+            return continuation(details)
+        key = presented_key(details.invocation_metadata)
         if not key:
-            return _refuse(method, "missing_key" if key is None else "malformed", role)
+            return self._refuse(method, "missing_key" if key is None else "malformed", role)
         presented = hashlib.sha256(key.encode()).digest()
         # Looked up by the digest of what was presented, then compared in constant time: no
         # timing depends on how much of a stored digest a guess matches.
         stored, roles = self._keys.get(presented, (_NO_DIGEST, frozenset()))
         if not hmac.compare_digest(stored, presented):
-            return _refuse(method, "unknown_key", role)
+            return self._refuse(method, "unknown_key", role)
         if role not in roles:
-            return _refuse(method, "forbidden", role)
-        return presented
+            return self._refuse(method, "forbidden", role)
+        handler = continuation(details)
+        if self._limiter is None or handler is None or handler.unary_unary is None:
+            return handler
+        return _rate_limited(handler, self._limiter, presented, method, method in self._roles)
 
-    def seconds_to_wait(self, digest: bytes | None) -> float:
-        """The key's rate limit: 0 when the call may go on now. A Redis round trip: call it
-        from the thread pool, never from the event loop."""
-        if self._limiter is None or digest is None:
-            return 0.0
-        return self._limiter(digest)
+    def _refuse(self, method: str, reason: str, role: str) -> grpc.RpcMethodHandler:
+        handler = self._refusals.get((method, reason))
+        return handler or _refusal(method, reason, role, labelled=False)
 
 
 _NO_DIGEST = bytes(32)
@@ -153,29 +161,31 @@ _MESSAGES = {
 }
 
 
-def _refuse(method: str, reason: str, role: str) -> Failure:
+def _refusal(method: str, reason: str, role: str, *, labelled: bool) -> grpc.RpcMethodHandler:
+    """A handler that refuses at once (its request left unparsed), counted like any call."""
     code, message = _MESSAGES[reason]
     if reason == "forbidden":
         message = f"{message} {role!r} that {method} needs"
-    metrics.AUTH_FAILURES.labels(reason).inc()
-    log.debug("refused %s: %s", method, reason)
-    return Failure(code, message)
+    failures = metrics.AUTH_FAILURES.labels(reason)
+    counters = []
+    if labelled:  # a made-up method name must not become a label value
+        service, _, name = method.lstrip("/").rpartition("/")
+        counters = [
+            metrics.GRPC_STARTED.labels("unary", service, name),
+            metrics.GRPC_HANDLED.labels("unary", service, name, code.name),
+        ]
 
+    def refuse(request: Any, context: grpc.ServicerContext) -> NoReturn:
+        failures.inc()
+        for counter in counters:
+            counter.inc()
+        log.debug("refused %s: %s", method, reason)
+        context.abort(code, message)
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
-def rate_limited(wait: float) -> Failure:
-    """RESOURCE_EXHAUSTED for a key past its rate, with a google.rpc.RetryInfo of ``wait``."""
-    metrics.RATE_LIMITED.inc()
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(max(1_000_000, int(wait * 1e9)))
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return failure(
-        status_pb2.Status(
-            code=code_pb2.RESOURCE_EXHAUSTED,
-            message=f"rate limit of this API key reached: retry in {wait:.3f} s",
-            details=[detail],
-        )
-    )
+    # Answered at once: the request is not waited for (transport/receiving.py).
+    setattr(refuse, receiving.ANSWERS_UNREAD, True)
+    return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 #: Given an API key's digest, the seconds until it may call again (0: now).
@@ -199,6 +209,43 @@ def rate_limiter(store: Store, security: SecuritySettings) -> Limiter | None:
             return 0.0
 
     return seconds_to_wait
+
+
+def _rate_limited(
+    handler: grpc.RpcMethodHandler, limiter: Limiter, digest: bytes, method: str, known: bool
+) -> grpc.RpcMethodHandler:
+    """``handler``, asking the key's bucket first. The check runs in the RPC's thread, not in
+    the interceptor: gRPC calls interceptors on its one serving thread, which must never wait
+    on Redis."""
+    behavior = handler.unary_unary
+
+    def limited(request: Any, context: grpc.ServicerContext) -> Any:
+        wait = limiter(digest)
+        if wait <= 0:
+            return behavior(request, context)
+        metrics.RATE_LIMITED.inc()
+        if known:  # a made-up method name must not become a label value
+            service, _, name = method.lstrip("/").rpartition("/")
+            metrics.GRPC_STARTED.labels("unary", service, name).inc()
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+            metrics.GRPC_HANDLED.labels("unary", service, name, code).inc()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(wait * 1e9)))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status = status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED,
+            message=f"rate limit of this API key reached: retry in {wait:.3f} s",
+            details=[detail],
+        )
+        context.abort_with_status(rpc_status.to_status(status))
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    return grpc.unary_unary_rpc_method_handler(
+        limited,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _read(path: str, setting: str) -> bytes:
@@ -239,16 +286,16 @@ def check_serving(security: SecuritySettings) -> None:
     server_credentials(security)
 
 
-def authenticator(
+def interceptors(
     security: SecuritySettings, methods: Iterable[str], port_hint: str, store: Store
-) -> Authenticator | None:
-    """The authenticator for these settings, or none (loudly) when auth is disabled."""
+) -> list[grpc.ServerInterceptor]:
+    """The auth interceptor for these settings, or none (loudly) when auth is disabled."""
     if security.auth_disabled:
         log.warning(
             "*** AUTHENTICATION DISABLED (TACTFUL_AUTH_DISABLED=true): anyone who can reach %s "
             "can read and erase profiles and change the catalog. Development only. ***",
             port_hint,
         )
-        return None
+        return []
     check_serving(security)
-    return Authenticator(security.api_keys, methods, rate_limiter(store, security))
+    return [AuthInterceptor(security.api_keys, methods, rate_limiter(store, security))]

@@ -1,46 +1,63 @@
-"""The standard health service (grpcio-health-checking's asyncio servicer, answered on the
-event loop, no thread), for the fixed set of service names this server has; and its status,
-set from any thread."""
+"""The standard health service (grpcio-health-checking), for the fixed set of service names
+this server has, on a thread pool of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent import futures
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from tactful.transport.loop import LoopThread
 
-
-class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+class HealthServicer(health.HealthServicer):  # type: ignore[misc]
     """Watch of a name the server does not serve is NOT_FOUND at once, as Check is.
 
-    The standard servicer answers such a Watch SERVICE_UNKNOWN and keeps the call open, and
-    the name with it, in case the service appears later; ours never do. Refused, a name costs
-    nothing past its call, however many a caller makes up."""
+    The standard servicer answers such a Watch SERVICE_UNKNOWN and keeps the call open, in
+    case the service appears later (ours never do), and it remembers every name it was asked
+    about, for good: a few hundred calls with 4 MiB names grew a worker by a gigabyte."""
 
     def __init__(self, services: Iterable[str]) -> None:
-        super().__init__()
+        super().__init__(experimental_non_blocking=True)
         self._known = frozenset(services)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+    def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> Any:
         if request.service not in self._known:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
-        await super().Watch(request, context)
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return super().Watch(request, context, send_response_callback)
 
 
-class Health:
-    """The servers' health status: SERVING for every service once they start; NOT_SERVING
-    for good once a graceful stop begins. The servicer lives on the event loop; these methods
-    may be called from any other thread."""
+def handler(servicer: HealthServicer, pool: futures.ThreadPoolExecutor) -> grpc.GenericRpcHandler:
+    """The health service's methods, run on ``pool`` (gRPC's per-method thread pool hook): a
+    probe never waits behind the API's calls, nor is refused by their limit."""
 
-    def __init__(self, servicer: HealthServicer, loop: LoopThread) -> None:
-        self.servicer = servicer
-        self._loop = loop
+    def check(request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Any:
+        return servicer.Check(request, context)
 
-    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        self._loop.run(self.servicer.set(service, status))
+    def watch(
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: Callable[[Any], None] | None = None,
+    ) -> Any:
+        return servicer.Watch(request, context, send_response_callback)
 
-    def enter_graceful_shutdown(self) -> None:
-        self._loop.run(self.servicer.enter_graceful_shutdown())
+    check.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    watch.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    # Non-blocking: Watch returns at once and answers through send_response_callback, so an
+    # open Watch holds no thread.
+    watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+    decode = health_pb2.HealthCheckRequest.FromString
+    encode = health_pb2.HealthCheckResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(
+        health.SERVICE_NAME,
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(check, decode, encode),
+            "Watch": grpc.unary_stream_rpc_method_handler(watch, decode, encode),
+        },
+    )

@@ -1,22 +1,20 @@
 """Building and running the gRPC server: services, health, reflection, graceful stop.
 
-The servers are grpc.aio servers on the process's event loop (transport/loop.py): requests are
-received on the loop and the API's calls run in a thread pool once their request is there
-(transport/calls.py says why). Everything here is called from ordinary threads.
-"""
+A call gets one of the server's threads only once its request message has arrived
+(transport/receiving.py); health and reflection have threads of their own."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_health.v1 import health as standard_health
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tactful import keys as redis_keys
 from tactful.core import (
@@ -30,10 +28,8 @@ from tactful.core import (
 from tactful.features import FeatureSpace
 from tactful.settings import Settings
 from tactful.store import Store
-from tactful.transport import auth, standard
-from tactful.transport.calls import Calls
-from tactful.transport.health import Health, HealthServicer
-from tactful.transport.loop import LoopThread, event_loop
+from tactful.transport import auth, health, receiving
+from tactful.transport.interceptor import ServerInterceptor
 from tactful.transport.servicers import CatalogServicer, DecisioningServicer, ProfilesServicer
 from tactful.v1 import (
     catalog_pb2,
@@ -58,50 +54,87 @@ METHODS = tuple(
     for service in module.DESCRIPTOR.services_by_name.values()
     for method in service.methods
 )
+
+
+#: The threads of the health service (both ports) and of reflection: a probe or a tool never
+#: waits behind the API's calls.
+HEALTH_THREADS = 1
+REFLECTION_THREADS = 2
 #: The plaintext health port's message limit: a HealthCheckRequest names one service.
 HEALTH_PORT_MAX_RECEIVE_BYTES = 1024
 
 
 @dataclass
 class Running:
-    server: Any  # grpc.aio.Server
+    server: grpc.Server
     port: int
-    health: Health
+    health: health.HealthServicer
     decider: Decider
     catalog: CatalogService
-    loop: LoopThread
-    pool: futures.ThreadPoolExecutor
-    health_server: Any | None = None  # TACTFUL_HEALTH_PORT's, when set
+    health_server: grpc.Server | None = None  # TACTFUL_HEALTH_PORT's, when set
     health_port: int = 0
+    pools: tuple[futures.ThreadPoolExecutor, ...] = ()
 
     def stop(self, grace: float | None) -> None:
         """Graceful: report NOT_SERVING first so balancers drain us, then let in-flight
-        RPCs finish within the grace period (None: cancel them at once). The health port
-        answers NOT_SERVING until then. Returns once no call of this server runs."""
+        RPCs finish within the grace period. The health port answers NOT_SERVING until then."""
         self.health.enter_graceful_shutdown()
-        self.loop.run(self._stop(grace))
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    async def _stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
+        self.server.stop(grace).wait()
         if self.health_server is not None:
-            await self.health_server.stop(None)
+            self.health_server.stop(0).wait()
+        for pool in self.pools:
+            pool.shutdown(wait=False)
 
 
-class _Handlers:
-    """Stands in for a server to the generated ``add_*Servicer_to_server`` functions, and
-    keeps the method handlers they register, by service."""
+def health_only_server(
+    settings: Settings,
+    servicer: health.HealthServicer,
+    pool: futures.ThreadPoolExecutor,
+    *,
+    port: int,
+    reuse_port: bool,
+) -> tuple[grpc.Server, int]:
+    """A plaintext server with the health service alone, sharing the main server's servicer
+    (so both ports report the same status) and threads: a probe that speaks no TLS can ask
+    it, and it carries nothing else, so no key or customer data ever crosses it in clear.
+    No limit on calls at once: a call waiting for its request holds nothing (so a few cannot
+    shut the probe out), and a Check takes microseconds."""
+    server = grpc.server(
+        pool,
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", HEALTH_PORT_MAX_RECEIVE_BYTES),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    server.add_generic_rpc_handlers((health.handler(servicer, pool),))
+    address = f"{settings.server.host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"could not bind the health port {address}")
+    server.start()
+    return server, bound
 
-    def __init__(self) -> None:
-        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass  # the same handlers come again, by name, below
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.services[service] = dict(handlers)
+def reflection_handler(
+    names: Iterable[str], pool: futures.ThreadPoolExecutor, receive_timeout: float
+) -> grpc.GenericRpcHandler:
+    """Server reflection (grpcio-reflection) on threads of its own. Its calls stream their
+    requests: past the first, each holds its thread while it waits for the next, for up to
+    the receive time limit."""
+    servicer = reflection.ReflectionServicer(tuple(names))
+    info = receiving.requests_within(servicer.ServerReflectionInfo, receive_timeout)
+    info.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return grpc.method_handlers_generic_handler(
+        reflection.SERVICE_NAME,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                info,
+                reflection_pb2.ServerReflectionRequest.FromString,
+                reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
 
 
 def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
@@ -119,107 +152,6 @@ def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", max(1, round(server.max_connection_age_seconds * 1000))),
         ("grpc.max_connection_age_grace_ms", round(server.shutdown_grace_seconds * 1000)),
     ]
-
-
-def _bind(server: Any, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    try:
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, credentials)
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise RuntimeError(f"could not bind {address}")
-    return int(bound)
-
-
-def _add(server: Any, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-
-
-def _add_standard(server: Any, calls: Calls, services: _Handlers, *, observe: bool) -> None:
-    """The standard services' handlers; ``observe``: health Check keeps its gRPC metrics."""
-    for service, handlers in services.services.items():
-        wrapped = {
-            m: standard.handler(calls, f"/{service}/{m}", h, observe=observe)
-            for m, h in handlers.items()
-        }
-        _add(server, service, wrapped)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What build_server works out before anything starts."""
-
-    settings: Settings
-    address: str
-    credentials: grpc.ServerCredentials | None
-    reuse_port: bool
-    health_port: int
-    calls: Calls
-    api: dict[str, dict[str, grpc.RpcMethodHandler]]
-
-
-async def _start(plan: _Plan) -> tuple[Any, int, HealthServicer, Any | None, int]:
-    """On the loop: the main server (and the health port's), started."""
-    settings, calls = plan.settings, plan.calls
-    reuse = ("grpc.so_reuseport", 1 if plan.reuse_port else 0)
-    server = grpc.aio.server(
-        migration_thread_pool=calls.pool,
-        options=[
-            reuse,
-            ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
-            *connection_age_options(settings),
-        ],
-    )
-    for service, handlers in plan.api.items():
-        _add(server, service, {m: calls.api(f"/{service}/{m}", h) for m, h in handlers.items()})
-
-    servicer = HealthServicer(("", *SERVICE_NAMES))
-    services = _Handlers()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, services)
-    if settings.server.reflection:
-        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(names), services
-        )
-    _add_standard(server, calls, services, observe=True)
-    server.add_generic_rpc_handlers((calls.refuse_unknown(),))
-    bound = _bind(server, plan.address, plan.credentials)
-    for name in ("", *SERVICE_NAMES):
-        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await server.start()
-    if not plan.health_port:
-        return server, bound, servicer, None, 0
-    try:
-        health_server, health_bound = await _start_health_only(plan, servicer)
-    except RuntimeError:
-        await server.stop(None)
-        raise
-    return server, bound, servicer, health_server, health_bound
-
-
-async def _start_health_only(plan: _Plan, servicer: HealthServicer) -> tuple[Any, int]:
-    """A plaintext server with the health service alone, sharing the main server's servicer
-    (so both ports report the same status): a probe that speaks no TLS can ask it, and it
-    carries nothing else, so no key or customer data ever crosses it in clear."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1 if plan.reuse_port else 0),
-            ("grpc.max_receive_message_length", HEALTH_PORT_MAX_RECEIVE_BYTES),
-        ],
-    )
-    services = _Handlers()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, services)
-    _add_standard(server, plan.calls, services, observe=False)
-    address = f"{plan.settings.server.host}:{plan.health_port}"
-    try:
-        bound = _bind(server, address, None)
-    except RuntimeError:
-        raise RuntimeError(f"could not bind the health port {address}") from None
-    await server.start()
-    return server, bound
 
 
 def build_server(
@@ -242,7 +174,11 @@ def build_server(
     bind_port = settings.server.grpc_port if port is None else port
     address = f"{settings.server.host}:{bind_port}"
     credentials = auth.server_credentials(settings.security)
-    authenticator = auth.authenticator(settings.security, METHODS, address, store)
+    # Authentication first: the metrics/error interceptor caches one handler per method.
+    interceptors = [
+        *auth.interceptors(settings.security, METHODS, address, store),
+        ServerInterceptor(),
+    ]
     redis_keys.prepare()
     catalog_cache = CatalogCache(store)
     space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
@@ -254,30 +190,51 @@ def build_server(
     catalog = CatalogService(store, catalog_cache, settings.segments)
     profiles = ProfileService(store, settings, recent=recent)
 
-    api = _Handlers()
-    decisioning_pb2_grpc.add_DecisioningServicer_to_server(DecisioningServicer(decider), api)
-    profiles_pb2_grpc.add_ProfilesServicer_to_server(ProfilesServicer(profiles), api)
-    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), api)
-    pool = futures.ThreadPoolExecutor(
-        max_workers=settings.server.max_workers, thread_name_prefix="rpc"
-    )
-    calls = Calls(
-        pool=pool,
-        receive_timeout=settings.server.receive_timeout_ms / 1000,
+    receive_timeout = settings.server.receive_timeout_ms / 1000
+    pool = receiving.ReceiveFirst(
+        max_workers=settings.server.max_workers,
+        receive_timeout=receive_timeout,
         # Load shedding: past this many calls in the process (running or waiting for a
         # thread), a call is refused at once with RESOURCE_EXHAUSTED, so a caller with a
         # render-time deadline hears "no" in a millisecond instead of timing out in a queue.
         max_in_flight=settings.server.max_concurrent_rpcs,
-        authenticator=authenticator,
     )
-    plain_health = settings.server.health_port if health_port is None else health_port
-    plan = _Plan(settings, address, credentials, reuse_port, plain_health, calls, api.services)
-    loop = event_loop()
-    try:
-        server, bound, servicer, health_server, health_bound = loop.run(_start(plan))
-    except BaseException:
-        pool.shutdown(wait=False)
-        raise
+    health_pool = receiving.ReceiveFirst(
+        max_workers=HEALTH_THREADS, receive_timeout=receive_timeout, thread_name_prefix="health"
+    )
+    reflection_pool = receiving.ReceiveFirst(
+        max_workers=REFLECTION_THREADS,
+        receive_timeout=receive_timeout,
+        thread_name_prefix="reflection",
+    )
+    pools = (pool, health_pool, reflection_pool)
+    server = grpc.server(
+        pool,
+        interceptors=interceptors,
+        options=[
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", settings.server.max_receive_message_bytes),
+            *connection_age_options(settings),
+        ],
+        maximum_concurrent_rpcs=None,  # the pool applies it, once a call's request is there
+    )
+    decisioning_pb2_grpc.add_DecisioningServicer_to_server(DecisioningServicer(decider), server)
+    profiles_pb2_grpc.add_ProfilesServicer_to_server(ProfilesServicer(profiles), server)
+    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), server)
+
+    health_servicer = health.HealthServicer(("", *SERVICE_NAMES))
+    server.add_generic_rpc_handlers((health.handler(health_servicer, health_pool),))
+    if settings.server.reflection:
+        names = (*SERVICE_NAMES, standard_health.SERVICE_NAME, reflection.SERVICE_NAME)
+        handler = reflection_handler(names, reflection_pool, receive_timeout)
+        server.add_generic_rpc_handlers((handler,))
+
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
+        raise RuntimeError(f"could not bind gRPC port {address}")
     security = settings.security
     transport = "plaintext" if credentials is None else "TLS"
     if security.tls_client_ca_file:
@@ -289,19 +246,21 @@ def build_server(
         keys,
         "on" if settings.server.reflection else "off",
     )
-    if health_server is not None:
+    server.start()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = Running(server, bound, health_servicer, decider, catalog, pools=pools)
+    plain_health = settings.server.health_port if health_port is None else health_port
+    if plain_health:
+        try:
+            running.health_server, running.health_port = health_only_server(
+                settings, health_servicer, health_pool, port=plain_health, reuse_port=reuse_port
+            )
+        except RuntimeError:
+            running.stop(0)
+            raise
         log.info("health service also on %s:%d (plaintext)", settings.server.host, plain_health)
-    return Running(
-        server,
-        bound,
-        Health(servicer, loop),
-        decider,
-        catalog,
-        loop,
-        pool,
-        health_server,
-        health_bound,
-    )
+    return running
 
 
 def serve_until_signalled(running: Running, settings: Settings, stop: threading.Event) -> None:

@@ -1,13 +1,11 @@
-"""gRPC servicers: convert, call the core, convert back. Nothing else.
-
-They run in the transport's thread pool (transport/calls.py) with a CallContext, not gRPC's
-own context: the status a call ends with is the transport's business."""
+"""gRPC servicers: convert, call the core, convert back. Nothing else."""
 
 from __future__ import annotations
 
+import grpc
+
 from tactful.core import CatalogService, Decider, ProfileService
 from tactful.transport import converters as conv
-from tactful.transport.calls import CallContext
 from tactful.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -23,7 +21,7 @@ class DecisioningServicer(decisioning_pb2_grpc.DecisioningServicer):
         self._decider = decider
 
     def Decide(
-        self, request: decisioning_pb2.DecideRequest, context: CallContext
+        self, request: decisioning_pb2.DecideRequest, context: grpc.ServicerContext
     ) -> decisioning_pb2.DecideResponse:
         def wanted() -> bool:
             remaining = context.time_remaining()
@@ -33,7 +31,7 @@ class DecisioningServicer(decisioning_pb2_grpc.DecisioningServicer):
         return conv.decide_response(decision)
 
     def ReportOutcome(
-        self, request: decisioning_pb2.ReportOutcomeRequest, context: CallContext
+        self, request: decisioning_pb2.ReportOutcomeRequest, context: grpc.ServicerContext
     ) -> decisioning_pb2.ReportOutcomeResponse:
         recorded = self._decider.record_outcome(conv.outcome_report(request))
         return decisioning_pb2.ReportOutcomeResponse(recorded=recorded)
@@ -44,28 +42,28 @@ class ProfilesServicer(profiles_pb2_grpc.ProfilesServicer):
         self._profiles = profiles
 
     def SetPreferences(
-        self, request: profiles_pb2.SetPreferencesRequest, context: CallContext
+        self, request: profiles_pb2.SetPreferencesRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.Profile:
         return conv.profile(self._profiles.set_preferences(conv.preferences_update(request)))
 
     def SetAttributes(
-        self, request: profiles_pb2.SetAttributesRequest, context: CallContext
+        self, request: profiles_pb2.SetAttributesRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.Profile:
         return conv.profile(self._profiles.set_attributes(conv.attributes_update(request)))
 
     def RecordSignals(
-        self, request: profiles_pb2.RecordSignalsRequest, context: CallContext
+        self, request: profiles_pb2.RecordSignalsRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.RecordSignalsResponse:
         stored = self._profiles.record_signals(request.user_id, conv.signals(list(request.signals)))
         return profiles_pb2.RecordSignalsResponse(stored=stored)
 
     def GetProfile(
-        self, request: profiles_pb2.GetProfileRequest, context: CallContext
+        self, request: profiles_pb2.GetProfileRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.Profile:
         return conv.profile(self._profiles.get_profile(request.user_id))
 
     def DeleteProfile(
-        self, request: profiles_pb2.DeleteProfileRequest, context: CallContext
+        self, request: profiles_pb2.DeleteProfileRequest, context: grpc.ServicerContext
     ) -> profiles_pb2.DeleteProfileResponse:
         self._profiles.delete_profile(request.user_id)
         return profiles_pb2.DeleteProfileResponse()
@@ -76,17 +74,17 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
         self._catalog = catalog
 
     def PutOffer(
-        self, request: catalog_pb2.PutOfferRequest, context: CallContext
+        self, request: catalog_pb2.PutOfferRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.Offer:
         return conv.offer_to_proto(self._catalog.put_offer(conv.offer_from_proto(request.offer)))
 
     def GetOffer(
-        self, request: catalog_pb2.GetOfferRequest, context: CallContext
+        self, request: catalog_pb2.GetOfferRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.Offer:
         return conv.offer_to_proto(self._catalog.get_offer(request.offer_id))
 
     def ListOffers(
-        self, request: catalog_pb2.ListOffersRequest, context: CallContext
+        self, request: catalog_pb2.ListOffersRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.ListOffersResponse:
         offers, token = self._catalog.list_offers(request.page_size, request.page_token)
         return catalog_pb2.ListOffersResponse(
@@ -94,24 +92,24 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
         )
 
     def DeleteOffer(
-        self, request: catalog_pb2.DeleteOfferRequest, context: CallContext
+        self, request: catalog_pb2.DeleteOfferRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.DeleteOfferResponse:
         self._catalog.delete_offer(request.offer_id)
         return catalog_pb2.DeleteOfferResponse()
 
     def PutSegment(
-        self, request: catalog_pb2.PutSegmentRequest, context: CallContext
+        self, request: catalog_pb2.PutSegmentRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.Segment:
         segment = self._catalog.put_segment(conv.segment_from_proto(request.segment))
         return conv.segment_to_proto(segment)
 
     def GetSegment(
-        self, request: catalog_pb2.GetSegmentRequest, context: CallContext
+        self, request: catalog_pb2.GetSegmentRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.Segment:
         return conv.segment_to_proto(self._catalog.get_segment(request.segment_id))
 
     def ListSegments(
-        self, request: catalog_pb2.ListSegmentsRequest, context: CallContext
+        self, request: catalog_pb2.ListSegmentsRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.ListSegmentsResponse:
         segments, token = self._catalog.list_segments(request.page_size, request.page_token)
         return catalog_pb2.ListSegmentsResponse(
@@ -119,7 +117,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
         )
 
     def DeleteSegment(
-        self, request: catalog_pb2.DeleteSegmentRequest, context: CallContext
+        self, request: catalog_pb2.DeleteSegmentRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.DeleteSegmentResponse:
         self._catalog.delete_segment(request.segment_id)
         return catalog_pb2.DeleteSegmentResponse()
