@@ -510,6 +510,12 @@ PUT_BAD = [
     pytest.param(put_req(topics=("ok", "Not OK")), {"offer.topics[1]"}, id="bad-topic"),
     pytest.param(put_req(channels=[]), {"offer.channels"}, id="no-channels"),
     pytest.param(put_req(channels=["web", "E mail"]), {"offer.channels[1]"}, id="bad-channel"),
+    pytest.param(
+        put_req(topics=tuple(f"t{i}" for i in range(33))), {"offer.topics"}, id="33-topics"
+    ),
+    pytest.param(
+        put_req(channels=[f"c{i}" for i in range(33)]), {"offer.channels"}, id="33-channels"
+    ),
     pytest.param(put_req(priority=NAN), {"offer.priority"}, id="priority-nan"),
     pytest.param(put_req(priority=-0.1), {"offer.priority"}, id="priority-negative"),
     pytest.param(put_req(priority=INF), {"offer.priority"}, id="priority-inf"),
@@ -627,6 +633,15 @@ LIST_BAD = [
 @pytest.mark.parametrize(("request_", "fields"), PUT_BAD)
 def test_put_offer_rejects(catalog, request_, fields):
     assert violations(catalog.PutOffer, request_) == fields
+
+
+def test_put_offer_takes_the_most_topics_and_channels(catalog):
+    """The bounds themselves are allowed: 32 topics, 32 channels."""
+    request_ = put_req(
+        topics=tuple(f"t{i}" for i in range(32)), channels=[f"c{i}" for i in range(32)]
+    )
+    catalog.PutOffer(request_)
+    assert len(catalog.GetOffer(c.GetOfferRequest(offer_id="o1")).topics) == 32
 
 
 @pytest.mark.parametrize(("request_", "fields"), LIST_BAD)

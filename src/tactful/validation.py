@@ -45,6 +45,11 @@ MAX_CHANNEL_PREFERENCES_PER_USER = 1000
 MAX_SIGNAL_TOPICS_PER_USER = 1000
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_SEGMENTS_PER_OFFER = 32  # in segments and in excluded_segments, each
+# An offer's topics and channels: every topic adds features to each Decide that scores the
+# offer, and without a bound a large list met the receive-message limit (RESOURCE_EXHAUSTED)
+# before it met a clear INVALID_ARGUMENT.
+MAX_TOPICS_PER_OFFER = 32
+MAX_CHANNELS_PER_OFFER = 32
 MAX_SEGMENT_DESCRIPTION_CHARS = 1000
 FUTURE_SKEW_SECONDS = 300.0
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
@@ -354,12 +359,18 @@ def check_offer(offer: Offer) -> Violations:
         out.append(FieldViolation("offer.title", "must be at most 200 characters"))
     if not offer.topics:
         out.append(FieldViolation("offer.topics", "must name at least one topic"))
-    for i, topic in enumerate(offer.topics):
-        out += check_topic(topic, f"offer.topics[{i}]")
+    elif len(offer.topics) > MAX_TOPICS_PER_OFFER:
+        out.append(FieldViolation("offer.topics", f"at most {MAX_TOPICS_PER_OFFER} entries"))
+    else:
+        for i, topic in enumerate(offer.topics):
+            out += check_topic(topic, f"offer.topics[{i}]")
     if not offer.channels:
         out.append(FieldViolation("offer.channels", "must name at least one channel"))
-    for i, channel in enumerate(offer.channels):
-        out += check_channel(channel, f"offer.channels[{i}]")
+    elif len(offer.channels) > MAX_CHANNELS_PER_OFFER:
+        out.append(FieldViolation("offer.channels", f"at most {MAX_CHANNELS_PER_OFFER} entries"))
+    else:
+        for i, channel in enumerate(offer.channels):
+            out += check_channel(channel, f"offer.channels[{i}]")
     if not math.isfinite(offer.priority) or offer.priority < 0:
         out.append(FieldViolation("offer.priority", "must be a finite number >= 0"))
     if offer.max_per_user_per_day < 0:
