@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client import REGISTRY
 from test_auth import DECIDE_KEY, bearer, secured
 from test_deadlines import SlowReadStore
 from test_serve import free_port
@@ -159,18 +160,26 @@ def test_idle_reflection_calls_do_not_hold_the_threads(store):
             )
 
 
+def unserved(reason: str) -> float:
+    """tactful_grpc_calls_unserved_total{reason} in this process (the servers run in it)."""
+    value = REGISTRY.get_sample_value("tactful_grpc_calls_unserved_total", {"reason": reason})
+    return value or 0.0
+
+
 def test_an_idle_call_is_ended_once_the_receive_time_limit_passes(store):
     settings = production_like(make_settings(), receive_timeout_ms=300.0)
     with (
         serving(store, settings) as running,
         grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
     ):
+        before = unserved("receive_timeout")
         idle = IdleCalls(channel, DECIDE, 4)
         try:
             codes = idle.codes(timeout=5)
         finally:
             idle.close()
         assert codes == [grpc.StatusCode.CANCELLED] * 4
+        assert unserved("receive_timeout") - before == 4
         assert_still_served(channel)
 
 
@@ -377,9 +386,11 @@ def test_a_cancelled_call_keeps_its_slot_until_its_thread_is_done(redisdb, redis
             slow = decide.future(request, timeout=5)
             time.sleep(0.1)  # its thread is in the (held back) read
             assert slow.cancel()
+            before = unserved("busy")
             with pytest.raises(grpc.RpcError) as busy:
                 decide(request, timeout=5)
             assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert unserved("busy") - before == 1
         finally:
             SlowReadStore.slow.clear()
         time.sleep(0.4)  # the thread is done with the cancelled call

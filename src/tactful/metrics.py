@@ -39,6 +39,17 @@ GRPC_HANDLING_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# Calls the transport ended before tactful saw them, so grpc_server_handled_total never counts
+# them (transport/receiving.py).
+GRPC_UNSERVED = Counter(
+    "tactful_grpc_calls_unserved_total",
+    "Calls ended before a thread took them, by reason: receive_timeout (CANCELLED: the request "
+    "message did not arrive within TACTFUL_GRPC_RECEIVE_TIMEOUT_MS), busy (RESOURCE_EXHAUSTED: "
+    "TACTFUL_MAX_CONCURRENT_RPCS calls were running), no_request (UNIMPLEMENTED: the client "
+    "closed without sending one).",
+    ["reason"],
+)
+
 # Security.
 RATE_LIMITED = Counter(
     "tactful_rate_limited_total",

@@ -44,6 +44,8 @@ import grpc
 from grpc import _server as _grpc
 from grpc._cython import cygrpc
 
+from tactful.metrics import GRPC_UNSERVED
+
 log = logging.getLogger(__name__)
 
 #: A behavior with this attribute set answers without reading the request (auth's refusals):
@@ -225,6 +227,7 @@ class ReceiveFirst(futures.ThreadPoolExecutor):
             with state.condition:
                 if _grpc._RECEIVE_MESSAGE_TOKEN in state.due and _grpc._is_rpc_state_active(state):
                     _grpc._abort(state, call, cygrpc.StatusCode.cancelled, self._too_slow)
+                    GRPC_UNSERVED.labels("receive_timeout").inc()
 
         dog = watchdog()
         timer = dog.after(self._receive_timeout, expire)
@@ -238,9 +241,11 @@ class ReceiveFirst(futures.ThreadPoolExecutor):
                 if proceed and request is None and state.client is _grpc._CLOSED and unary:
                     # Half-closed without a message.
                     _grpc._abort(state, call, cygrpc.StatusCode.unimplemented, _NO_REQUEST)
+                    GRPC_UNSERVED.labels("no_request").inc()
                     proceed = False
                 if proceed and not self._take_slot():
                     _grpc._abort(state, call, cygrpc.StatusCode.resource_exhausted, _BUSY)
+                    GRPC_UNSERVED.labels("busy").inc()
                     proceed = False
             if proceed:
                 run(request).add_done_callback(lambda _: self._free_slot(done))
