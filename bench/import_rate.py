@@ -26,8 +26,7 @@ from pathlib import Path
 
 from tactful import bulk, runtime
 from tactful.core import ProfileService
-from tactful.embedded_redis import EmbeddedRedis
-from tactful.model import (
+from tactful.domain import (
     AttributeSource,
     AttributesUpdate,
     ChannelPreference,
@@ -37,6 +36,7 @@ from tactful.model import (
     Stance,
     TopicPreference,
 )
+from tactful.embedded_redis import EmbeddedRedis
 from tactful.settings import Settings
 from tactful.store import RedisStore
 

@@ -14,9 +14,9 @@ import redis
 
 from tactful import deadline
 from tactful.breaker import CLOSED
+from tactful.domain import PreferencesUpdate, Stance, TopicPreference
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.errors import Unavailable
-from tactful.model import PreferencesUpdate, Stance, TopicPreference
 from tactful.settings import Settings
 from tactful.store import RedisStore
 from tactful.transport.server import Running, build_server

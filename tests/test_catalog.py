@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tactful.core import CatalogCache
-from tactful.model import Offer, Segment
+from tactful.domain import Offer, Segment
 from tactful.v1 import catalog_pb2 as c
 
 from conftest import offer

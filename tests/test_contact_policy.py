@@ -21,7 +21,7 @@ from tactful.contact_policy import (
     carried_over,
     counter_field,
 )
-from tactful.model import Profile, QuietHours
+from tactful.domain import Profile, QuietHours
 from tactful.settings import ContactSettings
 
 POLICY = ContactPolicy(ContactSettings())

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from test_serve import free_port, start, stop_all, wait_serving
 
-from tactful.model import PreferencesUpdate
+from tactful.domain import PreferencesUpdate
 from tactful.settings import ContactSettings
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc, profiles_pb2_grpc

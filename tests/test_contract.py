@@ -7,19 +7,19 @@ import enum
 
 import pytest
 
-from tactful import model
+from tactful import domain
 from tactful.v1 import catalog_pb2, decisioning_pb2, profiles_pb2
 
 
 @pytest.mark.parametrize(
     ("domain", "proto", "prefix"),
     [
-        (model.ReasonCode, decisioning_pb2.ReasonCode, "REASON_CODE_"),
-        (model.HoldReason, decisioning_pb2.HoldReason, "HOLD_REASON_"),
-        (model.Arm, decisioning_pb2.Arm, "ARM_"),
-        (model.OutcomeEvent, decisioning_pb2.OutcomeEvent, "OUTCOME_EVENT_"),
-        (model.Stance, profiles_pb2.Stance, "STANCE_"),
-        (model.AttributeSource, profiles_pb2.AttributeSource, "ATTRIBUTE_SOURCE_"),
+        (domain.ReasonCode, decisioning_pb2.ReasonCode, "REASON_CODE_"),
+        (domain.HoldReason, decisioning_pb2.HoldReason, "HOLD_REASON_"),
+        (domain.Arm, decisioning_pb2.Arm, "ARM_"),
+        (domain.OutcomeEvent, decisioning_pb2.OutcomeEvent, "OUTCOME_EVENT_"),
+        (domain.Stance, profiles_pb2.Stance, "STANCE_"),
+        (domain.AttributeSource, profiles_pb2.AttributeSource, "ATTRIBUTE_SOURCE_"),
     ],
 )
 def test_domain_enums_mirror_the_protos(domain: type[enum.IntEnum], proto, prefix: str):

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from tactful import keys
-from tactful.model import Consent, PreferencesUpdate, Profile, Signal
+from tactful.domain import Consent, PreferencesUpdate, Profile, Signal
 from tactful.settings import Settings
 from tactful.store import DecisionInputs, LoggedDecision, RedisStore
 from tactful.transport.server import build_server

@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
+from tactful.domain import Offer, PreferencesUpdate, Segment, Stance, TopicPreference
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.errors import Unavailable
-from tactful.model import Offer, PreferencesUpdate, Segment, Stance, TopicPreference
 from tactful.store import RedisStore
 from tactful.transport.server import Running, build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc

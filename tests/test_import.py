@@ -16,8 +16,7 @@ import pytest
 
 from tactful import bulk, keys, validation
 from tactful.__main__ import main
-from tactful.errors import FieldViolation, InvalidArgument
-from tactful.model import (
+from tactful.domain import (
     AttributeSource,
     AttributesUpdate,
     Consent,
@@ -27,6 +26,7 @@ from tactful.model import (
     Stance,
     TopicPreference,
 )
+from tactful.errors import FieldViolation, InvalidArgument
 from tactful.store import RedisStore
 
 from conftest import redis_url

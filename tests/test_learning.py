@@ -29,6 +29,7 @@ from tactful.bandit import (
     project,
 )
 from tactful.core import ModelCache
+from tactful.domain import Offer
 from tactful.features import (
     BIAS,
     CONTACTS_TODAY,
@@ -44,7 +45,6 @@ from tactful.features import (
     dot_many,
 )
 from tactful.learner import Learner
-from tactful.model import Offer
 from tactful.store import ModelStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tactful import keys, validation
-from tactful.model import AttributeSource
+from tactful.domain import AttributeSource
 from tactful.v1 import catalog_pb2
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p

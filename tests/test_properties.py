@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tactful.core import CatalogCache, Decider, ModelCache, ProfileService
-from tactful.features import FeatureSpace
-from tactful.model import (
+from tactful.domain import (
     AttributeSource,
     AttributesUpdate,
     ChannelPreference,
@@ -26,6 +25,7 @@ from tactful.model import (
     Stance,
     TopicPreference,
 )
+from tactful.features import FeatureSpace
 
 from conftest import make_settings
 

@@ -17,9 +17,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tactful.bandit import LinearModel, prior_theta, project
+from tactful.domain import Offer
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.features import N_DENSE, FeatureSpace, RequestContext
-from tactful.model import Offer
 from tactful.store import ModelStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2 as c

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from tactful import keys
 from tactful.core import CatalogCache, Decider, ModelCache, ProfileService
-from tactful.features import FeatureSpace
-from tactful.model import (
+from tactful.domain import (
     ChannelPreference,
     Consent,
     DecideRequest,
@@ -30,6 +29,7 @@ from tactful.model import (
     Stance,
     TopicPreference,
 )
+from tactful.features import FeatureSpace
 
 from conftest import make_settings
 

@@ -59,8 +59,7 @@ from typing import Any, TextIO
 import orjson
 
 from tactful import validation
-from tactful.errors import FieldViolation, InvalidArgument, Unavailable
-from tactful.model import (
+from tactful.domain import (
     Attribute,
     AttributeSource,
     AttributesUpdate,
@@ -74,6 +73,7 @@ from tactful.model import (
     Stance,
     TopicPreference,
 )
+from tactful.errors import FieldViolation, InvalidArgument, Unavailable
 from tactful.store import STORE_DOWN_ERRORS, ProfileWrite, RedisStore
 
 #: Users per pipeline, one round trip each (measured: batches of 100 to 2,000 load at about the

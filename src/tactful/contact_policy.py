@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from tactful.model import Offer, Profile
+from tactful.domain import Offer, Profile
 from tactful.settings import ContactSettings
 
 ALL_CHANNELS = "*"  # counter of every channel together

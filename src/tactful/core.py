@@ -1,7 +1,7 @@
 """The core: Decide, ReportOutcome, profiles and the catalog as plain Python.
 
 Nothing here imports gRPC or protobuf; the transport converts messages to the dataclasses of
-``tactful.model`` and calls these objects. Errors are the domain errors of ``tactful.errors``.
+``tactful.domain`` and calls these objects. Errors are the domain errors of ``tactful.errors``.
 """
 
 from __future__ import annotations
@@ -29,21 +29,7 @@ from tactful import metrics, scoring, validation
 from tactful import segments as segment_rules
 from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
 from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
-from tactful.errors import (
-    Abandoned,
-    Aborted,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
-from tactful.features import (
-    FeatureSpace,
-    RequestContext,
-    SparseVector,
-    squash,
-)
-from tactful.model import (
+from tactful.domain import (
     Arm,
     Attribute,
     AttributesUpdate,
@@ -66,6 +52,20 @@ from tactful.model import (
     Signal,
     Stance,
     TopicPreference,
+)
+from tactful.errors import (
+    Abandoned,
+    Aborted,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from tactful.features import (
+    FeatureSpace,
+    RequestContext,
+    SparseVector,
+    squash,
 )
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.settings import PolicySettings, SegmentSettings, Settings

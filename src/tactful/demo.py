@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tactful.model import Offer
+from tactful.domain import Offer
 
 DEMO_OFFERS = (
     Offer("running-shoes", "New trail running shoes", ("running",), ("web", "app", "email"), 0.6),

@@ -63,7 +63,7 @@ from itertools import accumulate, chain
 import numpy as np
 import numpy.typing as npt
 
-from tactful.model import Offer
+from tactful.domain import Offer
 
 BIAS, EXPLICIT_LIKE, INFERRED_INTEREST, PRIORITY, CONTACTS_TODAY = range(5)
 FEATURE_SETS = ("shared+offer", "shared", "offer")

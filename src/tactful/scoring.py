@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tactful.model import Offer, Reason, ReasonCode
+from tactful.domain import Offer, Reason, ReasonCode
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,15 +38,7 @@ from redis.retry import Retry
 from tactful import deadline, keys, metrics, validation
 from tactful.breaker import CircuitBreaker, CircuitOpen
 from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS, DAY_MARK
-from tactful.errors import (
-    Abandoned,
-    Aborted,
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    Unavailable,
-)
-from tactful.model import (
+from tactful.domain import (
     Attribute,
     AttributeSource,
     AttributesUpdate,
@@ -63,6 +55,14 @@ from tactful.model import (
     Signal,
     Stance,
     TopicPreference,
+)
+from tactful.errors import (
+    Abandoned,
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    Unavailable,
 )
 from tactful.settings import Settings
 

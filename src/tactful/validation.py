@@ -10,8 +10,7 @@ import re
 import zoneinfo
 from collections.abc import Iterable
 
-from tactful.errors import FieldViolation, InvalidArgument
-from tactful.model import (
+from tactful.domain import (
     AttributesUpdate,
     DecideRequest,
     Offer,
@@ -20,6 +19,7 @@ from tactful.model import (
     Segment,
     Signal,
 )
+from tactful.errors import FieldViolation, InvalidArgument
 
 MAX_USER_ID_BYTES = 256
 MAX_CANDIDATES = 1000

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tactful import model
+from tactful import domain
 from tactful.v1 import catalog_pb2, decisioning_pb2, profiles_pb2
 
 E = TypeVar("E", bound=enum.IntEnum)
@@ -39,8 +39,8 @@ def _timestamp(seconds: float) -> Timestamp:
 # --- Decisioning ---------------------------------------------------------------------------
 
 
-def decide_request(msg: decisioning_pb2.DecideRequest) -> model.DecideRequest:
-    return model.DecideRequest(
+def decide_request(msg: decisioning_pb2.DecideRequest) -> domain.DecideRequest:
+    return domain.DecideRequest(
         user_id=msg.user_id,
         channel=msg.channel,
         placement=msg.placement,
@@ -53,7 +53,7 @@ def decide_request(msg: decisioning_pb2.DecideRequest) -> model.DecideRequest:
     )
 
 
-def decide_response(decision: model.Decision) -> decisioning_pb2.DecideResponse:
+def decide_response(decision: domain.Decision) -> decisioning_pb2.DecideResponse:
     # Filled in place with add(): about half the cost of building every Choice and Reason
     # as a message of its own and copying them into the response.
     msg = decisioning_pb2.DecideResponse(
@@ -71,11 +71,11 @@ def decide_response(decision: model.Decision) -> decisioning_pb2.DecideResponse:
     return msg
 
 
-def outcome_report(msg: decisioning_pb2.ReportOutcomeRequest) -> model.OutcomeReport:
-    return model.OutcomeReport(
+def outcome_report(msg: decisioning_pb2.ReportOutcomeRequest) -> domain.OutcomeReport:
+    return domain.OutcomeReport(
         decision_id=msg.decision_id,
         offer_id=msg.offer_id,
-        event=_enum(model.OutcomeEvent, msg.event),
+        event=_enum(domain.OutcomeEvent, msg.event),
         outcome_id=msg.outcome_id,
         value=msg.value if msg.HasField("value") else None,
     )
@@ -84,50 +84,52 @@ def outcome_report(msg: decisioning_pb2.ReportOutcomeRequest) -> model.OutcomeRe
 # --- Profiles ------------------------------------------------------------------------------
 
 
-def preferences_update(msg: profiles_pb2.SetPreferencesRequest) -> model.PreferencesUpdate:
-    return model.PreferencesUpdate(
+def preferences_update(msg: profiles_pb2.SetPreferencesRequest) -> domain.PreferencesUpdate:
+    return domain.PreferencesUpdate(
         user_id=msg.user_id,
         topic_preferences=tuple(
-            model.TopicPreference(p.topic, _enum(model.Stance, p.stance))
+            domain.TopicPreference(p.topic, _enum(domain.Stance, p.stance))
             for p in msg.topic_preferences
         ),
         channel_preferences=tuple(
-            model.ChannelPreference(c.channel, c.opted_in) for c in msg.channel_preferences
+            domain.ChannelPreference(c.channel, c.opted_in) for c in msg.channel_preferences
         ),
         max_messages_per_day=(
             msg.max_messages_per_day if msg.HasField("max_messages_per_day") else None
         ),
         quiet_hours=(
-            model.QuietHours(
+            domain.QuietHours(
                 msg.quiet_hours.start_hour, msg.quiet_hours.end_hour, msg.quiet_hours.time_zone
             )
             if msg.HasField("quiet_hours")
             else None
         ),
         consent=(
-            model.Consent(msg.consent.inferred_personalization) if msg.HasField("consent") else None
+            domain.Consent(msg.consent.inferred_personalization)
+            if msg.HasField("consent")
+            else None
         ),
     )
 
 
-def attributes_update(msg: profiles_pb2.SetAttributesRequest) -> model.AttributesUpdate:
-    return model.AttributesUpdate(
+def attributes_update(msg: profiles_pb2.SetAttributesRequest) -> domain.AttributesUpdate:
+    return domain.AttributesUpdate(
         user_id=msg.user_id,
         attributes=tuple(msg.attributes.items()),
-        source=_enum(model.AttributeSource, msg.source),
+        source=_enum(domain.AttributeSource, msg.source),
     )
 
 
-def signals(msgs: list[profiles_pb2.Signal]) -> list[model.ObservedSignal]:
+def signals(msgs: list[profiles_pb2.Signal]) -> list[domain.ObservedSignal]:
     return [
-        model.ObservedSignal(
+        domain.ObservedSignal(
             s.topic, s.weight, _seconds(s.observed_at) if s.HasField("observed_at") else None
         )
         for s in msgs
     ]
 
 
-def profile(p: model.Profile) -> profiles_pb2.Profile:
+def profile(p: domain.Profile) -> profiles_pb2.Profile:
     msg = profiles_pb2.Profile(
         user_id=p.user_id,
         topic_preferences=[
@@ -190,8 +192,8 @@ def profile(p: model.Profile) -> profiles_pb2.Profile:
 # --- Catalog -------------------------------------------------------------------------------
 
 
-def offer_from_proto(msg: catalog_pb2.Offer) -> model.Offer:
-    return model.Offer(
+def offer_from_proto(msg: catalog_pb2.Offer) -> domain.Offer:
+    return domain.Offer(
         offer_id=msg.offer_id,
         title=msg.title,
         topics=tuple(msg.topics),
@@ -206,7 +208,7 @@ def offer_from_proto(msg: catalog_pb2.Offer) -> model.Offer:
     )
 
 
-def offer_to_proto(offer: model.Offer) -> catalog_pb2.Offer:
+def offer_to_proto(offer: domain.Offer) -> catalog_pb2.Offer:
     msg = catalog_pb2.Offer(
         offer_id=offer.offer_id,
         title=offer.title,
@@ -225,8 +227,8 @@ def offer_to_proto(offer: model.Offer) -> catalog_pb2.Offer:
     return msg
 
 
-def segment_from_proto(msg: catalog_pb2.Segment) -> model.Segment:
-    return model.Segment(
+def segment_from_proto(msg: catalog_pb2.Segment) -> domain.Segment:
+    return domain.Segment(
         segment_id=msg.segment_id,
         rule=msg.rule,
         sensitive=msg.sensitive,
@@ -234,7 +236,7 @@ def segment_from_proto(msg: catalog_pb2.Segment) -> model.Segment:
     )
 
 
-def segment_to_proto(segment: model.Segment) -> catalog_pb2.Segment:
+def segment_to_proto(segment: domain.Segment) -> catalog_pb2.Segment:
     return catalog_pb2.Segment(
         segment_id=segment.segment_id,
         rule=segment.rule,
