@@ -26,6 +26,7 @@ from test_auth import DECIDE_KEY, bearer, secured
 from test_deadlines import SlowReadStore
 from test_serve import free_port
 
+from tactful import validation
 from tactful.settings import ServerSettings, Settings
 from tactful.store import RedisStore
 from tactful.transport.server import Running, build_server
@@ -248,8 +249,7 @@ CHAR4 = "\U0001f600"  # four bytes in UTF-8
 
 
 def largest_valid_requests() -> dict[str, Any]:
-    """The largest request of each kind that validation.py accepts (a PutOffer's topics and
-    channels have no count limit: it gets a generous 64 and 16)."""
+    """The largest request of each kind that validation.py accepts."""
     decide = d.DecideRequest(
         user_id=CHAR4 * 64,  # 256 bytes
         channel="w" * 32,
@@ -293,9 +293,9 @@ def largest_valid_requests() -> dict[str, Any]:
     put_offer = c.PutOfferRequest(
         offer=offer(
             "o" * 128,
-            tuple(f"{i:02d}" + "t" * 62 for i in range(64)),
+            tuple(f"{i:02d}" + "t" * 62 for i in range(validation.MAX_TOPICS_PER_OFFER)),
             title=CHAR4 * 200,
-            channels=[f"c{i:02d}" + "h" * 29 for i in range(16)],
+            channels=[f"c{i:02d}" + "h" * 29 for i in range(validation.MAX_CHANNELS_PER_OFFER)],
             segments=[f"{i:02d}" + "g" * 62 for i in range(32)],
             excluded_segments=[f"{i:02d}" + "x" * 62 for i in range(32)],
         )

@@ -226,8 +226,8 @@ class ReceiveFirst(futures.ThreadPoolExecutor):
         def expire() -> None:
             with state.condition:
                 if _grpc._RECEIVE_MESSAGE_TOKEN in state.due and _grpc._is_rpc_state_active(state):
+                    GRPC_UNSERVED.labels("receive_timeout").inc()  # before the caller can see it
                     _grpc._abort(state, call, cygrpc.StatusCode.cancelled, self._too_slow)
-                    GRPC_UNSERVED.labels("receive_timeout").inc()
 
         dog = watchdog()
         timer = dog.after(self._receive_timeout, expire)
@@ -240,12 +240,12 @@ class ReceiveFirst(futures.ThreadPoolExecutor):
                 proceed = _grpc._is_rpc_state_active(state)  # else over: too late, cancelled
                 if proceed and request is None and state.client is _grpc._CLOSED and unary:
                     # Half-closed without a message.
+                    GRPC_UNSERVED.labels("no_request").inc()  # before the caller can see it
                     _grpc._abort(state, call, cygrpc.StatusCode.unimplemented, _NO_REQUEST)
-                    GRPC_UNSERVED.labels("no_request").inc()
                     proceed = False
                 if proceed and not self._take_slot():
+                    GRPC_UNSERVED.labels("busy").inc()  # before the caller can see it
                     _grpc._abort(state, call, cygrpc.StatusCode.resource_exhausted, _BUSY)
-                    GRPC_UNSERVED.labels("busy").inc()
                     proceed = False
             if proceed:
                 run(request).add_done_callback(lambda _: self._free_slot(done))
