@@ -1416,15 +1416,12 @@ class RedisStore:
             *itertools.chain.from_iterable(to_set.items()),
         ]
         # Idempotent: every field is set to a value stamped with ``now``, taken once.
-        reply: Any = self._run(
+        reply = self._merge_into_profile(
             "set_preferences",
-            lambda: self._set_preferences(
-                keys=[k.profile, k.signals, k.contacts, k.cooldowns, k.attributes, k.erased],
-                args=args,
-            ),
-            budget=self.write,
+            self._set_preferences,
+            [k.profile, k.signals, k.contacts, k.cooldowns, k.attributes, k.erased],
+            args,
         )
-        _check_not_erased(reply)
         if not int(reply[0]):
             field, what, limit = (
                 ("topic_preferences", "topic stances", validation.MAX_TOPIC_PREFERENCES_PER_USER)
@@ -1446,6 +1443,15 @@ class RedisStore:
             )
         return _decode_profile(update.user_id, *(_as_dict(hash_) for hash_ in reply[1:]))
 
+    def _merge_into_profile(
+        self, operation: str, script: Callable[..., Any], user_keys: list[str], args: list[Any]
+    ) -> Any:
+        """Run a fenced script that merges into a user's profile and answers ``[ok, hashes of
+        the profile right after ...]`` (or the bound it would pass): on the write budget,
+        retried (the merges are idempotent); ``Aborted`` if the user was erased meanwhile."""
+        reply = self._run(operation, lambda: script(keys=user_keys, args=args), budget=self.write)
+        return _check_not_erased(reply)
+
     def set_attributes(self, *, update: AttributesUpdate, now: float, limit: int) -> Profile:
         """Merge the attributes (STATED outranks IMPORTED, an empty value removes; see
         ``_SET_ATTRIBUTES_LUA``) and return the profile right after, atomically. A merge that
@@ -1457,15 +1463,12 @@ class RedisStore:
         for name, value in update.attributes:
             args += [name, value]
         # Idempotent: the same values with the same stamp, and the cap counts what they leave.
-        reply: Any = self._run(
+        reply = self._merge_into_profile(
             "set_attributes",
-            lambda: self._set_attributes(
-                keys=[k.attributes, k.profile, k.signals, k.contacts, k.cooldowns, k.erased],
-                args=args,
-            ),
-            budget=self.write,
+            self._set_attributes,
+            [k.attributes, k.profile, k.signals, k.contacts, k.cooldowns, k.erased],
+            args,
         )
-        _check_not_erased(reply)
         if not int(reply[0]):
             raise InvalidArgument(
                 [
