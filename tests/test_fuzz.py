@@ -7,11 +7,14 @@ and the server still answers afterwards.
 
 Requests are sent in batches of concurrent calls, one batch per hypothesis example, so the
 default 10,000 requests per RPC (``FUZZ_EXAMPLES_PER_RPC``) take a few minutes, not ten. The
-server runs in a process of its own and answers one batch while the next is generated."""
+server runs in a process of its own and answers one batch while the next is generated, and a
+helper process generates and sends half of each method's requests (with a seed of its own, so
+its examples are not the same as this process's)."""
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import string
 import time
@@ -19,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
+import hypothesis
 import pytest
 from google.protobuf import descriptor, message, message_factory
 from google.protobuf.descriptor import FieldDescriptor as F
@@ -421,14 +425,14 @@ OFFERS = [
 
 
 @pytest.fixture
-def channel(redisdb: Any, redis_proc: Any) -> Iterator[grpc.Channel]:
+def served(redisdb: Any, redis_proc: Any) -> Iterator[tuple[int, grpc.Channel]]:
     """The fuzzed server runs in a process of its own: generating the requests keeps this
     one busy, and an in-process server would wait for the GIL (half the test's time)."""
     with (
         server_process(redis_url(redis_proc), make_settings()) as port,
         grpc.insecure_channel(f"127.0.0.1:{port}") as ch,
     ):
-        yield ch
+        yield port, ch
 
 
 def _seed(channel: grpc.Channel) -> dict[str, list[str]]:
@@ -545,60 +549,99 @@ def _alive(channel: grpc.Channel) -> None:
     assert response.decision_id
 
 
+def _method(full_name: str) -> descriptor.MethodDescriptor:
+    service, name = full_name.rsplit(".", 1)
+    return next(s for s in SERVICES if s.full_name == service).methods_by_name[name]
+
+
+def _fuzz(
+    port: int, full_name: str, ids: dict[str, list[str]], examples: int, seed: int | None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Send ``examples`` generated requests (and a quarter as many raw payloads) to one
+    method; every answer checked. Returns the counts sent and the codes seen. ``seed``: draw
+    other examples than an unseeded run does (the helper process's share)."""
+    method = _method(full_name)
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    request_type = message_factory.GetMessageClass(method.input_type)
+    seen: dict[str, int] = {}
+    counts = {"structured": 0, "raw": 0}
+    pending: list[list[tuple[bytes, Any]]] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        structured = channel.unary_unary(
+            path,
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=message_factory.GetMessageClass(method.output_type).FromString,
+        )
+        raw = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        requests = Messages(ids).of(method.input_type)
+
+        @settings(
+            max_examples=max(1, -(-examples // BATCH)),
+            deadline=None,
+            suppress_health_check=[
+                HealthCheck.too_slow,
+                HealthCheck.data_too_large,
+                HealthCheck.large_base_example,
+            ],
+        )
+        @given(
+            st.lists(requests, min_size=BATCH, max_size=BATCH),
+            st.lists(RAW_OPS, min_size=RAW_BATCH, max_size=RAW_BATCH),
+        )
+        def fuzz(batch: list[message.Message], ops: list[tuple[str, int, bytes]]) -> None:
+            payloads = [m.SerializeToString() for m in batch]
+            sent = [
+                (p, structured.future(m, timeout=TIMEOUT))
+                for p, m in zip(payloads, batch, strict=True)
+            ]
+            mutated = [
+                _mutate(payloads[i], how, at, junk, payloads[i - 1])
+                for i, (how, at, junk) in enumerate(ops)
+            ]
+            sent += [(p, raw.future(p, timeout=TIMEOUT)) for p in mutated]
+            counts["structured"] += len(batch)
+            counts["raw"] += len(mutated)
+            # Check the previous batch while the server works on this one: generating and
+            # serving overlap. A failure then names its own payload, though hypothesis may
+            # blame the next example.
+            if pending:
+                _check(method, pending.pop(), seen)
+            pending.append(sent)
+
+        if seed is not None:
+            fuzz = hypothesis.seed(seed)(fuzz)
+        fuzz()
+        if pending:
+            _check(method, pending.pop(), seen)
+    return counts, seen
+
+
+@pytest.fixture(scope="module")
+def helper() -> Iterator[Any]:
+    """A second process that generates and sends half of each method's requests:
+    generating them is what bounds the test, and the machine has two cores."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        yield pool
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("method", UNARY)
-def test_fuzzed_requests_get_only_expected_codes(channel, method):
+def test_fuzzed_requests_get_only_expected_codes(served, helper, method):
+    port, channel = served
     path = f"/{method.containing_service.full_name}/{method.name}"
-    request_type = message_factory.GetMessageClass(method.input_type)
-    structured = channel.unary_unary(
-        path,
-        request_serializer=request_type.SerializeToString,
-        response_deserializer=message_factory.GetMessageClass(method.output_type).FromString,
-    )
-    raw = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-    messages = Messages(_seed(channel))
-    requests = messages.of(method.input_type)
-    seen: dict[str, int] = {}
-    counts = {"structured": 0, "raw": 0}
-
-    @settings(
-        max_examples=max(1, -(-EXAMPLES // BATCH)),
-        deadline=None,
-        suppress_health_check=[
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.large_base_example,
-        ],
-    )
-    @given(
-        st.lists(requests, min_size=BATCH, max_size=BATCH),
-        st.lists(RAW_OPS, min_size=RAW_BATCH, max_size=RAW_BATCH),
-    )
-    def fuzz(batch: list[message.Message], ops: list[tuple[str, int, bytes]]) -> None:
-        payloads = [m.SerializeToString() for m in batch]
-        sent = [
-            (p, structured.future(m, timeout=TIMEOUT)) for p, m in zip(payloads, batch, strict=True)
-        ]
-        mutated = [
-            _mutate(payloads[i], how, at, junk, payloads[i - 1])
-            for i, (how, at, junk) in enumerate(ops)
-        ]
-        sent += [(p, raw.future(p, timeout=TIMEOUT)) for p in mutated]
-        counts["structured"] += len(batch)
-        counts["raw"] += len(mutated)
-        # Check the previous batch while the server works on this one: generating and serving
-        # overlap. A failure then names its own payload, though hypothesis may blame the next
-        # example.
-        if pending:
-            _check(method, pending.pop(), seen)
-        pending.append(sent)
-
-    pending: list[list[tuple[bytes, Any]]] = []
+    ids = _seed(channel)
+    theirs = EXAMPLES // 2 if EXAMPLES >= 2 * BATCH else 0
     started = time.perf_counter()
-    fuzz()
-    if pending:
-        _check(method, pending.pop(), seen)
+    other = helper.apply_async(_fuzz, (port, method.full_name, ids, theirs, 1)) if theirs else None
+    counts, seen = _fuzz(port, method.full_name, ids, EXAMPLES - theirs, None)
+    if other is not None:
+        their_counts, their_seen = other.get(timeout=600)
+        for name, n in their_counts.items():
+            counts[name] += n
+        for code, n in their_seen.items():
+            seen[code] = seen.get(code, 0) + n
     elapsed = time.perf_counter() - started
     print(f"{path}: {counts} in {elapsed:.1f}s, codes {seen}")
     assert counts["structured"] >= EXAMPLES and counts["raw"] >= EXAMPLES * RAW_BATCH // BATCH
