@@ -8,7 +8,7 @@ PROTOS := $(wildcard proto/tactful/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,src/%_pb2.py,$(PROTOS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto promtool serve test lint typecheck bench loadtest clean
+.PHONY: help setup proto promtool serve test lint typecheck docs bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ lint: setup ## ruff on the Python, buf on the protos
 
 typecheck: setup ## mypy only
 	$(BIN)/mypy
+
+docs: setup ## regenerate docs/configuration.md from the settings (tests/test_readme.py checks it)
+	$(BIN)/python docs/gen_configuration.py
 
 bench: setup ## Decide latency next to a bare gRPC echo server, measured in the same run
 	$(BIN)/python bench/decide_latency.py
