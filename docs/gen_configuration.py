@@ -28,6 +28,11 @@ Environment variables, validated at start: a bad value stops the server with a m
 it, and so does an unknown `TACTFUL_*` variable (a typo must not pass for a default).
 `python -m tactful settings` prints this table; `make docs` writes this page from it.
 
+Where the settings are explained: [operations.md](operations.md) (deployment, worker
+processes, Redis, security), [architecture.md](architecture.md) (budgets, the circuit
+breaker, the learner), [contact-policy.md](contact-policy.md) (caps, the control group),
+[learning.md](learning.md) (exploration, features) and [segments.md](segments.md).
+
 """
 
 
