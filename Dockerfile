@@ -3,7 +3,7 @@
 #   docker build -t tactful .
 #   docker run --rm -p 50051:50051 -p 9464:9464 -v tactful-data:/var/lib/tactful tactful
 #
-# Set TACTFUL_API_KEYS (the server refuses to start without keys; README "Security"),
+# Set TACTFUL_API_KEYS (the server refuses to start without keys; docs/operations.md, "Security"),
 # TACTFUL_REDIS_URL to use an external Redis instead of the embedded one, and
 # TACTFUL_PSEUDONYM_KEY (a secret) so pseudonyms stay the same across restarts.
 

@@ -58,7 +58,7 @@ promtool: ## install promtool (Debian package prometheus) if missing: root and a
 	promtool --version 2>&1 | head -1
 
 # Development: no API keys, so authentication is off (the server says so loudly). A real
-# deployment sets TACTFUL_API_KEYS instead (README "Security"). Two worker processes by
+# deployment sets TACTFUL_API_KEYS instead (docs/operations.md, "Security"). Two worker processes by
 # default, so development runs the supervisor, SO_REUSEPORT and summed /metrics as the
 # container does; two, not one per CPU, because redis-server and the client need CPU too on
 # a laptop. `TACTFUL_WORKERS=1 make serve` runs one process. Server reflection on, so
