@@ -73,9 +73,6 @@ _T = TypeVar("_T")
 #: A client of one Redis server, or of a Redis Cluster (TACTFUL_REDIS_URL redis+cluster://).
 Client = redis.Redis | RedisCluster
 
-#: How every key of a user begins: the digest follows, up to the closing brace.
-_USER_PREFIX = f"{keys.PREFIX}:{{u:"
-
 #: The "+cluster" URL scheme that names a Redis Cluster (redis-py is given the rest).
 CLUSTER_SUFFIX = "+cluster"
 
@@ -1554,15 +1551,13 @@ class RedisStore:
         writing it again."""
         commands: list[tuple[Any, ...]] = []
         sha = self._import_profile.sha
-        digest = keys.user_digest
         fence_at = repr(time.time() if started is None else started)  # the erasure fence
         for record in records:
-            user_digest = digest(record.user_id)
-            base = f"{_USER_PREFIX}{user_digest}}}"  # keys.UserKeys.of's, only 3
+            user_digest = keys.user_digest(record.user_id)
+            profile, attributes, signals, fence = keys.import_keys(user_digest)
             to_set, to_clear, withdrawn = _preference_fields(record.preferences, None)
             args: list[Any] = [
-                "EVALSHA", sha, 4, f"{base}:profile", f"{base}:attributes", f"{base}:signals",
-                keys.erasure_fence(f"{base}:profile"), user_digest, fence_at,
+                "EVALSHA", sha, 4, profile, attributes, signals, fence, user_digest, fence_at,
                 limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
                 validation.MAX_TOPIC_PREFERENCES_PER_USER,
                 validation.MAX_CHANNEL_PREFERENCES_PER_USER,
@@ -1616,7 +1611,7 @@ class RedisStore:
         cluster, redis-py scans every primary), read ``batch`` users per round trip; SCAN
         may return a user twice while Redis resizes its table (harmless to an import)."""
         found: list[str] = []
-        for key in self.client.scan_iter(match=f"{_USER_PREFIX}*}}:profile", count=1000):
+        for key in self.client.scan_iter(match=keys.USER_PROFILES, count=1000):
             found.append(key)
             if len(found) >= batch:
                 yield from self._read_profiles(found)
@@ -1625,9 +1620,7 @@ class RedisStore:
             yield from self._read_profiles(found)
 
     def _read_profiles(self, profile_keys: Sequence[str]) -> Iterator[tuple[str | None, Profile]]:
-        users = [
-            keys.UserKeys.of_digest(key[len(_USER_PREFIX) : key.index("}")]) for key in profile_keys
-        ]
+        users = [keys.UserKeys.of_digest(keys.digest_of(key)) for key in profile_keys]
         commands: list[tuple[Any, ...]] = []
         for k in users:
             commands += (("HGETALL", k.profile), ("HGETALL", k.signals), ("HGETALL", k.attributes))
@@ -1910,7 +1903,7 @@ class ModelStore:
                 keys.MODEL_CURRENT,
                 keys.model_snapshot(version),
             ],
-            args=[version, snapshot(version), now, keep, keys.model_snapshot(0)[:-1]],
+            args=[version, snapshot(version), now, keep, keys.MODEL_SNAPSHOTS],
         )
         return version if int(published) else None
 
