@@ -77,13 +77,13 @@ class UserKeys:
     requests: str  # hash: request_id -> decision_id (Decide idempotency)
     cooldowns: str  # hash: "o:<offer_id>" / "t:<topic>" -> until (after a DISMISS)
     decisions: str  # set: decision ids logged before ``decided`` existed (erasure reads it)
-    attributes: str  # hash: name -> "source|updated_at|value" (see store._SET_ATTRIBUTES_LUA)
+    attributes: str  # hash: name -> "source|updated_at|value" (store/lua/set_attributes.lua)
     # zset: the user's logged decision ids by time, so erasure can reach them (pruned and
-    # capped as they are logged: see store._LOG_DECISION_LUA)
+    # capped as they are logged: see store/lua/log_decision.lua)
     decided: str
     requested: str  # zset: the request ids of ``requests`` by time (to prune them)
     # zset (one per cluster slot, shared): digests of users erased lately -> erased at; the
-    # fence every write of a user checks (store._ERASE_USER_LUA)
+    # fence every write of a user checks (store/lua/erase_user.lua)
     erased: str
     digest: str  # the user's digest, as the key names hold it
 

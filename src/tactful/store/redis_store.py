@@ -37,7 +37,7 @@ from redis.retry import Retry
 
 from tactful import deadline, keys, metrics, validation
 from tactful.breaker import CircuitBreaker, CircuitOpen
-from tactful.contact_policy import CONSUME_CONTACTS_LUA, COUNTERS_TTL_SECONDS, DAY_MARK
+from tactful.contact_policy import CARRY_SECONDS, COUNTERS_TTL_SECONDS, DAY_MARK
 from tactful.domain import (
     Attribute,
     AttributeSource,
@@ -65,6 +65,7 @@ from tactful.errors import (
     Unavailable,
 )
 from tactful.settings import Settings
+from tactful.store.scripts import ERASED, source
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class DecisionInputs:
 @dataclass(frozen=True, slots=True)
 class ContactSpend:
     """What the caps script needs to consume a decision's contacts (see
-    ``contact_policy.CONSUME_CONTACTS_LUA`` for the meaning of each)."""
+    ``lua/consume_contacts.lua`` for the meaning of each)."""
 
     day: str
     now: float
@@ -140,7 +141,7 @@ class ContactSpend:
         out: list[Any] = [self.day, repr(self.now), self.channel, *self.caps]
         out += [int(self.interruptive), self.gap_seconds, COUNTERS_TTL_SECONDS, self.slots]
         out += [self.decision_id, self.request_id, self.request_id_ttl_seconds]
-        out += [len(self.stale), *self.stale]
+        out += [CARRY_SECONDS, DAY_MARK, len(self.stale), *self.stale]
         for offer_id, cap in self.ranked:
             out += [offer_id, cap]
         return out
@@ -265,551 +266,6 @@ class Store(Protocol):
     def delete_segment(self, *, segment_id: str) -> bool: ...
 
     def take_token(self, *, bucket: str, rate: float, burst: float) -> float: ...
-
-
-# The erasure fence, opening every script that writes a user's keys: the script is given the
-# slot's fence zset as its LAST key and (user digest, time its call started) as its FIRST two
-# ARGV, takes them off, and answers 'erased' without writing anything when the user was erased
-# at or after that time (``_ERASE_USER_LUA``): a call that was in flight during an erasure
-# cannot re-create what it deleted. What follows it reads its KEYS and ARGV as if they were
-# never there.
-_FENCE_LUA = """
-local FENCE = table.remove(KEYS)
-local FENCE_DIGEST = table.remove(ARGV, 1)
-local FENCE_STARTED = tonumber(table.remove(ARGV, 1))
-local ERASED_AT = redis.call('ZSCORE', FENCE, FENCE_DIGEST)
-if ERASED_AT and tonumber(ERASED_AT) >= FENCE_STARTED then return 'erased' end
-"""
-#: What a fenced script answers when the user was erased while its call was in flight.
-ERASED = "erased"
-
-# Erasure, the user's slot part, atomically: the user goes on the fence (ARGV[1] digest at
-# ARGV[2], the fence of the slot kept ARGV[3] seconds), every key of the user but the decision
-# indexes is deleted, and the decision ids of those indexes are returned (the caller deletes
-# those decisions, in their own slots, and then takes them off the indexes: an erasure retried
-# after a failure in between finds them again). KEYS fence, then the user's keys, the two
-# decision indexes (old set, zset) last.
-_ERASE_USER_LUA = """
-local at, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], at, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - keep))
-redis.call('EXPIRE', KEYS[1], math.ceil(keep))
-local ids = redis.call('SMEMBERS', KEYS[#KEYS - 1])
-for _, id in ipairs(redis.call('ZRANGE', KEYS[#KEYS], 0, -1)) do ids[#ids + 1] = id end
-redis.call('DEL', unpack(KEYS, 2, #KEYS - 2))
-return ids
-"""
-
-# A logged decision, the user's slot part (fenced): the decision goes on the user's index,
-# which forgets decisions past their TTL; the oldest beyond ARGV[4] are returned, for the
-# caller to delete and then take off the index (so it always reaches every decision kept); with a
-# request id, it goes on the request-id index likewise (past its TTL or beyond ARGV[8], the
-# oldest request ids are forgotten), and is claimed here when ARGV[6] is '1' (no caps script
-# claimed it): first come first served, as the caps script does. KEYS decided zset, requests
-# hash, requested zset; ARGV decision_id, made at, decision TTL, most decisions, request id
-# ('' none), claim ('1'/'0'), request-id TTL, most request ids. Returns {'+', dropped...} or
-# {'!', the decision the request id stands for}.
-_LOG_DECISION_LUA = """
-local id, now, ttl, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local rid, rttl, rmost = ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[8])
-if rid ~= '' then
-  if ARGV[6] == '1' then
-    local owner = redis.call('HGET', KEYS[2], rid)
-    if owner then
-      local bar = string.find(owner, '|', 1, true)
-      local owner_id = bar and string.sub(owner, 1, bar - 1) or owner
-      local made = bar and tonumber(string.sub(owner, bar + 1)) or nil
-      if owner_id ~= id and (made == nil or now - made <= rttl) then return {'!', owner_id} end
-    end
-    redis.call('HSET', KEYS[2], rid, id .. '|' .. ARGV[2])
-  end
-  redis.call('ZADD', KEYS[3], now, rid)
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - rttl), 'LIMIT', 0, 100)
-  local over = redis.call('ZCARD', KEYS[3]) - #gone - rmost
-  if over > 0 then
-    for _, old in ipairs(redis.call('ZRANGE', KEYS[3], #gone, #gone + over - 1)) do
-      gone[#gone + 1] = old
-    end
-  end
-  if #gone > 0 then
-    redis.call('HDEL', KEYS[2], unpack(gone))
-    redis.call('ZREM', KEYS[3], unpack(gone))
-  end
-  redis.call('EXPIRE', KEYS[2], rttl)
-  redis.call('EXPIRE', KEYS[3], rttl)
-end
-redis.call('ZADD', KEYS[1], now, id)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - ttl))
-local dropped = {'+'}
-local over = redis.call('ZCARD', KEYS[1]) - most
-if over > 0 then
-  -- Named, not removed: the caller deletes them, then takes them off the index (so the index
-  -- names them until they are gone, and a failed delete is tried again next time).
-  for _, old in ipairs(redis.call('ZRANGE', KEYS[1], 0, over - 1)) do
-    dropped[#dropped + 1] = old
-  end
-end
-redis.call('EXPIRE', KEYS[1], ttl)
-return dropped
-"""
-
-# A DISMISS's cooldowns (fenced). KEYS cooldowns hash; ARGV until, then the fields.
-_ADD_COOLDOWNS_LUA = """
-for i = 2, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
--- Every cooldown lasts the same time, so the newest ends last: the key goes with it.
-redis.call('EXPIREAT', KEYS[1], math.floor(tonumber(ARGV[1])) + 1)
-return 1
-"""
-
-# Adds inferred signals, decaying what is stored to the new observation's time, atomically,
-# and only for a user who consented to the use of their behaviour (returns 0 otherwise: the
-# signals are not kept at all). KEYS[1] signals hash, KEYS[2] profile hash; ARGV[1] half-life
-# seconds (0: replace, see below), ARGV[2] the most topics a user may have signals of; then
-# (topic, weight, observed_at) triples. Returns 1 (kept), 0 (no consent), or minus the count of
-# topics the call would have left when that is over the cap (nothing written).
-# RecordSignals adds observations, so sending the same ones twice counts them twice. A bulk
-# import sends a signal's *state* (its weight at observed_at, as GetProfile and the export
-# show it) with half-life 0: the stored value of the topic is replaced, not added to, so
-# importing a file again leaves the same state; the consent rule is the same.
-_RECORD_SIGNALS_LUA = """
-local consent = redis.call('HGET', KEYS[2], 'consent')
-if not consent or string.sub(consent, 1, 1) ~= '1' then return 0 end
-local half_life, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-local count = redis.call('HLEN', KEYS[1])
-local seen = {}
-for i = 3, #ARGV, 3 do
-  if not seen[ARGV[i]] and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then count = count + 1 end
-  seen[ARGV[i]] = true
-end
-if count > cap then return -count end
-for i = 3, #ARGV, 3 do
-  local topic, w, t = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local old = false
-  if half_life > 0 then old = redis.call('HGET', KEYS[1], topic) end
-  if old then
-    local sep = string.find(old, '|', 1, true)
-    local w0, t0 = tonumber(string.sub(old, 1, sep - 1)), tonumber(string.sub(old, sep + 1))
-    if t >= t0 then
-      w = w0 * (0.5 ^ ((t - t0) / half_life)) + w
-    else
-      w = w0 + w * (0.5 ^ ((t0 - t) / half_life))
-      t = t0
-    end
-  end
-  redis.call('HSET', KEYS[1], topic, string.format('%.17g|%.6f', w, t))
-end
-return 1
-"""
-
-# SetPreferences, atomically: the stances to clear and to set, the signals deleted if consent
-# is withdrawn, and the whole profile returned as it is right after. A user holds at most
-# ARGV[1] topic stances and ARGV[2] channel choices: a call that would leave more changes
-# nothing and returns {0, kind ('t' or 'c'), count}. KEYS profile, signals, contacts,
-# cooldowns, attributes hashes; ARGV the two caps, withdrawn (1/0), number of fields to clear,
-# those fields, then (field, value) pairs to set.
-_SET_PREFERENCES_LUA = """
-local n_clear = tonumber(ARGV[4])
-local first_set = 5 + n_clear
-local new = {t = 0, c = 0}
-for i = first_set, #ARGV, 2 do
-  local kind = string.sub(ARGV[i], 1, 2)
-  if (kind == 't:' or kind == 'c:') and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
-    new[string.sub(kind, 1, 1)] = new[string.sub(kind, 1, 1)] + 1
-  end
-end
-if new.t + new.c > 0 then
-  local held = {t = 0, c = 0}
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    local kind = string.sub(field, 1, 2)
-    if kind == 't:' or kind == 'c:' then
-      held[string.sub(kind, 1, 1)] = held[string.sub(kind, 1, 1)] + 1
-    end
-  end
-  local cleared = {t = 0, c = 0}
-  for i = 5, first_set - 1 do
-    local kind = string.sub(ARGV[i], 1, 1)
-    if cleared[kind] and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-      cleared[kind] = cleared[kind] + 1
-    end
-  end
-  for kind, cap in pairs({t = tonumber(ARGV[1]), c = tonumber(ARGV[2])}) do
-    local count = held[kind] - cleared[kind] + new[kind]
-    if new[kind] > 0 and count > cap then return {0, kind, count} end
-  end
-end
-if n_clear > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 5, first_set - 1)) end
-if first_set <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first_set, #ARGV)) end
-if ARGV[3] == '1' then redis.call('DEL', KEYS[2]) end
-return {1, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-  redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5])}
-"""
-
-# Merges attributes, all from one source, atomically, and returns the whole profile as it is
-# right after (one script in the user's slot). Each is stored as "source|updated_at|value"
-# (the value last: it may hold '|'). What the customer stated outranks a system of record: an
-# IMPORTED value (setting or, empty, removing) leaves a STATED one alone; a STATED value
-# replaces anything. The user's cap is checked before anything is written: a call that would
-# leave more than ARGV[3] attributes changes nothing and returns {0, that count}.
-# The user id goes in the profile hash with them (field user_id), so an export can name the
-# user (keys only hold a digest of it).
-# KEYS attributes, profile and, to have the profile returned (else just {1}), signals,
-# contacts, cooldowns hashes; ARGV source (1 STATED, 2 IMPORTED), now, cap, user id, then
-# (name, value) pairs (an empty value removes).
-# The merge itself, shared with the bulk import's script (``_IMPORT_PROFILE_LUA``): the
-# (name, value) pairs ARGV[first..last] into the attributes hash ``key``, from ``source``
-# ('1' STATED, '2' IMPORTED) at ``at``; returns 0 and the count it would leave if over
-# ``cap`` (nothing written), else 1.
-_MERGE_ATTRIBUTES_LUA = """
-local function merge_attributes(key, source, at, cap, first, last)
-  local stamp = source .. '|' .. at .. '|'
-  local count = redis.call('HLEN', key)
-  local names, olds = {}, {}
-  for i = first, last, 2 do names[#names + 1] = ARGV[i] end
-  if #names > 0 then olds = redis.call('HMGET', key, unpack(names)) end  -- not one HGET each
-  local set, removed = {}, {}
-  for i = first, last, 2 do
-    local name, value = ARGV[i], ARGV[i + 1]
-    local old = olds[(i - first) / 2 + 1]
-    if not (source == '2' and old and string.sub(old, 1, 1) == '1') then
-      if value == '' then
-        if old then
-          removed[#removed + 1] = name
-          count = count - 1
-        end
-      else
-        if not old then count = count + 1 end
-        set[#set + 1] = name
-        set[#set + 1] = stamp .. value
-      end
-    end
-  end
-  if count > cap then return 0, count end
-  if #removed > 0 then redis.call('HDEL', key, unpack(removed)) end
-  if #set > 0 then redis.call('HSET', key, unpack(set)) end
-  return 1, count
-end
-"""
-
-_SET_ATTRIBUTES_LUA = (
-    _MERGE_ATTRIBUTES_LUA
-    + """
-local ok, count = merge_attributes(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), 5, #ARGV)
-if ok == 0 then return {0, count} end
-redis.call('HSET', KEYS[2], 'user_id', ARGV[4])
-if #KEYS < 5 then return {1} end
-return {1, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
-  redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[1])}
-"""
-)
-
-# One imported profile, everything ``write_profiles`` used to send as separate commands, in
-# the same order and with the same effects, as ONE script in the user's slot: a batch is one
-# command and one small reply per user (the separate commands cost the importer more to pack
-# and parse than Redis spent running them). In order: the profile hash's fields cleared
-# (NEUTRAL stances) and set (user id, stances, opt-ins, limits, consent: as SetPreferences
-# writes them), the signals deleted if consent is withdrawn, each group of attributes merged
-# by SetAttributes' own merge (one group per source and time; if a group would pass the cap,
-# nothing of the line is written: the attributes are merged first and put back), then the
-# signals as RecordSignals' script
-# writes them in its replacing mode (half-life 0: each replaces its topic's state), only if
-# the profile, as now written, holds consent.
-# KEYS profile, attributes, signals hashes; ARGV cap, withdrawn (1/0), number of
-# fields to clear, number of (field, value) pairs to set, those fields, those pairs, number
-# of attribute groups, each group as source, time, number of pairs, (name, value) pairs;
-# then (topic, weight, observed_at) triples to the end.
-# Returns refused * 3 + signals, refused the most attributes a refused group would have
-# left (0: none refused) and signals 0 (none given), 1 (not kept: no consent) or 2 (kept).
-_IMPORT_PROFILE_LUA = (
-    _MERGE_ATTRIBUTES_LUA
-    + """
-local cap = tonumber(ARGV[1])
-local n_clear, n_set = tonumber(ARGV[3]), tonumber(ARGV[4])
-local profile_at = 8
-local i = profile_at + n_clear + 2 * n_set
--- The per-user bounds of SetPreferences and RecordSignals (ARGV[5..7]: topic stances, channel
--- choices, signal topics), before anything is written: a line that would pass one is refused
--- whole, answering -1, -2 or -3.
-do
-  local new = {t = 0, c = 0}
-  for j = profile_at + n_clear, i - 1, 2 do
-    local kind = string.sub(ARGV[j], 1, 1)
-    if new[kind] and string.sub(ARGV[j], 2, 2) == ':'
-        and redis.call('HEXISTS', KEYS[1], ARGV[j]) == 0 then
-      new[kind] = new[kind] + 1
-    end
-  end
-  if new.t + new.c > 0 then
-    local held = {t = 0, c = 0}
-    for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-      local kind = string.sub(field, 1, 1)
-      if held[kind] and string.sub(field, 2, 2) == ':' then held[kind] = held[kind] + 1 end
-    end
-    for j = profile_at, profile_at + n_clear - 1 do
-      local kind = string.sub(ARGV[j], 1, 1)
-      if held[kind] and redis.call('HEXISTS', KEYS[1], ARGV[j]) == 1 then
-        held[kind] = held[kind] - 1
-      end
-    end
-    if new.t > 0 and held.t + new.t > tonumber(ARGV[5]) then return -1 end
-    if new.c > 0 and held.c + new.c > tonumber(ARGV[6]) then return -2 end
-  end
-  local j = i + 1
-  for _ = 1, tonumber(ARGV[i]) do j = j + 3 + 2 * tonumber(ARGV[j + 2]) end
-  if j <= #ARGV then
-    local count = 0
-    if ARGV[2] ~= '1' then count = redis.call('HLEN', KEYS[3]) end
-    local seen = {}
-    for k = j, #ARGV, 3 do
-      if not seen[ARGV[k]]
-          and (ARGV[2] == '1' or redis.call('HEXISTS', KEYS[3], ARGV[k]) == 0) then
-        count = count + 1
-      end
-      seen[ARGV[k]] = true
-    end
-    if count > tonumber(ARGV[7]) then return -3 end
-  end
-end
--- The attributes first: a line whose attributes would pass the cap is refused whole, so
--- they are merged before anything else is written, and put back as they were if a group is
--- refused (a script runs atomically: nobody sees the attributes in between).
-local before = nil
-local refused = 0
-local groups = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, groups do
-  local source, at, n_pairs = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
-  if groups > 1 and before == nil then before = redis.call('HGETALL', KEYS[2]) end
-  local ok, count = merge_attributes(KEYS[2], source, at, cap, i, i + 2 * n_pairs - 1)
-  if ok == 0 and count > refused then refused = count end
-  i = i + 2 * n_pairs
-end
-if refused > 0 then
-  if before ~= nil then
-    redis.call('DEL', KEYS[2])
-    if #before > 0 then redis.call('HSET', KEYS[2], unpack(before)) end
-  end
-  return refused * 3
-end
--- (SetAttributes' HSET of the user id is not repeated: the profile's, below, sets it.)
-if n_clear > 0 then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, profile_at, profile_at + n_clear - 1))
-end
-if n_set > 0 then
-  local first = profile_at + n_clear
-  redis.call('HSET', KEYS[1], unpack(ARGV, first, first + 2 * n_set - 1))
-end
-if ARGV[2] == '1' then redis.call('DEL', KEYS[3]) end
-if i > #ARGV then return 0 end
-local consent = redis.call('HGET', KEYS[1], 'consent')
-if not consent or string.sub(consent, 1, 1) ~= '1' then return refused * 3 + 1 end
-for j = i, #ARGV, 3 do
-  local w, t = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
-  redis.call('HSET', KEYS[3], ARGV[j], string.format('%.17g|%.6f', w, t))
-end
-return refused * 3 + 2
-"""
-)
-
-# The catalog's writes that check offers against segments, each one script in the {catalog}
-# slot, so no check can be overtaken by a concurrent write (a PutOffer naming a segment while
-# a DeleteSegment removes it: one of them sees the other's result). Scripts rather than
-# WATCH/MULTI: a WATCH on the offers hash would make a DeleteSegment retry whenever any offer
-# changes, and each script is short.
-#
-# Puts an offer if every segment it names exists. KEYS offers, segments, version; ARGV
-# offer_id, offer JSON, then the segment ids. Returns the ids that do not exist (nothing
-# written), or an empty list when the offer was put.
-_PUT_OFFER_LUA = """
-local missing = {}
-for i = 3, #ARGV do
-  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
-end
-if #missing > 0 then return missing end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('INCR', KEYS[3])
-return missing
-"""
-
-# Puts a segment unless it is new and the catalog already holds ARGV[3] of them. KEYS
-# segments, version; ARGV segment_id, segment JSON, cap. Returns 1 if put, 0 if full.
-_PUT_SEGMENT_LUA = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
-    and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('INCR', KEYS[2])
-return 1
-"""
-
-# Deletes a segment no offer names. KEYS segments, offers, version; ARGV segment_id.
-# Returns {1} deleted, {0} no such segment, or {-1, offer_id...}: the offers that name it
-# (nothing deleted). Every offer is looked at: a DeleteSegment is a rare admin call on a
-# catalog small enough for every process to hold in memory, and a scan needs no reverse
-# index that could drift from the offers. A plain text search skips the JSON decoding of
-# offers that cannot name it (ids are plain ASCII without quotes: JSON writes them as is).
-_DELETE_SEGMENT_LUA = """
-local id = ARGV[1]
-if redis.call('HEXISTS', KEYS[1], id) == 0 then return {0} end
-local needle = '"' .. id .. '"'
-local result = {-1}
-local offers = redis.call('HGETALL', KEYS[2])
-for i = 1, #offers, 2 do
-  local raw = offers[i + 1]
-  if string.find(raw, needle, 1, true) then
-    local offer = cjson.decode(raw)
-    local named = false
-    for _, list in ipairs({offer['segments'], offer['excluded_segments']}) do
-      if type(list) == 'table' then
-        for _, other in ipairs(list) do if other == id then named = true end end
-      end
-    end
-    if named then result[#result + 1] = offers[i] end
-  end
-end
-if #result > 1 then return result end
-redis.call('HDEL', KEYS[1], id)
-redis.call('INCR', KEYS[3])
-return {1}
-"""
-
-# An outcome and its reward touch two slots: the decision's ({d:<id>}) and the reward stream's
-# ({model}). No script may span both on Redis Cluster, so it takes two, each atomic in its slot,
-# and the second is idempotent: a client that retries after a failure between them (the same
-# outcome_id) sends what the first attempt did not, never twice.
-
-# Stores an outcome once per outcome_id, only for a logged decision that chose the offer.
-# KEYS decision record, outcomes hash; ARGV offer_id, outcome_id, outcome JSON.
-# Returns {status, record, arm}: the record (for its feature vector) when the offer has one,
-# and the decision's arm (for the metrics); {status, false} when there is no such decision or
-# the offer was not chosen in it.
-_RECORD_OUTCOME_LUA = """
-local record = redis.call('GET', KEYS[1])
-if not record then return {-1, false} end
-local decision = cjson.decode(record)
-local chosen = false
-for _, id in ipairs(decision['offer_ids']) do if id == ARGV[1] then chosen = true end end
-if not chosen then return {-2, false} end
-local status = redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
--- The very same outcome (same JSON, same time) already there: a retried attempt of the
--- call that stored it, which must get that call's answer.
-if status == 0 and redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then status = 1 end
-if status == 1 then
-  local ttl = redis.call('TTL', KEYS[1])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
-end
-local arm = decision['arm']
-if type(arm) ~= 'string' then arm = '' end
-local features = decision['features']
-if type(features) == 'table' and features[ARGV[1]] then return {status, record, arm} end
-return {status, false, arm}
-"""
-
-# Sends an offer's reward to the learner: the first one for the offer, while the decision's
-# reward window is open (its decision_id still in the awaiting zset). KEYS awaiting zset,
-# learned hash, reward stream; ARGV decision_id, offer_id, reward, feature vector JSON, now.
-_SEND_REWARD_LUA = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-local sent = redis.call('HGET', KEYS[2], ARGV[1])
-local offers = {}
-if sent then offers = cjson.decode(sent) end
-for _, id in ipairs(offers) do if id == ARGV[2] then return 0 end end
-offers[#offers + 1] = ARGV[2]
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(offers))
-redis.call('XADD', KEYS[3], '*', 'd', ARGV[1], 'o', ARGV[2], 'r', ARGV[3], 'x', ARGV[4],
-  't', ARGV[5])
-return 1
-"""
-
-# Closes reward windows: for each decision still awaiting, every chosen offer whose reward was
-# not sent goes to the learner with reward 0 (the default reward), and the decision's window
-# bookkeeping goes. A decision already closed is skipped, so a retry sends nothing twice.
-# KEYS awaiting zset, learned hash, reward stream; ARGV now, then per decision: decision_id,
-# n, and n (offer_id, feature vector JSON) pairs (the decision log is in other slots: the
-# caller reads it first).
-# Publishes a model version unless a rollback pinned one, and drops the versions beyond the
-# newest ``keep``, in one atomic step: a rollback (below) lands either before it (then nothing
-# is published) or after it (then it wins), never in between, and never loses its version.
-# KEYS[1] pinned, KEYS[2] versions zset, KEYS[3] current, KEYS[4] the new snapshot; ARGV:
-# version, snapshot bytes, published at, keep, snapshot key prefix. Returns 1, or 0 if pinned.
-_PUBLISH_MODEL_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[4], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('SET', KEYS[3], ARGV[1])
-for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, -(tonumber(ARGV[4]) + 1))) do
-  redis.call('DEL', ARGV[5] .. old)
-  redis.call('ZREM', KEYS[2], old)
-end
-return 1
-"""
-
-# Serves a kept version again and pins it, if it is still kept. KEYS[1] the snapshot,
-# KEYS[2] current, KEYS[3] pinned; ARGV[1] the version. Returns 1, or 0 if it is gone.
-_ROLLBACK_MODEL_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('SET', KEYS[3], ARGV[1])
-return 1
-"""
-
-_CLOSE_WINDOWS_LUA = """
-local sent = 0
-local i = 2
-while i <= #ARGV do
-  local id, n = ARGV[i], tonumber(ARGV[i + 1])
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    local learned = {}
-    local before = redis.call('HGET', KEYS[2], id)
-    if before then
-      for _, offer in ipairs(cjson.decode(before)) do learned[offer] = true end
-      redis.call('HDEL', KEYS[2], id)
-    end
-    for j = i + 2, i + 2 * n, 2 do
-      local offer = ARGV[j]
-      if not learned[offer] then
-        learned[offer] = true
-        redis.call('XADD', KEYS[3], '*', 'd', id, 'o', offer, 'r', '0', 'x', ARGV[j + 1],
-          't', ARGV[1])
-        sent = sent + 1
-      end
-    end
-  end
-  i = i + 2 + 2 * n
-end
-return sent
-"""
-
-
-# Renews (or, with ttl 1, lets go of) the learner lease if this token holds it.
-# A token bucket: takes one token if there is one. KEYS[1] the bucket hash; ARGV[1] tokens
-# per second, ARGV[2] bucket size. Time is Redis's own (TIME), so every server process and
-# pod agrees on it. Returns "0" when a token was taken, else the seconds until one will be
-# there (as a string: Lua numbers would come back truncated to integers).
-_TAKE_TOKEN_LUA = """
-redis.replicate_commands()
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or burst
-local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return tostring(wait)
-"""
-
-
-_RENEW_LEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
 
 
 class NotSent(redis.exceptions.ConnectionError):
@@ -950,8 +406,8 @@ DEADLINE_MARGIN_SECONDS = 0.002
 #: oldest. Likewise the request ids that replay a Decide.
 MAX_DECISIONS_PER_USER = 10_000
 MAX_REQUEST_IDS_PER_USER = 10_000
-#: How long an erased user stays on the erasure fence (``_FENCE_LUA``): longer than any call
-#: that was in flight during the erasure can still be writing.
+#: How long an erased user stays on the erasure fence (``lua/includes/fence.lua``): longer than
+#: any call that was in flight during the erasure can still be writing.
 ERASURE_FENCE_SECONDS = 300.0
 
 #: Waits between attempts of an idempotent operation: the first, doubled each time.
@@ -1048,21 +504,21 @@ class RedisStore:
         self._half_life = signal_half_life_seconds
         self._decision_ttl = decision_ttl_seconds
         self._request_ttl = request_id_ttl_seconds
-        # Every script that writes a user's keys opens with the erasure fence.
-        self._record_signals = client.register_script(_FENCE_LUA + _RECORD_SIGNALS_LUA)
-        self._set_preferences = client.register_script(_FENCE_LUA + _SET_PREFERENCES_LUA)
-        self._set_attributes = client.register_script(_FENCE_LUA + _SET_ATTRIBUTES_LUA)
-        self._log_decision = client.register_script(_FENCE_LUA + _LOG_DECISION_LUA)
-        self._add_cooldowns = client.register_script(_FENCE_LUA + _ADD_COOLDOWNS_LUA)
-        self._erase_user = client.register_script(_ERASE_USER_LUA)
-        self._import_profile = client.register_script(_FENCE_LUA + _IMPORT_PROFILE_LUA)
-        self._record_outcome = client.register_script(_RECORD_OUTCOME_LUA)
-        self._send_reward = client.register_script(_SEND_REWARD_LUA)
-        self._consume_contacts = client.register_script(_FENCE_LUA + CONSUME_CONTACTS_LUA)
-        self._take_token = client.register_script(_TAKE_TOKEN_LUA)
-        self._put_offer = client.register_script(_PUT_OFFER_LUA)
-        self._put_segment = client.register_script(_PUT_SEGMENT_LUA)
-        self._delete_segment = client.register_script(_DELETE_SEGMENT_LUA)
+        register = client.register_script
+        self._record_signals = register(source("record_signals"))
+        self._set_preferences = register(source("set_preferences"))
+        self._set_attributes = register(source("set_attributes"))
+        self._log_decision = register(source("log_decision"))
+        self._add_cooldowns = register(source("add_cooldowns"))
+        self._erase_user = register(source("erase_user"))
+        self._import_profile = register(source("import_profile"))
+        self._record_outcome = register(source("record_outcome"))
+        self._send_reward = register(source("send_reward"))
+        self._consume_contacts = register(source("consume_contacts"))
+        self._take_token = register(source("take_token"))
+        self._put_offer = register(source("put_offer"))
+        self._put_segment = register(source("put_segment"))
+        self._delete_segment = register(source("delete_segment"))
         self._round_trip = round_trip(client)
         self._cluster = isinstance(client, RedisCluster)
 
@@ -1345,7 +801,7 @@ class RedisStore:
     ) -> RecordedOutcome:
         """Store the outcome (once per outcome_id) and send the offer's first reward to the
         learner while its reward window is open: one script in the decision's slot, then
-        one in the stream's (see ``_SEND_REWARD_LUA``). A duplicate outcome_id sends again
+        one in the stream's (see ``lua/send_reward.lua``). A duplicate outcome_id sends again
         too: a no-op, unless the first attempt failed between the two."""
         k = keys.DecisionKeys.of(decision_id)
         # Both scripts are idempotent, so both are retried: the first answers "recorded"
@@ -1451,7 +907,7 @@ class RedisStore:
 
     def set_attributes(self, *, update: AttributesUpdate, now: float, limit: int) -> Profile:
         """Merge the attributes (STATED outranks IMPORTED, an empty value removes; see
-        ``_SET_ATTRIBUTES_LUA``) and return the profile right after, atomically. A merge that
+        ``lua/set_attributes.lua``) and return the profile right after, atomically. A merge that
         would leave the user more than ``limit`` attributes writes nothing and raises
         ``InvalidArgument``."""
         k = keys.UserKeys.of(update.user_id)
@@ -1540,7 +996,7 @@ class RedisStore:
         self, records: Sequence[ProfileRecord], *, limit: int, started: float | None = None
     ) -> list[ProfileWrite]:
         """Write validated profile records (``tactful import``) in ONE round trip: one
-        ``_IMPORT_PROFILE_LUA`` call per user, all its keys in the user's slot, sent as a
+        ``lua/import_profile.lua`` call per user, all its keys in the user's slot, sent as a
         non-transactional pipeline (on a cluster, each node gets its users' calls). Per user,
         atomically: the profile hash as SetPreferences writes it (with the user id), the
         signals deleted if consent is withdrawn, the attributes through SetAttributes' own
@@ -1554,10 +1010,11 @@ class RedisStore:
         fence_at = repr(time.time() if started is None else started)  # the erasure fence
         for record in records:
             user_digest = keys.user_digest(record.user_id)
-            profile, attributes, signals, fence = keys.import_keys(user_digest)
+            profile_key, attributes_key, signals_key, fence = keys.import_keys(user_digest)
             to_set, to_clear, withdrawn = _preference_fields(record.preferences, None)
             args: list[Any] = [
-                "EVALSHA", sha, 4, profile, attributes, signals, fence, user_digest, fence_at,
+                "EVALSHA", sha, 4, profile_key, attributes_key, signals_key, fence,
+                user_digest, fence_at,
                 limit, 1 if withdrawn else 0, len(to_clear), len(to_set),
                 validation.MAX_TOPIC_PREFERENCES_PER_USER,
                 validation.MAX_CHANNEL_PREFERENCES_PER_USER,
@@ -1794,10 +1251,10 @@ class ModelStore:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self._close_windows = client.register_script(_CLOSE_WINDOWS_LUA)
-        self._renew_lease = client.register_script(_RENEW_LEASE_LUA)
-        self._publish_model = client.register_script(_PUBLISH_MODEL_LUA)
-        self._rollback_model = client.register_script(_ROLLBACK_MODEL_LUA)
+        self._close_windows = client.register_script(source("close_windows"))
+        self._renew_lease = client.register_script(source("renew_lease"))
+        self._publish_model = client.register_script(source("publish_model"))
+        self._rollback_model = client.register_script(source("rollback_model"))
 
     def hold_lease(self, token: str, ttl_ms: int) -> bool:
         """Take the learner lease, or renew it if this token holds it."""
