@@ -17,7 +17,8 @@ import pytest
 from tactful import keys
 from tactful.domain import Consent, PreferencesUpdate, Profile, Signal
 from tactful.settings import Settings
-from tactful.store import DecisionInputs, LoggedDecision, RedisStore
+from tactful.store import DecisionInputs, LoggedDecision
+from tactful.store.redis_store import RedisStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d

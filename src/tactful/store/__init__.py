@@ -1,35 +1,33 @@
-"""Storage: a small interface the core depends on, and its Redis implementation."""
+"""Storage: the interface the core depends on (``Store``) and the data it takes and gives.
 
-from tactful.store.redis_store import (
-    STORE_DOWN_ERRORS,
+Importing this package imports no Redis client: the Redis implementation and everything that
+needs the client is imported from its own module:
+
+- ``redis_store``: ``RedisStore``, the ``Store`` on Redis;
+- ``model_store``: ``ModelStore``, what the learner and the model CLI need;
+- ``wire``: ``connect``, the budgets and ``round_trip``, how the store reaches Redis;
+- ``codecs``: how profiles, decisions, offers and segments are laid out in Redis;
+- ``scripts``: the Lua scripts of ``lua/``.
+"""
+
+from tactful.store.types import (
     ContactSpend,
     DecisionInputs,
     LoggedDecision,
-    ModelStore,
     OutcomeStatus,
     ProfileWrite,
     RecordedOutcome,
-    RedisStore,
     RequestTaken,
     Store,
-    _record_json,
-    connect,
-    round_trip,
 )
 
 __all__ = [
-    "STORE_DOWN_ERRORS",
     "ContactSpend",
     "DecisionInputs",
     "LoggedDecision",
-    "ModelStore",
     "OutcomeStatus",
     "ProfileWrite",
     "RecordedOutcome",
-    "RedisStore",
     "RequestTaken",
     "Store",
-    "_record_json",
-    "connect",
-    "round_trip",
 ]
