@@ -206,7 +206,7 @@ def test_the_user_index_stays_bounded_and_erasure_reaches_every_decision_it_keep
 ):
     """A user id shared by many (``guest``): the index keeps the newest decisions, the ones
     it drops are deleted, so one erasure reaches every decision of the user there is."""
-    import tactful.store.redis_store as store_module
+    import tactful.store.decisions as store_module
     from tactful.store import LoggedDecision as Logged
 
     monkeypatch.setattr(store_module, "MAX_DECISIONS_PER_USER", 5)

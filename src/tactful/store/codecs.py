@@ -283,6 +283,12 @@ def decode_profile(
     )
 
 
+def decode_profile_replies(user_id: str, replies: Iterable[Any]) -> Profile:
+    """The profile from the HGETALL replies of its five hashes, in ``decode_profile``'s
+    order."""
+    return decode_profile(user_id, *(as_dict(reply) for reply in replies))
+
+
 def _decode_profile_fields(
     fields: dict[str, str],
 ) -> tuple[list[TopicPreference], list[ChannelPreference], int, QuietHours | None, Consent]:
