@@ -292,10 +292,11 @@ RoundTrip = Callable[[Sequence[tuple[Any, ...]]], list[Any]]
 
 def round_trip(client: Client) -> RoundTrip:
     """How the Decide path sends its commands in one round trip, chosen here, once, by the
-    client: on one Redis server, a hand-packed write on one pooled connection (measured
-    faster than a pipeline); on a Redis Cluster, redis-py's ClusterPipeline, which sends
-    each node its commands together and follows MOVED/ASK. Either way, error replies are
-    raised only after every reply is read, and HGETALL replies may be raw (``_as_dict``)."""
+    client: on one Redis server, a hand-packed write on one pooled connection (less client
+    time than a pipeline: ``_single_node_round_trip``); on a Redis Cluster, redis-py's
+    ClusterPipeline, which sends each node its commands together and follows MOVED/ASK.
+    Either way, error replies are raised only after every reply is read, and HGETALL replies
+    may be raw (``codecs.as_dict``)."""
     if isinstance(client, RedisCluster):
         return functools.partial(_cluster_round_trip, client)
     return functools.partial(_single_node_round_trip, client.connection_pool)

@@ -5,7 +5,7 @@
       ARGV[1] until (seconds)
       ARGV[2..] the fields to cool
     Output:
-      1
+      1, or 'erased' (includes/fence.lua)
 ]]
 for i = 2, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], ARGV[1]) end
 -- Every cooldown lasts the same time, so the newest ends last: the key goes with it.

@@ -19,7 +19,8 @@
       ARGV[8] the most request ids the index keeps
     Output:
       {'+', decision ids beyond the most kept...}, or
-      {'!', decision_id} when the request id belongs to another decision (nothing written)
+      {'!', decision_id} when the request id belongs to another decision (nothing written);
+      or 'erased' (includes/fence.lua)
 ]]
 local id, now, ttl, most = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local rid, rttl, rmost = ARGV[5], tonumber(ARGV[7]), tonumber(ARGV[8])
