@@ -209,9 +209,9 @@ class ProfileOperations(RedisBase):
     def scan_profiles(self, *, batch: int = 500) -> Iterator[tuple[str | None, Profile]]:
         """Every stored profile (preferences, consent, attributes, signals as stored: weight
         at observed_at) with the user id kept in its profile hash: None for a profile whose
-        hash holds none (keys only hold a digest). Found with SCAN (on a
-        cluster, redis-py scans every primary), read ``batch`` users per round trip; SCAN
-        may return a user twice while Redis resizes its table (harmless to an import)."""
+        hash holds none (keys only hold a digest). Found with SCAN (on a cluster, redis-py
+        scans every primary), read ``batch`` users per round trip; SCAN may return a user
+        twice while Redis resizes its table (harmless to an import)."""
         found: list[str] = []
         for key in self.client.scan_iter(match=keys.USER_PROFILES, count=1000):
             found.append(key)
@@ -223,7 +223,7 @@ class ProfileOperations(RedisBase):
 
     def _read_profiles(self, profile_keys: Sequence[str]) -> Iterator[tuple[str | None, Profile]]:
         users = [keys.UserKeys.of_digest(keys.digest_of(key)) for key in profile_keys]
-        commands: list[tuple[Any, ...]] = []
+        commands: list[Command] = []
         for k in users:
             commands += (("HGETALL", k.profile), ("HGETALL", k.signals), ("HGETALL", k.attributes))
         replies = self._run("scan_profiles", lambda: self._round_trip(commands), budget=self.write)
