@@ -38,7 +38,7 @@ from tactful.domain import (
 )
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.settings import Settings
-from tactful.store import RedisStore
+from tactful.store.redis_store import RedisStore
 
 TOPICS = ["running", "yoga", "golf", "cooking", "travel", "finance", "music", "cycling"]
 COUNTRIES = ["FR", "DE", "GB", "ES", "IT", "NL"]

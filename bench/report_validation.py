@@ -152,7 +152,8 @@ def compare(world: World, records: Sequence[report.Record]) -> tuple[list[Compar
 
 def main(argv: list[str] | None = None) -> int:
     from tactful.embedded_redis import EmbeddedRedis
-    from tactful.store import RedisStore, connect
+    from tactful.store.redis_store import RedisStore
+    from tactful.store.wire import connect
     from tactful.transport.server import build_server
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -22,7 +22,8 @@ from pytest_redis import factories
 
 from tactful.embedded_redis import bundled_binary
 from tactful.settings import Settings
-from tactful.store import RedisStore, connect
+from tactful.store.redis_store import RedisStore
+from tactful.store.wire import connect
 from tactful.transport.server import Running, build_server
 from tactful.v1 import (
     catalog_pb2,

@@ -25,7 +25,7 @@ from test_serve import free_port, start, stop, wait_serving
 
 from tactful.__main__ import main
 from tactful.settings import SecuritySettings, Settings, SettingsError, key_digest
-from tactful.store import RedisStore
+from tactful.store.redis_store import RedisStore
 from tactful.transport import auth
 from tactful.transport.server import METHODS, Running, build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc

@@ -14,7 +14,8 @@ from redis.cluster import RedisCluster
 from tactful import keys, report
 from tactful.features import FeatureSpace
 from tactful.learner import Learner
-from tactful.store import ModelStore, connect, round_trip
+from tactful.store.model_store import ModelStore
+from tactful.store.wire import connect, round_trip
 from tactful.v1 import catalog_pb2
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p

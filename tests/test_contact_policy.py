@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tactful.contact_policy import (
-    CONSUME_CONTACTS_LUA,
+    CARRY_SECONDS,
     DAY_MARK,
     ContactPolicy,
     Limits,
@@ -23,6 +23,7 @@ from tactful.contact_policy import (
 )
 from tactful.domain import Profile, QuietHours
 from tactful.settings import ContactSettings
+from tactful.store.scripts import CONSUME_CONTACTS_LUA
 
 POLICY = ContactPolicy(ContactSettings())
 
@@ -124,7 +125,7 @@ def consume(redisdb):
             full_reply=False):  # fmt: skip
         decision = decision or uuid.uuid4().hex
         args = [day, now, channel, daily, chcap, int(interruptive), gap, 3600, slots]
-        args += [decision, request_id, 600, len(stale), *stale]
+        args += [decision, request_id, 600, CARRY_SECONDS, DAY_MARK, len(stale), *stale]
         for offer_id, cap in offers:
             args += [offer_id, cap]
         redisdb.hset("profile", "max_per_day", ucap)

@@ -28,7 +28,7 @@ from test_auth import openssl, secured, serving
 from test_serve import free_port, wait_serving
 
 from tactful.settings import Settings
-from tactful.store import RedisStore
+from tactful.store.redis_store import RedisStore
 from tactful.transport.server import build_server
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import decisioning_pb2_grpc

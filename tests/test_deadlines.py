@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from tactful import keys
-from tactful.store import DecisionInputs, RedisStore
+from tactful.store import DecisionInputs
+from tactful.store.redis_store import RedisStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d

@@ -17,7 +17,8 @@ import pytest
 from tactful import keys
 from tactful.domain import Consent, PreferencesUpdate, Profile, Signal
 from tactful.settings import Settings
-from tactful.store import DecisionInputs, LoggedDecision, RedisStore
+from tactful.store import DecisionInputs, LoggedDecision
+from tactful.store.redis_store import RedisStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
@@ -205,7 +206,7 @@ def test_the_user_index_stays_bounded_and_erasure_reaches_every_decision_it_keep
 ):
     """A user id shared by many (``guest``): the index keeps the newest decisions, the ones
     it drops are deleted, so one erasure reaches every decision of the user there is."""
-    import tactful.store as store_module
+    import tactful.store.decisions as store_module
     from tactful.store import LoggedDecision as Logged
 
     monkeypatch.setattr(store_module, "MAX_DECISIONS_PER_USER", 5)

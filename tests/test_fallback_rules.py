@@ -14,7 +14,7 @@ import pytest
 from tactful.domain import Offer, PreferencesUpdate, Segment, Stance, TopicPreference
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.errors import Unavailable
-from tactful.store import RedisStore
+from tactful.store.redis_store import RedisStore
 from tactful.transport.server import Running, build_server
 from tactful.v1 import catalog_pb2, catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d

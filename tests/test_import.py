@@ -27,7 +27,7 @@ from tactful.domain import (
     TopicPreference,
 )
 from tactful.errors import FieldViolation, InvalidArgument
-from tactful.store import RedisStore
+from tactful.store.redis_store import RedisStore
 
 from conftest import redis_url
 

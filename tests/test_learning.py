@@ -45,7 +45,7 @@ from tactful.features import (
     dot_many,
 )
 from tactful.learner import Learner
-from tactful.store import ModelStore
+from tactful.store.model_store import ModelStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tactful import keys, metrics
-from tactful.store import _record_json
+from tactful.store.codecs import record_json as _record_json
 from tactful.v1 import catalog_pb2
 from tactful.v1 import decisioning_pb2 as d
 

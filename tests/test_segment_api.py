@@ -20,7 +20,7 @@ from tactful.bandit import LinearModel, prior_theta, project
 from tactful.domain import Offer
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.features import N_DENSE, FeatureSpace, RequestContext
-from tactful.store import ModelStore
+from tactful.store.model_store import ModelStore
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2 as c
 from tactful.v1 import catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc

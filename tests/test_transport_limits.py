@@ -28,7 +28,7 @@ from test_serve import free_port
 
 from tactful import validation
 from tactful.settings import ServerSettings, Settings
-from tactful.store import RedisStore
+from tactful.store.redis_store import RedisStore
 from tactful.transport.server import Running, build_server
 from tactful.v1 import catalog_pb2 as c
 from tactful.v1 import decisioning_pb2 as d

@@ -229,7 +229,7 @@ def _offline_redis(settings: Settings) -> Iterator[str]:
 
 
 def model_command(settings: Settings, args: argparse.Namespace) -> int:
-    from tactful.store import ModelStore
+    from tactful.store.model_store import ModelStore
 
     with _offline_redis(settings) as url:
         models = ModelStore(runtime.learner_client(settings, url))

@@ -74,7 +74,9 @@ from tactful.domain import (
     TopicPreference,
 )
 from tactful.errors import FieldViolation, InvalidArgument, Unavailable
-from tactful.store import STORE_DOWN_ERRORS, ProfileWrite, RedisStore
+from tactful.store import ProfileWrite
+from tactful.store.redis_store import RedisStore
+from tactful.store.wire import STORE_DOWN_ERRORS
 
 #: Users per pipeline, one round trip each (measured: batches of 100 to 2,000 load at about the
 #: same rate; 500 typical users are a few hundred kB of commands).

@@ -16,9 +16,9 @@ cooldown for that user.
 
 Decide checks caps twice: first against the counters its one read returned (so it draws no
 more slots than remain, and leaves out offers at their own cap), then atomically in Redis
-(``CONSUME_CONTACTS_LUA``) when it consumes what it returns, so concurrent Decides for the same
-user, in any number of processes, can never exceed a cap. Only what is returned, and not in a
-dry run, is counted.
+(the caps script, ``store/lua/consume_contacts.lua``) when it consumes what it returns, so
+concurrent Decides for the same user, in any number of processes, can never exceed a cap.
+Only what is returned, and not in a dry run, is counted.
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def carried_over(start: float, window: Window, now: float) -> bool:
     been sent today in the new one (a move of zone must never reset a cap). Message times are
     not kept, so the whole old day counts: a cap can only be met early, never passed. The day
     before in the same zone is never carried: it began at least 23 hours (a spring-forward
-    day) before this one, and ended when this one began. ``CONSUME_CONTACTS_LUA`` applies the
-    same rule, on every field of the hash, when it consumes."""
+    day) before this one, and ended when this one began. The caps script
+    (``store/lua/consume_contacts.lua``) applies the same rule, on every field of the hash,
+    when it consumes."""
     return start != window.start and window.start - CARRY_SECONDS < start <= now
 
 
@@ -184,139 +185,3 @@ class ContactPolicy:
         if self.cools_topics:
             fields += [f"t:{topic}" for topic in dismissed.topics]
         return fields
-
-
-# Check-and-consume, atomically, for one user. Counters live in the user's contacts hash:
-#   "<day>|*|"  every channel   "<day>|!|"  interruptive channels   "<day>|<ch>|"  one channel
-#   "<day>|*|<offer>"  one offer, every channel   "<day>|<ch>|<offer>"  one offer on one channel
-#   "last|<ch>"  when the channel was last used (for minimum gaps)
-#   "spent"  the last decision that consumed, and what: "<decision_id>\n<offer>\n<offer>..."
-#   "last|~day"  the mark: the day every counter of the hash belongs to (``DAY_MARK``), kept
-#                by this script; absent while a counter of a day not yet begun (by this
-#                server's clock: another one's may be ahead) is in the hash
-# Fields of other days go first, when the mark is not the caller's day (a new day, a change of
-# time zone, or a hash from before the mark was kept): a field of a day that overlaps today
-# (another zone's, see ``carried_over``: same rule, the script is the authority) is added to
-# today's field of the same channel and offer; a field of a day past is dropped. Every field
-# of the hash is looked at, not only those the caller read, so a Decide that read the profile
-# before a change of zone still counts what a Decide made after it folded into the new
-# zone's day. Only then: on other calls the hash holds today's counters alone, and scanning
-# it (a field per offer served today) would cost Redis time on every Decide.
-# KEYS[1] contacts hash; KEYS[2] profile hash: the customer's own cap is read here, inside the
-# script, so a SetPreferences racing with Decides is honoured at once; KEYS[3] the user's
-# request ids hash (request_id -> "<decision_id>|<time>").
-# ARGV: day, now, channel, daily cap, channel cap, interruptive (1/0), gap seconds,
-#       counter TTL, slots wanted, decision id, request id ('' for none), request id TTL,
-#       n stale fields (other fields to drop: "last|<channel>" of long ago), stale fields...,
-#       then (offer_id, offer cap) pairs in the policy's
-#       order: the best-ranked offer wins the last unit of a cap.
-# Returns {'+', offers consumed...} (no offer when a cap or the gap left nothing), or
-# {'!', decision_id} when the request id already belongs to another decision made within its
-# TTL: a concurrent Decide with the same request id won, and nothing is counted for this one.
-# Idempotent per decision: the same decision's write sent again (a retried round trip whose
-# reply was lost) gets the answer it got the first time, and counts nothing twice.
-CONSUME_CONTACTS_LUA = """
-local CARRY_SECONDS, DAY_MARK = @CARRY_SECONDS@, '@DAY_MARK@'
-local day, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local daily, chcap = tonumber(ARGV[4]), tonumber(ARGV[5])
-local ucap = tonumber(redis.call('HGET', KEYS[2], 'max_per_day') or '0')
-local interruptive, gap = ARGV[6] == '1', tonumber(ARGV[7])
-local ttl, want = ARGV[8], tonumber(ARGV[9])
-local decision, rid, rttl = ARGV[10], ARGV[11], tonumber(ARGV[12])
-local n_stale = tonumber(ARGV[13])
-local function mark(clean)
-  if clean then
-    redis.call('HSET', KEYS[1], DAY_MARK, day)
-  else
-    redis.call('HDEL', KEYS[1], DAY_MARK)
-  end
-end
--- 'spent': what the user's last SPENT_KEPT decisions counted, newest first, an entry a
--- decision (its id, then the offers, a line each), entries separated by tabs: a write resent
--- after a lost reply answers what it counted, even when other Decides came between.
-local SPENT_KEPT = 16
-local spent = redis.call('HGET', KEYS[1], 'spent')
-local kept_spends = {}
-if spent then
-  for entry in string.gmatch(spent, '[^\t]+') do
-    local parts = {}
-    for part in string.gmatch(entry, '[^\\n]+') do parts[#parts + 1] = part end
-    if parts[1] == decision then
-      parts[1] = '+'
-      return parts
-    end
-    if #kept_spends < SPENT_KEPT - 1 then kept_spends[#kept_spends + 1] = entry end
-  end
-end
-if rid ~= '' then
-  local owner = redis.call('HGET', KEYS[3], rid)
-  if owner then
-    local bar = string.find(owner, '|', 1, true)
-    local owner_id = bar and string.sub(owner, 1, bar - 1) or owner
-    local made = bar and tonumber(string.sub(owner, bar + 1)) or nil
-    if owner_id ~= decision and (made == nil or now - made <= rttl) then
-      return {'!', owner_id}
-    end
-  end
-  redis.call('HSET', KEYS[3], rid, decision .. '|' .. ARGV[2])
-  redis.call('EXPIRE', KEYS[3], rttl)
-end
-local clean = true  -- no counter of another day is left in the hash
-if redis.call('HGET', KEYS[1], DAY_MARK) ~= day then
-  local today = tonumber(day)
-  local fields = redis.call('HGETALL', KEYS[1])
-  for i = 1, #fields, 2 do
-    local field = fields[i]
-    local bar = string.find(field, '|', 1, true)
-    local from = bar and tonumber(string.sub(field, 1, bar - 1))
-    if from and from ~= today then
-      if from > today - CARRY_SECONDS and from <= now then
-        redis.call('HINCRBY', KEYS[1], day .. string.sub(field, bar), tonumber(fields[i + 1]))
-        redis.call('HDEL', KEYS[1], field)
-      elseif from <= today - CARRY_SECONDS then
-        redis.call('HDEL', KEYS[1], field)
-      else
-        clean = false  -- a day not begun by our clock: kept, and looked at again next time
-      end
-    end
-  end
-  if #fields > 0 then mark(clean) end
-end
-for i = 14, 13 + n_stale do redis.call('HDEL', KEYS[1], ARGV[i]) end
-if gap > 0 then
-  local last = tonumber(redis.call('HGET', KEYS[1], 'last|' .. channel) or '0')
-  if now - last < gap then return {'+'} end
-end
-local function count(field) return tonumber(redis.call('HGET', KEYS[1], field) or '0') end
-local f_all, f_int, f_ch = day .. '|*|', day .. '|!|', day .. '|' .. channel .. '|'
-local n_all, n_int, n_ch = count(f_all), count(f_int), count(f_ch)
-local chosen = {'+'}
-for i = 14 + n_stale, #ARGV, 2 do
-  if #chosen > want then break end
-  if (daily > 0 and n_all >= daily) or (chcap > 0 and n_ch >= chcap)
-     or (interruptive and ucap > 0 and n_int >= ucap) then break end
-  local offer, ocap = ARGV[i], tonumber(ARGV[i + 1])
-  local f_offer = day .. '|*|' .. offer
-  if ocap == 0 or count(f_offer) < ocap then
-    redis.call('HINCRBY', KEYS[1], f_all, 1)
-    redis.call('HINCRBY', KEYS[1], f_ch, 1)
-    redis.call('HINCRBY', KEYS[1], f_offer, 1)
-    redis.call('HINCRBY', KEYS[1], day .. '|' .. channel .. '|' .. offer, 1)
-    n_all, n_ch = n_all + 1, n_ch + 1
-    if interruptive then
-      redis.call('HINCRBY', KEYS[1], f_int, 1)
-      n_int = n_int + 1
-    end
-    chosen[#chosen + 1] = offer
-  end
-end
-if #chosen > 1 then
-  mark(clean)
-  redis.call('HSET', KEYS[1], 'last|' .. channel, ARGV[2])
-  local entry = decision .. '\\n' .. table.concat(chosen, '\\n', 2)
-  redis.call('HSET', KEYS[1], 'spent', entry .. (#kept_spends > 0 and '\t' or '')
-    .. table.concat(kept_spends, '\t'))
-  redis.call('EXPIRE', KEYS[1], ttl)
-end
-return chosen
-""".replace("@CARRY_SECONDS@", str(CARRY_SECONDS)).replace("@DAY_MARK@", DAY_MARK)

@@ -45,13 +45,24 @@ AWAITING = f"{PREFIX}:{{model}}:awaiting"  # zset: decision_id -> reward window 
 LEARNED = f"{PREFIX}:{{model}}:learned"
 
 
+#: What every model snapshot's key begins with: the version follows (``model_snapshot``). The
+#: publish script drops old versions by it.
+MODEL_SNAPSHOTS = f"{PREFIX}:{{model}}:snapshot:"
+
+
 def model_snapshot(version: int) -> str:
-    return f"{PREFIX}:{{model}}:snapshot:{version}"
+    return f"{MODEL_SNAPSHOTS}{version}"
 
 
 def rate_bucket(key_digest: bytes) -> str:
     """The token bucket of one API key (by the sha256 digest the settings hold)."""
     return f"{PREFIX}:{{rl:{key_digest.hex()[:32]}}}:bucket"
+
+
+#: How every key of a user begins: the user's digest follows, up to the closing brace.
+USER_PREFIX = f"{PREFIX}:{{u:"
+#: A SCAN pattern that matches every user's profile hash.
+USER_PROFILES = f"{USER_PREFIX}*}}:profile"
 
 
 def user_digest(user_id: str) -> str:
@@ -66,13 +77,13 @@ class UserKeys:
     requests: str  # hash: request_id -> decision_id (Decide idempotency)
     cooldowns: str  # hash: "o:<offer_id>" / "t:<topic>" -> until (after a DISMISS)
     decisions: str  # set: decision ids logged before ``decided`` existed (erasure reads it)
-    attributes: str  # hash: name -> "source|updated_at|value" (see store._SET_ATTRIBUTES_LUA)
+    attributes: str  # hash: name -> "source|updated_at|value" (store/lua/set_attributes.lua)
     # zset: the user's logged decision ids by time, so erasure can reach them (pruned and
-    # capped as they are logged: see store._LOG_DECISION_LUA)
+    # capped as they are logged: see store/lua/log_decision.lua)
     decided: str
     requested: str  # zset: the request ids of ``requests`` by time (to prune them)
     # zset (one per cluster slot, shared): digests of users erased lately -> erased at; the
-    # fence every write of a user checks (store._ERASE_USER_LUA)
+    # fence every write of a user checks (store/lua/erase_user.lua)
     erased: str
     digest: str  # the user's digest, as the key names hold it
 
@@ -84,7 +95,7 @@ class UserKeys:
     def of_digest(cls, digest: str) -> UserKeys:
         """The user's keys from the digest a decision log keeps (so an outcome can reach the
         user's cooldowns without the user id)."""
-        base = f"{PREFIX}:{{u:{digest}}}"
+        base = f"{USER_PREFIX}{digest}}}"
         return cls(
             f"{base}:profile",
             f"{base}:signals",
@@ -126,6 +137,20 @@ class DecisionKeys:
     def of(cls, decision_id: str) -> DecisionKeys:
         base = f"{PREFIX}:{{d:{decision_id}}}"
         return cls(f"{base}:decision", f"{base}:outcomes", f"{base}:owner")
+
+
+def digest_of(user_key: str) -> str:
+    """The user digest a key of ``UserKeys`` holds (one SCAN found)."""
+    return user_key[len(USER_PREFIX) : user_key.index("}")]
+
+
+def import_keys(digest: str) -> tuple[str, str, str, str]:
+    """The keys a bulk import writes for one user, as ``UserKeys.of_digest`` names them:
+    profile, attributes, signals, and the erasure fence of their slot. Built alone because an
+    import builds them for every line, and needs none of the user's other keys."""
+    base = f"{USER_PREFIX}{digest}}}"
+    profile = f"{base}:profile"
+    return profile, f"{base}:attributes", f"{base}:signals", erasure_fence(profile)
 
 
 def erasure_fence(user_key: str) -> str:

@@ -31,7 +31,7 @@ from tactful import metrics
 from tactful.bandit import LinearModel, RidgeLearner, SnapshotError
 from tactful.features import FeatureSpace, SparseVector
 from tactful.settings import LearningSettings
-from tactful.store import ModelStore
+from tactful.store.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tactful.settings import Settings
 
 if TYPE_CHECKING:
-    from tactful.store import RedisStore
+    from tactful.store.redis_store import RedisStore
     from tactful.transport.server import Running
 
 log = logging.getLogger("tactful")
@@ -25,7 +25,7 @@ WAKE_SECONDS = 0.25
 
 
 def client(settings: Settings, url: str) -> Any:
-    from tactful.store import connect
+    from tactful.store.wire import connect
 
     return connect(
         url,
@@ -38,13 +38,13 @@ def client(settings: Settings, url: str) -> Any:
 
 def learner_client(settings: Settings, url: str) -> Any:
     """The learner is not on a render path: it can wait for a busy Redis longer."""
-    from tactful.store import connect
+    from tactful.store.wire import connect
 
     return connect(url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4)
 
 
 def redis_store(settings: Settings, url: str) -> RedisStore:
-    from tactful.store import RedisStore
+    from tactful.store.redis_store import RedisStore
 
     return RedisStore.for_settings(client(settings, url), settings)
 
@@ -57,7 +57,7 @@ BULK_BUDGET_SECONDS = 10.0
 def bulk_store(settings: Settings, url: str) -> RedisStore:
     """A store for a bulk command (import, export): the learner's patient client (a batch of
     500 users is not a render-path call) and no circuit breaker (every error is worth seeing)."""
-    from tactful.store import RedisStore
+    from tactful.store.redis_store import RedisStore
 
     return RedisStore.for_settings(
         learner_client(settings, url),
@@ -70,7 +70,7 @@ def bulk_store(settings: Settings, url: str) -> RedisStore:
 def start_learner(settings: Settings, url: str, stop: threading.Event) -> threading.Thread:
     from tactful.features import FeatureSpace
     from tactful.learner import Learner
-    from tactful.store import ModelStore
+    from tactful.store.model_store import ModelStore
 
     learner = Learner(
         ModelStore(learner_client(settings, url)),
