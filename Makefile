@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/tactful/v1/*.proto)
 STUBS := $(patsubst proto/%.proto,src/%_pb2.py,$(PROTOS))
+# The last released tactful.v1 contract: `buf breaking` compares proto/ with it (buf.yaml
+# says how to update it on a release).
+RELEASED := proto/released/tactful-v1.binpb
 
 .DEFAULT_GOAL := help
 .PHONY: help setup proto promtool serve test lint typecheck docs bench loadtest clean
@@ -67,17 +70,19 @@ TACTFUL_WORKERS ?= 2
 serve: setup ## start tactful on :50051 (metrics :9464), 2 worker processes, embedded redis-server in .tactful/, no auth, reflection on
 	TACTFUL_AUTH_DISABLED=true TACTFUL_GRPC_REFLECTION=true TACTFUL_WORKERS=$(TACTFUL_WORKERS) $(BIN)/python -m tactful serve
 
-test: setup promtool ## lint (ruff, buf), type-check and run the test suite (starts its own redis-servers)
+test: setup promtool ## lint (ruff, buf lint and breaking), type-check and run the test suite (starts its own redis-servers)
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check src tests bench loadtests
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against $(RELEASED)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: setup ## ruff on the Python, buf on the protos
+lint: setup ## ruff on the Python, buf lint and buf breaking on the protos
 	$(BIN)/ruff check
 	$(BIN)/ruff format --check src tests bench loadtests
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against $(RELEASED)
 
 typecheck: setup ## mypy only
 	$(BIN)/mypy

@@ -390,6 +390,49 @@ def key_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "settings":
+        print(settings_table())
+        return 0
+    if args.command in ("new-key", "hash-key"):
+        return key_command(args)
+    if args.command == "healthcheck":
+        try:
+            return healthcheck(Settings.from_env(), args.timeout)
+        except SettingsError as exc:  # 1, not 2: a container engine reserves 2
+            print(f"tactful healthcheck: {exc}", file=sys.stderr)
+            return 1
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.server.log_level.upper(),
+            format=runtime.PROCESS_LOG_FORMAT
+            if args.command == "serve" and settings.server.workers > 1
+            else runtime.LOG_FORMAT,
+        )
+        return _run(settings, args)
+    except SettingsError as exc:
+        print(f"tactful: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    """The commands that read the settings and log: every one but settings, the keys and
+    healthcheck."""
+    if args.command == "learn":
+        return learn(settings)
+    if args.command == "model":
+        return model_command(settings, args)
+    if args.command == "import":
+        return import_command(settings, args)
+    if args.command == "export" and args.profiles:
+        return export_profiles_command(settings, args)
+    if args.command in ("report", "export"):
+        return report_command(settings, args)
+    return serve(settings)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tactful", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the gRPC server (settings from TACTFUL_* variables)")
@@ -416,6 +459,21 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument(
             "--roles", required=True, help="decide, profile and/or admin, e.g. decide+profile"
         )
+    _add_log_commands(sub)
+    importer = sub.add_parser(
+        "import", help="load profiles from JSON lines (attributes, preferences, consent, signals)"
+    )
+    importer.add_argument("file", metavar="FILE", help="one profile per line ('-': stdin)")
+    importer.add_argument("--quiet", action="store_true", help="no progress line")
+    importer.add_argument(
+        "--batch", type=int, default=500, help="users per pipelined round trip (default 500)"
+    )
+    return parser
+
+
+def _add_log_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`tactful report` and `tactful export`: both read the decision log of a time range
+    (export writes profiles instead with --profiles)."""
     for name, help_text, out in (
         (
             "report",
@@ -447,48 +505,6 @@ def main(argv: list[str] | None = None) -> int:
                 help="segments with a row of their own, largest first; the rest share one "
                 "(default: 20)",
             )
-    importer = sub.add_parser(
-        "import", help="load profiles from JSON lines (attributes, preferences, consent, signals)"
-    )
-    importer.add_argument("file", metavar="FILE", help="one profile per line ('-': stdin)")
-    importer.add_argument("--quiet", action="store_true", help="no progress line")
-    importer.add_argument(
-        "--batch", type=int, default=500, help="users per pipelined round trip (default 500)"
-    )
-    args = parser.parse_args(argv)
-    if args.command == "settings":
-        print(settings_table())
-        return 0
-    if args.command in ("new-key", "hash-key"):
-        return key_command(args)
-    if args.command == "healthcheck":
-        try:
-            return healthcheck(Settings.from_env(), args.timeout)
-        except SettingsError as exc:  # 1, not 2: a container engine reserves 2
-            print(f"tactful healthcheck: {exc}", file=sys.stderr)
-            return 1
-    try:
-        settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.server.log_level.upper(),
-            format=runtime.PROCESS_LOG_FORMAT
-            if args.command == "serve" and settings.server.workers > 1
-            else runtime.LOG_FORMAT,
-        )
-        if args.command == "learn":
-            return learn(settings)
-        if args.command == "model":
-            return model_command(settings, args)
-        if args.command == "import":
-            return import_command(settings, args)
-        if args.command == "export" and args.profiles:
-            return export_profiles_command(settings, args)
-        if args.command in ("report", "export"):
-            return report_command(settings, args)
-        return serve(settings)
-    except SettingsError as exc:
-        print(f"tactful: {exc}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class FeatureSpace:
     @property
     def layout(self) -> str:
         """Identifies the feature layout: a model built for another one cannot be loaded."""
-        default = self.feature_set == "shared+offer"  # the layout name it always had
+        default = self.feature_set == "shared+offer"  # keeps the name saved models carry
         return f"tactful-features-1/{self.hashed_bits}" + (
             "" if default else f"/{self.feature_set}"
         )
@@ -161,19 +161,14 @@ class FeatureSpace:
         """The vectors of several offers for one request and one user: ``liked[i]`` and
         ``inferred[i]`` are the user's evidence on ``offers[i]`` (see ``UserEvidence``);
         ``segments`` the user's memberships that are features (see the module doc)."""
-        key: ContextKey = (
-            ctx.channel,
-            ctx.placement,
-            ctx.hour // 3,
-            ctx.categorical,
-            tuple(name for name, _ in ctx.numeric),
-        )
+        key = _context_key(ctx)
         table = self._context_table(key)
         numeric = [math.copysign(math.log1p(abs(number)), number) for _, number in ctx.numeric]
         names_per_topic = 3 + bool(ctx.placement) + len(ctx.categorical)  # see _unit_names
         contacts = math.log1p(contacts_today) if contacts_today else 0.0
         # The hashed values of an offer depend only on its number of topics (weight
-        # 1/sqrt(#topics)) and on this request's numbers: built once per topic count.
+        # 1/sqrt(#topics)), on this request's numbers and on how many segments the user is
+        # in: built once per topic count.
         hashed_values: dict[int, array[float]] = {}
         memberships = tuple(segments)
         # The user's own segment indices: the same for every offer of this request.
@@ -204,12 +199,9 @@ class FeatureSpace:
             n_topics = len(offer.topics)
             offer_values = hashed_values.get(n_topics)
             if offer_values is None:
-                offer_values = self._offer_values(n_topics, names_per_topic, numeric)
-                if memberships:
-                    weight = 1.0 if by_offer else 1.0 / math.sqrt(n_topics)
-                    crossed = len(memberships) * (1 if by_offer else n_topics)
-                    offer_values.extend([1.0] * len(memberships) + [weight] * crossed)
-                hashed_values[n_topics] = offer_values
+                offer_values = hashed_values[n_topics] = self._offer_values(
+                    n_topics, names_per_topic, numeric, len(memberships)
+                )
             if memberships:
                 indices.extend(segment_indices)
                 if by_offer:
@@ -221,15 +213,23 @@ class FeatureSpace:
         return FeatureBatch(indices, values, bounds)
 
     def _offer_values(
-        self, n_topics: int, names_per_topic: int, numeric: list[float]
+        self, n_topics: int, names_per_topic: int, numeric: list[float], n_segments: int
     ) -> array[float]:
-        """The hashed values of an offer with ``n_topics`` topics, matching ``_offer_indices``."""
+        """The hashed values of an offer with ``n_topics`` topics, matching ``_offer_indices``,
+        then those of a user in ``n_segments`` segments: each membership, and each crossed
+        with the offer's topics (with its id in the ``offer`` set)."""
         if self.feature_set == "offer":
-            return array("d", [1.0] * names_per_topic + numeric)
-        weight = 1.0 / math.sqrt(n_topics)
-        topic_values = [weight] * names_per_topic + [weight * v for v in numeric]
-        per_offer = [1.0, 1.0] if self.feature_set == "shared+offer" else []
-        return array("d", per_offer + topic_values * n_topics)
+            values = array("d", [1.0] * names_per_topic + numeric)
+            weight, crossed = 1.0, n_segments
+        else:
+            weight = 1.0 / math.sqrt(n_topics)
+            topic_values = [weight] * names_per_topic + [weight * v for v in numeric]
+            per_offer = [1.0, 1.0] if self.feature_set == "shared+offer" else []
+            values = array("d", per_offer + topic_values * n_topics)
+            crossed = n_segments * n_topics
+        if n_segments:
+            values.extend([1.0] * n_segments + [weight] * crossed)
+        return values
 
     def _offer_indices(self, offer_id: str, topics: tuple[str, ...], key: ContextKey) -> array[int]:
         """The hashed indices of one offer in one context, in the order of the module doc."""
@@ -263,6 +263,16 @@ class FeatureSpace:
         names = [*_unit_names(unit, channel, placement, hour_bucket, categorical)]
         names += (f"{unit}|n:{key}" for key in numeric_keys)
         return tuple(self.index(name) for name in names)
+
+
+def _context_key(ctx: RequestContext) -> ContextKey:
+    return (
+        ctx.channel,
+        ctx.placement,
+        ctx.hour // 3,
+        ctx.categorical,
+        tuple(name for name, _ in ctx.numeric),
+    )
 
 
 def _new_table(key: ContextKey) -> dict[tuple[str, tuple[str, ...]], array[int]]:

@@ -8,7 +8,7 @@ import json
 import math
 import re
 import zoneinfo
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from tactful.domain import (
     AttributesUpdate,
@@ -46,8 +46,8 @@ MAX_SIGNAL_TOPICS_PER_USER = 1000
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_SEGMENTS_PER_OFFER = 32  # in segments and in excluded_segments, each
 # An offer's topics and channels: every topic adds features to each Decide that scores the
-# offer, and without a bound a large list met the receive-message limit (RESOURCE_EXHAUSTED)
-# before it met a clear INVALID_ARGUMENT.
+# offer, and without a bound a large list would hit the receive-message limit
+# (RESOURCE_EXHAUSTED) before a clear INVALID_ARGUMENT.
 MAX_TOPICS_PER_OFFER = 32
 MAX_CHANNELS_PER_OFFER = 32
 MAX_SEGMENT_DESCRIPTION_CHARS = 1000
@@ -351,26 +351,35 @@ def check_signals(user_id: str, signals: Iterable[Signal], now: float) -> Violat
     return out
 
 
+def _check_names(
+    names: Sequence[str],
+    field: str,
+    what: str,
+    limit: int,
+    check: Callable[[str, str], Violations],
+) -> Violations:
+    """A list of names an offer needs at least one of (its topics, its channels): each name
+    is checked only when the list's length is in bounds."""
+    if not names:
+        return [FieldViolation(field, f"must name at least one {what}")]
+    if len(names) > limit:
+        return [FieldViolation(field, f"at most {limit} entries")]
+    out: Violations = []
+    for i, name in enumerate(names):
+        out += check(name, f"{field}[{i}]")
+    return out
+
+
 def check_offer(offer: Offer) -> Violations:
     out = check_offer_id(offer.offer_id, "offer.offer_id")
     if not offer.title.strip():
         out.append(FieldViolation("offer.title", "must not be empty"))
     elif len(offer.title) > 200:
         out.append(FieldViolation("offer.title", "must be at most 200 characters"))
-    if not offer.topics:
-        out.append(FieldViolation("offer.topics", "must name at least one topic"))
-    elif len(offer.topics) > MAX_TOPICS_PER_OFFER:
-        out.append(FieldViolation("offer.topics", f"at most {MAX_TOPICS_PER_OFFER} entries"))
-    else:
-        for i, topic in enumerate(offer.topics):
-            out += check_topic(topic, f"offer.topics[{i}]")
-    if not offer.channels:
-        out.append(FieldViolation("offer.channels", "must name at least one channel"))
-    elif len(offer.channels) > MAX_CHANNELS_PER_OFFER:
-        out.append(FieldViolation("offer.channels", f"at most {MAX_CHANNELS_PER_OFFER} entries"))
-    else:
-        for i, channel in enumerate(offer.channels):
-            out += check_channel(channel, f"offer.channels[{i}]")
+    out += _check_names(offer.topics, "offer.topics", "topic", MAX_TOPICS_PER_OFFER, check_topic)
+    out += _check_names(
+        offer.channels, "offer.channels", "channel", MAX_CHANNELS_PER_OFFER, check_channel
+    )
     if not math.isfinite(offer.priority) or offer.priority < 0:
         out.append(FieldViolation("offer.priority", "must be a finite number >= 0"))
     if offer.max_per_user_per_day < 0:

@@ -30,30 +30,9 @@ from tactful.settings import Settings
 from tactful.store import Store
 from tactful.transport import auth, health, receiving
 from tactful.transport.interceptor import ServerInterceptor
-from tactful.transport.servicers import CatalogServicer, DecisioningServicer, ProfilesServicer
-from tactful.v1 import (
-    catalog_pb2,
-    catalog_pb2_grpc,
-    decisioning_pb2,
-    decisioning_pb2_grpc,
-    profiles_pb2,
-    profiles_pb2_grpc,
-)
+from tactful.transport.servicers import METHODS, SERVICE_NAMES, add_servicers
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAMES = (
-    decisioning_pb2.DESCRIPTOR.services_by_name["Decisioning"].full_name,
-    profiles_pb2.DESCRIPTOR.services_by_name["Profiles"].full_name,
-    catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
-)
-#: Every method of the three services, as gRPC names them (``/tactful.v1.Catalog/PutOffer``).
-METHODS = tuple(
-    f"/{service.full_name}/{method.name}"
-    for module in (decisioning_pb2, profiles_pb2, catalog_pb2)
-    for service in module.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-)
 
 
 #: The threads of the health service (both ports) and of reflection: a probe or a tool never
@@ -98,7 +77,7 @@ def health_only_server(
     (so both ports report the same status) and threads: a probe that speaks no TLS can ask
     it, and it carries nothing else, so no key or customer data ever crosses it in clear.
     No limit on calls at once: a call waiting for its request holds nothing (so a few cannot
-    shut the probe out), and a Check takes microseconds."""
+    shut the probe out), and a Check only reads a status."""
     server = grpc.server(
         pool,
         options=[
@@ -179,35 +158,10 @@ def build_server(
         *auth.interceptors(settings.security, METHODS, address, store),
         ServerInterceptor(),
     ]
-    redis_keys.prepare()
-    catalog_cache = CatalogCache(store)
-    space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
-    models = ModelCache(store, space, settings.learning.kappa)
-    # What this process knows of each recent user's hard rules, for answers without the
-    # store: Decide fills it, SetPreferences and DeleteProfile keep it current.
-    recent = RecentRules()
-    decider = Decider(store, catalog_cache, models, settings, recent=recent)
-    catalog = CatalogService(store, catalog_cache, settings.segments)
-    profiles = ProfileService(store, settings, recent=recent)
-
+    decider, profiles, catalog = _core_services(settings, store)
     receive_timeout = settings.server.receive_timeout_ms / 1000
-    pool = receiving.ReceiveFirst(
-        max_workers=settings.server.max_workers,
-        receive_timeout=receive_timeout,
-        # Load shedding: past this many calls in the process (running or waiting for a
-        # thread), a call is refused at once with RESOURCE_EXHAUSTED, so a caller with a
-        # render-time deadline hears "no" in a millisecond instead of timing out in a queue.
-        max_in_flight=settings.server.max_concurrent_rpcs,
-    )
-    health_pool = receiving.ReceiveFirst(
-        max_workers=HEALTH_THREADS, receive_timeout=receive_timeout, thread_name_prefix="health"
-    )
-    reflection_pool = receiving.ReceiveFirst(
-        max_workers=REFLECTION_THREADS,
-        receive_timeout=receive_timeout,
-        thread_name_prefix="reflection",
-    )
-    pools = (pool, health_pool, reflection_pool)
+    pools = _thread_pools(settings, receive_timeout)
+    pool, health_pool, reflection_pool = pools
     server = grpc.server(
         pool,
         interceptors=interceptors,
@@ -218,10 +172,7 @@ def build_server(
         ],
         maximum_concurrent_rpcs=None,  # the pool applies it, once a call's request is there
     )
-    decisioning_pb2_grpc.add_DecisioningServicer_to_server(DecisioningServicer(decider), server)
-    profiles_pb2_grpc.add_ProfilesServicer_to_server(ProfilesServicer(profiles), server)
-    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), server)
-
+    add_servicers(server, decider, profiles, catalog)
     health_servicer = health.HealthServicer(("", *SERVICE_NAMES))
     server.add_generic_rpc_handlers((health.handler(health_servicer, health_pool),))
     if settings.server.reflection:
@@ -229,14 +180,75 @@ def build_server(
         handler = reflection_handler(names, reflection_pool, receive_timeout)
         server.add_generic_rpc_handlers((handler,))
 
+    bound = _bind(server, address, credentials)
+    _log_transport(settings, tls=credentials is not None)
+    server.start()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = Running(server, bound, health_servicer, decider, catalog, pools=pools)
+    plain_health = settings.server.health_port if health_port is None else health_port
+    if plain_health:
+        _add_health_port(running, settings, health_pool, port=plain_health, reuse_port=reuse_port)
+    return running
+
+
+def _core_services(
+    settings: Settings, store: Store
+) -> tuple[Decider, ProfileService, CatalogService]:
+    """The core behind the three services: one catalog cache, model cache and RecentRules
+    shared by all of them."""
+    redis_keys.prepare()
+    catalog_cache = CatalogCache(store)
+    space = FeatureSpace(settings.learning.hashed_bits, settings.learning.feature_set)
+    models = ModelCache(store, space, settings.learning.kappa)
+    # What this process knows of each recent user's hard rules, for answers without the
+    # store: Decide fills it, SetPreferences and DeleteProfile keep it current.
+    recent = RecentRules()
+    decider = Decider(store, catalog_cache, models, settings, recent=recent)
+    catalog = CatalogService(store, catalog_cache, settings.segments)
+    profiles = ProfileService(store, settings, recent=recent)
+    return decider, profiles, catalog
+
+
+def _thread_pools(
+    settings: Settings, receive_timeout: float
+) -> tuple[receiving.ReceiveFirst, receiving.ReceiveFirst, receiving.ReceiveFirst]:
+    """The thread pools of the API's calls, of health and of reflection (see HEALTH_THREADS)."""
+    pool = receiving.ReceiveFirst(
+        max_workers=settings.server.max_workers,
+        receive_timeout=receive_timeout,
+        # Load shedding: past this many calls in the process (running or waiting for a
+        # thread), a call is refused at once with RESOURCE_EXHAUSTED, so a caller with a
+        # render-time deadline hears "no" instead of timing out in a queue.
+        max_in_flight=settings.server.max_concurrent_rpcs,
+    )
+    health_pool = receiving.ReceiveFirst(
+        max_workers=HEALTH_THREADS, receive_timeout=receive_timeout, thread_name_prefix="health"
+    )
+    reflection_pool = receiving.ReceiveFirst(
+        max_workers=REFLECTION_THREADS,
+        receive_timeout=receive_timeout,
+        thread_name_prefix="reflection",
+    )
+    return pool, health_pool, reflection_pool
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``address``, over TLS when there are credentials; the port bound."""
+    bound: int
     if credentials is None:
         bound = server.add_insecure_port(address)
     else:
         bound = server.add_secure_port(address, credentials)
     if bound == 0:
         raise RuntimeError(f"could not bind gRPC port {address}")
+    return bound
+
+
+def _log_transport(settings: Settings, *, tls: bool) -> None:
+    """Log how the server is reached: transport, authentication and reflection."""
     security = settings.security
-    transport = "plaintext" if credentials is None else "TLS"
+    transport = "TLS" if tls else "plaintext"
     if security.tls_client_ca_file:
         transport += ", client certificates required"
     keys = "off" if security.auth_disabled else f"{len(security.api_keys)} API key(s)"
@@ -246,21 +258,26 @@ def build_server(
         keys,
         "on" if settings.server.reflection else "off",
     )
-    server.start()
-    for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = Running(server, bound, health_servicer, decider, catalog, pools=pools)
-    plain_health = settings.server.health_port if health_port is None else health_port
-    if plain_health:
-        try:
-            running.health_server, running.health_port = health_only_server(
-                settings, health_servicer, health_pool, port=plain_health, reuse_port=reuse_port
-            )
-        except RuntimeError:
-            running.stop(0)
-            raise
-        log.info("health service also on %s:%d (plaintext)", settings.server.host, plain_health)
-    return running
+
+
+def _add_health_port(
+    running: Running,
+    settings: Settings,
+    pool: futures.ThreadPoolExecutor,
+    *,
+    port: int,
+    reuse_port: bool,
+) -> None:
+    """Start the plaintext health port next to the running server. When it cannot bind, stop
+    that server before raising: the caller never gets it, so nothing else would stop it."""
+    try:
+        running.health_server, running.health_port = health_only_server(
+            settings, running.health, pool, port=port, reuse_port=reuse_port
+        )
+    except RuntimeError:
+        running.stop(0)
+        raise
+    log.info("health service also on %s:%d (plaintext)", settings.server.host, port)
 
 
 def serve_until_signalled(running: Running, settings: Settings, stop: threading.Event) -> None:

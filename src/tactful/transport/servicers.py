@@ -1,4 +1,5 @@
-"""gRPC servicers: convert, call the core, convert back. Nothing else."""
+"""gRPC servicers: convert, call the core, convert back, nothing else. The services' names and
+their registration on a server are here too, so that one module knows what tactful serves."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ from tactful.v1 import (
     decisioning_pb2_grpc,
     profiles_pb2,
     profiles_pb2_grpc,
+)
+
+SERVICE_NAMES = (
+    decisioning_pb2.DESCRIPTOR.services_by_name["Decisioning"].full_name,
+    profiles_pb2.DESCRIPTOR.services_by_name["Profiles"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
+)
+#: Every method of the three services, as gRPC names them (``/tactful.v1.Catalog/PutOffer``).
+METHODS = tuple(
+    f"/{service.full_name}/{method.name}"
+    for module in (decisioning_pb2, profiles_pb2, catalog_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
 )
 
 
@@ -121,3 +135,12 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
     ) -> catalog_pb2.DeleteSegmentResponse:
         self._catalog.delete_segment(request.segment_id)
         return catalog_pb2.DeleteSegmentResponse()
+
+
+def add_servicers(
+    server: grpc.Server, decider: Decider, profiles: ProfileService, catalog: CatalogService
+) -> None:
+    """The three services, on ``server``."""
+    decisioning_pb2_grpc.add_DecisioningServicer_to_server(DecisioningServicer(decider), server)
+    profiles_pb2_grpc.add_ProfilesServicer_to_server(ProfilesServicer(profiles), server)
+    catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogServicer(catalog), server)
