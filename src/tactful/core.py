@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter
 
 from tactful import metrics, scoring, validation
 from tactful import segments as segment_rules
@@ -921,37 +920,13 @@ class Decider:
         )
 
 
-# The labelled children of the decision counters, looked up once each: ``labels()`` takes a
-# lock and builds its key on every call. Filled on first use, so /metrics shows only the
-# series that happened (a racing double lookup returns the same child, so no lock here).
-_DECISION_COUNTERS: dict[tuple[str, Arm, HoldReason], Counter] = {}
-_CHOICE_COUNTERS: dict[ReasonCode, Counter] = {}
-_SERVED_COUNTERS: dict[tuple[str, Arm], Counter] = {}
+# The decision counters' labelled children, each made once (see ``metrics.children``).
+_decisions_counter = metrics.children(metrics.DECISIONS)  # channel, arm, hold reason
+_served_counter = metrics.children(metrics.OFFERS_SERVED)  # channel, arm
+_choices_counter = metrics.children(metrics.CHOICES)  # reason code
 # Arms as the decision log spells them: what an outcome's arm label may be (a record written
 # by another version with something else is not counted by arm).
 _ARMS = frozenset(arm.name for arm in Arm)
-
-
-def _decisions_counter(channel: str, arm: Arm, hold_reason: HoldReason) -> Counter:
-    counter = _DECISION_COUNTERS.get((channel, arm, hold_reason))
-    if counter is None:
-        counter = metrics.DECISIONS.labels(channel, arm.name, hold_reason.name)
-        _DECISION_COUNTERS[channel, arm, hold_reason] = counter
-    return counter
-
-
-def _served_counter(channel: str, arm: Arm) -> Counter:
-    counter = _SERVED_COUNTERS.get((channel, arm))
-    if counter is None:
-        counter = _SERVED_COUNTERS[channel, arm] = metrics.OFFERS_SERVED.labels(channel, arm.name)
-    return counter
-
-
-def _choices_counter(code: ReasonCode) -> Counter:
-    counter = _CHOICE_COUNTERS.get(code)
-    if counter is None:
-        counter = _CHOICE_COUNTERS[code] = metrics.CHOICES.labels(code.name)
-    return counter
 
 
 def decay(signal: Signal, now: float, half_life_seconds: float) -> float:
