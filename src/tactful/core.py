@@ -1,4 +1,4 @@
-"""The core: Decide, ReportOutcome, profiles and the catalog as plain Python.
+"""The core: Decide and ReportOutcome as plain Python.
 
 Nothing here imports gRPC or protobuf; the transport converts messages to the dataclasses of
 ``tactful.domain`` and calls these objects. Errors are the domain errors of ``tactful.errors``.
@@ -6,51 +6,38 @@ Nothing here imports gRPC or protobuf; the transport converts messages to the da
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import logging
-import math
-import re
 import secrets
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from tactful import metrics, scoring, validation
 from tactful import segments as segment_rules
-from tactful.bandit import LinearModel, SnapshotError, pick_slate, prior_theta, project
+from tactful.bandit import LinearModel, pick_slate
+from tactful.caches import CatalogCache, CatalogSnapshot, ModelCache
 from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
+from tactful.decision_log import decision_from_log, decision_to_log
 from tactful.domain import (
     Arm,
-    Attribute,
-    AttributesUpdate,
-    ChannelPreference,
     Choice,
     ContactCounter,
-    Cooldown,
     DecideRequest,
     Decision,
     HoldReason,
-    ObservedSignal,
     Offer,
     OutcomeEvent,
     OutcomeReport,
-    PreferencesUpdate,
     Profile,
-    Reason,
-    ReasonCode,
-    Segment,
     Signal,
-    Stance,
-    TopicPreference,
+    decay,
 )
 from tactful.errors import (
     Abandoned,
@@ -60,14 +47,11 @@ from tactful.errors import (
     NotFound,
     Unavailable,
 )
-from tactful.features import (
-    FeatureSpace,
-    RequestContext,
-    SparseVector,
-    squash,
-)
+from tactful.features import RequestContext, SparseVector, squash
+from tactful.hard_rules import HardRules, RecentRules
 from tactful.privacy import Pseudonymizer, in_control_group
-from tactful.settings import PolicySettings, SegmentSettings, Settings
+from tactful.segment_book import SegmentBook, with_segment
+from tactful.settings import PolicySettings, Settings
 from tactful.store import (
     ContactSpend,
     DecisionInputs,
@@ -94,216 +78,6 @@ REPLAY_WAIT_ATTEMPTS = 5
 REPLAY_WAIT_SECONDS = 0.002
 
 
-# Stored rules were accepted under the limits of their day; a later, stricter setting must not
-# make the catalog unloadable, so rules are read back under the parser's own hard limits.
-_STORED_RULE_LIMITS = segment_rules.RuleLimits(
-    max_length=1 << 20, max_depth=segment_rules.HARD_MAX_DEPTH, max_nodes=1 << 20
-)
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledSegment:
-    segment: Segment
-    # None: the stored rule no longer parses (a bug or a hand-edited store): fail closed,
-    # see ``SegmentBook.allows``.
-    predicate: segment_rules.Predicate | None
-    # A bandit feature (see ``tactful.features``): not sensitive, and reads neither explicit
-    # stances nor inferred signals, so neither kind of evidence enters the score through it.
-    feature: bool
-
-
-class SegmentBook:
-    """The catalog's segments of one version, each compiled once (closures, no Redis): what
-    a Decide evaluates in process, once per request."""
-
-    def __init__(self, segments: Iterable[Segment]) -> None:
-        compiled: dict[str, CompiledSegment] = {}
-        for segment in segments:
-            try:
-                rule = segment_rules.parse(segment.rule, _STORED_RULE_LIMITS)
-            except segment_rules.RuleError as exc:
-                log.error("segment %r: stored rule refused: %s", segment.segment_id, exc)
-                compiled[segment.segment_id] = CompiledSegment(segment, None, False)
-                continue
-            reads_evidence = segment_rules.uses_inferred(rule) or bool(
-                (refs := segment_rules.referenced(rule)).liked_topics or refs.disliked_topics
-            )
-            feature = not segment.sensitive and not reads_evidence
-            compiled[segment.segment_id] = CompiledSegment(
-                segment, segment_rules.compile(rule), feature
-            )
-        self.by_id: dict[str, CompiledSegment] = dict(sorted(compiled.items()))
-        self._evaluated = tuple(
-            (segment_id, c.predicate)
-            for segment_id, c in self.by_id.items()
-            if c.predicate is not None
-        )
-
-    def __bool__(self) -> bool:
-        return bool(self.by_id)
-
-    def members(self, given: segment_rules.SegmentInput) -> tuple[str, ...]:
-        """The ids of the segments ``given`` is in, in id order."""
-        return tuple(segment_id for segment_id, predicate in self._evaluated if predicate(given))
-
-    def allows(self, offer: Offer, members: frozenset[str]) -> bool:
-        """Targeting: in one of the offer's segments (when it names any) and in none of its
-        excluded ones. A segment that cannot be evaluated (unknown, or a stored rule that no
-        longer parses) counts as not in for ``segments`` and as in for ``excluded_segments``:
-        a targeting rule we cannot check never widens who sees an offer."""
-        if offer.segments and members.isdisjoint(offer.segments):
-            return False
-        if offer.excluded_segments:
-            if not members.isdisjoint(offer.excluded_segments):
-                return False
-            for segment_id in offer.excluded_segments:
-                known = self.by_id.get(segment_id)
-                if known is None or known.predicate is None:
-                    return False
-        return True
-
-    def reason(self, offer: Offer, members: frozenset[str]) -> Reason | None:
-        """Why a targeted offer was eligible: the first of its segments the user is in."""
-        for segment_id in offer.segments:
-            if segment_id in members:
-                if self.by_id[segment_id].segment.sensitive:
-                    return SENSITIVE_SEGMENT_REASON
-                return Reason(ReasonCode.SEGMENT, f"offered to segment {segment_id}")
-        return None
-
-    def logged(self, members: Iterable[str]) -> list[str]:
-        """The memberships a decision log records: sensitive ones never leave the profile."""
-        return [m for m in members if not self.by_id[m].segment.sensitive]
-
-    def features(self, members: Iterable[str], limit: int) -> tuple[str, ...]:
-        return tuple(m for m in members if self.by_id[m].feature)[:limit]
-
-
-SENSITIVE_SEGMENT_REASON = Reason(ReasonCode.SEGMENT, "offered because of something you told us")
-
-
-@dataclass(frozen=True, slots=True)
-class CatalogSnapshot:
-    """Offers and segments of one catalog version, swapped in together."""
-
-    offers: Mapping[str, Offer] = field(default_factory=dict)
-    segments: SegmentBook = field(default_factory=lambda: SegmentBook(()))
-
-
-class CatalogCache:
-    """The offer catalog and its segments (compiled once per version), cached in process.
-    Every Decide reads the catalog's version in its one round trip; a version this process
-    has not loaded yet triggers a reload (offers and segments in one read), so a change made
-    through any process is seen by all of them on their next request.
-
-    Only a read that started after the last reload can trigger one (``read_at``, from
-    ``time.monotonic``, taken before the read). Versions only grow, so a read that started
-    earlier and saw another version is a request that was in flight during the reload: what
-    is loaded is at least as new, and reloading for it would make every stale request of a
-    burst reload again. A fresher read that sees a *lower* version is no stale read but the
-    store going back (a flush or a restore restarts the count from 0): it reloads too."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._lock = threading.Lock()
-        self._version = -1
-        self._loaded_at = -math.inf  # monotonic time the last reload's read started
-        self._snapshot = CatalogSnapshot()
-
-    def snapshot(self, version: int, *, read_at: float) -> CatalogSnapshot:
-        if version != self._version and read_at > self._loaded_at:
-            with self._lock:
-                if version != self._version and read_at > self._loaded_at:
-                    self._reload_locked()
-        return self._snapshot
-
-    def offers(self, version: int, *, read_at: float) -> Mapping[str, Offer]:
-        return self.snapshot(version, read_at=read_at).offers
-
-    def refresh(self) -> Mapping[str, Offer]:
-        with self._lock:
-            self._reload_locked()
-        return self._snapshot.offers
-
-    def last_known(self) -> Mapping[str, Offer]:
-        """Whatever was loaded last, possibly stale: what a fallback answer is made of."""
-        return self._snapshot.offers
-
-    def last_snapshot(self) -> CatalogSnapshot:
-        return self._snapshot
-
-    def _reload_locked(self) -> None:
-        started = time.monotonic()
-        version, offers, segments = self._store.load_catalog()
-        # One object, one assignment: a request sees offers and segments of one version.
-        self._snapshot = CatalogSnapshot({o.offer_id: o for o in offers}, SegmentBook(segments))
-        self._version = version
-        self._loaded_at = started
-        metrics.CATALOG_RELOADS.inc()
-
-
-class ModelCache:
-    """The model this process decides with. Like the catalog, its version comes with every
-    Decide's one read; a new version is loaded once (one GET), and a snapshot that cannot be
-    used is rejected with a log line while the previous model stays in service.
-
-    As for the catalog, only a read that started after the last load can switch models, so
-    a request that was in flight while a rollback or a new version was loaded does not
-    switch the process back. Any other version a fresher read sees is loaded, lower ones
-    included: a rollback lowers the version on purpose."""
-
-    def __init__(self, store: Store, space: FeatureSpace, kappa: float) -> None:
-        self._store = store
-        self._space = space
-        self._kappa = kappa
-        self._lock = threading.Lock()
-        self._version = 0
-        self._loaded_at = -math.inf  # monotonic time the last load's read started
-        self._model = LinearModel("prior", project(prior_theta(space.dim), kappa), space.layout)
-        self._rejected: set[int] = set()
-
-    @property
-    def space(self) -> FeatureSpace:
-        return self._space
-
-    def model(self, version: int, *, read_at: float) -> LinearModel:
-        if (
-            version == self._version
-            or version == 0
-            or version in self._rejected
-            or read_at <= self._loaded_at
-        ):
-            return self._model
-        with self._lock:
-            if (
-                version != self._version
-                and version not in self._rejected
-                and read_at > self._loaded_at
-            ):
-                self._load_locked(version)
-        return self._model
-
-    def _load_locked(self, version: int) -> None:
-        started = time.monotonic()
-        raw = self._store.load_model(version=version)
-        try:
-            if raw is None:
-                raise SnapshotError("snapshot missing")
-            model = LinearModel.from_bytes(raw, self._space)
-            # Whoever wrote it (another release, another kappa, a rollback), the rule that
-            # explicit outranks inferred is this server's to keep: project again.
-            model = replace(model, theta=project(model.theta, self._kappa))
-        except SnapshotError as exc:
-            self._rejected.add(version)
-            metrics.MODEL_REJECTED.inc()
-            log.error(
-                "model version %d rejected, keeping %s: %s", version, self._model.version, exc
-            )
-            return
-        self._model, self._version, self._loaded_at = model, version, started
-        metrics.MODEL_VERSION.set(version)
-
-
 @dataclass(frozen=True, slots=True)
 class ContactPlan:
     """What consuming a decision's contacts needs: the user's day, the caps on this channel,
@@ -326,69 +100,6 @@ class Draft:
     # The user's segment memberships the log records (None: the catalog has no segments, or
     # the decision was held before they were evaluated).
     segments: list[str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HardRules:
-    """What a user said that no score may override: the filters every answer passes,
-    personalised, control, replayed or fallback."""
-
-    liked: frozenset[str]
-    disliked: frozenset[str]
-    opted_out: frozenset[str]
-    cooling: frozenset[str]  # "o:<offer_id>" and "t:<topic>" still cooling down
-
-    @classmethod
-    def of(cls, profile: Profile, now: float) -> HardRules:
-        return cls(
-            liked=profile.topics_with(Stance.LIKE),
-            disliked=profile.topics_with(Stance.DISLIKE),
-            opted_out=profile.opted_out_channels(),
-            cooling=frozenset(
-                f"o:{c.offer_id}" if c.offer_id else f"t:{c.topic}"
-                for c in profile.cooldowns
-                if c.until > now
-            ),
-        )
-
-    def allow(self, offer: Offer) -> bool:
-        return (
-            self.disliked.isdisjoint(offer.topics)
-            and (not offer.sensitive or not self.liked.isdisjoint(offer.topics))
-            and not (self.cooling and self._cooling(offer))
-        )
-
-    def _cooling(self, offer: Offer) -> bool:
-        return f"o:{offer.offer_id}" in self.cooling or any(
-            f"t:{t}" in self.cooling for t in offer.topics
-        )
-
-
-class RecentRules:
-    """The hard rules of users this process decided for recently, kept in memory so an answer
-    made while Redis is down still honours what they said (bounded LRU). Whoever learns of a
-    change keeps it current: Decide when it reads a profile, SetPreferences when it writes
-    one, and DeleteProfile, which forgets the user."""
-
-    def __init__(self, size: int = 50_000) -> None:
-        self._size = size
-        self._rules: OrderedDict[str, HardRules] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, user_id: str, rules: HardRules) -> None:
-        with self._lock:
-            self._rules[user_id] = rules
-            self._rules.move_to_end(user_id)
-            if len(self._rules) > self._size:
-                self._rules.popitem(last=False)
-
-    def get(self, user_id: str) -> HardRules | None:
-        with self._lock:
-            return self._rules.get(user_id)
-
-    def forget(self, user_id: str) -> None:
-        with self._lock:
-            self._rules.pop(user_id, None)
 
 
 class Decider:
@@ -664,7 +375,7 @@ class Decider:
                     o.offer_id,
                     o.priority,
                     1.0,
-                    _with_segment(book, o, members, (scoring.CONTROL_REASON,)),
+                    with_segment(book, o, members, (scoring.CONTROL_REASON,)),
                 )
                 for o in scoring.by_priority(eligible)[:slots]
             )
@@ -706,7 +417,7 @@ class Decider:
                 eligible[pick.index].offer_id,
                 float(scores[pick.index]),
                 pick.propensity,
-                _with_segment(
+                with_segment(
                     book,
                     eligible[pick.index],
                     members,
@@ -929,11 +640,6 @@ _choices_counter = metrics.children(metrics.CHOICES)  # reason code
 _ARMS = frozenset(arm.name for arm in Arm)
 
 
-def decay(signal: Signal, now: float, half_life_seconds: float) -> float:
-    age = max(0.0, now - signal.observed_at)
-    return float(signal.weight * 0.5 ** (age / half_life_seconds))
-
-
 def _fresh_replay(stored: str | None, now: float, policy: PolicySettings) -> str | None:
     """The decision a request_id points to, if it was made within TACTFUL_REQUEST_ID_TTL_SECONDS
     (stored as "decision_id|time"); an older one is a new request."""
@@ -965,248 +671,3 @@ def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:
     # Ids the catalog does not know (yet, or any more) are skipped, not an error: the page
     # that asked must still render.
     return [offers[i] for i in dict.fromkeys(req.candidate_offer_ids) if i in offers]
-
-
-def _with_segment(
-    book: SegmentBook, offer: Offer, members: frozenset[str], reasons: tuple[Reason, ...]
-) -> tuple[Reason, ...]:
-    """A targeted offer's reasons start with the segment that made it eligible."""
-    if not offer.segments:
-        return reasons
-    segment = book.reason(offer, members)
-    return reasons if segment is None else (segment, *reasons)
-
-
-def decision_to_log(decision: Decision) -> dict[str, Any]:
-    return {
-        "decision_id": decision.decision_id,
-        "arm": decision.arm.name,
-        "hold_reason": decision.hold_reason.name,
-        "model_version": decision.model_version,
-        "offer_ids": [c.offer_id for c in decision.choices],
-        "choices": [
-            {
-                "offer_id": c.offer_id,
-                "score": c.score,
-                "propensity": c.propensity,
-                "reasons": [[r.code.name, r.detail] for r in c.reasons],
-            }
-            for c in decision.choices
-        ],
-        "next_eligible_time": decision.next_eligible_time,
-    }
-
-
-def decision_from_log(payload: Mapping[str, Any]) -> Decision:
-    return Decision(
-        decision_id=payload["decision_id"],
-        choices=tuple(
-            Choice(
-                c["offer_id"],
-                c["score"],
-                c["propensity"],
-                tuple(Reason(ReasonCode[code], detail) for code, detail in c["reasons"]),
-            )
-            for c in payload["choices"]
-        ),
-        hold_reason=HoldReason[payload["hold_reason"]],
-        model_version=payload["model_version"],
-        arm=Arm[payload["arm"]],
-        next_eligible_time=payload.get("next_eligible_time"),
-    )
-
-
-class ProfileService:
-    def __init__(
-        self,
-        store: Store,
-        settings: Settings,
-        *,
-        clock: Clock = time.time,
-        recent: RecentRules | None = None,
-    ) -> None:
-        self._store = store
-        self._half_life = settings.policy.signal_half_life_hours * 3600.0
-        self._clock = clock
-        # The Decider's memory of hard rules, kept current here (see RecentRules).
-        self._recent = recent or RecentRules()
-
-    def set_preferences(self, update: PreferencesUpdate) -> Profile:
-        validation.require(validation.check_preferences(update))
-        now = self._clock()
-        profile = self._store.set_preferences(update=update, now=now)
-        self._recent.remember(update.user_id, HardRules.of(profile, now))
-        return self._present(profile, now)
-
-    def set_attributes(self, update: AttributesUpdate) -> Profile:
-        """Merge stated or imported facts about the user; the store stamps them with now and
-        keeps a STATED value from being replaced by an IMPORTED one."""
-        validation.require(validation.check_attributes(update))
-        now = self._clock()
-        profile = self._store.set_attributes(
-            update=update, now=now, limit=validation.MAX_ATTRIBUTES_PER_USER
-        )
-        return self._present(profile, now)
-
-    def record_signals(self, user_id: str, observed: Sequence[ObservedSignal]) -> bool:
-        """Keep inferred signals, but only for a user who consented: True if kept."""
-        now = self._clock()
-        signals = [
-            Signal(s.topic, s.weight, now if s.observed_at is None else s.observed_at)
-            for s in observed
-        ]
-        validation.require(validation.check_signals(user_id, signals, now))
-        return self._store.record_signals(user_id=user_id, signals=signals, now=now)
-
-    def get_profile(self, user_id: str) -> Profile:
-        validation.require(validation.check_user_id(user_id))
-        return self._present(self._store.get_profile(user_id=user_id), self._clock())
-
-    def delete_profile(self, user_id: str) -> None:
-        validation.require(validation.check_user_id(user_id))
-        self._store.delete_profile(user_id=user_id, now=self._clock())
-        self._recent.forget(user_id)
-
-    def _present(self, profile: Profile, now: float) -> Profile:
-        """The profile as the customer should see it: signals decayed to now, every list in
-        a stable order (the store returns them unordered)."""
-        signals = (replace(s, weight=decay(s, now, self._half_life)) for s in profile.signals)
-        return replace(
-            profile,
-            topic_preferences=tuple(sorted(profile.topic_preferences, key=_by_topic)),
-            channel_preferences=tuple(sorted(profile.channel_preferences, key=_by_channel)),
-            signals=tuple(sorted(signals, key=_by_topic)),
-            contact_counters=tuple(sorted(profile.contact_counters, key=_by_channel_offer)),
-            cooldowns=tuple(sorted((c for c in profile.cooldowns if c.until > now), key=_by_until)),
-            attributes=tuple(sorted(profile.attributes, key=_by_name)),
-        )
-
-
-def _by_until(cooldown: Cooldown) -> tuple[float, str, str]:
-    return (cooldown.until, cooldown.offer_id, cooldown.topic)
-
-
-def _by_topic(item: TopicPreference | Signal) -> str:
-    return item.topic
-
-
-def _by_name(attribute: Attribute) -> str:
-    return attribute.name
-
-
-def _by_channel(item: ChannelPreference) -> str:
-    return item.channel
-
-
-def _by_channel_offer(counter: ContactCounter) -> tuple[str, str]:
-    return counter.channel, counter.offer_id
-
-
-class CatalogService:
-    DEFAULT_PAGE_SIZE = 100
-
-    def __init__(
-        self, store: Store, catalog: CatalogCache, segments: SegmentSettings | None = None
-    ) -> None:
-        self._store = store
-        self._catalog = catalog
-        self._segments = segments or SegmentSettings()
-        self._limits = segment_rules.RuleLimits(
-            max_length=self._segments.max_rule_length,
-            max_depth=self._segments.max_rule_depth,
-            max_nodes=self._segments.max_rule_nodes,
-        )
-
-    def put_offer(self, offer: Offer) -> Offer:
-        validation.require(validation.check_offer(offer))
-        self._store.put_offer(offer=offer)
-        return offer
-
-    def get_offer(self, offer_id: str) -> Offer:
-        validation.require(validation.check_offer_id(offer_id))
-        offer = self._store.get_offer(offer_id=offer_id)
-        if offer is None:
-            raise NotFound(f"offer {offer_id!r} not found")
-        return offer
-
-    def delete_offer(self, offer_id: str) -> None:
-        validation.require(validation.check_offer_id(offer_id))
-        if not self._store.delete_offer(offer_id=offer_id):
-            raise NotFound(f"offer {offer_id!r} not found")
-
-    def list_offers(self, page_size: int, page_token: str) -> tuple[list[Offer], str]:
-        after = _page_start(page_size, page_token, validation.OFFER_ID_RE, "ListOffers")
-        read_at = time.monotonic()
-        offers = self._catalog.offers(self._store.catalog_version(), read_at=read_at)
-        ordered = sorted((o for o in offers.values() if o.offer_id > after), key=_offer_key)
-        page = ordered[: page_size or self.DEFAULT_PAGE_SIZE]
-        more = len(ordered) > len(page)
-        return page, _page_token(page[-1].offer_id) if more else ""
-
-    def put_segment(self, segment: Segment) -> Segment:
-        """Parse and check the rule (limits from settings; a sensitive segment may read only
-        what the customer stated), store it in canonical form and return it as stored."""
-        violations = validation.check_segment(segment)
-        canonical = segment.rule
-        if segment.rule.strip():
-            try:
-                rule = segment_rules.parse(segment.rule, self._limits)
-                if segment.sensitive:
-                    segment_rules.check_sensitive(rule)
-                canonical = segment_rules.unparse(rule)
-            except segment_rules.RuleError as exc:
-                violations.append(
-                    FieldViolation("segment.rule", f"{exc.message} at position {exc.position}")
-                )
-        validation.require(violations)
-        stored = replace(segment, rule=canonical)
-        self._store.put_segment(segment=stored, limit=self._segments.max_segments)
-        return stored
-
-    def get_segment(self, segment_id: str) -> Segment:
-        validation.require(validation.check_segment_id(segment_id))
-        segment = self._store.get_segment(segment_id=segment_id)
-        if segment is None:
-            raise NotFound(f"segment {segment_id!r} not found")
-        return segment
-
-    def delete_segment(self, segment_id: str) -> None:
-        """Refused (FailedPrecondition, naming them) while offers name the segment."""
-        validation.require(validation.check_segment_id(segment_id))
-        if not self._store.delete_segment(segment_id=segment_id):
-            raise NotFound(f"segment {segment_id!r} not found")
-
-    def list_segments(self, page_size: int, page_token: str) -> tuple[list[Segment], str]:
-        after = _page_start(page_size, page_token, validation.SEGMENT_ID_RE, "ListSegments")
-        read_at = time.monotonic()
-        book = self._catalog.snapshot(self._store.catalog_version(), read_at=read_at).segments
-        ordered = [c.segment for segment_id, c in book.by_id.items() if segment_id > after]
-        page = ordered[: page_size or self.DEFAULT_PAGE_SIZE]
-        more = len(ordered) > len(page)
-        return page, _page_token(page[-1].segment_id) if more else ""
-
-    def is_empty(self) -> bool:
-        return not self._catalog.refresh()
-
-
-def _offer_key(offer: Offer) -> str:
-    return offer.offer_id
-
-
-def _page_start(page_size: int, page_token: str, ids: re.Pattern[str], rpc: str) -> str:
-    """The id a page starts after (AIP-158 paging: the token is the last id, encoded)."""
-    violations = validation.check_page(page_size)
-    after = ""
-    if page_token:
-        try:
-            after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            after = ""
-        if not ids.fullmatch(after):
-            violations.append(FieldViolation("page_token", f"is not a token {rpc} gave"))
-    validation.require(violations)
-    return after
-
-
-def _page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode()
