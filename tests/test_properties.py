@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tactful.caches import CatalogCache, ModelCache
-from tactful.core import Decider
+from tactful.decider import Decider
 from tactful.domain import (
     AttributeSource,
     AttributesUpdate,

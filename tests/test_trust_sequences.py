@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tactful import keys
 from tactful.caches import CatalogCache, ModelCache
-from tactful.core import Decider
+from tactful.decider import Decider
 from tactful.domain import (
     ChannelPreference,
     Consent,

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from tactful import keys as redis_keys
 from tactful.caches import CatalogCache, ModelCache
 from tactful.catalog_service import CatalogService
-from tactful.core import Decider
+from tactful.decider import Decider
 from tactful.features import FeatureSpace
 from tactful.hard_rules import RecentRules
 from tactful.profile_service import ProfileService
