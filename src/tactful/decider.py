@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tactful import metrics, scoring, validation
+from tactful import hard_rules, metrics, scoring, validation
 from tactful import segments as segment_rules
 from tactful.bandit import LinearModel, pick_slate
 from tactful.caches import CatalogCache, CatalogSnapshot, ModelCache
@@ -351,14 +351,9 @@ class Decider:
         logged_segments = book.logged(member_ids) if book else None
         # Hard rules first: the model only ever ranks what the customer allows, and targeting
         # (segments, excluded_segments) is one of them.
-        eligible = [
-            offer
-            for offer in _candidates(req, offers)
-            if offer.is_active(now)
-            and req.channel in offer.channels
-            and rules.allow(offer)
-            and book.allows(offer, members)
-        ]
+        eligible = hard_rules.eligible(
+            hard_rules.candidates(req, offers), req.channel, now, rules, book, members
+        )
         if not eligible:
             return replace(hold(HoldReason.NO_ELIGIBLE_OFFER), segments=logged_segments)
         eligible = [o for o in eligible if self._contacts.under_offer_cap(o, window, counts)]
@@ -483,30 +478,30 @@ class Decider:
             )
             self._count(decision, req.channel)
             return decision
-        # What this user said, if this process decided for them recently; sensitive offers
-        # need an explicit LIKE we cannot check now, so they are never in a fallback, and
-        # neither are targeted ones (segments or excluded_segments): memberships rest on the
-        # profile we cannot read now, and a rule we cannot check must not widen an audience.
         rules = self._recent.get(req.user_id)
         if profile is not None:
             rules = HardRules.of(profile, now)
             self._recent.remember(req.user_id, rules)
-        if rules is not None and req.channel in rules.opted_out:
+        if rules is None:
+            rules = hard_rules.NOTHING_KNOWN
+        if req.channel in rules.opted_out:
             decision = Decision(
                 decision_id, (), HoldReason.CHANNEL_OPTED_OUT, FALLBACK_MODEL, Arm.FALLBACK
             )
             self._count(decision, req.channel)
             return decision
-        eligible = [
-            o
-            for o in _candidates(req, self._catalog.last_known())
-            if o.is_active(now)
-            and req.channel in o.channels
-            and not o.sensitive
-            and not o.segments
-            and not o.excluded_segments
-            and (rules is None or rules.allow(o))
-        ]
+        # Neither sensitive offers (they need an explicit LIKE we cannot check now) nor targeted
+        # ones: memberships rest on the profile we cannot read now.
+        snapshot = self._catalog.last_snapshot()
+        eligible = hard_rules.eligible(
+            hard_rules.candidates(req, snapshot.offers),
+            req.channel,
+            now,
+            rules,
+            snapshot.segments,
+            None,
+            sensitive=False,
+        )
         choices = tuple(
             Choice(o.offer_id, o.priority, 1.0, (scoring.FALLBACK_REASON,))
             for o in scoring.by_priority(eligible)[: req.slots or 1]
@@ -663,11 +658,3 @@ def _todays_counts(
             field = counter_field(window, c.channel, c.offer_id)
             counts[field] = counts.get(field, 0) + c.count
     return counts
-
-
-def _candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:
-    if not req.candidate_offer_ids:
-        return list(offers.values())
-    # Ids the catalog does not know (yet, or any more) are skipped, not an error: the page
-    # that asked must still render.
-    return [offers[i] for i in dict.fromkeys(req.candidate_offer_ids) if i in offers]

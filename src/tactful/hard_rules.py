@@ -1,12 +1,15 @@
-"""The hard rules: what a user said that no score may override."""
+"""The hard rules: what a user said that no score may override, and the one eligibility
+filter every answer's offers pass, personalised, control or fallback."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tactful.domain import Offer, Profile, Stance
+from tactful.domain import DecideRequest, Offer, Profile, Stance
+from tactful.segment_book import SegmentBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +73,50 @@ class RecentRules:
     def forget(self, user_id: str) -> None:
         with self._lock:
             self._rules.pop(user_id, None)
+
+
+# What is known of a user nothing was read or remembered of: no stance, no opt-out, no
+# cooldown, so it refuses only what needs an explicit like (sensitive offers).
+NOTHING_KNOWN = HardRules(frozenset(), frozenset(), frozenset(), frozenset())
+
+
+def eligible(
+    offers: Iterable[Offer],
+    channel: str,
+    now: float,
+    rules: HardRules,
+    book: SegmentBook,
+    members: frozenset[str] | None,
+    *,
+    sensitive: bool = True,
+) -> list[Offer]:
+    """The offers an answer may choose from, in the order given: active, on ``channel``,
+    allowed by the user's hard rules and by targeting (``book``, for a user in ``members``).
+
+    The answer made without the store differs on purpose, through the two last parameters:
+    ``members`` None says the user's memberships are unknown (the profile cannot be read),
+    so no targeted offer (``segments`` or ``excluded_segments``) is eligible, since a rule we
+    cannot check must not widen an audience; ``sensitive=False`` leaves out every sensitive
+    offer, whose explicit like such an answer cannot rely on."""
+    return [
+        offer
+        for offer in offers
+        if offer.is_active(now)
+        and channel in offer.channels
+        and (sensitive or not offer.sensitive)
+        and rules.allow(offer)
+        and (
+            book.allows(offer, members)
+            if members is not None
+            else not (offer.segments or offer.excluded_segments)
+        )
+    ]
+
+
+def candidates(req: DecideRequest, offers: Mapping[str, Offer]) -> list[Offer]:
+    """The offers a request may be answered with, in catalog order or the order asked."""
+    if not req.candidate_offer_ids:
+        return list(offers.values())
+    # Ids the catalog does not know (yet, or any more) are skipped, not an error: the page
+    # that asked must still render.
+    return [offers[i] for i in dict.fromkeys(req.candidate_offer_ids) if i in offers]
