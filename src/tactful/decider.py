@@ -7,21 +7,17 @@ Nothing here imports gRPC or protobuf; the transport converts messages to the da
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from tactful import hard_rules, metrics, scoring, validation
 from tactful import segments as segment_rules
-from tactful.bandit import LinearModel, pick_slate
+from tactful.bandit import LinearModel, SlateDraws, pick_slate
 from tactful.caches import CatalogCache, CatalogSnapshot, ModelCache
 from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
 from tactful.decision_log import decision_from_log, decision_to_log
@@ -33,22 +29,16 @@ from tactful.domain import (
     Decision,
     HoldReason,
     Offer,
-    OutcomeEvent,
     OutcomeReport,
     Profile,
     Signal,
     decay,
 )
-from tactful.errors import (
-    Abandoned,
-    Aborted,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-)
+from tactful.errors import Abandoned, Aborted, Unavailable
+from tactful.fallback import without_store
 from tactful.features import RequestContext, SparseVector, squash
 from tactful.hard_rules import HardRules, RecentRules
+from tactful.outcomes import Outcomes
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.segment_book import SegmentBook, with_segment
 from tactful.settings import PolicySettings, Settings
@@ -56,7 +46,6 @@ from tactful.store import (
     ContactSpend,
     DecisionInputs,
     LoggedDecision,
-    OutcomeStatus,
     RequestTaken,
     Store,
 )
@@ -72,7 +61,6 @@ def _always() -> bool:
 
 DAY_SECONDS = 86400
 CONTROL_MODEL = "priority"  # the model_version of control-arm answers
-FALLBACK_MODEL = "fallback-priority"
 # A request id taken by a concurrent Decide: how long to wait for the winner's record.
 REPLAY_WAIT_ATTEMPTS = 5
 REPLAY_WAIT_SECONDS = 0.002
@@ -124,11 +112,10 @@ class Decider:
         self._pseudonym = Pseudonymizer(settings.privacy.pseudonym_key)
         self._clock = clock
         seed = settings.learning.seed
-        self._seed = secrets.randbits(63) if seed < 0 else seed
-        self._seed_key = self._seed.to_bytes(8, "big")
-        self._thread_rng = threading.local()  # one generator per serving thread (see _rng)
+        self._draws = SlateDraws(secrets.randbits(63) if seed < 0 else seed)
         self._contacts = ContactPolicy(settings.contact)
         self._recent = recent or RecentRules()
+        self._outcomes = Outcomes(store, catalog, self._contacts, clock)
         self._known_channels = frozenset(
             (*settings.policy.render_time_channels, *settings.contact.interruptive_channels)
         ) | {channel for channel, _ in settings.contact.channel_caps}
@@ -154,7 +141,17 @@ class Decider:
             model = self._models.model(inputs.model_version, read_at=read_at)
         except Unavailable:
             # What was read (if the profile was) is the freshest account of what the user said.
-            return self._without_store(req, decision_id, now, profile)
+            decision = without_store(
+                req,
+                decision_id,
+                now,
+                profile,
+                catalog=self._catalog,
+                recent=self._recent,
+                render_time_channels=self._policy.render_time_channels,
+            )
+            self._count(decision, req.channel)
+            return decision
 
         offers = snapshot.offers
         draft = self._choose(req, inputs.profile, snapshot, model, decision_id, now)
@@ -403,7 +400,7 @@ class Decider:
             scores,
             slots,
             model.gamma(self._learning.exploration_gamma, self._learning.exploration_gamma_scale),
-            self._rng(req, decision_id),
+            self._draws.generator(req.user_id, req.request_id or decision_id),
         )
         # Choices are listed best score first, whatever order the slots were drawn in.
         picks.sort(key=lambda pick: (-scores[pick.index], eligible[pick.index].offer_id))
@@ -438,79 +435,8 @@ class Decider:
         decision = Decision(decision_id, choices, HoldReason.NONE, version, arm)
         return Draft(decision, features, plan, candidates, logged_segments)
 
-    def _rng(self, req: DecideRequest, decision_id: str) -> np.random.Generator:
-        """A generator seeded by (process seed, user, request_id or decision_id), as VW's
-        explore library seeds from the event id: the same request with the same inputs draws
-        the same slate (reproducible tests and replays), different requests, and different
-        users reusing a request id, draw independently; no lock is shared between threads.
-
-        The 128-bit state comes from BLAKE2b keyed with the process seed, and is set on this
-        thread's own PCG64: a fresh ``default_rng`` per Decide spent 15 µs in SeedSequence
-        (5% of a Decide's CPU); setting the state costs 2."""
-        key = f"{req.user_id}\x00{req.request_id or decision_id}".encode("utf-8", "surrogatepass")
-        digest = hashlib.blake2b(key, digest_size=16, key=self._seed_key).digest()
-        generator: np.random.Generator | None = getattr(self._thread_rng, "generator", None)
-        if generator is None:
-            generator = self._thread_rng.generator = np.random.Generator(np.random.PCG64(0))
-        generator.bit_generator.state = {
-            "bit_generator": "PCG64",
-            "state": {"state": int.from_bytes(digest, "big"), "inc": 1},
-            "has_uint32": 0,
-            "uinteger": 0,
-        }
-        return generator
-
     def _decayed(self, signals: Sequence[Signal], now: float) -> dict[str, float]:
         return {s.topic: decay(s, now, self._half_life) for s in signals}
-
-    def _without_store(
-        self, req: DecideRequest, decision_id: str, now: float, profile: Profile | None = None
-    ) -> Decision:
-        """Redis is down or slow. A page being rendered still gets an answer from the
-        in-process catalog by business priority; a message that would be sent (email, push,
-        sms) is held, since no cap can be checked. The hard rules are the ``profile``'s, when
-        it was read before the store failed (the catalog or model load), else what this
-        process last knew of the user."""
-        if req.channel not in self._policy.render_time_channels:
-            metrics.FALLBACKS.labels("held").inc()
-            decision = Decision(
-                decision_id, (), HoldReason.STORE_UNAVAILABLE, FALLBACK_MODEL, Arm.FALLBACK
-            )
-            self._count(decision, req.channel)
-            return decision
-        rules = self._recent.get(req.user_id)
-        if profile is not None:
-            rules = HardRules.of(profile, now)
-            self._recent.remember(req.user_id, rules)
-        if rules is None:
-            rules = hard_rules.NOTHING_KNOWN
-        if req.channel in rules.opted_out:
-            decision = Decision(
-                decision_id, (), HoldReason.CHANNEL_OPTED_OUT, FALLBACK_MODEL, Arm.FALLBACK
-            )
-            self._count(decision, req.channel)
-            return decision
-        # Neither sensitive offers (they need an explicit LIKE we cannot check now) nor targeted
-        # ones: memberships rest on the profile we cannot read now.
-        snapshot = self._catalog.last_snapshot()
-        eligible = hard_rules.eligible(
-            hard_rules.candidates(req, snapshot.offers),
-            req.channel,
-            now,
-            rules,
-            snapshot.segments,
-            None,
-            sensitive=False,
-        )
-        choices = tuple(
-            Choice(o.offer_id, o.priority, 1.0, (scoring.FALLBACK_REASON,))
-            for o in scoring.by_priority(eligible)[: req.slots or 1]
-        )
-        hold = HoldReason.NONE if choices else HoldReason.STORE_UNAVAILABLE
-        metrics.FALLBACKS.labels("fallback" if choices else "held").inc()
-        decision = Decision(decision_id, choices, hold, FALLBACK_MODEL, Arm.FALLBACK)
-        self._count(decision, req.channel)
-        return decision
 
     def _log(
         self,
@@ -575,64 +501,13 @@ class Decider:
 
     def record_outcome(self, report: OutcomeReport) -> bool:
         """Store an outcome against its logged decision; True if new, False if a duplicate."""
-        validation.require(validation.check_outcome(report))
-        assert report.event is not None
-        outcome: dict[str, Any] = {
-            "outcome_id": report.outcome_id,
-            "offer_id": report.offer_id,
-            "event": report.event.name,
-            "value": report.value,
-            "reward": report.reward(),
-            "ts": self._clock(),
-        }
-        stored = self._store.record_outcome(
-            decision_id=report.decision_id,
-            offer_id=report.offer_id,
-            outcome_id=report.outcome_id,
-            outcome=outcome,
-        )
-        status = stored.status
-        if status == OutcomeStatus.UNKNOWN_DECISION:
-            metrics.OUTCOMES.labels(report.event.name, "unknown_decision").inc()
-            raise NotFound(f"decision {report.decision_id[:64]!r} is unknown or has expired")
-        if status == OutcomeStatus.OFFER_NOT_IN_DECISION:
-            raise InvalidArgument([FieldViolation("offer_id", "was not chosen in this decision")])
-        recorded = status == OutcomeStatus.RECORDED
-        metrics.OUTCOMES.labels(report.event.name, "recorded" if recorded else "duplicate").inc()
-        if recorded and stored.arm in _ARMS:
-            metrics.ARM_OUTCOMES.labels(stored.arm, report.event.name).inc()
-        # A repeated DISMISS sets the cooldown again: if the first attempt's write failed
-        # (UNAVAILABLE), the client's retry is what puts the offer away.
-        if report.event is OutcomeEvent.DISMISS and self._contacts.cooldown_seconds:
-            self._cool_down(report)
-        return recorded
-
-    def _cool_down(self, report: OutcomeReport) -> None:
-        """A dismissed offer (and, if configured, its topics) stays away from that user,
-        unless they were erased since the decision was made (the cooldown would bring a key
-        of theirs back)."""
-        logged = self._store.get_logged_decision(decision_id=report.decision_id)
-        offer = self._catalog.last_known().get(report.offer_id)
-        # Records logged before the owner was kept beside them carry it as user_key.
-        owner = None if logged is None else logged.owner or logged.payload.get("user_key")
-        if not owner:
-            return
-        dismissed = offer or Offer(report.offer_id, "", (), ())
-        self._store.add_cooldowns(
-            user_key=owner,
-            fields=self._contacts.cooldown_fields(dismissed),
-            until=self._clock() + self._contacts.cooldown_seconds,
-            started=float(logged.payload.get("ts", 0.0)) if logged is not None else 0.0,
-        )
+        return self._outcomes.record(report)
 
 
 # The decision counters' labelled children, each made once (see ``metrics.children``).
 _decisions_counter = metrics.children(metrics.DECISIONS)  # channel, arm, hold reason
 _served_counter = metrics.children(metrics.OFFERS_SERVED)  # channel, arm
 _choices_counter = metrics.children(metrics.CHOICES)  # reason code
-# Arms as the decision log spells them: what an outcome's arm label may be (a record written
-# by another version with something else is not counted by arm).
-_ARMS = frozenset(arm.name for arm in Arm)
 
 
 def _fresh_replay(stored: str | None, now: float, policy: PolicySettings) -> str | None:
