@@ -1,4 +1,4 @@
-"""The core: Decide and ReportOutcome as plain Python.
+"""Decide and ReportOutcome as plain Python: the steps of README "How a decision is made".
 
 Nothing here imports gRPC or protobuf; the transport converts messages to the dataclasses of
 ``tactful.domain`` and calls these objects. Errors are the domain errors of ``tactful.errors``.
@@ -11,16 +11,15 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
-from tactful import hard_rules, metrics, scoring, validation
-from tactful import segments as segment_rules
-from tactful.bandit import LinearModel, SlateDraws, pick_slate
-from tactful.caches import CatalogCache, CatalogSnapshot, ModelCache
+from tactful import metrics, scoring, validation
+from tactful.bandit import LinearModel, Pick, SlateDraws, pick_slate
+from tactful.caches import CatalogCache, ModelCache
 from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
-from tactful.decision_log import decision_from_log, decision_to_log
+from tactful.decision_log import candidates_record, decision_from_log, decision_record
 from tactful.domain import (
     Arm,
     Choice,
@@ -31,24 +30,17 @@ from tactful.domain import (
     Offer,
     OutcomeReport,
     Profile,
-    Signal,
     decay,
 )
 from tactful.errors import Abandoned, Aborted, Unavailable
 from tactful.fallback import without_store
-from tactful.features import RequestContext, SparseVector, squash
-from tactful.hard_rules import HardRules, RecentRules
+from tactful.features import FeatureBatch, FloatArray, RequestContext, SparseVector, squash
+from tactful.hard_rules import HardRules, RecentRules, candidates, eligible
 from tactful.outcomes import Outcomes
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.segment_book import SegmentBook, with_segment
 from tactful.settings import PolicySettings, Settings
-from tactful.store import (
-    ContactSpend,
-    DecisionInputs,
-    LoggedDecision,
-    RequestTaken,
-    Store,
-)
+from tactful.store import ContactSpend, LoggedDecision, RequestTaken, Store
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +75,69 @@ class Draft:
     decision: Decision
     features: dict[str, SparseVector]
     plan: ContactPlan | None
-    # The candidate set the personalised arm drew from, for off-policy evaluation (see _log).
+    # The candidate set the personalised arm drew from, for off-policy evaluation.
     candidates: dict[str, Any] | None = None
     # The user's segment memberships the log records (None: the catalog has no segments, or
     # the decision was held before they were evaluated).
     segments: list[str] | None = None
 
 
+class Held(Exception):
+    """A step left nothing to choose from: the decision is this hold."""
+
+    def __init__(self, draft: Draft) -> None:
+        super().__init__(draft.decision.hold_reason.name)
+        self.draft = draft
+
+
+# The state passed between the steps of one Decide is held in named tuples: immutable like
+# frozen dataclasses, and built in one call rather than one __setattr__ per field.
+class Turn(NamedTuple):
+    """One Decide once the store was read: the request, what was read, and who answers."""
+
+    req: DecideRequest
+    profile: Profile
+    offers: Mapping[str, Offer]
+    book: SegmentBook
+    model: LinearModel
+    decision_id: str
+    now: float
+    arm: Arm
+    version: str  # the model_version the answer carries
+    rules: HardRules
+
+    def decision(self, choices: tuple[Choice, ...]) -> Decision:
+        return Decision(self.decision_id, choices, HoldReason.NONE, self.version, self.arm)
+
+    def hold(
+        self, reason: HoldReason, until: float | None = None, segments: list[str] | None = None
+    ) -> Held:
+        decision = Decision(self.decision_id, (), reason, self.version, self.arm, until)
+        return Held(Draft(decision, {}, None, segments=segments))
+
+
+class Room(NamedTuple):
+    """What today's counters (from the one read) still allow on the request's channel."""
+
+    plan: ContactPlan
+    counts: dict[str, int]
+    slots: int  # how many offers to draw: no more than the caps let through
+
+
+class Audience(NamedTuple):
+    """The offers the hard rules and targeting allow, and what the user was judged on."""
+
+    offers: list[Offer]
+    view: scoring.UserView
+    member_ids: tuple[str, ...]
+    members: frozenset[str]
+    segments: list[str] | None  # the memberships the log records
+
+
 class Decider:
+    """Decide and ReportOutcome. ``decide`` reads as the steps of a decision; the methods
+    below it follow in the same order."""
+
     def __init__(
         self,
         store: Store,
@@ -121,12 +168,43 @@ class Decider:
         ) | {channel for channel, _ in settings.contact.channel_caps}
 
     def decide(self, req: DecideRequest, *, wanted: Callable[[], bool] = _always) -> Decision:
-        """``wanted()`` says whether the caller still waits for the answer (the transport
+        """The steps of README "How a decision is made", in order; a step that leaves nothing
+        to choose from ends the decision with a hold (``Held``), which is logged like any.
+
+        ``wanted()`` says whether the caller still waits for the answer (the transport
         passes its deadline/cancellation check): it is asked once more before anything is
         written, and a decision nobody will see is neither logged nor counted."""
         validation.require(validation.check_decide(req))
         now = self._clock()
-        decision_id = uuid.uuid4().hex
+        turn = self._read(req, uuid.uuid4().hex, now)
+        if isinstance(turn, Decision):
+            return turn  # a replay, or the answer made without the store
+        try:
+            room = self._channel_rules(turn)
+            audience = self._eligible(turn)
+            offers = self._under_offer_caps(turn, room, audience)
+            if turn.arm is Arm.CONTROL:
+                draft = self._by_priority(turn, room, audience, offers)
+            else:
+                batch, liked = self._features(turn, room, audience, offers)
+                predicted, scores = self._scores(turn, batch)
+                picks = self._pick(turn, offers, scores, room.slots)
+                choices = self._reasons(turn, audience, offers, scores, picks)
+                draft = Draft(
+                    turn.decision(choices),
+                    {offers[pick.index].offer_id: batch.vector(pick.index) for pick in picks},
+                    room.plan,
+                    candidates_record(offers, predicted, liked, len(picks)),
+                    audience.segments,
+                )
+        except Held as held:
+            draft = held.draft
+        return self._log(turn, draft, wanted)
+
+    def _read(self, req: DecideRequest, decision_id: str, now: float) -> Turn | Decision:
+        """The one round trip: profile, catalog and model versions (a version this process
+        has not loaded yet reloads its cache). A request_id seen recently gets its earlier
+        answer again; a store that cannot be read, the answer made without it."""
         profile: Profile | None = None
         try:
             read_at = time.monotonic()
@@ -136,7 +214,7 @@ class Decider:
             if replay:
                 logged = self._store.get_logged_decision(decision_id=replay, render=True)
                 if logged is not None:
-                    return self._replay(req, decision_from_log(logged.payload), inputs, now)
+                    return self._replay(req, decision_from_log(logged.payload), profile, now)
             snapshot = self._catalog.snapshot(inputs.catalog_version, read_at=read_at)
             model = self._models.model(inputs.model_version, read_at=read_at)
         except Unavailable:
@@ -152,18 +230,161 @@ class Decider:
             )
             self._count(decision, req.channel)
             return decision
+        control = in_control_group(
+            req.user_id, salt=self._policy.control_salt, share=self._policy.control_share
+        )
+        rules = HardRules.of(inputs.profile, now)
+        self._recent.remember(req.user_id, rules)
+        return Turn(
+            req,
+            inputs.profile,
+            snapshot.offers,
+            snapshot.segments,
+            model,
+            decision_id,
+            now,
+            Arm.CONTROL if control else Arm.PERSONALIZED,
+            CONTROL_MODEL if control else model.version,
+            rules,
+        )
 
-        offers = snapshot.offers
-        draft = self._choose(req, inputs.profile, snapshot, model, decision_id, now)
-        decision = draft.decision
+    def _channel_rules(self, turn: Turn) -> Room:
+        """The hard rules of the channel: held when the user opted out of it, is in quiet
+        hours on it, or has reached its caps or gap; else what the caps leave."""
+        req, profile, now = turn.req, turn.profile, turn.now
+        if req.channel in turn.rules.opted_out:
+            raise turn.hold(HoldReason.CHANNEL_OPTED_OUT)
+        quiet_until = self._contacts.quiet_until(now, profile, req.channel)
+        if quiet_until is not None:
+            raise turn.hold(HoldReason.QUIET_HOURS, quiet_until)
+        window = self._contacts.window(now, profile)
+        counts = _todays_counts(profile.contact_counters, window, now)
+        limits = self._contacts.limits(req.channel, profile)
+        last_contact = dict(profile.last_contacts).get(req.channel, 0.0)
+        capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
+        if capacity.remaining == 0:
+            raise turn.hold(HoldReason.FATIGUE_CAP, capacity.open_again)
+        slots = req.slots or 1
+        if capacity.remaining > 0:
+            slots = min(slots, capacity.remaining)
+        stale = tuple(f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30)
+        return Room(ContactPlan(window, limits, stale), counts, slots)
+
+    def _eligible(self, turn: Turn) -> Audience:
+        """Hard rules before any score: the model only ever ranks what the customer allows,
+        and targeting (segments, excluded_segments) is one of them."""
+        req, profile, book, rules, now = turn.req, turn.profile, turn.book, turn.rules, turn.now
+        inferred = self._inferred(profile, now)
+        member_ids = book.members_of(req, profile, rules.liked, rules.disliked, inferred)
+        members = frozenset(member_ids)
+        logged_segments = book.logged(member_ids) if book else None
+        offers = eligible(candidates(req, turn.offers), req.channel, now, rules, book, members)
+        if not offers:
+            raise turn.hold(HoldReason.NO_ELIGIBLE_OFFER, segments=logged_segments)
+        view = scoring.UserView(liked_topics=rules.liked, inferred=inferred)
+        return Audience(offers, view, member_ids, members, logged_segments)
+
+    def _under_offer_caps(self, turn: Turn, room: Room, audience: Audience) -> list[Offer]:
+        """The eligible offers not yet at their own daily cap for this user."""
+        window, counts = room.plan.window, room.counts
+        offers = [o for o in audience.offers if self._contacts.under_offer_cap(o, window, counts)]
+        if not offers:
+            raise turn.hold(HoldReason.FATIGUE_CAP, window.end, audience.segments)
+        return offers
+
+    def _by_priority(
+        self, turn: Turn, room: Room, audience: Audience, offers: list[Offer]
+    ) -> Draft:
+        """The control arm's answer: business priority alone, propensity 1."""
+        book, members = turn.book, audience.members
+        choices = tuple(
+            Choice(
+                o.offer_id,
+                o.priority,
+                1.0,
+                with_segment(book, o, members, (scoring.CONTROL_REASON,)),
+            )
+            for o in scoring.by_priority(offers)[: room.slots]
+        )
+        return Draft(turn.decision(choices), {}, room.plan, segments=audience.segments)
+
+    def _features(
+        self, turn: Turn, room: Room, audience: Audience, offers: list[Offer]
+    ) -> tuple[FeatureBatch, list[bool]]:
+        """Each offer's sparse feature vector, and whether the user explicitly likes it."""
+        req, view, book = turn.req, audience.view, turn.book
+        liked = view.liked_topics
+        context = RequestContext(
+            channel=req.channel,
+            placement=req.placement,
+            hour=int(turn.now % DAY_SECONDS) // 3600,
+            categorical=req.categorical_context,
+            numeric=req.numeric_context,
+        )
+        liked_flags = [not liked.isdisjoint(offer.topics) for offer in offers]
+        batch = self._space.featurize_many(
+            context,
+            offers,
+            liked=liked_flags,
+            inferred=[squash(view.strongest_inferred(offer)[1]) for offer in offers],
+            contacts_today=room.counts.get(counter_field(room.plan.window, req.channel), 0),
+            segments=book.features(audience.member_ids, self._max_feature_segments) if book else (),
+        )
+        return batch, liked_flags
+
+    def _scores(self, turn: Turn, batch: FeatureBatch) -> tuple[FloatArray, FloatArray]:
+        """The model's predicted rewards, and the policy's scores: predicted reward plus the
+        optimism bonus (bandit.py). The propensities are computed from these very scores, so
+        they stay exact."""
+        predicted = batch.dot(turn.model.theta)
+        return predicted, turn.model.scores(batch, self._learning.exploration_bonus, predicted)
+
+    def _pick(self, turn: Turn, offers: list[Offer], scores: FloatArray, slots: int) -> list[Pick]:
+        """The slate, drawn by inverse gap weighting; listed best score first, whatever order
+        the slots were drawn in."""
+        learning = self._learning
+        gamma = turn.model.gamma(learning.exploration_gamma, learning.exploration_gamma_scale)
+        rng = self._draws.generator(turn.req.user_id, turn.req.request_id or turn.decision_id)
+        picks = pick_slate(scores, slots, gamma, rng)
+        picks.sort(key=lambda pick: (-scores[pick.index], offers[pick.index].offer_id))
+        return picks
+
+    def _reasons(
+        self,
+        turn: Turn,
+        audience: Audience,
+        offers: list[Offer],
+        scores: FloatArray,
+        picks: list[Pick],
+    ) -> tuple[Choice, ...]:
+        """The choices, each with the reasons the customer is shown."""
+        book, members, view = turn.book, audience.members, audience.view
+        return tuple(
+            Choice(
+                offers[pick.index].offer_id,
+                float(scores[pick.index]),
+                pick.propensity,
+                with_segment(
+                    book,
+                    offers[pick.index],
+                    members,
+                    scoring.personal_reasons(offers[pick.index], view, explored=pick.explored),
+                ),
+            )
+            for pick in picks
+        )
+
+    def _log(self, turn: Turn, draft: Draft, wanted: Callable[[], bool]) -> Decision:
+        """Unless it is a dry run: log the decision and count its contacts in one write."""
+        req, decision = turn.req, draft.decision
         if not req.dry_run:
             if not wanted():
                 metrics.ABANDONED_DECISIONS.inc()
                 raise Abandoned("the caller is gone: nothing logged, no contact counted")
             try:
-                decision = self._log_and_consume(req, draft, offers, now)
+                decision = self._log_and_consume(turn, draft)
             except RequestTaken as taken:
-                return self._replay_winner(req, taken.decision_id, decision, inputs, now)
+                return self._replay_winner(req, taken.decision_id, decision, turn.profile, turn.now)
             except Aborted:
                 # The user was erased while this was decided from their profile: nothing of
                 # them was kept, and nothing made from it is shown or remembered.
@@ -172,57 +393,15 @@ class Decider:
         self._count(decision, req.channel)
         return decision
 
-    def _replay_winner(
-        self,
-        req: DecideRequest,
-        winner: str,
-        mine: Decision,
-        inputs: DecisionInputs,
-        now: float,
-    ) -> Decision:
-        """A concurrent Decide with this request_id was logged first (a retry racing its
-        original): answer what it answered, as any later replay would. Its record was
-        written in the same write as its claim, so it is there; on a Redis Cluster it lives
-        on another node and may land a moment later, hence the few short waits."""
-        for attempt in range(REPLAY_WAIT_ATTEMPTS):
-            with contextlib.suppress(Unavailable):
-                logged = self._store.get_logged_decision(decision_id=winner, render=True)
-                if logged is not None:
-                    return self._replay(req, decision_from_log(logged.payload), inputs, now)
-            if attempt + 1 < REPLAY_WAIT_ATTEMPTS:
-                time.sleep(REPLAY_WAIT_SECONDS)
-        # Nothing was counted or logged for this decision: it cannot be shown as made.
-        return replace(mine, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
-
-    def _log_and_consume(
-        self, req: DecideRequest, draft: Draft, offers: Mapping[str, Offer], now: float
-    ) -> Decision:
+    def _log_and_consume(self, turn: Turn, draft: Draft) -> Decision:
         """Log the decision and count what it returns, atomically against every cap, in one
         round trip. Under concurrency (several Decides for one user, in any number of
         processes) the caps script may allow fewer choices than the read suggested: the
         best-ranked win, the rest are dropped, and the decision is logged again as served."""
-        decision, plan = draft.decision, draft.plan
-        spend = None
-        if decision.choices and plan is not None:
-            limits = plan.limits
-            spend = ContactSpend(
-                day=plan.window.key,
-                now=now,
-                channel=req.channel,
-                caps=(limits.daily, limits.channel),
-                interruptive=limits.interruptive,
-                gap_seconds=limits.gap_seconds,
-                slots=len(decision.choices),
-                stale=plan.stale,
-                ranked=[
-                    (c.offer_id, offers[c.offer_id].max_per_user_per_day) for c in decision.choices
-                ],
-                decision_id=decision.decision_id,
-                request_id=req.request_id,
-                request_id_ttl_seconds=self._policy.request_id_ttl_seconds,
-            )
+        req, now, decision, plan = turn.req, turn.now, draft.decision, draft.plan
+        spend = self._spend(turn, draft)
         try:
-            consumed = self._log(req, decision, draft, now, spend)
+            consumed = self._write(req, decision, draft, now, spend)
         except Unavailable as error:
             # The answer is still worth more to a page than an error; the decision just
             # cannot be joined with an outcome later. Counted so ops can see it.
@@ -249,196 +428,34 @@ class Decider:
                 next_eligible_time=open_again,
             )
         with contextlib.suppress(Unavailable, Aborted):
-            self._log(req, served, draft, now, None)  # the record says what was served
+            self._write(req, served, draft, now, None)  # the record says what was served
         self._count_served(served, req.channel)  # logged: the first write stored the record
         return served
 
-    def _replay(
-        self, req: DecideRequest, decision: Decision, inputs: DecisionInputs, now: float
-    ) -> Decision:
-        """The decision this request_id got before, less anything the customer has declined
-        since (a replay never shows what they now refuse)."""
-        rules = HardRules.of(inputs.profile, now)
-        if req.channel in rules.opted_out:
-            return replace(decision, choices=(), hold_reason=HoldReason.CHANNEL_OPTED_OUT)
-        snapshot = self._catalog.last_snapshot()
-        offers, book = snapshot.offers, snapshot.segments
-        # Targeting is checked again too: a replay never shows what the user left a segment for.
-        members = frozenset(self._members(req, inputs.profile, rules, book, now))
-        kept = tuple(
-            c
-            for c in decision.choices
-            if c.offer_id in offers
-            and rules.allow(offers[c.offer_id])
-            and book.allows(offers[c.offer_id], members)
-        )
-        if len(kept) == len(decision.choices):
-            return decision
-        hold = decision.hold_reason if kept else HoldReason.NO_ELIGIBLE_OFFER
-        return replace(decision, choices=kept, hold_reason=hold)
-
-    def _members(
-        self,
-        req: DecideRequest,
-        profile: Profile,
-        rules: HardRules,
-        book: SegmentBook,
-        now: float,
-        inferred: Mapping[str, float] | None = None,
-    ) -> tuple[str, ...]:
-        """The segments this user is in for this request, in id order: every segment of the
-        catalog evaluated once, in process. Inferred strengths are read only with consent."""
-        if not book:
-            return ()
-        if inferred is None:
-            consent = profile.consent.inferred_personalization
-            inferred = self._decayed(profile.signals, now) if consent else {}
-        given = segment_rules.SegmentInput(
-            attributes={a.name: (a.value, a.source.name) for a in profile.attributes},
-            liked=rules.liked,
-            disliked=rules.disliked,
-            inferred=segment_rules.squashed(inferred),
-            numeric_context=dict(req.numeric_context),
-            categorical_context=dict(req.categorical_context),
+    def _spend(self, turn: Turn, draft: Draft) -> ContactSpend | None:
+        """What the caps script is to count for the decision's choices (None: nothing)."""
+        decision, plan, req = draft.decision, draft.plan, turn.req
+        if not decision.choices or plan is None:
+            return None
+        limits = plan.limits
+        return ContactSpend(
+            day=plan.window.key,
+            now=turn.now,
             channel=req.channel,
+            caps=(limits.daily, limits.channel),
+            interruptive=limits.interruptive,
+            gap_seconds=limits.gap_seconds,
+            slots=len(decision.choices),
+            stale=plan.stale,
+            ranked=[
+                (c.offer_id, turn.offers[c.offer_id].max_per_user_per_day) for c in decision.choices
+            ],
+            decision_id=decision.decision_id,
+            request_id=req.request_id,
+            request_id_ttl_seconds=self._policy.request_id_ttl_seconds,
         )
-        return book.members(given)
 
-    def _choose(
-        self,
-        req: DecideRequest,
-        profile: Profile,
-        snapshot: CatalogSnapshot,
-        model: LinearModel,
-        decision_id: str,
-        now: float,
-    ) -> Draft:
-        control = in_control_group(
-            req.user_id, salt=self._policy.control_salt, share=self._policy.control_share
-        )
-        arm = Arm.CONTROL if control else Arm.PERSONALIZED
-        version = CONTROL_MODEL if control else model.version
-
-        def hold(reason: HoldReason, until: float | None = None) -> Draft:
-            return Draft(Decision(decision_id, (), reason, version, arm, until), {}, None)
-
-        rules = HardRules.of(profile, now)
-        self._recent.remember(req.user_id, rules)
-        if req.channel in rules.opted_out:
-            return hold(HoldReason.CHANNEL_OPTED_OUT)
-        quiet_until = self._contacts.quiet_until(now, profile, req.channel)
-        if quiet_until is not None:
-            return hold(HoldReason.QUIET_HOURS, quiet_until)
-        # What today's counters (from the one read) still allow on this channel.
-        window = self._contacts.window(now, profile)
-        counts = _todays_counts(profile.contact_counters, window, now)
-        limits = self._contacts.limits(req.channel, profile)
-        last_contact = dict(profile.last_contacts).get(req.channel, 0.0)
-        capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
-        if capacity.remaining == 0:
-            return hold(HoldReason.FATIGUE_CAP, capacity.open_again)
-        liked = rules.liked
-        offers, book = snapshot.offers, snapshot.segments
-        # Without consent, behaviour is not even read into the view the model gets.
-        inferred = (
-            self._decayed(profile.signals, now) if profile.consent.inferred_personalization else {}
-        )
-        member_ids = self._members(req, profile, rules, book, now, inferred)
-        members = frozenset(member_ids)
-        logged_segments = book.logged(member_ids) if book else None
-        # Hard rules first: the model only ever ranks what the customer allows, and targeting
-        # (segments, excluded_segments) is one of them.
-        eligible = hard_rules.eligible(
-            hard_rules.candidates(req, offers), req.channel, now, rules, book, members
-        )
-        if not eligible:
-            return replace(hold(HoldReason.NO_ELIGIBLE_OFFER), segments=logged_segments)
-        eligible = [o for o in eligible if self._contacts.under_offer_cap(o, window, counts)]
-        if not eligible:
-            return replace(hold(HoldReason.FATIGUE_CAP, window.end), segments=logged_segments)
-        slots = req.slots or 1
-        if capacity.remaining > 0:
-            slots = min(slots, capacity.remaining)  # draw no more than the caps let through
-        stale = tuple(f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30)
-        plan = ContactPlan(window, limits, stale)
-        if control:
-            choices = tuple(
-                Choice(
-                    o.offer_id,
-                    o.priority,
-                    1.0,
-                    with_segment(book, o, members, (scoring.CONTROL_REASON,)),
-                )
-                for o in scoring.by_priority(eligible)[:slots]
-            )
-            decision = Decision(decision_id, choices, HoldReason.NONE, version, arm)
-            return Draft(decision, {}, plan, segments=logged_segments)
-
-        view = scoring.UserView(liked_topics=liked, inferred=inferred)
-        contacts_today = counts.get(counter_field(window, req.channel), 0)
-        context = RequestContext(
-            channel=req.channel,
-            placement=req.placement,
-            hour=int(now % DAY_SECONDS) // 3600,
-            categorical=req.categorical_context,
-            numeric=req.numeric_context,
-        )
-        liked_flags = [not liked.isdisjoint(offer.topics) for offer in eligible]
-        batch = self._space.featurize_many(
-            context,
-            eligible,
-            liked=liked_flags,
-            inferred=[squash(view.strongest_inferred(offer)[1]) for offer in eligible],
-            contacts_today=contacts_today,
-            segments=book.features(member_ids, self._max_feature_segments) if book else (),
-        )
-        # The policy's scores: predicted reward plus the optimism bonus (bandit.py); the
-        # propensities are computed from these very numbers, so they stay exact.
-        predicted = batch.dot(model.theta)
-        scores = model.scores(batch, self._learning.exploration_bonus, predicted)
-        picks = pick_slate(
-            scores,
-            slots,
-            model.gamma(self._learning.exploration_gamma, self._learning.exploration_gamma_scale),
-            self._draws.generator(req.user_id, req.request_id or decision_id),
-        )
-        # Choices are listed best score first, whatever order the slots were drawn in.
-        picks.sort(key=lambda pick: (-scores[pick.index], eligible[pick.index].offer_id))
-        choices = tuple(
-            Choice(
-                eligible[pick.index].offer_id,
-                float(scores[pick.index]),
-                pick.propensity,
-                with_segment(
-                    book,
-                    eligible[pick.index],
-                    members,
-                    scoring.personal_reasons(eligible[pick.index], view, explored=pick.explored),
-                ),
-            )
-            for pick in picks
-        )
-        features = {eligible[p.index].offer_id: batch.vector(p.index) for p in picks}
-        # What an off-policy estimate needs to replay another policy on this request: every
-        # offer the draw was made from, with the model's predicted reward (without the bonus
-        # the draw added: "greedy on the current model" ranks by the estimate), the business
-        # priority and whether the user explicitly likes it (parallel lists, ~50 entries: a
-        # few hundred bytes, no per-offer objects), and how many slots were drawn (with more
-        # than one, a choice's propensity is conditional on earlier picks; see bandit.py).
-        candidates = {
-            "ids": [o.offer_id for o in eligible],
-            "scores": predicted.round(6).tolist(),
-            "priorities": [o.priority for o in eligible],
-            "liked": [int(flag) for flag in liked_flags],
-            "slots": len(picks),
-        }
-        decision = Decision(decision_id, choices, HoldReason.NONE, version, arm)
-        return Draft(decision, features, plan, candidates, logged_segments)
-
-    def _decayed(self, signals: Sequence[Signal], now: float) -> dict[str, float]:
-        return {s.topic: decay(s, now, self._half_life) for s in signals}
-
-    def _log(
+    def _write(
         self,
         req: DecideRequest,
         decision: Decision,
@@ -453,27 +470,15 @@ class Decider:
             for c in decision.choices
             if c.offer_id in draft.features
         }
-        candidates = draft.candidates
-        payload = decision_to_log(decision)
-        payload.update(
-            ts=now,
-            # The user, by a keyed pseudonym only: whoever holds the log cannot test
-            # candidate ids against it. (The store keeps where the user's keys are beside
-            # the record, not in it, so a DISMISS still reaches their cooldowns.)
+        payload = decision_record(
+            decision,
+            req,
+            now=now,
             user=self._pseudonym(req.user_id),
-            channel=req.channel,
-            placement=req.placement,
-            numeric_context=dict(req.numeric_context),
-            categorical_context=dict(req.categorical_context),
+            segments=draft.segments,
+            candidates=draft.candidates,
+            features=features,
         )
-        if draft.segments is not None:
-            # The user's memberships (sensitive ones left out), for per-segment reporting.
-            payload["segments"] = draft.segments
-        if candidates is not None and decision.choices:
-            payload["candidates"] = candidates
-        if features:
-            # x of the (x, a, r, p) tuple: what the learner regresses the reward on.
-            payload["features"] = {offer_id: x.to_json() for offer_id, x in features.items()}
         return self._store.log_decision(
             user_id=req.user_id,
             decision=LoggedDecision(decision.decision_id, payload),
@@ -481,6 +486,56 @@ class Decider:
             learn_after=now + self._learning.reward_window_seconds if features else None,
             spend=spend,
         )
+
+    def _replay_winner(
+        self, req: DecideRequest, winner: str, mine: Decision, profile: Profile, now: float
+    ) -> Decision:
+        """A concurrent Decide with this request_id was logged first (a retry racing its
+        original): answer what it answered, as any later replay would. Its record was
+        written in the same write as its claim, so it is there; on a Redis Cluster it lives
+        on another node and may land a moment later, hence the few short waits."""
+        for attempt in range(REPLAY_WAIT_ATTEMPTS):
+            with contextlib.suppress(Unavailable):
+                logged = self._store.get_logged_decision(decision_id=winner, render=True)
+                if logged is not None:
+                    return self._replay(req, decision_from_log(logged.payload), profile, now)
+            if attempt + 1 < REPLAY_WAIT_ATTEMPTS:
+                time.sleep(REPLAY_WAIT_SECONDS)
+        # Nothing was counted or logged for this decision: it cannot be shown as made.
+        return replace(mine, choices=(), hold_reason=HoldReason.STORE_UNAVAILABLE)
+
+    def _replay(
+        self, req: DecideRequest, decision: Decision, profile: Profile, now: float
+    ) -> Decision:
+        """The decision this request_id got before, less anything the customer has declined
+        since (a replay never shows what they now refuse). It is the earlier answer again,
+        not a new one: an offer is not checked again for being active or on the channel."""
+        rules = HardRules.of(profile, now)
+        if req.channel in rules.opted_out:
+            return replace(decision, choices=(), hold_reason=HoldReason.CHANNEL_OPTED_OUT)
+        snapshot = self._catalog.last_snapshot()
+        offers, book = snapshot.offers, snapshot.segments
+        # Targeting is checked again too: a replay never shows what the user left a segment for.
+        inferred = self._inferred(profile, now)
+        members = frozenset(book.members_of(req, profile, rules.liked, rules.disliked, inferred))
+        kept = tuple(
+            c
+            for c in decision.choices
+            if c.offer_id in offers
+            and rules.allow(offers[c.offer_id])
+            and book.allows(offers[c.offer_id], members)
+        )
+        if len(kept) == len(decision.choices):
+            return decision
+        hold = decision.hold_reason if kept else HoldReason.NO_ELIGIBLE_OFFER
+        return replace(decision, choices=kept, hold_reason=hold)
+
+    def _inferred(self, profile: Profile, now: float) -> dict[str, float]:
+        """The user's inferred strengths, decayed to ``now``. Without consent, behaviour is not
+        even read into the view the model gets, nor into what segment rules read."""
+        if not profile.consent.inferred_personalization:
+            return {}
+        return {s.topic: decay(s, now, self._half_life) for s in profile.signals}
 
     def _count(self, decision: Decision, channel: str) -> None:
         _decisions_counter(self._channel_label(channel), decision.arm, decision.hold_reason).inc()

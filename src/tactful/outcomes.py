@@ -71,7 +71,7 @@ class Outcomes:
         of theirs back)."""
         logged = self._store.get_logged_decision(decision_id=report.decision_id)
         offer = self._catalog.last_known().get(report.offer_id)
-        # Records logged before the owner was kept beside them carry it as user_key.
+        # The owner is kept beside the record; one that carries it inside, as user_key, counts too.
         owner = None if logged is None else logged.owner or logged.payload.get("user_key")
         if not owner:
             return

@@ -4,11 +4,11 @@ segment reason of a choice, all evaluated in process."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tactful import segments as segment_rules
-from tactful.domain import Offer, Reason, ReasonCode, Segment
+from tactful.domain import DecideRequest, Offer, Profile, Reason, ReasonCode, Segment
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,27 @@ class SegmentBook:
     def __bool__(self) -> bool:
         return bool(self.by_id)
 
-    def members(self, given: segment_rules.SegmentInput) -> tuple[str, ...]:
-        """The ids of the segments ``given`` is in, in id order."""
+    def members_of(
+        self,
+        req: DecideRequest,
+        profile: Profile,
+        liked: frozenset[str],
+        disliked: frozenset[str],
+        inferred: Mapping[str, float],
+    ) -> tuple[str, ...]:
+        """The segments this user is in for this request, in id order: every segment of the
+        catalog evaluated once, in process. ``inferred`` is empty without consent."""
+        if not self.by_id:
+            return ()
+        given = segment_rules.SegmentInput(
+            attributes={a.name: (a.value, a.source.name) for a in profile.attributes},
+            liked=liked,
+            disliked=disliked,
+            inferred=segment_rules.squashed(inferred),
+            numeric_context=dict(req.numeric_context),
+            categorical_context=dict(req.categorical_context),
+            channel=req.channel,
+        )
         return tuple(segment_id for segment_id, predicate in self._evaluated if predicate(given))
 
     def allows(self, offer: Offer, members: frozenset[str]) -> bool:
