@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from tactful import bulk, runtime
-from tactful.core import ProfileService
 from tactful.domain import (
     AttributeSource,
     AttributesUpdate,
@@ -37,6 +36,7 @@ from tactful.domain import (
     TopicPreference,
 )
 from tactful.embedded_redis import EmbeddedRedis
+from tactful.profile_service import ProfileService
 from tactful.settings import Settings
 from tactful.store.redis_store import RedisStore
 

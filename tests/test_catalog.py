@@ -9,7 +9,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tactful.core import CatalogCache
+from tactful.caches import CatalogCache
 from tactful.domain import Offer, Segment
 from tactful.v1 import catalog_pb2 as c
 

@@ -28,7 +28,7 @@ from tactful.bandit import (
     prior_theta,
     project,
 )
-from tactful.core import ModelCache
+from tactful.caches import ModelCache
 from tactful.domain import Offer
 from tactful.features import (
     BIAS,

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tactful import keys
-from tactful.core import CatalogCache, Decider, ModelCache, ProfileService
+from tactful.caches import CatalogCache, ModelCache
+from tactful.decider import Decider
 from tactful.domain import (
     ChannelPreference,
     Consent,
@@ -30,6 +31,7 @@ from tactful.domain import (
     TopicPreference,
 )
 from tactful.features import FeatureSpace
+from tactful.profile_service import ProfileService
 
 from conftest import make_settings
 

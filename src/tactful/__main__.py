@@ -28,7 +28,8 @@ log = logging.getLogger("tactful")
 def serve(settings: Settings) -> int:
     # Imported here so `tactful settings` works without generated stubs.
     from tactful import demo
-    from tactful.core import CatalogCache, CatalogService
+    from tactful.caches import CatalogCache
+    from tactful.catalog_service import CatalogService
     from tactful.embedded_redis import EmbeddedRedis
     from tactful.transport.auth import check_serving
 

@@ -48,9 +48,11 @@ probability of the whole slate (in pick order) is the product of its choices' pr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,6 +254,36 @@ class Pick:
     index: int  # position in the candidate list
     propensity: float  # probability of this pick at its slot, given the picks before it
     explored: bool  # not the policy's best remaining offer
+
+
+class SlateDraws:
+    """The generators slates are drawn with, seeded by (process seed, user, request_id or
+    decision_id), as VW's explore library seeds from the event id: the same request with the
+    same inputs draws the same slate (reproducible tests and replays), different requests,
+    and different users reusing a request id, draw independently; no lock is shared between
+    threads.
+
+    The 128-bit state comes from BLAKE2b keyed with the process seed, and is set on the
+    serving thread's own PCG64: setting a state is far cheaper than seeding a fresh
+    ``default_rng`` (its SeedSequence) per Decide."""
+
+    def __init__(self, seed: int) -> None:
+        self._key = seed.to_bytes(8, "big")
+        self._thread = threading.local()  # one generator per serving thread
+
+    def generator(self, user_id: str, event_id: str) -> np.random.Generator:
+        key = f"{user_id}\x00{event_id}".encode("utf-8", "surrogatepass")
+        digest = hashlib.blake2b(key, digest_size=16, key=self._key).digest()
+        generator: np.random.Generator | None = getattr(self._thread, "generator", None)
+        if generator is None:
+            generator = self._thread.generator = np.random.Generator(np.random.PCG64(0))
+        generator.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(digest, "big"), "inc": 1},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return generator
 
 
 def igw_probabilities(predicted: FloatArray, gamma: float) -> FloatArray:

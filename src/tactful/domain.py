@@ -125,6 +125,12 @@ class Signal:
     observed_at: float  # epoch seconds
 
 
+def decay(signal: Signal, now: float, half_life_seconds: float) -> float:
+    """A signal's weight at ``now``: halved every ``half_life_seconds`` since it was seen."""
+    age = max(0.0, now - signal.observed_at)
+    return float(signal.weight * 0.5 ** (age / half_life_seconds))
+
+
 @dataclass(frozen=True, slots=True)
 class ObservedSignal:
     """A signal as RecordSignals receives it: ``observed_at`` None means "just now"."""

@@ -40,9 +40,9 @@ they enter the segment (``t:<topic>|s:<segment_id>``), and ``s:<segment_id>`` le
 put the segment's own base rate there rather than into the topics. They come last in each
 vector, after the offer's own hashed indices, one set per request (they depend on the user,
 not the offer, so the per-context caches above are untouched; the topic x segment indices of
-an offer are cached per (topics, memberships)). The core decides which memberships are
-features (``core.SegmentBook``): only segments whose rule reads neither ``likes``/``dislikes``
-nor ``inferred`` (else explicit or inferred evidence would enter through a hashed interaction
+an offer are cached per (topics, memberships)). ``segment_book.SegmentBook`` decides which
+memberships are features: only segments whose rule reads neither ``likes``/``dislikes`` nor
+``inferred`` (else explicit or inferred evidence would enter through a hashed interaction
 and escape the guarantee above), and never a sensitive segment (what a customer stated for
 targeting is used for targeting only: it does not shape every other offer's score, and it
 does not travel into the decision log and the learner's reward stream, which outlive no

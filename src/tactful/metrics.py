@@ -11,10 +11,16 @@ ignored in a single process); ``live*`` modes drop a process's value when it exi
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 # The *_created series double the exposition and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 LATENCY_BUCKETS = (
     0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.0075, 0.01,
@@ -161,36 +167,31 @@ REDIS_ERRORS = Counter(
     ["operation"],
 )
 
-# Labelled children looked up once each (``labels()`` takes a lock and builds a key per call).
-_redis_seconds: dict[str, Histogram] = {}
-_redis_errors: dict[str, Counter] = {}
-
-
-def redis_seconds(operation: str) -> Histogram:
-    child = _redis_seconds.get(operation)
-    if child is None:
-        child = _redis_seconds[operation] = REDIS_SECONDS.labels(operation)
-    return child
-
-
-def redis_errors(operation: str) -> Counter:
-    child = _redis_errors.get(operation)
-    if child is None:
-        child = _redis_errors[operation] = REDIS_ERRORS.labels(operation)
-    return child
-
-
 REDIS_RETRIES = Counter(
     "tactful_redis_retries_total",
     "Store operations tried again after a timeout or a dropped connection (within their "
     "budget), by operation: a healthy but busy Redis shows here, not in the errors.",
     ["operation"],
 )
-_redis_retries: dict[str, Counter] = {}
 
 
-def redis_retries(operation: str) -> Counter:
-    child = _redis_retries.get(operation)
-    if child is None:
-        child = _redis_retries[operation] = REDIS_RETRIES.labels(operation)
+def children(metric: M) -> Callable[..., M]:
+    """A lookup of ``metric``'s labelled children, each made once: ``labels()`` takes a lock
+    and builds its key on every call. Children are made on first use, so /metrics shows only
+    the series that happened; a racing double lookup gets the same child, so no lock here.
+    An enum among the label values is labelled by its name."""
+    memo: dict[tuple[Any, ...], M] = {}
+
+    def child(*values: Any) -> M:
+        found = memo.get(values)
+        if found is None:
+            labels = (v.name if isinstance(v, enum.Enum) else v for v in values)
+            found = memo[values] = metric.labels(*labels)
+        return found
+
     return child
+
+
+redis_seconds = children(REDIS_SECONDS)
+redis_errors = children(REDIS_ERRORS)
+redis_retries = children(REDIS_RETRIES)

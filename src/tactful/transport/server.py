@@ -17,15 +17,12 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from tactful import keys as redis_keys
-from tactful.core import (
-    CatalogCache,
-    CatalogService,
-    Decider,
-    ModelCache,
-    ProfileService,
-    RecentRules,
-)
+from tactful.caches import CatalogCache, ModelCache
+from tactful.catalog_service import CatalogService
+from tactful.decider import Decider
 from tactful.features import FeatureSpace
+from tactful.hard_rules import RecentRules
+from tactful.profile_service import ProfileService
 from tactful.settings import Settings
 from tactful.store import Store
 from tactful.transport import auth, health, receiving

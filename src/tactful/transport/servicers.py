@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import grpc
 
-from tactful.core import CatalogService, Decider, ProfileService
+from tactful.catalog_service import CatalogService
+from tactful.decider import Decider
+from tactful.profile_service import ProfileService
 from tactful.transport import converters as conv
 from tactful.v1 import (
     catalog_pb2,
