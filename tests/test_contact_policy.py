@@ -14,15 +14,14 @@ from hypothesis import strategies as st
 
 from tactful.contact_policy import (
     CARRY_SECONDS,
-    DAY_MARK,
     ContactPolicy,
     Limits,
     Window,
     carried_over,
-    counter_field,
 )
 from tactful.domain import Profile, QuietHours
 from tactful.settings import ContactSettings
+from tactful.store.codecs import DAY_MARK
 from tactful.store.scripts import CONSUME_CONTACTS_LUA
 
 POLICY = ContactPolicy(ContactSettings())
@@ -70,7 +69,7 @@ def test_the_lowest_applicable_cap_wins():
     limits = policy.limits("email", profile)
     assert limits == Limits(daily=5, channel=3, user=2, gap_seconds=0.0, interruptive=True)
     assert policy.capacity(10, window, limits, {}, 0.0, "email").remaining == 2
-    counts = {counter_field(window, "!"): 2}
+    counts = {("!", ""): 2}
     full = policy.capacity(10, window, limits, counts, 0.0, "email")
     assert full.remaining == 0 and full.open_again == 86400.0
     web = policy.limits("web", profile)  # the customer's own cap counts interruptions only

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from tactful.domain import Offer, Profile
+from tactful.domain import ContactCounter, Offer, Profile
 from tactful.settings import ContactSettings
 
 ALL_CHANNELS = "*"  # counter of every channel together
@@ -77,12 +77,6 @@ class Capacity:
     open_again: float | None
 
 
-#: The caps script's mark: the day every counter of the contacts hash belongs to. Named as a
-#: "last|<channel>" field because versions before the mark read such fields as a channel's
-#: last contact time, so they tolerate it during a rolling upgrade or a rollback (and no
-#: channel can be called "~day").
-DAY_MARK = "last|~day"
-
 #: A day that began more than this before today's is over, even if it was a long (25-hour) day
 #: of another zone; yesterday in the same zone always began at least this long before today.
 CARRY_SECONDS = 23 * 3600
@@ -102,9 +96,30 @@ def carried_over(start: float, window: Window, now: float) -> bool:
     return start != window.start and window.start - CARRY_SECONDS < start <= now
 
 
-def counter_field(window: Window | str, channel: str, offer_id: str = "") -> str:
-    key = window.key if isinstance(window, Window) else window
-    return f"{key}|{channel}|{offer_id}"
+#: Today's contacts, by (channel, offer_id): offer_id "" counts the channel as a whole, and
+#: the channels ``ALL_CHANNELS`` and ``INTERRUPTIVE`` count several channels together.
+Counts = Mapping[tuple[str, str], int]
+
+#: A channel's last contact this long ago no longer matters to any minimum gap: the caps
+#: script drops its mark.
+STALE_CONTACT_SECONDS = 30 * 86400
+
+
+def todays_counts(counters: Iterable[ContactCounter], window: Window, now: float) -> Counts:
+    """Today's counts in ``window``, with those of another zone's day that overlaps today
+    added in (``carried_over``: the customer changed time zone; the caps script folds them in
+    for good when it next consumes). Counters of past days are left out."""
+    counts: dict[tuple[str, str], int] = {}
+    for c in counters:
+        if c.window_start == window.start or carried_over(c.window_start, window, now):
+            key = (c.channel, c.offer_id)
+            counts[key] = counts.get(key, 0) + c.count
+    return counts
+
+
+def stale_channels(profile: Profile, now: float) -> tuple[str, ...]:
+    """The channels whose last contact is too old to matter (``STALE_CONTACT_SECONDS``)."""
+    return tuple(ch for ch, when in profile.last_contacts if when < now - STALE_CONTACT_SECONDS)
 
 
 class ContactPolicy:
@@ -157,7 +172,7 @@ class ContactPolicy:
         now: float,
         window: Window,
         limits: Limits,
-        counts: Mapping[str, int],
+        counts: Counts,
         last_contact: float,
         channel: str,
     ) -> Capacity:
@@ -170,13 +185,13 @@ class ContactPolicy:
             (limits.user, INTERRUPTIVE),
         ):
             if cap:
-                left = max(0, cap - counts.get(counter_field(window, counter), 0))
+                left = max(0, cap - counts.get((counter, ""), 0))
                 remaining = left if remaining < 0 else min(remaining, left)
         return Capacity(remaining, window.end if remaining == 0 else None)
 
-    def under_offer_cap(self, offer: Offer, window: Window, counts: Mapping[str, int]) -> bool:
+    def under_offer_cap(self, offer: Offer, counts: Counts) -> bool:
         cap = offer.max_per_user_per_day
-        return not cap or counts.get(counter_field(window, ALL_CHANNELS, offer.offer_id), 0) < cap
+        return not cap or counts.get((ALL_CHANNELS, offer.offer_id), 0) < cap
 
     def cooldown_fields(self, dismissed: Offer) -> list[str]:
         """What a DISMISS puts on cooldown: the offer (``o:<id>``) and, if configured, its

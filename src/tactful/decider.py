@@ -11,19 +11,25 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from tactful import metrics, scoring, validation
 from tactful.bandit import LinearModel, Pick, SlateDraws, pick_slate
 from tactful.caches import CatalogCache, ModelCache
-from tactful.contact_policy import ContactPolicy, Limits, Window, carried_over, counter_field
+from tactful.contact_policy import (
+    ContactPolicy,
+    Counts,
+    Limits,
+    Window,
+    stale_channels,
+    todays_counts,
+)
 from tactful.decision_log import candidates_record, decision_from_log, decision_record
 from tactful.domain import (
     Arm,
     Choice,
-    ContactCounter,
     DecideRequest,
     Decision,
     HoldReason,
@@ -40,7 +46,7 @@ from tactful.outcomes import Outcomes
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.segment_book import SegmentBook, with_segment
 from tactful.settings import PolicySettings, Settings
-from tactful.store import ContactSpend, LoggedDecision, RequestTaken, Store
+from tactful.store import ContactSpend, DecisionInputs, LoggedDecision, RequestTaken, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +67,12 @@ REPLAY_WAIT_SECONDS = 0.002
 @dataclass(frozen=True, slots=True)
 class ContactPlan:
     """What consuming a decision's contacts needs: the user's day, the caps on this channel,
-    and old fields to drop (counters of other days are the caps script's to fold or drop)."""
+    and the channels whose last contact is too old to keep (counters of other days are the
+    caps script's to fold or drop)."""
 
     window: Window
     limits: Limits
-    stale: tuple[str, ...]
+    stale: tuple[str, ...]  # channels
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +127,7 @@ class Room(NamedTuple):
     """What today's counters (from the one read) still allow on the request's channel."""
 
     plan: ContactPlan
-    counts: dict[str, int]
+    counts: Counts
     slots: int  # how many offers to draw: no more than the caps let through
 
 
@@ -210,7 +217,7 @@ class Decider:
             read_at = time.monotonic()
             inputs = self._store.read_for_decision(user_id=req.user_id, request_id=req.request_id)
             profile = inputs.profile
-            replay = _fresh_replay(inputs.replay_decision_id, now, self._policy)
+            replay = _fresh_replay(inputs, now, self._policy)
             if replay:
                 logged = self._store.get_logged_decision(decision_id=replay, render=True)
                 if logged is not None:
@@ -258,7 +265,7 @@ class Decider:
         if quiet_until is not None:
             raise turn.hold(HoldReason.QUIET_HOURS, quiet_until)
         window = self._contacts.window(now, profile)
-        counts = _todays_counts(profile.contact_counters, window, now)
+        counts = todays_counts(profile.contact_counters, window, now)
         limits = self._contacts.limits(req.channel, profile)
         last_contact = dict(profile.last_contacts).get(req.channel, 0.0)
         capacity = self._contacts.capacity(now, window, limits, counts, last_contact, req.channel)
@@ -267,8 +274,7 @@ class Decider:
         slots = req.slots or 1
         if capacity.remaining > 0:
             slots = min(slots, capacity.remaining)
-        stale = tuple(f"last|{ch}" for ch, when in profile.last_contacts if when < now - 86400 * 30)
-        return Room(ContactPlan(window, limits, stale), counts, slots)
+        return Room(ContactPlan(window, limits, stale_channels(profile, now)), counts, slots)
 
     def _eligible(self, turn: Turn) -> Audience:
         """Hard rules before any score: the model only ever ranks what the customer allows,
@@ -287,7 +293,7 @@ class Decider:
     def _under_offer_caps(self, turn: Turn, room: Room, audience: Audience) -> list[Offer]:
         """The eligible offers not yet at their own daily cap for this user."""
         window, counts = room.plan.window, room.counts
-        offers = [o for o in audience.offers if self._contacts.under_offer_cap(o, window, counts)]
+        offers = [o for o in audience.offers if self._contacts.under_offer_cap(o, counts)]
         if not offers:
             raise turn.hold(HoldReason.FATIGUE_CAP, window.end, audience.segments)
         return offers
@@ -327,7 +333,7 @@ class Decider:
             offers,
             liked=liked_flags,
             inferred=[squash(view.strongest_inferred(offer)[1]) for offer in offers],
-            contacts_today=room.counts.get(counter_field(room.plan.window, req.channel), 0),
+            contacts_today=room.counts.get((req.channel, ""), 0),
             segments=book.features(audience.member_ids, self._max_feature_segments) if book else (),
         )
         return batch, liked_flags
@@ -565,26 +571,10 @@ _served_counter = metrics.children(metrics.OFFERS_SERVED)  # channel, arm
 _choices_counter = metrics.children(metrics.CHOICES)  # reason code
 
 
-def _fresh_replay(stored: str | None, now: float, policy: PolicySettings) -> str | None:
-    """The decision a request_id points to, if it was made within TACTFUL_REQUEST_ID_TTL_SECONDS
-    (stored as "decision_id|time"); an older one is a new request."""
-    if not stored:
+def _fresh_replay(inputs: DecisionInputs, now: float, policy: PolicySettings) -> str | None:
+    """The decision a request_id points to, if it was made within
+    TACTFUL_REQUEST_ID_TTL_SECONDS; an older one is a new request."""
+    made_at = inputs.replay_made_at
+    if made_at is not None and now - made_at > policy.request_id_ttl_seconds:
         return None
-    decision_id, _, made_at = stored.partition("|")
-    if made_at and now - float(made_at) > policy.request_id_ttl_seconds:
-        return None
-    return decision_id
-
-
-def _todays_counts(
-    counters: Iterable[ContactCounter], window: Window, now: float
-) -> dict[str, int]:
-    """Today's counts by field of ``window``, with those of another zone's day that overlaps
-    today added in (``carried_over``: the customer changed time zone; the caps script folds
-    them in for good when it next consumes). Counters of past days are left out."""
-    counts: dict[str, int] = {}
-    for c in counters:
-        if c.window_start == window.start or carried_over(c.window_start, window, now):
-            field = counter_field(window, c.channel, c.offer_id)
-            counts[field] = counts.get(field, 0) + c.count
-    return counts
+    return inputs.replay_decision_id or None

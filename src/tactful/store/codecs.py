@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from tactful import validation
-from tactful.contact_policy import CARRY_SECONDS, COUNTERS_TTL_SECONDS, DAY_MARK
+from tactful.contact_policy import CARRY_SECONDS, COUNTERS_TTL_SECONDS
 from tactful.domain import (
     Attribute,
     AttributeSource,
@@ -227,13 +227,22 @@ def profile_write(reply: Any) -> ProfileWrite:
 
 # --- contacts -----------------------------------------------------------------------------
 
+#: The contacts hash's field of when a channel was last used: "last|<channel>".
+LAST_CONTACT = "last|"
+
+#: The caps script's mark: the day every counter of the contacts hash belongs to. Named as a
+#: "last|<channel>" field because versions before the mark read such fields as a channel's
+#: last contact time, so they tolerate it during a rolling upgrade or a rollback (and no
+#: channel can be called "~day").
+DAY_MARK = LAST_CONTACT + "~day"
+
 
 def consume_args(spend: ContactSpend) -> list[Any]:
     """``lua/consume_contacts.lua``'s ARGV."""
     out: list[Any] = [spend.day, repr(spend.now), spend.channel, *spend.caps]
     out += [int(spend.interruptive), spend.gap_seconds, COUNTERS_TTL_SECONDS, spend.slots]
     out += [spend.decision_id, spend.request_id, spend.request_id_ttl_seconds]
-    out += [CARRY_SECONDS, DAY_MARK, len(spend.stale), *spend.stale]
+    out += [CARRY_SECONDS, DAY_MARK, len(spend.stale), *(LAST_CONTACT + ch for ch in spend.stale)]
     for offer_id, cap in spend.ranked:
         out += [offer_id, cap]
     return out
@@ -248,6 +257,13 @@ def consumed_offers(reply: Sequence[Any]) -> list[str]:
 
 
 # --- decoding a profile -------------------------------------------------------------------
+
+
+def decode_claim(value: str) -> tuple[str, float | None]:
+    """A request id's claim, "<decision_id>|<made at>": the decision, and when it was made
+    (None when the claim holds no time)."""
+    decision_id, _, made_at = value.partition("|")
+    return decision_id, float(made_at) if made_at else None
 
 
 def split_ts(value: str) -> tuple[str, float]:

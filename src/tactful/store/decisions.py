@@ -49,11 +49,14 @@ class DecisionOperations(RedisBase):
         replies = self._run(
             "read_for_decision", lambda: self._round_trip(commands), budget=self.render
         )
+        claim = replies[7] if request_id else None
+        replay_decision_id, replay_made_at = codecs.decode_claim(claim) if claim else (None, None)
         return DecisionInputs(
             profile=codecs.decode_profile_replies(user_id, replies[:5]),
             catalog_version=int(replies[5] or 0),
             model_version=int(replies[6] or 0),
-            replay_decision_id=replies[7] if request_id else None,
+            replay_decision_id=replay_decision_id,
+            replay_made_at=replay_made_at,
         )
 
     def add_cooldowns(

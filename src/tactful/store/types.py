@@ -28,6 +28,7 @@ class DecisionInputs:
     catalog_version: int
     model_version: int  # 0: no model published yet (the prior)
     replay_decision_id: str | None  # set when this request_id was already decided
+    replay_made_at: float | None = None  # when that decision was made (None: not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,7 @@ class ContactSpend:
     interruptive: bool
     gap_seconds: float
     slots: int
-    stale: Sequence[str]  # other fields to drop ("last|<channel>" of long ago)
+    stale: Sequence[str]  # channels whose last contact is too old to keep
     ranked: Sequence[tuple[str, int]]  # (offer_id, offer's own cap), best first
     decision_id: str = ""  # what the spend is for: a resent write counts nothing twice
     request_id: str = ""  # claimed by the script: "" for none
