@@ -63,9 +63,6 @@ DEFAULT_BATCH = 500
 STORE_ERRORS: tuple[type[Exception], ...] = (Unavailable, *STORE_DOWN_ERRORS)
 
 
-# --- the commands --------------------------------------------------------------------------
-
-
 class Progress:
     """A one-line counter with its rate on a terminal, redrawn at most every 0.2 s; silent
     when off. ``clear`` before writing anything else to the same stream."""

@@ -86,9 +86,9 @@ plus operators). A rule over any of them is refused. Canonical text never nests 
 its tree, so whatever was accepted is accepted again from ``unparse``.
 
 Sensitive segments (``check_sensitive``) may only read ``stated.*`` attributes, ``likes``
-and ``dislikes``: what the customer told us themselves. Inferred signals are refused (issue
-8); so are ``attr.*`` (the value may be IMPORTED: a system of record's fact the customer did
-not give us to be targeted with), ``ctx.*`` (a page or a search sent as context is behaviour,
+and ``dislikes``: what the customer told us themselves. Inferred signals are refused; so
+are ``attr.*`` (the value may be IMPORTED: a system of record's fact the customer did not
+give us to be targeted with), ``ctx.*`` (a page or a search sent as context is behaviour,
 i.e. inference by another name) and ``channel`` (nothing about the person, but the offer's
 own channel list already says where it may go, so nothing is lost by keeping the rule
 strictly about what was stated).
