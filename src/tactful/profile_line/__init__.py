@@ -36,7 +36,7 @@ from tactful.profile_line.fast import _fast_record
 from tactful.profile_line.general import _general_record
 from tactful.profile_line.write import to_line
 
-__all__ = ["_fast_record", "_general_record", "parse_line", "to_line"]
+__all__ = ["parse_line", "to_line"]
 
 
 def parse_line(raw: bytes | str, now: float) -> ProfileRecord:

@@ -1,6 +1,9 @@
 """One settings object, read from ``TACTFUL_*`` environment variables and validated at start.
 
 Every field documents itself: ``python -m tactful settings`` prints the table the README shows.
+Each group of settings has a module (``server``, ``redis``, ``policy``, ``learning``,
+``security``), and ``fields`` says how a setting is declared and read; this one holds them
+together and checks what is wrong only across groups.
 """
 
 from __future__ import annotations
