@@ -12,8 +12,7 @@ compares the two on good and bad lines).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tactful import validation
 from tactful.domain import (
@@ -93,6 +92,7 @@ def _fast_updated_at(value: Any, now: float) -> float:
 
 
 def _fast_checked(data: dict[str, Any], now: float) -> ProfileRecord:
+    global _TIME_ZONES
     if not data.keys() <= FIELDS:
         raise _Refused
     user_id = data.get("user_id")
@@ -107,8 +107,27 @@ def _fast_checked(data: dict[str, Any], now: float) -> ProfileRecord:
         type(max_per_day) is not int or not 0 <= max_per_day <= validation.MAX_MESSAGES_PER_DAY
     ):
         raise _Refused
-    quiet = _fast_quiet(data["quiet_hours"]) if "quiet_hours" in data else None
-    consent = _fast_consent(data["consent"], now) if "consent" in data else None
+    quiet = consent = None
+    if "quiet_hours" in data:
+        value = data["quiet_hours"]
+        if type(value) is not dict or value.keys() != QUIET.allowed:
+            raise _Refused
+        start, end, zone = value["start_hour"], value["end_hour"], value["time_zone"]
+        if type(start) is not int or type(end) is not int or type(zone) is not str:
+            raise _Refused
+        if _TIME_ZONES is None:
+            _TIME_ZONES = validation._time_zones()
+        if not (0 <= start <= 23 and 0 <= end <= 23 and zone in _TIME_ZONES):
+            raise _Refused
+        quiet = QuietHours(start, end, zone)
+    if "consent" in data:
+        value = data["consent"]
+        if type(value) is not dict or not value.keys() <= CONSENT.allowed:
+            raise _Refused
+        given = value.get("inferred_personalization")
+        if type(given) is not bool:
+            raise _Refused
+        consent = Consent(given, _fast_updated_at(value.get("updated_at"), now))
     topics: tuple[TopicPreference, ...] = ()
     if "topic_preferences" in data:
         topics = _fast_preferences(data["topic_preferences"], _TOPICS, now)
@@ -125,31 +144,7 @@ def _fast_checked(data: dict[str, Any], now: float) -> ProfileRecord:
     return ProfileRecord(user_id, preferences, attributes, signals)
 
 
-def _fast_quiet(value: Any) -> QuietHours:
-    global _TIME_ZONES
-    if type(value) is not dict or value.keys() != QUIET.allowed:
-        raise _Refused
-    start, end, zone = value["start_hour"], value["end_hour"], value["time_zone"]
-    if type(start) is not int or type(end) is not int or type(zone) is not str:
-        raise _Refused
-    if _TIME_ZONES is None:
-        _TIME_ZONES = validation._time_zones()
-    if not (0 <= start <= 23 and 0 <= end <= 23 and zone in _TIME_ZONES):
-        raise _Refused
-    return QuietHours(start, end, zone)
-
-
-def _fast_consent(value: Any, now: float) -> Consent:
-    if type(value) is not dict or not value.keys() <= CONSENT.allowed:
-        raise _Refused
-    given = value.get("inferred_personalization")
-    if type(given) is not bool:
-        raise _Refused
-    return Consent(given, _fast_updated_at(value.get("updated_at"), now))
-
-
-@dataclass(frozen=True, slots=True)
-class _PreferenceList:
+class _PreferenceList(NamedTuple):
     """A list of preferences, each a name (``name``, matching ``name_ok``), a setting
     (``setting``: a ``setting_type`` among ``settings``, which maps it to what the record
     holds) and an optional ``updated_at``. The setting's type is checked before it is looked
@@ -182,8 +177,7 @@ def _fast_preferences(value: Any, kind: _PreferenceList, now: float) -> tuple[An
     """Topic or channel preferences: each name once, each setting one the API knows."""
     if type(value) is not list or len(value) > validation.MAX_PREFERENCES:
         raise _Refused
-    allowed, name_field, name_ok = kind.allowed, kind.name, kind.name_ok
-    setting_field, setting_type, settings = kind.setting, kind.setting_type, kind.settings
+    allowed, name_field, name_ok, setting_field, setting_type, settings, make = kind
     seen: set[str] = set()
     built = []
     for item in value:
@@ -200,7 +194,7 @@ def _fast_preferences(value: Any, kind: _PreferenceList, now: float) -> tuple[An
             raise _Refused
         seen.add(name)
         at = _fast_updated_at(item.get("updated_at"), now)
-        built.append(kind.make(name, settings[setting], at))
+        built.append(make(name, settings[setting], at))
     return tuple(built)
 
 
