@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tactful import bulk, keys, validation
+from tactful import bulk, keys, profile_line, validation
 from tactful.__main__ import main
 from tactful.domain import (
     AttributeSource,
@@ -614,9 +614,9 @@ def test_the_fast_path_returns_only_what_the_general_path_would(text):
     """``_fast_record`` must return, for a line it takes, the record the general path
     returns, and leave every line the general path refuses to it (to be reported as ever)."""
     data = json.loads(text)
-    fast = bulk._fast_record(data, NOW)
+    fast = profile_line._fast_record(data, NOW)
     try:
-        general = bulk._general_record(data, NOW)
+        general = profile_line._general_record(data, NOW)
     except InvalidArgument:
         assert fast is None
     else:

@@ -1,4 +1,4 @@
-"""The segment rule language (src/tactful/segments.py): parsing, errors with positions, limits,
+"""The segment rule language (src/tactful/segments/): parsing, errors with positions, limits,
 canonical text, evaluation, the sensitive guard. Pure Python: no Redis, no gRPC."""
 
 from __future__ import annotations

@@ -135,7 +135,16 @@ class DecisionKeys:
 
     @classmethod
     def of(cls, decision_id: str) -> DecisionKeys:
-        base = f"{PREFIX}:{{d:{decision_id}}}"
+        return cls._of_base(f"{PREFIX}:{{d:{decision_id}}}")
+
+    @classmethod
+    def of_record(cls, record: str) -> DecisionKeys:
+        """The keys of the decision whose record is ``record`` (a key SCAN found by
+        ``decision_records()``), without reading the decision id out of it."""
+        return cls._of_base(record.removesuffix(":decision"))
+
+    @classmethod
+    def _of_base(cls, base: str) -> DecisionKeys:
         return cls(f"{base}:decision", f"{base}:outcomes", f"{base}:owner")
 
 
@@ -151,6 +160,11 @@ def import_keys(digest: str) -> tuple[str, str, str, str]:
     base = f"{USER_PREFIX}{digest}}}"
     profile = f"{base}:profile"
     return profile, f"{base}:attributes", f"{base}:signals", erasure_fence(profile)
+
+
+def decision_records() -> str:
+    """The SCAN pattern of every decision's record (``DecisionKeys.record``)."""
+    return f"{PREFIX}:{{d:*}}:decision"
 
 
 def erasure_fence(user_key: str) -> str:
