@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from tactful import validation
+from tactful import keys, validation
 from tactful.contact_policy import CARRY_SECONDS, COUNTERS_TTL_SECONDS
 from tactful.domain import (
     Attribute,
@@ -299,9 +299,20 @@ def decode_profile(
     )
 
 
+def profile_reads(k: keys.UserKeys) -> list[tuple[str, str]]:
+    """The commands that read a user's profile: its five hashes, in ``decode_profile``'s
+    order (``decode_profile_replies`` reads their replies)."""
+    return [
+        ("HGETALL", k.profile),
+        ("HGETALL", k.signals),
+        ("HGETALL", k.contacts),
+        ("HGETALL", k.cooldowns),
+        ("HGETALL", k.attributes),
+    ]
+
+
 def decode_profile_replies(user_id: str, replies: Iterable[Any]) -> Profile:
-    """The profile from the HGETALL replies of its five hashes, in ``decode_profile``'s
-    order."""
+    """The profile from the replies to ``profile_reads``."""
     return decode_profile(user_id, *(as_dict(reply) for reply in replies))
 
 

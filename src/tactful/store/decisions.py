@@ -36,11 +36,7 @@ class DecisionOperations(RedisBase):
     def read_for_decision(self, *, user_id: str, request_id: str) -> DecisionInputs:
         k = keys.UserKeys.of(user_id)
         commands: list[Command] = [
-            ("HGETALL", k.profile),
-            ("HGETALL", k.signals),
-            ("HGETALL", k.contacts),
-            ("HGETALL", k.cooldowns),
-            ("HGETALL", k.attributes),
+            *codecs.profile_reads(k),
             ("GET", keys.CATALOG_VERSION),
             ("GET", keys.MODEL_CURRENT),
         ]

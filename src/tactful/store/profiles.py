@@ -35,15 +35,12 @@ class ProfileOperations(RedisBase):
 
         def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            pipe.hgetall(k.profile)
-            pipe.hgetall(k.signals)
-            pipe.hgetall(k.contacts)
-            pipe.hgetall(k.cooldowns)
-            pipe.hgetall(k.attributes)
+            for command in codecs.profile_reads(k):
+                pipe.execute_command(*command)
             return pipe.execute()
 
         replies = self._run("get_profile", read, budget=self.write)
-        return codecs.decode_profile(user_id, *replies)
+        return codecs.decode_profile_replies(user_id, replies)
 
     def set_preferences(self, *, update: PreferencesUpdate, now: float) -> Profile:
         """Merge the preferences and return the profile right after, atomically (one script:
