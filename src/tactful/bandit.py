@@ -19,15 +19,15 @@ Uncertainty. The learner also keeps ``diag(A)`` (``l2 + sum x_i^2`` per feature,
 update) and publishes ``variance = 1 / diag(A)`` with every version: the variance of each
 weight in a diagonal posterior, the approximation Chapelle & Li use for Thompson sampling.
 It is d floats (4 KB at the default 9 hash bits, 131 KB at the most, 14), where the full
-``A^-1`` would be d^2 (1 MB as float32 every 50 ms at 9 bits; 1 GB at 14), so it goes with
-every version at no cost worth counting. Not ``diag(A^-1)``: features that always occur
+``A^-1`` would be d^2 (1 MB as float32 with every version at 9 bits; 1 GB at 14), so it goes
+with every version at no cost worth counting. Not ``diag(A^-1)``: features that always occur
 together (an offer's id and its topic in the same context) share their evidence in
 ``A^-1``, whose diagonal then stays near ``(1 - 1/k) / l2`` however often they are seen, so
-it stops telling a known offer from a new one; offline on the digits bench it did worse than
-the full ``A^-1`` (0.843 against 0.864 mean reward, 10 seeds) and ``1/diag(A)`` did as well
-(0.866; README "Learning"). The explicit-like and inferred-interest variances are always 0
-(the learner zeroes them, and so does every server loading a snapshot): two offers equal but
-for that evidence get the same bonus, so the guarantee above holds with a bonus too.
+it stops telling a known offer from a new one; offline it did worse than the full ``A^-1``,
+and ``1/diag(A)`` did as well (bench/README.md, "Other measured figures"). The explicit-like
+and inferred-interest variances are always 0 (the learner zeroes them, and so does every
+server loading a snapshot): two offers equal but for that evidence get the same bonus, so
+the guarantee above holds with a bonus too.
 
 Policy. The policy's score of an offer with features x is its predicted reward plus an
 optimism bonus, ``theta . x + c * sqrt(sum_i x_i^2 variance_i)`` with c =

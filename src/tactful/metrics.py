@@ -120,7 +120,7 @@ CATALOG_RELOADS = Counter(
     "tactful_catalog_reloads_total", "Times this process reloaded the offer catalog."
 )
 # A number, not an Info with a version label: multiprocess mode has no Info, and a label per
-# version would grow one series per model published (every 50 ms).
+# version would grow one series per model published.
 MODEL_VERSION = Gauge(
     "tactful_model_version",
     "The model version decided with (0: the prior); over several worker processes, the newest "

@@ -290,7 +290,7 @@ def _users(
                 consent=bool(consents),
                 signals=signals,
                 # Drawn last, and only when someone may state it: with the default share of
-                # 0 a seed gives the same users as before personas could be stated.
+                # 0 a seed gives the same users whether or not this field exists.
                 states_persona=persona_share > 0 and bool(rng.random() < persona_share),
             )
         )

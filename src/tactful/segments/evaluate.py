@@ -43,7 +43,7 @@ class SegmentInput:
 
 
 def squashed(decayed: Mapping[str, float]) -> dict[str, float]:
-    """``SegmentInput.inferred`` from the decayed weight per topic (``Decider._decayed``): the
+    """``SegmentInput.inferred`` from the decayed weight per topic (``Decider._inferred``): the
     strength in [0, 1) the model sees. Pass nothing (``{}``) for a user without consent."""
     return {topic: squash(weight) for topic, weight in decayed.items()}
 

@@ -123,8 +123,7 @@ class SegmentSettings:
         "TACTFUL_MAX_SEGMENTS",
         100,
         "Most segments the catalog holds (a PutSegment of a new one past it is "
-        "FAILED_PRECONDITION). Every Decide evaluates them all, in process, a microsecond or "
-        "so each.",
+        "FAILED_PRECONDITION). Every Decide evaluates them all, in process.",
         min=0,
         max=10_000,
     )

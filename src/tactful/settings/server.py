@@ -38,7 +38,7 @@ class ServerSettings:
         "TACTFUL_WORKERS",
         1,
         "Server processes sharing the gRPC port (SO_REUSEPORT; the kernel spreads connections, "
-        "not calls, over them). 1: one process, as before. More: a supervisor process starts "
+        "not calls, over them). 1: one process. More: a supervisor process starts "
         "the embedded redis-server, the workers and one learner process, restarts any that "
         "dies, and serves /metrics summed over them. Python runs one core per process: up to "
         "the cores left once redis-server has one.",
@@ -59,7 +59,7 @@ class ServerSettings:
         "message has arrived (health and reflection have threads of their own). Python runs "
         "one of them at a time (the GIL): "
         "more threads than it takes to cover the Redis round trips only add contention "
-        "(bench/capacity.py: 16 threads served 93 Decides/s past capacity, 4 held 640/s). "
+        '(bench/README.md, "Other measured figures"). '
         "Raise it when Redis is far away (each thread waits out two round trips per Decide).",
         min=1,
         max=1024,

@@ -15,13 +15,10 @@ RESOURCE_EXHAUSTED, without a thread. (A call that streams its requests waits fo
 ones in its thread: ``requests_within`` bounds each wait.)
 
 Why not grpc.aio (requests received on an event loop, the core run in a thread pool), which
-does the same with public APIs only: it was built and measured (tests passed), and on the
-2-core machine the benchmarks run on its event loop competes for the GIL with the threads
-running Decide, and accepts calls one after another. An echo behind a thread pool missed its
-50 ms deadline on 3,370 to 3,750 of 4,000 calls at 1,000 calls/s, where the synchronous
-server, with or without this executor, answered all; tactful offered 500 Decides/s (past its
-capacity) answered 25 to 330 of 2,500 in time on grpc.aio, 1,400 to 1,700 on the synchronous
-server, with or without this executor.
+does the same with public APIs only: on a machine of few cores its event loop competes for
+the GIL with the threads running Decide and accepts calls one after another, so past
+capacity far fewer calls are answered within their deadline (bench/README.md, "Other
+measured figures").
 
 What this leans on is gRPC's private server module (grpc/_server.py, grpcio pinned in
 pyproject.toml): the arguments its server gives submit(), a call's state and its receive
