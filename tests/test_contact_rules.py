@@ -185,6 +185,9 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
             # STORE_UNAVAILABLE (tests/test_breaker.py covers that).
             TACTFUL_REDIS_SOCKET_TIMEOUT_MS="1000",
             TACTFUL_REDIS_BREAKER_FAILURE_RATE="0",
+            # Above the burst's 48 calls at once: how many calls the overload limit sheds
+            # depends on how busy the machine is, and the test needs most of them answered.
+            TACTFUL_MAX_CONCURRENT_RPCS="64",
         )
         for port in ports
     ]
@@ -198,7 +201,7 @@ def test_500_concurrent_decides_across_two_processes_never_pass_the_cap(
             try:
                 return decide(stubs[i % 2], user="busy-user", channel="email", slots=2)
             except grpc.RpcError as error:
-                # Shed by the overload limit (set lower than this burst): not shown.
+                # Shed by the overload limit (none should be, see above): not shown.
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 return None
 
