@@ -1,44 +1,53 @@
-"""Learner throughput: how many rewards per second the learner applies.
+"""Learner throughput: how many rewards per second the learner applies, today's learner
+against the one before issue 16, in the same run.
 
-Two measurements, on feature vectors shaped like a Decide's (a catalog of 200 offers over 30
-topics, 1 to 3 topics each; requests on 3 channels, 4 placements, every hour, two
-categorical and four numeric context values), featurized by tactful's own ``FeatureSpace``:
+Feature vectors are shaped like a Decide's (a catalog of 200 offers over 30 topics, 1 to 3
+topics each; requests on 3 channels, 4 placements, every hour, two categorical and four
+numeric context values), featurized by tactful's own ``FeatureSpace``. Three measurements:
 
-* ``update``: ``RidgeLearner.update`` alone, in this process, at several hash sizes
-  (``--bits``): the cost of one reward in the model, nothing else. Each size runs for at most
-  ``--seconds`` or ``--updates`` updates, whichever comes first.
-* ``learner``: the whole learner at the default hash size against a real redis-server
-  (tactful's embedded one, in a temporary directory): ``--rewards`` rewards are put on the
-  reward stream first, then one ``Learner`` reads, applies, publishes and checkpoints until
-  it has applied them all. Rewards/s counts from its start to the last one applied.
+* ``model``: the reward model alone, in this process: the old ``RidgeLearner.update`` (full
+  ``A^-1``, one reward at a time) at 9 to 11 hash bits, and today's
+  ``OnlineRegression.learn`` in batches of a stream read (``learner.READ_COUNT``) at the
+  default space and at 2^20.
+* ``learners``: whole learner processes against a real redis-server (tactful's embedded one,
+  in a temporary directory): ``--rewards`` rewards are put on the reward stream first, then
+  1, 2 and 4 ``tactful learn`` loops (``Learner.run``, separate processes, released together)
+  read, apply, hand on deltas, merge, publish and save until every reward is in the saved
+  state. Rewards/s counts from the release to that moment.
 
-The target (issue 16) is at least 50,000 rewards/s for one learner at the default feature
-space; several learners sharing one stream are not possible yet (one holds the lease), so
-that row is reported as not measured.
+The target (issue 16) is at least 50,000 rewards/s for one learner at the default space, and
+throughput that grows with the number of learners.
 
-    .venv/bin/python bench/learner_throughput.py [--bits 9,10,11,12] [--rewards 20000]
+    .venv/bin/python bench/learner_throughput.py [--rewards 100000] [--learners 1,2,4]
+        [--bits 18,20]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import orjson
+from old_ridge import RidgeLearner
 
-from tactful.bandit import RidgeLearner
+from tactful import keys
+from tactful.bandit import prior_theta
 from tactful.domain import Offer
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.features import FeatureSpace, RequestContext, SparseVector, UserEvidence
-from tactful.keys import OUTCOME_STREAM
-from tactful.learner import Learner
-from tactful.settings import LearningSettings, Settings
+from tactful.learner import READ_COUNT, Learner
+from tactful.regression import OnlineRegression, batch_of
+from tactful.settings import Settings
 from tactful.store.model_store import ModelStore
 from tactful.store.wire import connect
 
@@ -75,92 +84,160 @@ def vectors(space: FeatureSpace, seed: int) -> Iterator[SparseVector]:
         yield space.featurize(ctx, rng.choice(offers), evidence)
 
 
-def update_rate(bits: int, *, seconds: float, most: int, seed: int) -> dict[str, float]:
+def old_model_rate(bits: int, *, seconds: float, seed: int) -> dict[str, float]:
     space = FeatureSpace(bits)
     learner = RidgeLearner(space, l2=1.0, kappa=1.0)
     stream = vectors(space, seed)
-    batch = [next(stream) for _ in range(min(most, 2_000))]
+    batch = [next(stream) for _ in range(2_000)]
     rewards = np.random.default_rng(seed).random(len(batch)) < 0.1
     done = 0
     started = time.perf_counter()
-    while done < most and time.perf_counter() - started < seconds:
-        i = done % len(batch)
-        learner.update(batch[i], float(rewards[i]))
+    while time.perf_counter() - started < seconds:
+        learner.update(batch[done % len(batch)], float(rewards[done % len(batch)]))
         done += 1
-    elapsed = time.perf_counter() - started
-    nnz = float(np.mean([len(set(x.indices)) for x in batch]))
-    return {"bits": bits, "dim": space.dim, "nnz": nnz, "updates": done, "rate": done / elapsed}
+    return {"bits": bits, "rate": done / (time.perf_counter() - started)}
 
 
-def learner_rate(rewards: int, *, seed: int) -> dict[str, float]:
-    settings = Settings.from_env({})
-    learning: LearningSettings = settings.learning
-    space = FeatureSpace(learning.hashed_bits, learning.feature_set)
+def model_rate(bits: int, *, seconds: float, seed: int) -> dict[str, float]:
+    space = FeatureSpace(bits)
+    model = OnlineRegression(space, l2=1.0, rate=1.0, prior=prior_theta(space.dim))
+    stream = vectors(space, seed)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(8):
+        xs = [next(stream) for _ in range(READ_COUNT)]
+        rewards = (rng.random(len(xs)) < 0.1).astype(float).tolist()
+        batches.append(
+            batch_of(
+                [(list(x.indices), list(x.values), [list(b) for b in x.blocks]) for x in xs],
+                rewards,
+            )
+        )
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch = batches[(done // READ_COUNT) % len(batches)]
+        model.learn(batch)
+        done += len(batch)
+    return {"bits": bits, "rate": done / (time.perf_counter() - started)}
+
+
+def fill_stream(client: Any, space: FeatureSpace, rewards: int, seed: int) -> None:
     stream = vectors(space, seed)
     rng = random.Random(seed)
+    now = time.time()
+    for start in range(0, rewards, 2_000):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(rewards, start + 2_000)):
+            x = orjson.dumps(next(stream).to_json())
+            reward = 1.0 if rng.random() < 0.1 else 0.0
+            fields = {"d": f"decision-{i}", "o": "offer", "r": reward, "x": x, "t": now}
+            pipe.xadd(keys.OUTCOME_STREAM, fields)
+        pipe.execute()
+
+
+def learner_process(url: str, bits: int, name: str, ready: Any, go: Any, stop: Any) -> None:
+    settings = Settings.from_env({"TACTFUL_FEATURE_HASH_BITS": str(bits)})
+    client = connect(url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4)
+    learner = Learner(
+        ModelStore(client), FeatureSpace(bits), settings.learning, consumer=name, leader=False
+    )
+    ready.set()
+    go.wait()
+    halt = threading.Event()
+    watcher = threading.Thread(target=lambda: (stop.wait(), halt.set()), daemon=True)
+    watcher.start()
+    learner.run(halt)
+
+
+def all_saved(client: Any, total: int) -> bool:
+    """Every reward delivered, none pending, no delta waiting: all in the saved state."""
+    groups = client.xinfo_groups(keys.OUTCOME_STREAM)
+    read = sum(int(g.get("entries-read") or 0) for g in groups)
+    pending = sum(int(g["pending"]) for g in groups)
+    last = [g["last-delivered-id"] for g in groups]
+    newest = client.xinfo_stream(keys.OUTCOME_STREAM)["last-generated-id"]
+    delivered = read >= total or (last and last[0] == newest)
+    return bool(delivered and pending == 0 and client.llen(keys.LEARNER_DELTAS) == 0)
+
+
+def learners_rate(n: int, bits: int, rewards: int, seed: int) -> dict[str, float]:
+    space = FeatureSpace(bits)
+    context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as data, EmbeddedRedis(data) as redis_server:
         client = connect(
-            redis_server.url, socket_timeout=5.0, connect_timeout=2.0, max_connections=4
+            redis_server.url, socket_timeout=10.0, connect_timeout=2.0, max_connections=4
         )
-        models = ModelStore(client)
-        models.ensure_group()
-        now = time.time()
-        for start in range(0, rewards, 1_000):
-            pipe = client.pipeline(transaction=False)
-            for i in range(start, min(rewards, start + 1_000)):
-                x = json.dumps(next(stream).to_json())
-                reward = 1.0 if rng.random() < 0.1 else 0.0
-                fields = {"d": f"decision-{i}", "o": "offer", "r": reward, "x": x, "t": now}
-                pipe.xadd(OUTCOME_STREAM, fields)  # type: ignore[arg-type]
-            pipe.execute()
-        learner = Learner(models, space, learning, consumer="bench")
-        applied = 0
+        ModelStore(client).ensure_group()
+        fill_stream(client, space, rewards, seed)
+        ready = [context.Event() for _ in range(n)]
+        go, stop = context.Event(), context.Event()
+        children = [
+            context.Process(
+                target=learner_process,
+                args=(redis_server.url, bits, f"bench-{k}", ready[k], go, stop),
+            )
+            for k in range(n)
+        ]
+        for child in children:
+            child.start()
+        for event in ready:
+            event.wait(60)
         started = time.perf_counter()
-        learner.start()
-        while applied < rewards:
-            applied += learner.step(block_ms=10)
-        learner.stop()
+        go.set()
+        while not all_saved(client, rewards):
+            time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        stop.set()
+        for child in children:
+            child.join(30)
         client.close()
-    return {"bits": learning.hashed_bits, "rewards": applied, "rate": applied / elapsed}
+    return {"learners": n, "bits": bits, "rewards": rewards, "rate": rewards / elapsed}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", default="9,10,11,12", help="hash sizes for the update row")
-    parser.add_argument("--seconds", type=float, default=5.0, help="most seconds per hash size")
-    parser.add_argument("--updates", type=int, default=20_000, help="most updates per size")
-    parser.add_argument("--rewards", type=int, default=20_000, help="rewards for the learner")
+    parser.add_argument("--bits", default="18,20", help="hash sizes of today's learner")
+    parser.add_argument("--old-bits", default="9,10,11", help="hash sizes of the old one")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per model row")
+    parser.add_argument("--rewards", type=int, default=100_000, help="rewards per learner row")
+    parser.add_argument("--learners", default="1,2,4", help="learner processes per row")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
+    bits = [int(b) for b in args.bits.split(",")]
 
     print(
         f"machine: {platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}"
     )
-    rows = []
-    for bits in (int(b) for b in args.bits.split(",")):
-        row = update_rate(bits, seconds=args.seconds, most=args.updates, seed=args.seed)
-        rows.append(row)
+    figures: dict[str, list[dict[str, float]]] = {"old": [], "model": [], "learners": []}
+    for b in (int(b) for b in args.old_bits.split(",")):
+        row = old_model_rate(b, seconds=args.seconds, seed=args.seed)
+        figures["old"].append(row)
+        print(f"[bench] model   old ridge (A^-1)   bits {b:2d}: {row['rate']:>10,.0f} rewards/s")
+    for b in bits:
+        row = model_rate(b, seconds=args.seconds, seed=args.seed)
+        figures["model"].append(row)
+        print(f"[bench] model   online regression  bits {b:2d}: {row['rate']:>10,.0f} rewards/s")
+    for b in bits:
+        for n in (int(k) for k in args.learners.split(",")):
+            row = learners_rate(n, b, args.rewards, args.seed)
+            figures["learners"].append(row)
+            print(
+                f"[bench] learners {n} (processes, stream to saved state) bits {b:2d}: "
+                f"{row['rate']:>10,.0f} rewards/s ({args.rewards:,} rewards)",
+                flush=True,
+            )
+    one = [r for r in figures["learners"] if r["learners"] == 1 and r["bits"] == bits[0]]
+    if one:
+        met = one[0]["rate"] >= TARGET_REWARDS_PER_SECOND
         print(
-            f"[bench] update  bits {bits:2d} (d = {row['dim']:,.0f}, {row['nnz']:.0f} non-zeros): "
-            f"{row['rate']:>10,.0f} rewards/s ({row['updates']:,.0f} updates)",
-            flush=True,
+            f"target: one learner >= {TARGET_REWARDS_PER_SECOND:,} rewards/s at "
+            f"{bits[0]} bits: {one[0]['rate']:,.0f} ({'met' if met else 'NOT MET'})"
         )
-    whole = learner_rate(args.rewards, seed=args.seed)
-    print(
-        f"[bench] learner bits {whole['bits']:2d} (stream, apply, publish, checkpoint): "
-        f"{whole['rate']:>10,.0f} rewards/s ({whole['rewards']:,.0f} rewards)"
-    )
-    print("[bench] learners 2 and 4 on one stream: not measured (one learner holds the lease)")
-    met = whole["rate"] >= TARGET_REWARDS_PER_SECOND
-    print(
-        f"target: one learner >= {TARGET_REWARDS_PER_SECOND:,} rewards/s at the default space: "
-        f"{whole['rate']:,.0f} ({'met' if met else 'NOT MET'})"
-    )
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"update": rows, "learner": whole}, out, indent=2)
+            json.dump(figures, out, indent=2)
     return 0
 
 

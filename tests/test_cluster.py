@@ -106,10 +106,11 @@ def test_preferences_decide_outcome_learning_and_erasure(store, catalog, decisio
     learning = dataclasses.replace(
         make_settings().learning, publish_interval_ms=0, checkpoint_interval_seconds=0
     )
-    learner = Learner(ModelStore(store.client), FeatureSpace(9), learning, consumer="t")
+    space = FeatureSpace(learning.hashed_bits)
+    learner = Learner(ModelStore(store.client), space, learning, consumer="t")
     learner.start()
     learner.step(block_ms=0)
-    assert learner.ridge.updates == 1
+    assert learner.regression.updates == 1
     again = decisioning.Decide(d.DecideRequest(user_id="ann", channel="web", dry_run=True))
     assert again.model_version == f"ridge-{learner.published_version}"
     learner.stop()

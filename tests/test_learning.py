@@ -14,13 +14,13 @@ import zlib
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tactful import keys, metrics
 from tactful.bandit import (
     LinearModel,
-    RidgeLearner,
     SnapshotError,
     draw,
     igw_probabilities,
@@ -45,14 +45,17 @@ from tactful.features import (
     dot_many,
 )
 from tactful.learner import Learner
+from tactful.regression import Delta, OnlineRegression, StateError, batch_of
 from tactful.store.model_store import ModelStore
+from tactful.store.wire import undecoded
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 
 from conftest import make_settings, make_store, offer, redis_url
 
-SPACE = FeatureSpace(9)
+SPACE = FeatureSpace(9)  # small, for the model's own tests
+SERVED = FeatureSpace(make_settings().learning.hashed_bits)  # what the test servers use
 
 
 @pytest.fixture
@@ -64,7 +67,7 @@ def new_learner(models: ModelStore, **learning) -> Learner:
     cfg = make_settings().learning
     learning = {"publish_interval_ms": 0, "checkpoint_interval_seconds": 0, **learning}
     cfg = dataclasses.replace(cfg, **learning)
-    return Learner(models, SPACE, cfg, consumer="test-learner")
+    return Learner(models, SERVED, cfg, consumer="test-learner")
 
 
 # --- features and model -------------------------------------------------------------------
@@ -120,8 +123,15 @@ def expected_vector(
     values += [1.0] * len(segments)
     names += [f"{u}|s:{s}" for u in units for s in segments]
     values += [weight] * (len(units) * len(segments))
+    # Each unit's numeric block: the unit's own feature and its numeric crosses, by position.
+    dense = len(indices)
+    blocks = tuple(
+        tuple(dense + names.index(n) for n in [u, *(f"{u}|n:{k}" for k, _ in ctx.numeric)])
+        for u in units
+        if ctx.numeric
+    )
     indices += [N_DENSE + (zlib.crc32(n.encode()) & (2**SPACE.hashed_bits - 1)) for n in names]
-    return SparseVector(tuple(indices), tuple(values))
+    return SparseVector(tuple(indices), tuple(values), blocks)
 
 
 @pytest.mark.parametrize("feature_set", FEATURE_SETS)
@@ -193,10 +203,10 @@ def test_explicit_outranks_inferred_after_any_updates(updates, kappa, strength, 
     scores an explicitly liked offer above one with an inferred signal of any strength when
     all else is equal, with any exploration bonus: the learner's own variances, or any a
     foreign snapshot carries for the dense weights, once a server has loaded it."""
-    learner = RidgeLearner(SPACE, l2=1.0, kappa=kappa)
+    learner = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
     for x, reward in updates:
-        learner.update(x, reward)
-    theta = learner.theta()
+        learner.learn(batch_of([(list(x.indices), list(x.values), [])], [reward]))
+    theta = project(learner.weights, kappa)
     assert theta[EXPLICIT_LIKE] >= kappa * theta[INFERRED_INTEREST] >= 0
     ctx = RequestContext("web", "", 12)
     o = Offer("same", "t", ("x",), ("web",), 0.5)
@@ -217,21 +227,49 @@ def test_explicit_outranks_inferred_after_any_updates(updates, kappa, strength, 
         assert spread[0] == spread[1]  # the same bonus: only the evidence differs
 
 
-def test_rank_one_updates_equal_the_ridge_solution():
-    rng = np.random.default_rng(3)
-    learner = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
-    a = np.eye(SPACE.dim) * 2.0
-    b = prior_theta(SPACE.dim) * 2.0
-    for _ in range(30):
-        idx = rng.choice(SPACE.dim, size=6, replace=False)
-        x = SparseVector(tuple(int(i) for i in idx), tuple(rng.normal(size=6)))
-        reward = float(rng.random())
-        learner.update(x, reward)
-        dense = np.zeros(SPACE.dim)
-        dense[list(x.indices)] = x.values
-        a += np.outer(dense, dense)
-        b += reward * dense
-    assert np.allclose(learner.a_inv @ b, np.linalg.solve(a, b), atol=1e-8)
+def block_rewards(seed: int, n: int) -> tuple[np.ndarray, list[tuple[list[float], float]]]:
+    """Rewards of vectors that are one numeric block (4 hashed features), values in [-1, 1]
+    and the first all ones, so each feature's scale is 1 from the first reward on."""
+    rng = np.random.default_rng(seed)
+    indices = rng.choice(np.arange(N_DENSE, SPACE.dim), size=4, replace=False)
+    rewards = [([1.0] * 4, float(rng.random()))]
+    rewards += [(list(rng.uniform(-1, 1, 4)), float(rng.random())) for _ in range(n - 1)]
+    return indices, rewards
+
+
+def ridge_solution(indices: np.ndarray, rewards, l2: float) -> np.ndarray:
+    z = np.array([values for values, _ in rewards])
+    r = np.array([reward for _, reward in rewards])
+    return np.linalg.solve(l2 * np.eye(len(indices)) + z.T @ z, z.T @ r)
+
+
+@pytest.mark.parametrize("one_batch", [False, True])
+def test_a_numeric_block_is_learned_as_ridge_exactly(one_batch):
+    """Within a block, rewards one at a time (Sherman-Morrison) or all in one batch give the
+    ridge solution: the block's features are fitted jointly, not one by one."""
+    indices, rewards = block_rewards(3, 30)
+    learner = OnlineRegression(SPACE, l2=2.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    vectors = [(indices.tolist(), values, [[0, 1, 2, 3]]) for values, _ in rewards]
+    if one_batch:
+        learner.learn(batch_of(vectors, [r for _, r in rewards]))
+    else:
+        for vector, (_, reward) in zip(vectors, rewards, strict=True):
+            learner.learn(batch_of([vector], [reward]))
+    assert np.allclose(learner.weights[indices], ridge_solution(indices, rewards, 2.0))
+    assert learner.updates == 30
+
+
+def test_a_reward_moves_its_prediction_toward_it_and_never_past_it():
+    rng = np.random.default_rng(4)
+    learner = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    for _ in range(200):
+        idx = rng.choice(SPACE.dim, size=8, replace=False)
+        x = (idx.tolist(), rng.normal(size=8).tolist(), [])
+        reward = float(rng.random() < 0.3)
+        before = float(learner.weights[idx] @ np.array(x[1]))
+        learner.learn(batch_of([x], [reward]))
+        after = float(learner.weights[idx] @ np.array(x[1]))
+        assert min(before, reward) - 1e-9 <= after <= max(before, reward) + 1e-9
 
 
 def test_projection_keeps_everything_else():
@@ -244,32 +282,92 @@ def test_projection_keeps_everything_else():
     assert np.array_equal(out[mask], theta[mask])
 
 
-def test_the_learner_keeps_diag_a_and_publishes_its_inverse():
+def test_the_learner_publishes_each_weights_variance():
+    """``1 / p_i`` with ``p_i = l2 * scale_i^2 + sum x_i^2`` (scale: the largest |x_i|), so a
+    feature's uncertainty does not depend on its unit; 1 / l2 for a feature never seen."""
     rng = np.random.default_rng(5)
-    learner = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
-    a = np.eye(SPACE.dim) * 2.0
+    learner = OnlineRegression(SPACE, l2=2.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    squares, scales = np.zeros(SPACE.dim), np.zeros(SPACE.dim)
     for _ in range(30):
         idx = rng.choice(SPACE.dim, size=6, replace=False)
-        idx[0] = idx[1]  # a hashed collision: the values add up in x
-        x = SparseVector(tuple(int(i) for i in idx), tuple(rng.normal(size=6)))
-        learner.update(x, float(rng.random()))
-        dense = np.zeros(SPACE.dim)
-        np.add.at(dense, list(x.indices), list(x.values))
-        a += np.outer(dense, dense)
-    assert np.allclose(learner.precision, np.diagonal(a))
-    expected = 1.0 / np.diagonal(a)
+        vals = rng.normal(size=6) * 1000.0  # any unit
+        learner.learn(batch_of([(idx.tolist(), vals.tolist(), [])], [float(rng.random())]))
+        np.add.at(squares, idx, vals * vals)
+        np.maximum.at(scales, idx, np.abs(vals))
+    precision = np.where(scales > 0, 2.0 * scales * scales, 2.0) + squares
+    expected = 1.0 / precision
     expected[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0
     assert np.allclose(learner.variance(), expected)
-    # A checkpoint keeps it; one saved before it was kept recovers it from A^-1, once.
-    restored = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
+
+
+def test_a_saved_state_is_taken_up_whole_and_a_foreign_one_refused():
+    indices, rewards = block_rewards(6, 20)
+    learner = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    extra = [(np.arange(5, 12).tolist(), [0.5] * 7, [])]
+    for values, reward in rewards:
+        learner.learn(batch_of([(indices.tolist(), values, [[0, 1, 2, 3]]), *extra], [reward, 0]))
+    restored = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
     restored.restore(learner.to_bytes())
-    assert np.array_equal(restored.precision, learner.precision)
+    assert np.array_equal(restored.weights, learner.weights)
+    assert np.array_equal(restored.variance(), learner.variance())
+    assert restored.updates == learner.updates
+    (block,) = restored.blocks.values()
+    assert np.array_equal(block.sums, next(iter(learner.blocks.values())).sums)
+    other = OnlineRegression(FeatureSpace(10), l2=1.0, rate=1.0, prior=prior_theta(1029))
+    for raw in (learner.to_bytes()[:-9], b"not a state", _old_ridge_state()):
+        with pytest.raises(StateError):
+            other.restore(raw)
+        with pytest.raises(StateError):
+            restored.restore(raw)
+    with pytest.raises(StateError):
+        other.restore(learner.to_bytes())  # another layout
+
+
+def _old_ridge_state() -> bytes:
+    """A state as the learner before issue 16 saved it (A^-1 and b): refused, and the
+    learner starts again from the prior (``Learner._reload``)."""
     buffer = io.BytesIO()
-    np.savez(buffer, a_inv=learner.a_inv, b=learner.b, updates=np.array(learner.updates))
-    old = RidgeLearner(SPACE, l2=2.0, kappa=1.0)
-    old.restore(buffer.getvalue())
-    assert np.allclose(old.precision, learner.precision)
-    assert old.updates == learner.updates
+    np.savez(buffer, a_inv=np.eye(3), b=np.zeros(3), updates=np.array(1))
+    return buffer.getvalue()
+
+
+def test_learners_on_shares_of_the_stream_add_up_through_their_deltas():
+    """Two learners from one saved state, each on half the rewards: the state that merges
+    both deltas holds every reward's squares, scales and block sums exactly as one learner
+    on all of them would, and its weights move by both learners' steps."""
+    indices, rewards = block_rewards(8, 40)
+    base = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    saved = base.to_bytes()
+    halves = [OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim)) for _ in "ab"]
+    alone = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    for k, (values, reward) in enumerate(rewards):
+        batch = batch_of([(indices.tolist(), values, [[0, 1, 2, 3]])], [reward])
+        halves[k % 2].learn(batch)
+        alone.learn(batch)
+    merged = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    merged.restore(saved)
+    moved = [half.take_delta() for half in halves]
+    for delta in moved:
+        merged.merge(Delta.from_bytes(delta.to_bytes(), SPACE.dim))
+    assert merged.updates == alone.updates == 40
+    assert np.allclose(merged.variance(), alone.variance())
+    (block,) = merged.blocks.values()
+    assert np.allclose(block.sums, next(iter(alone.blocks.values())).sums)
+    assert np.allclose(merged.weights, halves[0].weights + halves[1].weights - base.weights)
+    # A delta is taken once: the next one holds only what was learned after it.
+    assert halves[0].take_delta().updates == 0
+
+
+def test_a_forgotten_feature_is_as_if_never_seen():
+    indices, rewards = block_rewards(9, 10)
+    learner = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    for values, reward in rewards:
+        learner.learn(batch_of([(indices.tolist(), values, [[0, 1, 2, 3]])], [reward]))
+    learner.forget(indices[:1])
+    assert learner.weights[indices[0]] == 0.0
+    assert learner.variance()[indices[0]] == 1.0  # 1 / l2
+    assert not learner.blocks  # the block held it
+    assert learner.weights[indices[1]] != 0.0  # the others keep what they learned
 
 
 def test_the_bonus_is_the_spread_of_each_vector_times_the_setting():
@@ -400,10 +498,10 @@ def test_served_propensities_match_observed_choices(catalog, decisioning, models
     for i, priority in enumerate([0.9, 0.88, 0.85, 0.8]):
         catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer(f"o{i}", priority=priority)))
     if variance:
-        spread = np.random.default_rng(11).random(SPACE.dim) * 0.05
+        spread = np.random.default_rng(11).random(SERVED.dim) * 0.05
         models.publish(
             lambda v: LinearModel(
-                f"ridge-{v}", prior_theta(SPACE.dim), SPACE.layout, 1, spread
+                f"ridge-{v}", prior_theta(SERVED.dim), SERVED.layout, 1, spread
             ).to_bytes(),
             keep=2,
             now=time.time(),
@@ -502,11 +600,11 @@ def test_no_outcome_in_the_window_is_learned_as_reward_zero(catalog, decisioning
     learner.clock = lambda: time.time() + 3600  # the 10-minute window is long over
     learner.step(block_ms=0)  # closes the window: a reward-0 entry goes on the stream
     learner.step(block_ms=0)  # and is applied
-    assert learner.ridge.updates == 1
+    assert learner.regression.updates == 1
     # A late outcome is stored, but the offer was already learned: it counts once.
     report(decisioning, response.decision_id, "a", d.OUTCOME_EVENT_CLICK, "late")
     learner.step(block_ms=0)
-    assert learner.ridge.updates == 1
+    assert learner.regression.updates == 1
 
 
 @pytest.mark.both_stores
@@ -527,21 +625,23 @@ def test_learner_crash_loses_nothing_and_applies_each_reward_once(
     for i, response in enumerate(decisions[20:], start=20):
         report(decisioning, response.decision_id, "a", d.OUTCOME_EVENT_CLICK, f"o{i}")
     first.step(block_ms=0)  # applies 10 more but dies before saving: no checkpoint, no XACK
-    assert first.ridge.updates == 30
+    assert first.regression.updates == 30
     del first
 
     second = new_learner(models)
     second.consumer = "another-host"  # a new process: XAUTOCLAIM takes over the dead one's
+    second.claim_idle_ms = 0  # (their 10 s of idleness, skipped)
     second.start()
     second.step(block_ms=0)
-    assert second.ridge.updates == 30  # 20 from the checkpoint + 10 re-claimed, none twice
-    reference = new_learner(models)  # the same 30 rewards applied once each, in order
+    assert second.regression.updates == 30  # 20 from the checkpoint + 10 re-claimed, none twice
+    reference = new_learner(models)  # the same 30 rewards applied once each, in the same reads
     entries = [
         (f"{i}-0", {"x": rec["x"], "r": "1.0"})
         for i, rec in enumerate(_stream_fields(store, decisions), start=1)
     ]
-    reference._apply(entries)
-    assert np.allclose(second.ridge.theta(), reference.ridge.theta())
+    reference._apply(entries[:20])
+    reference._apply(entries[20:])
+    assert np.allclose(second.theta(), reference.theta())
     second.stop()
     assert store.client.xpending(keys.OUTCOME_STREAM, keys.LEARNER_GROUP)["pending"] == 0
 
@@ -585,7 +685,7 @@ def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
 ):
     catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
     good = models.publish(
-        lambda v: LinearModel(f"ridge-{v}", prior_theta(SPACE.dim), SPACE.layout).to_bytes(),
+        lambda v: LinearModel(f"ridge-{v}", prior_theta(SERVED.dim), SERVED.layout).to_bytes(),
         keep=5,
         now=time.time(),
     )
@@ -595,8 +695,8 @@ def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
     rejected = metrics.MODEL_REJECTED._value.get()
     for payload in (
         b"not a snapshot",
-        LinearModel("ridge-x", np.zeros(7), SPACE.layout).to_bytes(),  # wrong size
-        LinearModel("ridge-y", prior_theta(SPACE.dim), "other-layout/9").to_bytes(),
+        LinearModel("ridge-x", np.zeros(7), SERVED.layout).to_bytes(),  # wrong size
+        LinearModel("ridge-y", prior_theta(SERVED.dim), "other-layout/9").to_bytes(),
         *bad_variance_snapshots()[:1],  # a variance of the wrong size
     ):
         models.publish(lambda v, p=payload: p, keep=5, now=time.time())
@@ -630,7 +730,10 @@ def test_a_request_that_read_before_a_rollback_does_not_switch_the_model_back():
 @pytest.mark.both_stores
 def test_rollback_pins_an_earlier_version(store, catalog, decisioning, models):
     catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", priority=0.5)))
-    snapshot = lambda v: LinearModel(f"ridge-{v}", prior_theta(SPACE.dim), SPACE.layout).to_bytes()  # noqa: E731
+
+    def snapshot(v: int) -> bytes:
+        return LinearModel(f"ridge-{v}", prior_theta(SERVED.dim), SERVED.layout).to_bytes()
+
     v1 = models.publish(snapshot, keep=2, now=1.0)
     v2 = models.publish(snapshot, keep=2, now=2.0)
     v3 = models.publish(snapshot, keep=2, now=3.0)
@@ -700,3 +803,102 @@ def test_a_rollback_racing_the_learners_publishing_always_wins(models):
         current, versions = models.versions()
         assert current == target, trial
         assert target in [v for v, _ in versions]
+
+
+@pytest.mark.parametrize("how", ["deleted", "expired"])
+def test_an_offer_gone_from_the_catalog_leaves_the_model(catalog, decisioning, models, how):
+    """Churn: once an offer is deleted or past its end, its own features (bias, bias per
+    channel) go back to never seen, in the state and in what is published; what its topic
+    learned stays, for the offers that share it."""
+    ends = {"end_time": Timestamp(seconds=int(time.time()) + 3600)} if how == "expired" else {}
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", ("misc",), **ends)))
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("b", ("misc",), priority=0.1)))
+    learner = new_learner(models)
+    learner.start()
+    for i in range(8):
+        response = decisioning.Decide(d.DecideRequest(user_id=f"u{i}", channel="web"))
+        (choice,) = response.choices
+        report(decisioning, response.decision_id, choice.offer_id, d.OUTCOME_EVENT_CLICK, f"o{i}")
+    learner.step(block_ms=0)
+    own = SERVED.offer_own_indices("a", ("web", "app", "email"), ())
+    topic = SERVED.index("t:misc")
+    learned_topic = learner.regression.weights[topic]
+    assert learner.regression.weights[own].any() and learned_topic != 0
+    if how == "deleted":
+        catalog.DeleteOffer(catalog_pb2.DeleteOfferRequest(offer_id="a"))
+    else:
+        learner.clock = lambda: time.time() + 7200  # an hour past its end
+    learner._last_sweep = 0.0  # the next step sweeps
+    learner.step(block_ms=0)
+    assert not learner.regression.weights[own].any()
+    assert np.all(learner.regression.variance()[own] == 1.0 / learner.settings.l2)
+    assert learner.regression.weights[topic] == learned_topic
+    assert "a" not in learner.regression.offers and "b" in learner.regression.offers
+    snapshot = undecoded(models.client, "GET", keys.model_snapshot(learner.published_version))
+    published = LinearModel.from_bytes(bytes(snapshot), SERVED)
+    assert not published.theta[own].any()
+
+
+def _click_through(catalog, decisioning, n: int, prefix: str) -> None:
+    for i in range(n):
+        response = decisioning.Decide(d.DecideRequest(user_id=f"{prefix}{i}", channel="web"))
+        (choice,) = response.choices
+        report(
+            decisioning,
+            response.decision_id,
+            choice.offer_id,
+            d.OUTCOME_EVENT_CLICK,
+            f"{prefix}{i}",
+        )
+
+
+def test_two_learners_share_the_stream_and_publish_one_model(store, catalog, decisioning, models):
+    """A learner that does not hold the lease hands its share to the one that does: every
+    reward counts once in the saved state, whichever learner read it."""
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", ("misc",))))
+    holder = new_learner(models)
+    other = new_learner(models, publish_interval_ms=0)
+    other.consumer, other.leader = "other-host", False
+    holder.start()
+    other.start()
+    _click_through(catalog, decisioning, 10, "first")
+    other.step(block_ms=0)  # reads all 10, hands them on as a delta
+    assert other.regression.updates == 10
+    assert store.client.llen(keys.LEARNER_DELTAS) == 1
+    _click_through(catalog, decisioning, 5, "second")
+    holder.step(block_ms=0)  # reads 5, merges the delta, publishes, saves
+    assert holder.regression.updates == 15
+    assert store.client.llen(keys.LEARNER_DELTAS) == 0
+    assert store.client.xpending(keys.OUTCOME_STREAM, keys.LEARNER_GROUP)["pending"] == 0
+    other.step(block_ms=0)  # stands on the saved state
+    assert other.regression.updates == 15
+    assert np.array_equal(other.regression.weights, holder.regression.weights)
+    # A restarted lease holder finds the same state.
+    again = new_learner(models)
+    again.start()
+    assert again.regression.updates == 15
+    assert np.array_equal(again.regression.weights, holder.regression.weights)
+
+
+def test_a_learner_whose_rewards_were_claimed_does_not_count_them_twice(
+    store, catalog, decisioning, models
+):
+    """A learner that stalled past the claim time: the lease holder took its entries over
+    and learned them; its own push is refused, and it reloads."""
+    catalog.PutOffer(catalog_pb2.PutOfferRequest(offer=offer("a", ("misc",))))
+    stalled = new_learner(models, publish_interval_ms=3_600_000)  # would hand on in an hour
+    stalled.consumer, stalled.leader = "stalled-host", False
+    stalled.start()
+    _click_through(catalog, decisioning, 6, "u")
+    stalled.step(block_ms=0)  # reads all 6, keeps them
+    assert stalled.regression.updates == 6
+    holder = new_learner(models)
+    holder.claim_idle_ms = 0  # (the 10 s of idleness, skipped)
+    holder.start()  # claims the stalled learner's 6 and learns them
+    holder.step(block_ms=0)
+    assert holder.regression.updates == 6
+    stalled.hand_on(force=True)  # refused: they are no longer its own
+    assert store.client.llen(keys.LEARNER_DELTAS) == 0
+    assert stalled.regression.updates == 6  # reloaded: the saved state's 6, nothing added
+    holder.step(block_ms=0)
+    assert holder.regression.updates == 6

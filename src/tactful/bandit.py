@@ -1,13 +1,12 @@
 """The contextual bandit: a ridge reward model learned online, and an exploration policy
 whose every pick carries its exact probability.
 
-Model. Rewards are regressed on the features of ``tactful.features`` with a ridge prior
-centred on the foundation's fixed rule (explicit like 1.0, inferred 0.5, priority 1.0), so an
-untrained model decides as the fixed rule did and learning moves away from it only as
-evidence comes in. The learner keeps ``A^-1`` (A = l2*I + sum x x^T) and ``b`` and applies
-each reward with a Sherman-Morrison rank-one update, O(d^2); no matrix is inverted (but once,
-when a learner resumes from a checkpoint saved before it kept ``diag(A)``), and the request
-path only takes dot products with what is published: ``theta = A^-1 b`` and the variances.
+Model. Rewards are regressed on the features of ``tactful.features``, starting from the
+foundation's fixed rule (explicit like 1.0, inferred 0.5, priority 1.0), so an untrained model
+decides as the fixed rule did and learning moves away from it only as evidence comes in. The
+learner (``tactful.regression``) applies each reward at O(non-zeros): ridge within each numeric
+block, a diagonal approximation elsewhere; the request path only takes dot products with what
+is published: the weights ``theta`` and their variances.
 
 Guarantee. Before ``theta`` is published it is projected so that
 ``w_explicit >= max(kappa * w_inferred, epsilon)`` and ``w_inferred >= 0`` (kappa >= 1).
@@ -15,19 +14,14 @@ Inferred evidence is squashed into [0, 1), so for two offers equal in every othe
 the explicitly liked one scores ``w_explicit - w_inferred * s > 0`` higher: no inferred signal
 of any strength outranks an explicit like, whatever was learned.
 
-Uncertainty. The learner also keeps ``diag(A)`` (``l2 + sum x_i^2`` per feature, O(nnz) per
-update) and publishes ``variance = 1 / diag(A)`` with every version: the variance of each
-weight in a diagonal posterior, the approximation Chapelle & Li use for Thompson sampling.
-It is d floats (4 KB at the default 9 hash bits, 131 KB at the most, 14), where the full
-``A^-1`` would be d^2 (1 MB as float32 with every version at 9 bits; 1 GB at 14), so it goes
-with every version at no cost worth counting. Not ``diag(A^-1)``: features that always occur
-together (an offer's id and its topic in the same context) share their evidence in
-``A^-1``, whose diagonal then stays near ``(1 - 1/k) / l2`` however often they are seen, so
-it stops telling a known offer from a new one; offline it did worse than the full ``A^-1``,
-and ``1/diag(A)`` did as well (bench/README.md, "Other measured figures"). The explicit-like
-and inferred-interest variances are always 0 (the learner zeroes them, and so does every
-server loading a snapshot): two offers equal but for that evidence get the same bonus, so
-the guarantee above holds with a bonus too.
+Uncertainty. The learner keeps each feature's precision ``p_i`` (its ridge prior plus the sum
+of its squared values learned) and publishes ``variance = 1 / p_i`` with every version: the
+variance of each weight in a diagonal posterior, the approximation Chapelle & Li use for
+Thompson sampling. It was measured against the full ``A^-1`` of the earlier learner and did as
+well (bench/README.md, "Other measured figures"). The explicit-like and inferred-interest
+variances are always 0 (the learner zeroes them, and so does every server loading a
+snapshot): two offers equal but for that evidence get the same bonus, so the guarantee above
+holds with a bonus too.
 
 Policy. The policy's score of an offer with features x is its predicted reward plus an
 optimism bonus, ``theta . x + c * sqrt(sum_i x_i^2 variance_i)`` with c =
@@ -64,7 +58,6 @@ from tactful.features import (
     FeatureBatch,
     FeatureSpace,
     FloatArray,
-    SparseVector,
 )
 
 PRIOR = {EXPLICIT_LIKE: 1.0, INFERRED_INTEREST: 0.5, PRIORITY: 1.0}
@@ -182,71 +175,6 @@ class LinearModel:
             # Whoever wrote it, the bonus never reads the explicit or inferred weights.
             variance = evidence_free(variance)
         return cls(version, theta, space.layout, updates, variance)
-
-
-class RidgeLearner:
-    """Online ridge regression with rank-one updates of A^-1, and the diagonal of A."""
-
-    def __init__(self, space: FeatureSpace, *, l2: float, kappa: float) -> None:
-        self.space = space
-        self.kappa = kappa
-        self.l2 = l2
-        self.a_inv = np.eye(space.dim) / l2
-        self.b = prior_theta(space.dim) * l2  # so that A^-1 b starts at the prior
-        self.precision = np.full(space.dim, float(l2))  # diag(A) = l2 + sum x_i^2
-        self.updates = 0
-
-    def update(self, x: SparseVector, reward: float) -> None:
-        idx = np.asarray(x.indices, dtype=np.int64)
-        vals = np.asarray(x.values, dtype=np.float64)
-        # Duplicate hashed indices must add up, as they do in the dense x.
-        idx, inverse = np.unique(idx, return_inverse=True)
-        vals = np.bincount(inverse, weights=vals).astype(np.float64)
-        u = self.a_inv[:, idx] @ vals  # A^-1 x
-        denominator = 1.0 + float(vals @ u[idx])
-        self.a_inv -= np.outer(u, u) / denominator
-        self.b[idx] += reward * vals
-        self.precision[idx] += vals * vals
-        self.updates += 1
-
-    def theta(self) -> FloatArray:
-        raw: FloatArray = self.a_inv @ self.b
-        return project(raw, self.kappa)
-
-    def variance(self) -> FloatArray:
-        """``1 / diag(A)``: each weight's variance in a diagonal posterior (up to the noise
-        scale), without the explicit and inferred ones. O(d), what a snapshot carries instead
-        of the d x d ``A^-1`` (see the module doc for why not ``diag(A^-1)``)."""
-        return evidence_free(1.0 / self.precision)
-
-    def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            a_inv=self.a_inv,
-            b=self.b,
-            precision=self.precision,
-            updates=np.array(self.updates),
-        )
-        return buffer.getvalue()
-
-    def restore(self, raw: bytes) -> None:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
-            a_inv, b = data["a_inv"], data["b"]
-            dim = self.space.dim
-            if a_inv.shape != (dim, dim) or b.shape != (dim,):
-                raise SnapshotError("learner state built for another feature layout")
-            if "precision" in data.files:
-                precision = data["precision"]
-                if precision.shape != (dim,) or not np.all(np.isfinite(precision)):
-                    raise SnapshotError("learner state holds an unusable precision")
-            else:
-                # Saved before diag(A) was kept: recovered once, when the learner starts (off
-                # the request path), so what was learned before does not count as unexplored.
-                precision = np.diagonal(np.linalg.inv(a_inv)).copy()
-            precision = np.maximum(precision, self.l2)  # diag(A) >= l2, whatever rounding did
-            self.a_inv, self.b, self.updates = a_inv, b, int(data["updates"])
-            self.precision = precision
 
 
 @dataclass(frozen=True, slots=True)

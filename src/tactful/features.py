@@ -59,6 +59,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, chain
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -83,13 +84,21 @@ def squash(strength: float) -> float:
 class SparseVector:
     indices: tuple[int, ...]
     values: tuple[float, ...]
+    # Numeric blocks: for each unit (topic, or offer in the ``offer`` set) of a request with
+    # numeric context, the positions (in ``indices``) of the unit's own feature and of its
+    # numeric crosses; the learner fits each block's weights jointly (``regression``).
+    blocks: tuple[tuple[int, ...], ...] = ()
 
-    def to_json(self) -> list[list[float]]:
-        return [list(self.indices), list(self.values)]
+    def to_json(self) -> list[list[Any]]:
+        data: list[list[Any]] = [list(self.indices), list(self.values)]
+        if self.blocks:
+            data.append([list(block) for block in self.blocks])
+        return data
 
     @classmethod
-    def from_json(cls, data: Sequence[Sequence[float]]) -> SparseVector:
-        return cls(tuple(int(i) for i in data[0]), tuple(float(v) for v in data[1]))
+    def from_json(cls, data: Sequence[Sequence[Any]]) -> SparseVector:
+        blocks = tuple(tuple(int(p) for p in b) for b in data[2]) if len(data) > 2 else ()
+        return cls(tuple(int(i) for i in data[0]), tuple(float(v) for v in data[1]), blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +148,23 @@ class FeatureSpace:
         return f"tactful-features-1/{self.hashed_bits}" + (
             "" if default else f"/{self.feature_set}"
         )
+
+    def offer_own_indices(
+        self, offer_id: str, channels: Sequence[str], segments: Sequence[str]
+    ) -> IntArray:
+        """The indices that belong to one offer alone (what the learner forgets once the offer
+        is gone): its bias and its bias per channel; in the ``offer`` set also its crosses
+        with the hour buckets and the segments. (Its crosses there with placements and
+        categorical or numeric context cannot be listed from the catalog: they stay until
+        learning overwrites them.)"""
+        if self.feature_set == "shared":
+            return np.zeros(0, dtype=np.int64)
+        unit = f"o:{offer_id}"
+        names = [unit, *(f"{unit}|c:{channel}" for channel in channels)]
+        if self.feature_set == "offer":
+            names += [f"{unit}|h:{bucket}" for bucket in range(8)]
+            names += [f"{unit}|s:{segment}" for segment in segments]
+        return np.array(sorted({self.index(name) for name in names}), dtype=np.int64)
 
     def _index(self, name: str) -> int:
         return N_DENSE + (zlib.crc32(name.encode("utf-8", "surrogatepass")) & self._mask)
@@ -210,7 +236,14 @@ class FeatureSpace:
                     indices.extend(self._crossed_indices("t", offer.topics, memberships))
             values.extend(offer_values)
             bounds.append(len(indices))
-        return FeatureBatch(indices, values, bounds)
+        layout = None
+        if numeric:
+            prefix = 2 if self.feature_set == "shared+offer" else 0
+            unit = names_per_topic + len(numeric)
+            layout = BlockLayout(
+                prefix, unit, names_per_topic, len(numeric), len(memberships), by_offer
+            )
+        return FeatureBatch(indices, values, bounds, layout)
 
     def _offer_values(
         self, n_topics: int, names_per_topic: int, numeric: list[float], n_segments: int
@@ -280,23 +313,62 @@ def _new_table(key: ContextKey) -> dict[tuple[str, tuple[str, ...]], array[int]]
     return {}
 
 
+class BlockLayout(NamedTuple):
+    """Where the numeric blocks of a batch's vectors are (see ``SparseVector.blocks``): after
+    the vector's dense features come ``prefix`` per-offer indices, then one unit of
+    ``unit_length`` indices per topic (one unit in all in the ``offer`` set), its own feature
+    first and its ``numeric`` crosses last; then the segment features."""
+
+    prefix: int
+    unit_length: int
+    names_per_unit: int
+    numeric: int
+    segments: int
+    by_offer: bool
+
+    def blocks(self, indices: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        dense = 0
+        while dense < len(indices) and indices[dense] < N_DENSE:
+            dense += 1
+        if self.by_offer:
+            units = 1
+        else:  # each topic adds a unit and, with segments, its crosses with each
+            rest = len(indices) - dense - self.prefix - self.segments
+            units = rest // (self.unit_length + self.segments)
+        first = dense + self.prefix
+        numeric = range(self.names_per_unit, self.unit_length)
+        return tuple(
+            (start, *(start + k for k in numeric))
+            for start in range(first, first + units * self.unit_length, self.unit_length)
+        )
+
+
 class FeatureBatch:
     """The vectors of several offers for one request, laid end to end: what the dot product
     needs in one pass, without an object per offer; ``vector(i)`` gives one on its own."""
 
-    __slots__ = ("_bounds", "_indices", "_values")
+    __slots__ = ("_bounds", "_indices", "_layout", "_values")
 
-    def __init__(self, indices: array[int], values: array[float], bounds: list[int]) -> None:
+    def __init__(
+        self,
+        indices: array[int],
+        values: array[float],
+        bounds: list[int],
+        layout: BlockLayout | None = None,
+    ) -> None:
         self._indices = indices
         self._values = values
         self._bounds = bounds  # vector i is [bounds[i], bounds[i + 1])
+        self._layout = layout  # None without numeric context: no blocks
 
     def __len__(self) -> int:
         return len(self._bounds) - 1
 
     def vector(self, i: int) -> SparseVector:
         start, stop = self._bounds[i], self._bounds[i + 1]
-        return SparseVector(tuple(self._indices[start:stop]), tuple(self._values[start:stop]))
+        indices = tuple(self._indices[start:stop])
+        blocks = self._layout.blocks(indices) if self._layout else ()
+        return SparseVector(indices, tuple(self._values[start:stop]), blocks)
 
     def dot(self, theta: FloatArray) -> FloatArray:
         """theta . x for each vector, in one vectorised pass (as ``dot_many``)."""

@@ -2,21 +2,29 @@
 
 Rewards arrive on a Redis Stream (``tactful:{model}:rewards``), read through a consumer group:
 the first outcome of each chosen offer (from ReportOutcome), and reward 0 for chosen offers
-whose reward window closed without one (the learner closes due windows itself). Each reward
-is a rank-one update of the ridge model; a new version is published at most every
-``TACTFUL_MODEL_PUBLISH_INTERVAL_MS`` and picked up by every server on its next Decide.
+whose reward window closed without one (the lease holder closes due windows). Each read is
+learned as one batch by ``regression.OnlineRegression``, at O(non-zeros) per reward; a new
+version is published at most every ``TACTFUL_MODEL_PUBLISH_INTERVAL_MS`` and every server
+loads it in the background.
 
-Exactly once. The learner's state (A^-1, b, last applied stream id) is saved together with
-the XACK of every entry it covers, in one MULTI/EXEC. After a crash the stream's pending
-entries are exactly the rewards the saved state lacks: a restarted learner loads the state,
-takes over those entries (XAUTOCLAIM) and applies them, so each reward counts once.
+Several learners. Any number of learner processes share the stream: the consumer group
+gives each entry to one of them. One holds the lease (SET NX PX, renewed while it runs): it
+merges the others' work, closes windows, publishes and saves the state. The others hand
+their work to it as deltas (``regression.Delta``) at the publish interval, and take up the
+saved state again each time it is saved, so they learn on top of what the whole fleet
+learned. The model stays one: the lease holder's.
 
-One learner at a time holds a lease (SET NX PX, renewed while it runs); others wait.
+Exactly once. The saved state goes to Redis together with the XACK of the entries the lease
+holder applied itself and the removal of the deltas it merged, in one MULTI/EXEC; another
+learner's delta goes on the list together with the XACK of the entries it covers (a script
+that refuses if any was claimed away). So every reward is in exactly one place: the saved
+state, a delta on the list, or the stream's pending entries. A learner that takes up the
+lease loads the state, merges the list, and learns its own pending entries again; entries a
+dead learner left pending are claimed once they have been idle ``CLAIM_IDLE_MS``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,12 +32,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import orjson
 
 from tactful import metrics
-from tactful.bandit import LinearModel, RidgeLearner, SnapshotError
-from tactful.features import FeatureSpace, SparseVector
+from tactful.bandit import LinearModel, prior_theta, project
+from tactful.features import FeatureSpace
+from tactful.regression import (
+    Batch,
+    Delta,
+    OnlineRegression,
+    StateError,
+    Vector,
+    batch_of,
+    select,
+    usable_rows,
+)
 from tactful.settings import LearningSettings
 from tactful.store.model_store import ModelStore
 
@@ -39,11 +59,20 @@ Entry = tuple[str, dict[str, str]]
 SWEEP_INTERVAL_SECONDS = 1.0
 # Longer than the learner's Redis timeout (5 s), so a slow call cannot outlive the lease.
 LEASE_MS = 15_000
+# A learner hands its entries on within a publish interval; entries idle this long belong to
+# a learner that died (or stalled so long that its work is redone elsewhere: its push is
+# then refused).
+CLAIM_IDLE_MS = 10_000
+READ_COUNT = 4096  # entries per read: one batch
 
 
-def _stream_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+def _vector(data: Any) -> Vector:
+    """A logged feature vector (``SparseVector.to_json``) as lists; numbers are checked with
+    the whole batch (``regression.usable_rows``)."""
+    indices, values = data[0], data[1]
+    if len(indices) != len(values):
+        raise ValueError("indices and values differ in length")
+    return indices, values, (data[2] if len(data) > 2 else [])
 
 
 class Learner:
@@ -55,98 +84,218 @@ class Learner:
         *,
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
+        leader: bool = True,
     ) -> None:
         self.models = models
         self.space = space
         self.settings = settings
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.clock = clock
-        self.ridge = RidgeLearner(space, l2=settings.l2, kappa=settings.kappa)
-        self.last_id = "0-0"
+        self.leader = leader  # holds the lease (``run`` decides; a learner made alone does)
+        self.claim_idle_ms = CLAIM_IDLE_MS
+        self._catalog_version = -1
+        self._next_expiry = math.inf
+        self._forgot = False  # something to save though no reward came
+        self._prior = prior_theta(space.dim)
+        self.regression = self._new_regression()
         self.published_version: int | None = None
+        self._epoch = -1  # of the saved state this learner stands on
+        self._merged = 0  # deltas of the list merged since the last save
         self._unacked: list[str] = []
+        self._held: set[str] = set()  # entries this learner has applied and not handed on
         self._unpublished_since: list[float] = []  # event times, for the lag metric
         self._last_publish = 0.0
+        self._last_hand_on = time.monotonic()
         self._last_checkpoint = time.monotonic()
         self._last_sweep = 0.0
+
+    def _new_regression(self) -> OnlineRegression:
+        return OnlineRegression(self.space, l2=self.settings.l2, rate=1.0, prior=self._prior)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the saved state, then apply what a previous learner left unacknowledged."""
+        """Stand on the saved state (merging the list of deltas when holding the lease), then
+        learn again what this consumer has pending, and (holding the lease) what dead
+        learners left."""
         self.models.ensure_group()
+        self._reload()
+        if self.leader:
+            self._apply(self.models.claim_idle(self.consumer, min_idle_ms=self.claim_idle_ms))
+
+    def _reload(self) -> None:
+        self.regression = self._new_regression()
         saved = self.models.load_checkpoint()
         if saved is not None:
-            state, last_id = saved
+            state, self._epoch = saved
             try:
-                self.ridge.restore(state)
-                self.last_id = last_id
-                log.info("learner resumed: %d updates, last id %s", self.ridge.updates, last_id)
-            except (SnapshotError, ValueError, OSError, KeyError) as exc:
-                # A state for another feature layout (TACTFUL_FEATURE_HASH_BITS changed) cannot
-                # be used; crash-looping on it would stop learning for good.
+                self.regression.restore(state)
+            except StateError as exc:
+                # A state for another feature layout (TACTFUL_FEATURE_HASH_BITS changed), or
+                # from a release with another learner: crash-looping on it would stop learning.
                 log.error("saved learner state unusable (%s): learning again from the prior", exc)
-        self._apply(self.models.claim_all(self.consumer))
+                self.regression = self._new_regression()
+        else:
+            self._epoch = 0
+        self._merged = 0
+        if self.leader:
+            self._merge_deltas()
+        self.regression.take_delta()  # what follows is this learner's own work
+        self._unacked, self._held = [], set()
+        self._apply(self.models.read_own_pending(self.consumer))
+        log.info("learner at %d updates (%s)", self.regression.updates, self._role())
+
+    def _role(self) -> str:
+        return "holding the lease" if self.leader else "handing deltas to the lease holder"
 
     def step(self, block_ms: int = 20) -> int:
-        """Read and apply what is new, close due reward windows, publish and checkpoint when
-        due. Returns how many rewards were applied."""
-        applied = self._apply(self.models.read_new(self.consumer, count=512, block_ms=block_ms))
-        now = self.clock()
-        if now - self._last_sweep >= SWEEP_INTERVAL_SECONDS:
-            self._last_sweep = now
-            self.models.close_due_windows(now)
-        self.publish()
-        self.checkpoint()
+        """Read and apply what is new; holding the lease, merge the others' deltas, close due
+        reward windows, publish and save when due; else hand the work on when due. Returns
+        how many rewards were applied."""
+        read = self.models.read_new(self.consumer, count=READ_COUNT, block_ms=block_ms)
+        applied = self._apply(read)
+        if self.leader:
+            self._merge_deltas()
+            now = self.clock()
+            if now - self._last_sweep >= SWEEP_INTERVAL_SECONDS:
+                self._last_sweep = now
+                self.models.close_due_windows(now)
+                self.forget_gone_offers(now)
+                self._apply(self.models.claim_idle(self.consumer, min_idle_ms=self.claim_idle_ms))
+            self.publish()
+            self.checkpoint()
+        else:
+            self.hand_on()
         return applied
 
     def stop(self) -> None:
-        self.publish(force=True)
-        self.checkpoint(force=True)
+        if self.leader:
+            self.publish(force=True)
+            self.checkpoint(force=True)
+        else:
+            self.hand_on(force=True)
 
     def run(self, stop: threading.Event) -> None:
-        """Hold the lease and learn until ``stop`` is set (the `tactful learn` loop)."""
+        """Learn until ``stop`` is set (the `tactful learn` loop): holding the lease when it is
+        free, handing deltas to its holder otherwise."""
         token = self.consumer
+        self.leader = self.models.hold_lease(token, LEASE_MS)
+        self.start()
+        renewed = time.monotonic()
         while not stop.is_set():
-            if not self.models.hold_lease(token, LEASE_MS):
-                stop.wait(1.0)  # another learner is active: stand by
-                continue
-            self.start()
-            try:
-                while not stop.is_set() and self.models.hold_lease(token, LEASE_MS):
-                    self.step()
-            finally:
-                # Save and publish only while still the one learner: a learner that lost its
-                # lease must not overwrite the state of the one that took over.
-                if self.models.hold_lease(token, LEASE_MS):
-                    self.stop()
-                    self.models.release_lease(token)
+            if time.monotonic() - renewed >= 1.0:
+                renewed = time.monotonic()
+                holds = self.models.hold_lease(token, LEASE_MS)
+                if holds != self.leader:
+                    # A role change: what this learner holds is re-read from what is saved.
+                    if self.leader:
+                        log.warning("learner lost its lease: handing on from now")
+                    self.leader = holds
+                    self._reload()
+            self.step()
+        if self.leader and self.models.hold_lease(token, LEASE_MS):
+            # Save and publish only while still the lease holder: one that lost its lease
+            # must not overwrite the state of the one that took over.
+            self.stop()
+            self.models.release_lease(token)
+        elif not self.leader:
+            self.stop()
 
     # --- work -----------------------------------------------------------------------------
 
     def _apply(self, entries: list[Entry]) -> int:
-        applied = 0
-        last = _stream_id(self.last_id)
-        for entry_id, fields in sorted(entries, key=lambda e: _stream_id(e[0])):
+        """Learn these entries as one batch (a reward already applied is skipped; an
+        unreadable one is logged and acknowledged with the rest)."""
+        vectors: list[Vector] = []
+        rewards: list[float] = []
+        times: list[float] = []
+        ids: list[str] = []
+        for entry_id, fields in entries:
+            if entry_id in self._held:
+                continue  # claimed back from ourselves: already applied
             self._unacked.append(entry_id)
-            if _stream_id(entry_id) <= last:
-                continue  # already in the saved state (defence; the MULTI makes it rare)
+            self._held.add(entry_id)
             try:
-                x = SparseVector.from_json(json.loads(fields["x"]))
+                vector = _vector(orjson.loads(fields["x"]))
                 reward = float(fields["r"])
                 if not math.isfinite(reward):
                     raise ValueError("reward is not finite")
-                if not all(0 <= i < self.space.dim for i in x.indices):
-                    raise ValueError("feature index outside this layout")
-            except (KeyError, ValueError, TypeError, IndexError) as exc:
+            except (KeyError, ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
                 log.error("reward %s skipped: unreadable (%s)", entry_id, exc)
                 continue
-            self.ridge.update(x, reward)
-            self.last_id, last = entry_id, _stream_id(entry_id)
-            self._unpublished_since.append(float(fields.get("t", self.clock())))
-            applied += 1
-        metrics.LEARNER_APPLIED.inc(applied)
-        return applied
+            vectors.append(vector)
+            rewards.append(reward)
+            times.append(float(fields.get("t", self.clock())))
+            ids.append(entry_id)
+        batch = self._batch(vectors, rewards, ids)
+        if len(batch):
+            self.learn(batch)
+            self._unpublished_since += times
+        metrics.LEARNER_APPLIED.inc(len(batch))
+        return len(batch)
+
+    def _batch(self, vectors: list[Vector], rewards: list[float], ids: list[str]) -> Batch:
+        try:
+            batch = batch_of(vectors, rewards)
+        except (TypeError, ValueError):
+            # Some number is not a number: find which, one vector at a time (rare).
+            usable = []
+            for k, vector in enumerate(vectors):
+                try:
+                    batch_of([vector], [rewards[k]])
+                    usable.append(k)
+                except (TypeError, ValueError) as exc:
+                    log.error("reward %s skipped: unreadable (%s)", ids[k], exc)
+            batch = batch_of([vectors[k] for k in usable], [rewards[k] for k in usable])
+            ids = [ids[k] for k in usable]
+        keep = usable_rows(batch, self.space.dim)
+        for k in np.flatnonzero(~keep).tolist():
+            log.error("reward %s skipped: outside this feature layout", ids[k])
+        return select(batch, keep)
+
+    def learn(self, batch: Batch) -> None:
+        self.regression.learn(batch)
+
+    def _merge_deltas(self) -> None:
+        for raw in self.models.read_deltas(self._merged):
+            self._merged += 1
+            try:
+                delta = Delta.from_bytes(raw, self.space.dim)
+            except StateError as exc:
+                log.error("learner delta skipped: %s", exc)
+                continue
+            self.regression.merge(delta)
+            self._unpublished_since.append(self.clock())
+
+    def forget_gone_offers(self, now: float) -> list[str]:
+        """Put the own features of every offer gone from the catalog (deleted, or past its
+        end) back as never seen, so a new offer starts from what its topics, segments and
+        context teach and not from a dead offer's residue (at 2^18 buckets their hashed
+        indices rarely meet, but they would stay in the published model for good). Returns
+        the offers forgotten."""
+        version, offers, segments = self.models.catalog()
+        if version == self._catalog_version and now < self._next_expiry:
+            return []
+        self._catalog_version = version
+        live = {o.offer_id: o for o in offers if o.end_time is None or now < o.end_time}
+        ends = [o.end_time for o in live.values() if o.end_time is not None]
+        self._next_expiry = min(ends, default=math.inf)
+        known = self.regression.offers
+        gone = [offer_id for offer_id in known if offer_id not in live]
+        for offer_id in gone:
+            indices = self.space.offer_own_indices(offer_id, known.pop(offer_id), segments)
+            self.regression.forget(indices)
+        for offer_id, offer in live.items():
+            known[offer_id] = sorted(set(known.get(offer_id, [])) | set(offer.channels))
+        if gone:
+            log.info("forgot the own features of %d offers gone from the catalog", len(gone))
+            self._unpublished_since.append(now)
+            self._forgot = True
+        return gone
+
+    def theta(self) -> np.ndarray:
+        """The weights as published: projected so explicit >= kappa x inferred."""
+        return project(self.regression.weights, self.settings.kappa)
 
     def publish(self, *, force: bool = False) -> int | None:
         if not self._unpublished_since:
@@ -154,14 +303,15 @@ class Learner:
         now = self.clock()
         if not force and (now - self._last_publish) * 1000 < self.settings.publish_interval_ms:
             return None
-        theta, variance = self.ridge.theta(), self.ridge.variance()
+        theta, variance = self.theta(), self.regression.variance()
         if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(variance))):
             # Servers would refuse it anyway; say so here, where it can be fixed.
             log.error("learner state went non-finite: not publishing (restore a checkpoint)")
             return None
+        updates = self.regression.updates
         version = self.models.publish(
             lambda v: LinearModel(
-                f"ridge-{v}", theta, self.space.layout, self.ridge.updates, variance
+                f"ridge-{v}", theta, self.space.layout, updates, variance
             ).to_bytes(),
             keep=self.settings.keep_versions,
             now=now,
@@ -175,12 +325,45 @@ class Learner:
         return version
 
     def checkpoint(self, *, force: bool = False) -> None:
-        if not self._unacked:
+        if not (self._unacked or self._merged or self._forgot):
             return
         elapsed = time.monotonic() - self._last_checkpoint
         if not force and elapsed < self.settings.checkpoint_interval_seconds:
             return
-        self.models.checkpoint(self.ridge.to_bytes(), self.last_id, self._unacked)
-        self._unacked = []
+        self.models.checkpoint(self.regression.to_bytes(), self._unacked, self._merged)
+        self._epoch += 1
+        self._unacked, self._held, self._merged = [], set(), 0
+        self._forgot = False
         self._last_checkpoint = time.monotonic()
         metrics.LEARNER_BACKLOG.set(self.models.backlog())
+
+    def hand_on(self, *, force: bool = False) -> None:
+        """Not holding the lease: push what was learned since the last push as a delta, with
+        the XACK of its entries; then stand on the newest saved state."""
+        elapsed_ms = (time.monotonic() - self._last_hand_on) * 1000
+        if not force and elapsed_ms < self.settings.publish_interval_ms:
+            return
+        self._last_hand_on = time.monotonic()
+        if self._unacked:
+            delta = self.regression.take_delta()
+            if not self.models.push_delta(self.consumer, delta.to_bytes(), self._unacked):
+                log.warning("some rewards were claimed by the lease holder: reloading")
+                self._reload()
+                return
+            self._unacked, self._held = [], set()
+            self._unpublished_since = []
+        if self.models.checkpoint_epoch() != self._epoch:
+            self._rebase()
+
+    def _rebase(self) -> None:
+        """Stand on the newest saved state (called with nothing left to hand on)."""
+        saved = self.models.load_checkpoint()
+        if saved is None:
+            return
+        state, epoch = saved
+        try:
+            self.regression.restore(state)  # marks it: the next delta starts from here
+        except StateError as exc:
+            log.error("saved learner state unusable (%s): keeping mine", exc)
+            return
+        self._epoch = epoch

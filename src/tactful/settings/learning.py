@@ -43,7 +43,12 @@ class LearningSettings:
         "TACTFUL_RIDGE_L2", 1.0, "Ridge prior strength (pull towards the fixed rule).", min=1e-6
     )
     hashed_bits: int = setting(
-        "TACTFUL_FEATURE_HASH_BITS", 9, "2^bits buckets for hashed features.", min=4, max=14
+        "TACTFUL_FEATURE_HASH_BITS",
+        18,
+        "2^bits buckets for hashed features (the learner's cost does not grow with them; "
+        "a published model stores only the features learned).",
+        min=4,
+        max=24,
     )
     feature_set: str = setting(
         "TACTFUL_FEATURE_SET",

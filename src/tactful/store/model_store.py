@@ -9,8 +9,9 @@ from typing import Any
 import redis.exceptions
 
 from tactful import keys
+from tactful.domain import Offer
 from tactful.store import scripts
-from tactful.store.codecs import unlearned_vectors
+from tactful.store.codecs import decode_offer, unlearned_vectors
 from tactful.store.wire import Client, undecoded
 
 
@@ -24,6 +25,7 @@ class ModelStore:
         self._renew_lease = client.register_script(scripts.source("renew_lease"))
         self._publish_model = client.register_script(scripts.source("publish_model"))
         self._rollback_model = client.register_script(scripts.source("rollback_model"))
+        self._push_delta = client.register_script(scripts.source("push_delta"))
 
     def hold_lease(self, token: str, ttl_ms: int) -> bool:
         """Take the learner lease, or renew it if this token holds it."""
@@ -43,19 +45,48 @@ class ModelStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def claim_all(self, consumer: str) -> list[tuple[str, dict[str, str]]]:
-        """Take over every entry delivered to a consumer that never acknowledged it (a learner
-        that died); only one learner runs at a time, so nothing idle is still being worked on."""
+    def claim_idle(self, consumer: str, *, min_idle_ms: int) -> list[tuple[str, dict[str, str]]]:
+        """Take over every entry delivered to a learner and left unacknowledged for
+        ``min_idle_ms``: a live learner hands its entries on within a second, so these are a
+        dead learner's. Entries the stream no longer holds come back with no fields."""
         claimed: list[tuple[str, dict[str, str]]] = []
         start = "0-0"
         while True:
             reply: Any = self.client.xautoclaim(
-                keys.OUTCOME_STREAM, keys.LEARNER_GROUP, consumer, 0, start, count=500
+                keys.OUTCOME_STREAM, keys.LEARNER_GROUP, consumer, min_idle_ms, start, count=500
             )
             start, entries = reply[0], reply[1]
-            claimed += [(entry_id, fields) for entry_id, fields in entries if fields]
+            claimed += [(entry_id, fields or {}) for entry_id, fields in entries]
             if start == "0-0":
                 return claimed
+
+    def read_own_pending(self, consumer: str) -> list[tuple[str, dict[str, str]]]:
+        """The entries delivered to ``consumer`` and not acknowledged yet (what a learner
+        that reloads its state must learn again)."""
+        entries: list[tuple[str, dict[str, str]]] = []
+        after = "0-0"
+        while True:
+            reply: Any = self.client.xreadgroup(
+                keys.LEARNER_GROUP, consumer, {keys.OUTCOME_STREAM: after}, count=1000
+            )
+            page = [(entry_id, fields or {}) for _, got in reply or [] for entry_id, fields in got]
+            if not page:
+                return entries
+            entries += page
+            after = page[-1][0]
+
+    def catalog_version(self) -> int:
+        return int(self.client.get(keys.CATALOG_VERSION) or 0)
+
+    def catalog(self) -> tuple[int, list[Offer], list[str]]:
+        """The catalog's version, offers and segment ids, for the learner to tell which
+        offers are gone (read together; a write in between shows in the next version)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(keys.CATALOG_VERSION)
+        pipe.hvals(keys.CATALOG_OFFERS)
+        pipe.hkeys(keys.CATALOG_SEGMENTS)
+        version, offers, segments = pipe.execute()
+        return int(version or 0), [decode_offer(raw) for raw in offers], list(segments)
 
     def read_new(
         self, consumer: str, *, count: int, block_ms: int
@@ -99,22 +130,59 @@ class ModelStore:
                 break
         return sent
 
-    def load_checkpoint(self) -> tuple[bytes, str] | None:
-        raw: Any = undecoded(self.client, "HMGET", keys.LEARNER_STATE, "state", "last_id")
+    def load_checkpoint(self) -> tuple[bytes, int] | None:
+        """The saved learner state and its epoch (how many times it was saved)."""
+        raw: Any = undecoded(self.client, "HMGET", keys.LEARNER_STATE, "state", "epoch")
         if raw[0] is None:
             return None
-        return bytes(raw[0]), raw[1].decode()
+        return bytes(raw[0]), int(raw[1] or 0)
 
-    def checkpoint(self, state: bytes, last_id: str, acked: Sequence[str]) -> None:
-        """Save the learner's state and acknowledge what it holds, together: after a crash
-        the stream's pending entries are exactly those the saved state has not applied."""
+    def checkpoint_epoch(self) -> int:
+        return int(self.client.hget(keys.LEARNER_STATE, "epoch") or 0)
+
+    def checkpoint(self, state: bytes, acked: Sequence[str], merged_deltas: int) -> None:
+        """Save the learner's state, acknowledge the entries it applied itself and drop the
+        deltas it merged, together: after a crash the stream's pending entries and the list
+        of deltas hold exactly the rewards the saved state lacks."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(keys.LEARNER_STATE, mapping={"state": state, "last_id": last_id})
-        if acked:
-            pipe.xack(keys.OUTCOME_STREAM, keys.LEARNER_GROUP, *acked)
-            # Entries before the last applied one are in the state: the stream can drop them.
-            pipe.xtrim(keys.OUTCOME_STREAM, minid=last_id, approximate=False)
+        pipe.hset(keys.LEARNER_STATE, "state", state)
+        pipe.hincrby(keys.LEARNER_STATE, "epoch", 1)
+        pipe.hdel(keys.LEARNER_STATE, "last_id")  # written by releases before 0.2
+        for first in range(0, len(acked), 10_000):
+            pipe.xack(keys.OUTCOME_STREAM, keys.LEARNER_GROUP, *acked[first : first + 10_000])
+        if merged_deltas:
+            pipe.ltrim(keys.LEARNER_DELTAS, merged_deltas, -1)
         pipe.execute()
+        self._trim_stream()
+
+    def _trim_stream(self) -> None:
+        """Drop the entries every learner is done with: those before the oldest still pending,
+        or, with none pending, all the group has been given."""
+        summary: Any = self.client.xpending(keys.OUTCOME_STREAM, keys.LEARNER_GROUP)
+        oldest = summary.get("min") if summary.get("pending") else None
+        if oldest is None:
+            groups: Any = self.client.xinfo_groups(keys.OUTCOME_STREAM)
+            given = [g["last-delivered-id"] for g in groups if g["name"] == keys.LEARNER_GROUP]
+            if not given:
+                return
+            ms, _, seq = str(given[0]).partition("-")
+            oldest = f"{ms}-{int(seq or 0) + 1}"
+        self.client.xtrim(keys.OUTCOME_STREAM, minid=oldest, approximate=True)
+
+    def push_delta(self, consumer: str, delta: bytes, covered: Sequence[str]) -> bool:
+        """Hand a delta to the lease holder and acknowledge the entries it covers (all this
+        consumer has pending), atomically; False if some were claimed away (then nothing is
+        written). See ``lua/push_delta.lua``."""
+        pushed = self._push_delta(
+            keys=[keys.OUTCOME_STREAM, keys.LEARNER_DELTAS],
+            args=[keys.LEARNER_GROUP, consumer, delta, *covered],
+        )
+        return bool(int(pushed))
+
+    def read_deltas(self, start: int) -> list[bytes]:
+        """The deltas on the list from position ``start`` on."""
+        raw: Any = undecoded(self.client, "LRANGE", keys.LEARNER_DELTAS, start, -1)
+        return [bytes(item) for item in raw]
 
     def publish(self, snapshot: Callable[[int], bytes], *, keep: int, now: float) -> int | None:
         """Publish a new model version unless a rollback pinned an older one (checked in

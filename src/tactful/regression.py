@@ -1,0 +1,464 @@
+"""The reward model's learner: online regression at O(non-zeros) per reward.
+
+It replaces a ridge regression that kept the full ``A^-1`` (O(d^2) per reward and d^2 memory:
+at 2^18 hashed dimensions neither fits). What it keeps instead:
+
+* per feature i: the weight ``w_i`` (starting at the fixed rule's prior,
+  ``bandit.prior_theta``), the sum of squares ``s_i`` of its values learned, and its scale
+  ``m_i`` (the largest |x_i| seen). Its precision is ``p_i = l2 * m_i^2 + s_i``: the ridge
+  prior in the feature's own unit, as Vowpal Wabbit's ``--normalized`` does, so a numeric
+  context value learns alike whatever its unit. ``1 / p_i`` is the weight's variance, what
+  the exploration bonus reads (``bandit.LinearModel.scores``).
+* per numeric block (``features.SparseVector.blocks``: a topic's own feature and its crosses
+  with each numeric context value): the block's ``sum z z^T``. Numeric values are correlated
+  and rarely centred; fitted one weight at a time they converge slowly (0.82 against ridge's
+  0.99 on the wine data set, bench/README.md), so within a block the fit is ridge, exact.
+  A block is as large as the request's numeric context, not as the feature space.
+
+A reward r of vector x moves the weights along ``P x``, where P is ``1/p_i`` on features
+outside blocks and the block's ``A^-1`` (ridge prior in the features' units plus its sum)
+within one, by Sherman-Morrison's step:
+
+  g = x^T P x                      (how new this vector is to the model)
+  w += P x * (r - w.x) / (1 + g)
+
+so the prediction for x moves ``g / (1 + g)`` of the way to r: nearly all the way for a
+vector the model has never seen, by about 1/n once its features were seen n times, never
+past r. Within a block this is ridge regression exactly; outside, a diagonal approximation of
+it.
+
+Rewards come in batches (what one read of the stream returns), applied as one step: every
+vector's residual is taken against the weights before the batch; outside blocks each
+feature's summed pull is divided by its precision *after* the batch (a feature that n vectors
+share moves by about their mean residual, not n times it); within a block the step is
+ridge's for the whole batch at once. One reward alone is the sequential step above. The cost
+is a few vectorised passes over the batch's non-zeros, and per distinct block one m x m
+inverse.
+
+Squares and block sums add up, and scales take maxima, across learners; weights move by
+deltas. So learners on separate shares of the stream merge their work (``Delta``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tactful.features import EXPLICIT_LIKE, INFERRED_INTEREST, FeatureSpace, FloatArray
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+MIN_SCALE = 1e-6  # the least scale a feature's prior is measured in
+
+
+class StateError(ValueError):
+    """A saved learner state that cannot be used (corrupt, or for another feature layout)."""
+
+
+Vector = tuple[list[int], list[float], list[list[int]]]  # indices, values, blocks
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rewards laid end to end: non-zero k belongs to vector ``rows[k]``. Numeric block b
+    belongs to vector ``block_rows[b]`` and covers the non-zeros at
+    ``block_positions[block_bounds[b]:block_bounds[b + 1]]``."""
+
+    indices: IntArray
+    values: FloatArray
+    rows: IntArray
+    rewards: FloatArray
+    block_rows: IntArray
+    block_positions: IntArray
+    block_bounds: IntArray
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+def batch_of(vectors: Sequence[Vector], rewards: Sequence[float]) -> Batch:
+    """A ``Batch`` from (indices, values, blocks) triples, blocks as positions in the vector.
+    The lists are read in C loops (``chain`` into ``fromiter``): at tens of thousands of
+    rewards a second, a Python loop over their numbers would cost more than learning them."""
+    n = len(vectors)
+    lengths = np.fromiter(map(len, (v[0] for v in vectors)), dtype=np.int64, count=n)
+    total = int(lengths.sum())
+    indices = np.fromiter(chain.from_iterable(v[0] for v in vectors), np.int64, count=total)
+    values = np.fromiter(chain.from_iterable(v[1] for v in vectors), np.float64, count=total)
+    rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
+    per_vector = np.fromiter(map(len, (v[2] for v in vectors)), dtype=np.int64, count=n)
+    blocks = list(chain.from_iterable(v[2] for v in vectors))
+    sizes = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
+    positions = np.fromiter(chain.from_iterable(blocks), np.int64, count=int(sizes.sum()))
+    block_rows = np.repeat(np.arange(n, dtype=np.int64), per_vector)
+    if len(positions) and (
+        positions.min() < 0 or (positions >= np.repeat(lengths[block_rows], sizes)).any()
+    ):
+        raise ValueError("a block outside its vector")
+    starts = np.cumsum(lengths) - lengths  # where each vector begins in the batch
+    positions += np.repeat(starts[block_rows], sizes)
+    bounds = np.concatenate(([0], np.cumsum(sizes)))
+    return Batch(
+        indices, values, rows, np.asarray(rewards, np.float64), block_rows, positions, bounds
+    )
+
+
+def usable_rows(batch: Batch, dim: int) -> BoolArray:
+    """Which vectors of the batch a learner can use: indices inside the layout, finite
+    values (blocks and lengths ``batch_of`` checks)."""
+    bad = np.zeros(len(batch), dtype=bool)
+    outside = (batch.indices < 0) | (batch.indices >= dim) | ~np.isfinite(batch.values)
+    bad[batch.rows[outside]] = True
+    return ~bad
+
+
+def select(batch: Batch, keep: BoolArray) -> Batch:
+    """The batch without the vectors ``keep`` leaves out."""
+    if keep.all():
+        return batch
+    new_row = np.cumsum(keep) - 1
+    nonzero = keep[batch.rows]
+    moved = np.cumsum(nonzero) - 1  # where each kept non-zero lands
+    kept_blocks = keep[batch.block_rows]
+    sizes = np.diff(batch.block_bounds)
+    in_kept = np.repeat(kept_blocks, sizes)
+    return Batch(
+        batch.indices[nonzero],
+        batch.values[nonzero],
+        new_row[batch.rows[nonzero]],
+        batch.rewards[keep],
+        new_row[batch.block_rows[kept_blocks]],
+        moved[batch.block_positions[in_kept]],
+        np.concatenate(([0], np.cumsum(sizes[kept_blocks]))),
+    )
+
+
+class Block:
+    """Exact ridge over one numeric block (a unit's own feature and its numeric crosses):
+    the sums of z z^T learned (additive across learners), and the inverse of
+    ``l2 * diag(scale^2) + sums``, remade when they change."""
+
+    __slots__ = ("indices", "inverse", "pending", "scaled_by", "sums")
+
+    def __init__(self, indices: IntArray) -> None:
+        self.indices = indices
+        m = len(indices)
+        self.sums = np.zeros((m, m))
+        self.pending = np.zeros((m, m))  # added since the last delta was taken
+        self.inverse: FloatArray | None = None
+        self.scaled_by = np.zeros(m)  # the scales the inverse's prior was made with
+
+    def inverted(self, l2: float, scales: FloatArray) -> FloatArray:
+        scale = scales[self.indices]
+        if self.inverse is None or not np.array_equal(scale, self.scaled_by):
+            prior = np.where(scale > 0, l2 * np.maximum(scale, MIN_SCALE) ** 2, l2)
+            self.inverse = np.linalg.inv(self.sums + np.diag(prior))
+            self.scaled_by = scale
+        return self.inverse
+
+    def add(self, gram: FloatArray, *, own: bool) -> None:
+        self.sums += gram
+        if own:
+            self.pending += gram
+        self.inverse = None
+
+
+def _sums(groups: IntArray, weights: FloatArray, n: int) -> FloatArray:
+    """``weights`` summed per group, as floats even when there are none (``bincount`` then
+    answers integers)."""
+    return np.bincount(groups, weights=weights, minlength=n).astype(np.float64, copy=False)
+
+
+def _pack(arrays: dict[str, npt.NDArray[Any]]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return zlib.compress(buffer.getvalue(), 1)
+
+
+def _unpack(raw: bytes) -> dict[str, npt.NDArray[Any]]:
+    try:
+        with np.load(io.BytesIO(zlib.decompress(raw)), allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError, zlib.error, EOFError) as exc:
+        raise StateError(f"unreadable learner state: {exc!r}") from exc
+
+
+def _pack_blocks(blocks: list[tuple[IntArray, FloatArray]]) -> dict[str, npt.NDArray[Any]]:
+    """Blocks of several sizes as three flat arrays."""
+    return {
+        "block_sizes": np.array([len(i) for i, _ in blocks], dtype=np.int64),
+        "block_indices": np.concatenate([i for i, _ in blocks] or [np.zeros(0, np.int64)]),
+        "block_sums": np.concatenate([g.ravel() for _, g in blocks] or [np.zeros(0)]),
+    }
+
+
+def _unpack_blocks(
+    data: dict[str, npt.NDArray[Any]], dim: int
+) -> list[tuple[IntArray, FloatArray]]:
+    sizes = data["block_sizes"].astype(np.int64)
+    indices = data["block_indices"].astype(np.int64)
+    sums = data["block_sums"].astype(np.float64)
+    if int(sizes.sum()) != len(indices) or int((sizes * sizes).sum()) != len(sums):
+        raise StateError("learner blocks of inconsistent sizes")
+    if len(indices) and (indices.min() < 0 or indices.max() >= dim):
+        raise StateError("learner blocks for another feature layout")
+    out: list[tuple[IntArray, FloatArray]] = []
+    at = square = 0
+    for m in sizes.tolist():
+        out.append((indices[at : at + m], sums[square : square + m * m].reshape(m, m)))
+        at, square = at + m, square + m * m
+    return out
+
+
+@dataclass
+class Delta:
+    """What a learner added to the shared state since its last delta: sparse, so merging it
+    costs its non-zeros. Weights, squares and block sums add; scales take the maximum."""
+
+    indices: IntArray
+    weights: FloatArray
+    squares: FloatArray
+    scales: FloatArray
+    updates: int
+    blocks: list[tuple[IntArray, FloatArray]]
+
+    def to_bytes(self) -> bytes:
+        return _pack(
+            {
+                "indices": self.indices,
+                "weights": self.weights,
+                "squares": self.squares,
+                "scales": self.scales,
+                "updates": np.array(self.updates),
+                **_pack_blocks(self.blocks),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, dim: int) -> Delta:
+        data = _unpack(raw)
+        try:
+            delta = cls(
+                data["indices"].astype(np.int64),
+                data["weights"].astype(np.float64),
+                data["squares"].astype(np.float64),
+                data["scales"].astype(np.float64),
+                int(data["updates"]),
+                _unpack_blocks(data, dim),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise StateError(f"unreadable learner delta: {exc!r}") from exc
+        n = len(delta.indices)
+        if not (len(delta.weights) == len(delta.squares) == len(delta.scales) == n):
+            raise StateError("learner delta arrays of different lengths")
+        if n and (delta.indices.min() < 0 or delta.indices.max() >= dim):
+            raise StateError("learner delta for another feature layout")
+        return delta
+
+
+class OnlineRegression:
+    """Weights, sums of squares and scales of every feature, and the numeric blocks (see the
+    module doc)."""
+
+    def __init__(self, space: FeatureSpace, *, l2: float, rate: float, prior: FloatArray) -> None:
+        self.space = space
+        self.l2 = l2
+        self.rate = rate
+        self.prior = prior
+        self.weights = prior.astype(np.float64).copy()
+        self.squares = np.zeros(space.dim)
+        self.scales = np.zeros(space.dim)
+        self.blocks: dict[bytes, Block] = {}
+        # The offers whose own features this state may hold, with their channels: what the
+        # learner forgets once one is gone from the catalog (``Learner``).
+        self.offers: dict[str, list[str]] = {}
+        self.updates = 0
+        self._mark()
+
+    # --- learning -------------------------------------------------------------------------
+
+    def learn(self, batch: Batch) -> None:
+        """Apply a batch of rewards as one step (see the module doc)."""
+        if not len(batch):
+            return
+        idx, vals, rows = batch.indices, batch.values, batch.rows
+        n = len(batch)
+        in_block = np.zeros(len(idx), dtype=bool)
+        in_block[batch.block_positions] = True
+        diagonal = ~in_block
+        # The scales first: a feature's prior is measured in its unit from its first value on.
+        np.maximum.at(self.scales, idx, np.abs(vals))
+        before = self._precision(idx)
+        predicted = _sums(rows, self.weights[idx] * vals, n)
+        newness = _sums(rows[diagonal], (vals * vals / before)[diagonal], n)
+        groups = self._block_groups(batch)
+        leverages = []
+        for block, members, z in groups:
+            # How new each vector's block is: z A^-1 z, with A before this batch.
+            leverage = np.einsum("km,km->k", z @ block.inverted(self.l2, self.scales), z)
+            np.add.at(newness, members, leverage)
+            leverages.append(leverage)
+            block.add(z.T @ z, own=True)
+        step = (batch.rewards - predicted) / (1.0 + newness) * self.rate
+        np.add.at(self.squares, idx, vals * vals)
+        # Outside blocks: each feature's summed pull over its precision after the batch, so a
+        # feature that n vectors share moves by about their mean residual, not n times it.
+        d_idx, d_vals, d_rows = idx[diagonal], vals[diagonal], rows[diagonal]
+        touched, at = np.unique(d_idx, return_inverse=True)
+        pull = _sums(at, d_vals * step[d_rows], len(touched))
+        self.weights[touched] += pull / self._precision(touched)
+        # In a block: the ridge step with the block's A after the batch (for one reward this
+        # is Sherman-Morrison's step exactly).
+        for (block, members, z), leverage in zip(groups, leverages, strict=True):
+            target = z.T @ (step[members] * (1.0 + leverage))
+            np.add.at(self.weights, block.indices, block.inverted(self.l2, self.scales) @ target)
+        self.updates += n
+
+    def _block_groups(self, batch: Batch) -> list[tuple[Block, IntArray, FloatArray]]:
+        """The batch's blocks, grouped by the features they cover: (block, the vectors that
+        have it, their values as the rows of a matrix). Vectorised per block size: a loop
+        per distinct block, not per reward."""
+        groups = []
+        sizes = np.diff(batch.block_bounds)
+        for m in np.unique(sizes).tolist():
+            chosen = np.flatnonzero(sizes == m)
+            where = batch.block_positions[batch.block_bounds[chosen][:, None] + np.arange(m)]
+            covered, which = np.unique(batch.indices[where], axis=0, return_inverse=True)
+            order = np.argsort(which.ravel(), kind="stable")
+            splits = np.cumsum(np.bincount(which.ravel(), minlength=len(covered)))[:-1]
+            for indices, members in zip(covered, np.split(order, splits), strict=True):
+                key = indices.tobytes()
+                block = self.blocks.get(key)
+                if block is None:
+                    block = self.blocks[key] = Block(indices.copy())
+                z = batch.values[where[members]]
+                groups.append((block, batch.block_rows[chosen[members]], z))
+        return groups
+
+    def _precision(self, idx: IntArray) -> FloatArray:
+        # A feature never seen has no scale yet: its prior is l2 in its own unit. A scale
+        # is floored so a feature only ever seen near 0 cannot make its precision 0.
+        scale = self.scales[idx]
+        prior = np.where(scale > 0, self.l2 * np.maximum(scale, MIN_SCALE) ** 2, self.l2)
+        return prior + self.squares[idx]
+
+    def variance(self) -> FloatArray:
+        """``1 / p_i`` for every weight, without the explicit and inferred ones (the bonus
+        must never depend on them: ``bandit`` module doc)."""
+        out: FloatArray = 1.0 / self._precision(np.arange(self.space.dim))
+        out[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0
+        return out
+
+    # --- merging learners' work -----------------------------------------------------------
+
+    def _mark(self) -> None:
+        self._base_weights = self.weights.copy()
+        self._base_squares = self.squares.copy()
+        self._base_updates = self.updates
+        for block in self.blocks.values():
+            block.pending[:] = 0.0
+
+    def take_delta(self) -> Delta:
+        """What was learned since the last ``take_delta`` (or ``restore``), and mark now."""
+        changed = np.flatnonzero(
+            (self.weights != self._base_weights) | (self.squares != self._base_squares)
+        )
+        blocks = [(b.indices, b.pending.copy()) for b in self.blocks.values() if b.pending.any()]
+        delta = Delta(
+            changed,
+            self.weights[changed] - self._base_weights[changed],
+            self.squares[changed] - self._base_squares[changed],
+            self.scales[changed].copy(),
+            self.updates - self._base_updates,
+            blocks,
+        )
+        self._mark()
+        return delta
+
+    def merge(self, delta: Delta) -> None:
+        """Add another learner's delta to this state (not to this learner's own delta)."""
+        idx = delta.indices
+        self.weights[idx] += delta.weights
+        self.squares[idx] += delta.squares
+        self.scales[idx] = np.maximum(self.scales[idx], delta.scales)
+        self._base_weights[idx] += delta.weights
+        self._base_squares[idx] += delta.squares
+        self.updates += delta.updates
+        self._base_updates += delta.updates
+        for indices, sums in delta.blocks:
+            key = indices.tobytes()
+            block = self.blocks.get(key)
+            if block is None:
+                block = self.blocks[key] = Block(indices)
+            block.add(sums, own=False)
+
+    def forget(self, indices: IntArray) -> None:
+        """Put these features back as never seen (an offer's own features, once it is gone),
+        with every block that holds one of them."""
+        self.weights[indices] = self.prior[indices]
+        self.squares[indices] = 0.0
+        self.scales[indices] = 0.0
+        self._base_weights[indices] = self.weights[indices]
+        self._base_squares[indices] = 0.0
+        gone = set(indices.tolist())
+        for key in [k for k, b in self.blocks.items() if gone.intersection(b.indices.tolist())]:
+            del self.blocks[key]
+
+    # --- saving ---------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        touched = np.flatnonzero(self.scales > 0)
+        return _pack(
+            {
+                "dim": np.array(self.space.dim),
+                "weights": self.weights,  # dense: what the prior gave counts too
+                "touched": touched.astype(np.int64),
+                "squares": self.squares[touched],
+                "scales": self.scales[touched],
+                "updates": np.array(self.updates),
+                "offers": np.frombuffer(json.dumps(self.offers).encode(), dtype=np.uint8),
+                **_pack_blocks([(b.indices, b.sums) for b in self.blocks.values()]),
+            }
+        )
+
+    def restore(self, raw: bytes) -> None:
+        """Take up a saved state (and mark it: the next delta starts from here)."""
+        data = _unpack(raw)
+        dim = self.space.dim
+        try:
+            if int(data["dim"]) != dim:
+                raise StateError("learner state built for another feature layout")
+            weights = data["weights"].astype(np.float64)
+            touched = data["touched"].astype(np.int64)
+            squares, scales = data["squares"], data["scales"]
+            updates = int(data["updates"])
+            blocks = _unpack_blocks(data, dim)
+            offers = json.loads(data["offers"].tobytes()) if "offers" in data else {}
+            if not isinstance(offers, dict):
+                raise TypeError("offers is not a mapping")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"unreadable learner state: {exc!r}") from exc
+        if weights.shape != (dim,) or not np.all(np.isfinite(weights)):
+            raise StateError("learner state holds unusable weights")
+        if len(touched) and (touched.min() < 0 or touched.max() >= dim):
+            raise StateError("learner state for another feature layout")
+        self.weights = weights
+        self.squares = np.zeros(dim)
+        self.scales = np.zeros(dim)
+        self.squares[touched] = squares
+        self.scales[touched] = scales
+        self.updates = updates
+        self.offers = {str(k): [str(c) for c in v] for k, v in offers.items()}
+        self.blocks = {}
+        for indices, sums in blocks:
+            block = self.blocks[indices.tobytes()] = Block(indices)
+            block.sums = sums.copy()
+        self._mark()
