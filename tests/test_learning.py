@@ -10,6 +10,7 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -23,6 +24,7 @@ from tactful.bandit import (
     RidgeLearner,
     SnapshotError,
     draw,
+    evidence_free,
     igw_probabilities,
     pick_slate,
     prior_theta,
@@ -310,12 +312,113 @@ def test_a_snapshot_carries_the_variance_and_an_old_one_still_loads():
         LinearModel("ridge-2", theta, SPACE.layout, 7, variance).to_bytes(), SPACE
     )
     assert loaded.variance is not None and loaded.updates == 7
-    expected = variance.copy()
+    expected = variance.astype(np.float32).astype(np.float64)  # stored as float32
     expected[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0  # whatever the writer sent
     assert np.array_equal(loaded.variance, expected)
     old = LinearModel.from_bytes(old_snapshot(theta), SPACE)
     assert old.variance is None and old.version == "ridge-1" and old.updates == 3
     assert np.array_equal(old.theta, theta)
+
+
+def dense_snapshot(theta: np.ndarray, variance: np.ndarray | None, **extra: object) -> bytes:
+    """A snapshot as servers published them before issue 16 (format 1): dense float64."""
+    raw = old_snapshot(theta, variance=variance is not None, **extra)
+    if variance is None:
+        return raw
+    buffer = io.BytesIO()
+    np.save(buffer, variance, allow_pickle=False)
+    return raw + buffer.getvalue()
+
+
+def test_a_snapshot_of_the_dense_float64_format_still_loads():
+    """Snapshots kept in Redis from before the compact format are served as they were."""
+    rng = np.random.default_rng(4)
+    theta, variance = rng.normal(size=SPACE.dim), rng.random(SPACE.dim)
+    loaded = LinearModel.from_bytes(dense_snapshot(theta, variance), SPACE)
+    assert np.array_equal(loaded.theta, theta) and loaded.updates == 3
+    assert loaded.variance is not None
+    assert np.array_equal(loaded.variance, evidence_free(variance))
+
+
+def touched_model(space: FeatureSpace, touched: int, seed: int = 6) -> LinearModel:
+    """A model as a learner with l2 = 2 publishes it after ``touched`` features were seen."""
+    rng = np.random.default_rng(seed)
+    theta, variance = prior_theta(space.dim), np.full(space.dim, 0.5)
+    at = rng.choice(space.dim, size=touched, replace=False)
+    theta[at] = rng.normal(size=touched)
+    variance[at] = 1.0 / (2.0 + rng.random(touched) * 50)
+    return LinearModel("ridge-5", theta, space.layout, 11, evidence_free(variance))
+
+
+@pytest.mark.parametrize("touched", [0, 30, 200, SPACE.dim], ids=lambda t: f"touched-{t}")
+def test_a_snapshot_stores_float32_values_where_the_model_moved(touched):
+    model = touched_model(SPACE, touched)
+    raw = model.to_bytes()
+    loaded = LinearModel.from_bytes(raw, SPACE)
+    assert loaded.theta.dtype == np.float64 and loaded.theta.shape == (SPACE.dim,)
+    assert np.array_equal(loaded.theta, model.theta.astype(np.float32))
+    assert loaded.variance is not None and model.variance is not None
+    assert np.array_equal(loaded.variance, model.variance.astype(np.float32))
+    assert (loaded.version, loaded.layout, loaded.updates) == ("ridge-5", SPACE.layout, 11)
+    untouched = model.variance == 0.5
+    assert np.all(loaded.variance[untouched] == 0.5)  # the fill is kept exactly
+    # Positions and float32 values (two of them), never more than dense float32 plus a bitmap.
+    stored = touched + 3  # the prior's weights differ from 0 too
+    assert len(raw) < 300 + min(stored * 12, SPACE.dim * 8 + SPACE.dim // 8)
+    without = LinearModel.from_bytes(dataclasses.replace(model, variance=None).to_bytes(), SPACE)
+    assert without.variance is None and np.array_equal(without.theta, loaded.theta)
+
+
+def test_a_compact_snapshot_of_the_default_space_is_a_few_megabytes():
+    space = FeatureSpace(18)
+    raw = touched_model(space, space.dim).to_bytes()
+    assert len(raw) < 2.2e6  # 2^18 float32 twice and a bitmap; 4.2 MB dense float64
+    assert LinearModel.from_bytes(raw, space).theta.shape == (space.dim,)
+
+
+def compact_snapshot(edit: Callable[[dict, bytes], tuple[dict, bytes]]) -> bytes:
+    """A format 2 snapshot whose header and body ``edit`` changes."""
+    raw = touched_model(SPACE, 5).to_bytes()  # few enough for a list of positions
+    size = int.from_bytes(raw[:4], "big")
+    header, body = edit(json.loads(raw[4 : 4 + size]), raw[4 + size :])
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(4, "big") + encoded + body
+
+
+def _bitmap(header: dict, body: bytes) -> tuple[dict, bytes]:
+    count = header["count"]
+    at = np.frombuffer(body[: count * 4], "<i4")
+    bits = np.zeros(SPACE.dim, bool)
+    bits[at] = True
+    return {**header, "positions": "bitmap"}, np.packbits(bits).tobytes() + body[count * 4 :]
+
+
+def _padded_bitmap(header: dict, body: bytes) -> tuple[dict, bytes]:
+    header, body = _bitmap(header, body)
+    last = (SPACE.dim + 7) // 8 - 1  # its low bits are past the last weight (dim % 8 != 0)
+    return header, body[:last] + bytes([body[last] | 1]) + body[last + 1 :]
+
+
+def _bitmap_short_of_its_count(header: dict, body: bytes) -> tuple[dict, bytes]:
+    header, body = _bitmap(header, body)
+    return {**header, "count": header["count"] + 1}, body + bytes(8)
+
+
+def _swap_positions(header: dict, body: bytes) -> tuple[dict, bytes]:
+    at = np.frombuffer(body[:8], "<i4")
+    return header, at[::-1].tobytes() + body[8:]
+
+
+def _position(value: int) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    return lambda header, body: (header, np.array([value], "<i4").tobytes() + body[4:])
+
+
+def _value(offset: int, value: float) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    def edit(header: dict, body: bytes) -> tuple[dict, bytes]:
+        at = header["count"] * 4 + offset * header["count"] * 4
+        return header, body[:at] + np.array([value], "<f4").tobytes() + body[at + 4 :]
+
+    return edit
 
 
 def bad_variance_snapshots() -> list[bytes]:
@@ -330,11 +433,55 @@ def bad_variance_snapshots() -> list[bytes]:
         np.where(np.arange(SPACE.dim) == 9, np.inf, good),
         np.where(np.arange(SPACE.dim) == 9, -1e-3, good),  # a variance is never negative
     ):
-        out.append(LinearModel("ridge-v", theta, SPACE.layout, 1, variance).to_bytes())
+        out.append(dense_snapshot(theta, variance))
     # The header promises a variance the snapshot does not hold.
-    promised = LinearModel("ridge-w", theta, SPACE.layout, 1, good).to_bytes()
+    promised = dense_snapshot(theta, good)
     out.append(old_snapshot(theta, variance=True))
     out.append(promised[: len(promised) - 40])  # cut short
+    for variance in (  # the compact format carries no dtype or shape, but values
+        np.where(np.arange(SPACE.dim) == 9, np.nan, good),
+        np.where(np.arange(SPACE.dim) == 9, np.inf, good),
+        np.where(np.arange(SPACE.dim) == 9, -1e-3, good),
+        np.full(SPACE.dim, -0.5),  # the fill itself
+    ):
+        out.append(LinearModel("ridge-v", theta, SPACE.layout, 1, variance).to_bytes())
+    return out
+
+
+def corrupt_compact_snapshots() -> list[bytes]:
+    good = touched_model(SPACE, 5).to_bytes()
+    assert SPACE.dim % 8 and json.loads(good[4 : 4 + good[3]])["positions"] == "list"
+    edits: list[Callable[[dict, bytes], tuple[dict, bytes]]] = [
+        lambda h, b: (h, b[:-1]),  # cut short
+        lambda h, b: (h, b + b"\0"),  # a byte too many
+        lambda h, b: ({**h, "format": 3}, b),  # a format this server does not know
+        lambda h, b: ({**h, "format": "2"}, b),
+        lambda h, b: ({**h, "dim": SPACE.dim * 2}, b),  # another space
+        lambda h, b: ({**h, "dim": 2**60}, b),
+        lambda h, b: ({**h, "dim": float(SPACE.dim)}, b),
+        lambda h, b: ({**h, "count": -1}, b),
+        lambda h, b: ({**h, "count": SPACE.dim + 1}, b),
+        lambda h, b: ({**h, "count": True}, b),
+        lambda h, b: ({**h, "positions": "ranges"}, b),
+        lambda h, b: ({**h, "variance": 1}, b),
+        lambda h, b: ({**h, "variance": False}, b),  # the body still holds it
+        lambda h, b: ({**h, "variance_fill": "0.5"}, b),
+        lambda h, b: ({**h, "variance_fill": None}, b),
+        lambda h, b: ({**h, "variance_fill": math.nan}, b),
+        lambda h, b: ({k: v for k, v in h.items() if k != "count"}, b),
+        lambda h, b: ({k: v for k, v in h.items() if k != "version"}, b),
+        _swap_positions,  # positions out of order
+        _position(-1),
+        _position(SPACE.dim),
+        _value(0, math.inf),  # a weight
+        _value(0, math.nan),
+        _value(1, -1.0),  # a variance
+        _padded_bitmap,  # a bit set past the last weight
+        _bitmap_short_of_its_count,
+    ]
+    out = [compact_snapshot(edit) for edit in edits]
+    out += [good[:3], good[:40], b"\xff\xff\xff\xff" + good[4:], b"\0\0\0\2[]" + good[6:]]
+    out.append(b"\0\x01\x86\xa0" + b"[" * 100_000)  # a header nested too deep to parse
     return out
 
 
@@ -342,6 +489,52 @@ def bad_variance_snapshots() -> list[bytes]:
 def test_a_snapshot_with_an_unusable_variance_is_refused(raw):
     with pytest.raises(SnapshotError):
         LinearModel.from_bytes(raw, SPACE)
+
+
+@pytest.mark.parametrize("raw", corrupt_compact_snapshots())
+def test_a_corrupt_compact_snapshot_is_refused(raw):
+    with pytest.raises(SnapshotError):
+        LinearModel.from_bytes(raw, SPACE)
+
+
+def test_the_bitmap_edit_above_makes_a_snapshot_that_loads():
+    """The corrupt bitmaps above are cut from this valid one."""
+    loaded = LinearModel.from_bytes(compact_snapshot(_bitmap), SPACE)
+    assert np.array_equal(
+        loaded.theta, LinearModel.from_bytes(compact_snapshot(lambda h, b: (h, b)), SPACE).theta
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_mangled_snapshot_loads_or_raises_snapshot_error(data):
+    """Whatever happened to the bytes on the way, loading them gives a model or a
+    SnapshotError: a server logs it and keeps its model, it never fails otherwise."""
+    base = data.draw(
+        st.sampled_from(
+            [
+                touched_model(SPACE, 20).to_bytes(),
+                touched_model(SPACE, SPACE.dim).to_bytes(),
+                dense_snapshot(prior_theta(SPACE.dim), np.full(SPACE.dim, 0.5)),
+            ]
+        )
+    )
+    raw = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if action == "flip" and raw:
+            raw[at] ^= data.draw(st.integers(1, 255))
+        elif action == "cut":
+            del raw[at : at + data.draw(st.integers(1, 64))]
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        model = LinearModel.from_bytes(bytes(raw), SPACE)
+    except SnapshotError:
+        return
+    assert model.theta.shape == (SPACE.dim,) and np.all(np.isfinite(model.theta))
+    assert model.variance is None or np.all(model.variance >= 0)
 
 
 # --- exploration --------------------------------------------------------------------------
