@@ -438,6 +438,9 @@ def bad_variance_snapshots() -> list[bytes]:
     promised = dense_snapshot(theta, good)
     out.append(old_snapshot(theta, variance=True))
     out.append(promised[: len(promised) - 40])  # cut short
+    header = len(promised) - (SPACE.dim * 8 + 128) * 2 + 10  # in theta's .npy header
+    out.append(promised[:header] + bytes([promised[header] ^ 1]) + promised[header + 1 :])
+    out.append(promised.replace(b"(517,)", b"(517999999999999,)", 1))  # more than any RAM
     for variance in (  # the compact format carries no dtype or shape, but values
         np.where(np.arange(SPACE.dim) == 9, np.nan, good),
         np.where(np.arange(SPACE.dim) == 9, np.inf, good),

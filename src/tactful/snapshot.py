@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import tokenize
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npy
 
 from tactful.features import FloatArray
 
@@ -70,18 +73,41 @@ def decode(raw: bytes, dim: int) -> tuple[dict[str, Any], FloatArray, FloatArray
         raise ValueError("snapshot header is not an object")
     body = memoryview(raw)[4 + size :]
     if "format" not in header:
-        return header, *_decode_dense(header, body)
+        return header, *_decode_dense(header, body, dim)
     if header["format"] != FORMAT:
         raise ValueError(f"snapshot format {header['format']!r}, this server reads 1 and 2")
     return header, *_decode_sparse(header, body, dim)
 
 
-def _decode_dense(header: dict[str, Any], body: memoryview) -> tuple[FloatArray, FloatArray | None]:
+def _decode_dense(
+    header: dict[str, Any], body: memoryview, dim: int
+) -> tuple[FloatArray, FloatArray | None]:
     buffer = io.BytesIO(body)
-    theta = np.load(buffer, allow_pickle=False)
+    theta = _load_npy(buffer, dim)
     # A snapshot from before the variance was published has none: no bonus.
-    variance = np.load(buffer, allow_pickle=False) if header.get("variance") else None
+    variance = _load_npy(buffer, dim) if header.get("variance") else None
     return theta, variance
+
+
+def _load_npy(buffer: io.BytesIO, dim: int) -> np.ndarray[Any, Any]:
+    """One ``.npy`` array, its header read first: numpy makes the array its header
+    describes before it reads it, so a mangled shape must not get that far."""
+    start = buffer.tell()
+    try:
+        version = npy.read_magic(buffer)
+        if version == (1, 0):
+            shape = npy.read_array_header_1_0(buffer)[0]
+        elif version == (2, 0):
+            shape = npy.read_array_header_2_0(buffer)[0]
+        else:
+            raise ValueError(f".npy version {version}")
+    except (SyntaxError, tokenize.TokenError) as exc:  # numpy reads the header as Python
+        raise ValueError(f"corrupt .npy header: {exc!r}") from exc
+    if math.prod(shape) > 2 * dim:  # two per weight at most: the checks tell what is wrong
+        raise ValueError(f".npy array of shape {shape}, this server uses ({dim},)")
+    buffer.seek(start)
+    array: np.ndarray[Any, Any] = np.load(buffer, allow_pickle=False)
+    return array
 
 
 def _decode_sparse(
@@ -107,12 +133,11 @@ def _decode_sparse(
     if len(body) != expected:
         raise ValueError(f"snapshot body of {len(body)} bytes, its header promises {expected}")
     at = _positions(kind, body[:span], count, dim)
-    theta = np.zeros(dim)
-    theta[at] = np.frombuffer(body[span : span + values], _VALUE)
-    if not has_variance:
-        return theta, None
-    variance = np.full(dim, float(fill))
-    variance[at] = np.frombuffer(body[span + values :], _VALUE)
+    theta, variance = np.zeros(dim), np.full(dim, float(fill)) if has_variance else None
+    with np.errstate(invalid="ignore"):  # a NaN is refused with the other checks
+        theta[at] = np.frombuffer(body[span : span + values], _VALUE)
+        if variance is not None:
+            variance[at] = np.frombuffer(body[span + values :], _VALUE)
     return theta, variance
 
 
