@@ -52,7 +52,7 @@ from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 
-from conftest import make_settings, make_store, offer, redis_url
+from conftest import decide_with_model, make_settings, make_store, offer, redis_url, until
 
 SPACE = FeatureSpace(9)
 
@@ -604,6 +604,7 @@ def test_served_propensities_match_observed_choices(catalog, decisioning, models
             keep=2,
             now=time.time(),
         )
+        assert decide_with_model(decisioning, "ridge-1").model_version == "ridge-1"
     n = 1500
     counts: dict[str, int] = {}
     reported: dict[str, float] = {}
@@ -648,6 +649,9 @@ def test_learning_moves_choices_toward_rewarded_offers(catalog, decisioning, mod
         event = d.OUTCOME_EVENT_CLICK if choice.offer_id == "good" else d.OUTCOME_EVENT_DISMISS
         report(decisioning, response.decision_id, choice.offer_id, event, f"o{i}")
         learner.step(block_ms=0)
+        if learner.published_version is not None:  # the next Decide decides with it
+            published = f"ridge-{learner.published_version}"
+            assert decide_with_model(decisioning, published).model_version == published
     learner.stop()
     late = shown[-40:]
     assert late.count("good") > 0.7 * len(late), late
@@ -676,7 +680,8 @@ def test_outcome_reaches_every_server_quickly(redis_proc, store, settings, catal
             start = time.perf_counter()
             report(one, response.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
             learner.step(block_ms=50)
-            after = two.Decide(d.DecideRequest(user_id="u", channel="web", dry_run=True))
+            # The first Decide to see the version has the other server load it meanwhile.
+            after = decide_with_model(two, f"ridge-{learner.published_version}", user_id="u")
             elapsed = time.perf_counter() - start
     finally:
         first.stop(None)
@@ -785,17 +790,20 @@ def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
         keep=5,
         now=time.time(),
     )
-    assert decisioning.Decide(d.DecideRequest(user_id="u", channel="web")).model_version == (
-        f"ridge-{good}"
-    )
+    assert decide_with_model(decisioning, f"ridge-{good}").model_version == f"ridge-{good}"
     rejected = metrics.MODEL_REJECTED._value.get()
-    for payload in (
-        b"not a snapshot",
-        LinearModel("ridge-x", np.zeros(7), SPACE.layout).to_bytes(),  # wrong size
-        LinearModel("ridge-y", prior_theta(SPACE.dim), "other-layout/9").to_bytes(),
-        *bad_variance_snapshots()[:1],  # a variance of the wrong size
+    for count, payload in enumerate(
+        (
+            b"not a snapshot",
+            LinearModel("ridge-x", np.zeros(7), SPACE.layout).to_bytes(),  # wrong size
+            LinearModel("ridge-y", prior_theta(SPACE.dim), "other-layout/9").to_bytes(),
+            *bad_variance_snapshots()[:1],  # a variance of the wrong size
+        ),
+        start=1,
     ):
         models.publish(lambda v, p=payload: p, keep=5, now=time.time())
+        decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))  # sees it: a load
+        assert until(metrics.MODEL_REJECTED._value.get, lambda n, c=count: n == rejected + c)
         response = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
         assert response.model_version == f"ridge-{good}"
     assert metrics.MODEL_REJECTED._value.get() == rejected + 4
@@ -812,14 +820,28 @@ class VersionedModels:
         return LinearModel(f"ridge-{version}", prior_theta(SPACE.dim), SPACE.layout).to_bytes()
 
 
+def served(cache: ModelCache, version: int) -> str:
+    """The model ``cache`` serves once fresh reads of ``version`` have had it loaded."""
+    return until(
+        lambda: cache.model(version, read_at=time.monotonic()).version,
+        lambda served: served == f"ridge-{version}",
+    )
+
+
 def test_a_request_that_read_before_a_rollback_does_not_switch_the_model_back():
     store = VersionedModels()
     cache = ModelCache(store, SPACE, kappa=1.0)
-    assert cache.model(3, read_at=time.monotonic()).version == "ridge-3"
+    assert served(cache, 3) == "ridge-3"
     in_flight = time.monotonic()  # a request read version 3 here, then a rollback to 2...
-    assert cache.model(2, read_at=time.monotonic()).version == "ridge-2"
+    assert served(cache, 2) == "ridge-2"
     assert cache.model(3, read_at=in_flight).version == "ridge-2"  # ...it keeps the rollback
-    assert cache.model(4, read_at=time.monotonic()).version == "ridge-4"  # a new one is used
+    stays = until(
+        lambda: (cache.model(2, read_at=in_flight).version, list(store.loaded)),
+        lambda now: now != ("ridge-2", [3, 2]),
+        timeout=0.3,
+    )
+    assert stays == ("ridge-2", [3, 2])  # and asks for no load of 3
+    assert served(cache, 4) == "ridge-4"  # a new one is used
     assert store.loaded == [3, 2, 4]
 
 
@@ -834,10 +856,9 @@ def test_rollback_pins_an_earlier_version(store, catalog, decisioning, models):
     assert current == v3 and [v for v, _ in versions] == [v2, v3]  # keeps the last 2
     with pytest.raises(KeyError):
         models.rollback(v1)
-    models.rollback(v2)
-    assert decisioning.Decide(d.DecideRequest(user_id="u", channel="web")).model_version == (
-        f"ridge-{v2}"
-    )
+    assert decide_with_model(decisioning, f"ridge-{v3}").model_version == f"ridge-{v3}"
+    models.rollback(v2)  # a lower version than the one served: it is loaded all the same
+    assert decide_with_model(decisioning, f"ridge-{v2}").model_version == f"ridge-{v2}"
     assert models.publish(snapshot, keep=2, now=4.0) is None  # pinned: nothing new served
     models.unpin()
     assert models.publish(snapshot, keep=2, now=5.0) is not None
