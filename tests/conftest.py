@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import hypothesis
@@ -28,6 +29,7 @@ from tactful.transport.server import Running, build_server
 from tactful.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
+    decisioning_pb2,
     decisioning_pb2_grpc,
     profiles_pb2_grpc,
 )
@@ -181,6 +183,38 @@ def offer(
     fields.setdefault("channels", ["web", "app", "email"])
     fields.setdefault("priority", 0.5)
     return catalog_pb2.Offer(offer_id=offer_id, topics=list(topics), **fields)
+
+
+T = TypeVar("T")
+
+
+def until(probe: Callable[[], T], ok: Callable[[T], bool], *, timeout: float = 10.0) -> T:
+    """``probe()`` again and again until ``ok`` holds of what it returns; after ``timeout``
+    seconds, what it last returned (for the caller's assert to show)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if ok(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.005)
+
+
+def decide_with_model(
+    decisioning: decisioning_pb2_grpc.DecisioningStub,
+    version: str,
+    *,
+    user_id: str = "model-probe",
+    timeout: float = 10.0,
+) -> decisioning_pb2.DecideResponse:
+    """A dry-run Decide answered with model ``version``, or the last one tried. A Decide that
+    sees a model version its server has not loaded yet answers with the model it has, and the
+    version is loaded in the background: this waits for it."""
+    request = decisioning_pb2.DecideRequest(user_id=user_id, channel="web", dry_run=True)
+    return until(
+        lambda: decisioning.Decide(request),
+        lambda response: response.model_version == version,
+        timeout=timeout,
+    )
 
 
 class RoundTrips:

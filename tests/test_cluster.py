@@ -20,7 +20,7 @@ from tactful.v1 import catalog_pb2
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
-from conftest import make_settings, offer
+from conftest import decide_with_model, make_settings, offer
 
 pytestmark = pytest.mark.parametrize("store_backend", ["cluster"], indirect=True)
 
@@ -111,7 +111,7 @@ def test_preferences_decide_outcome_learning_and_erasure(store, catalog, decisio
     learner.start()
     learner.step(block_ms=0)
     assert learner.regression.updates == 1
-    again = decisioning.Decide(d.DecideRequest(user_id="ann", channel="web", dry_run=True))
+    again = decide_with_model(decisioning, f"ridge-{learner.published_version}", user_id="ann")
     assert again.model_version == f"ridge-{learner.published_version}"
     learner.stop()
 

@@ -10,6 +10,7 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -23,6 +24,7 @@ from tactful.bandit import (
     LinearModel,
     SnapshotError,
     draw,
+    evidence_free,
     igw_probabilities,
     pick_slate,
     prior_theta,
@@ -52,7 +54,7 @@ from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 
-from conftest import make_settings, make_store, offer, redis_url
+from conftest import decide_with_model, make_settings, make_store, offer, redis_url, until
 
 SPACE = FeatureSpace(9)  # small, for the model's own tests
 SERVED = FeatureSpace(make_settings().learning.hashed_bits)  # what the test servers use
@@ -408,12 +410,113 @@ def test_a_snapshot_carries_the_variance_and_an_old_one_still_loads():
         LinearModel("ridge-2", theta, SPACE.layout, 7, variance).to_bytes(), SPACE
     )
     assert loaded.variance is not None and loaded.updates == 7
-    expected = variance.copy()
+    expected = variance.astype(np.float32).astype(np.float64)  # stored as float32
     expected[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0  # whatever the writer sent
     assert np.array_equal(loaded.variance, expected)
     old = LinearModel.from_bytes(old_snapshot(theta), SPACE)
     assert old.variance is None and old.version == "ridge-1" and old.updates == 3
     assert np.array_equal(old.theta, theta)
+
+
+def dense_snapshot(theta: np.ndarray, variance: np.ndarray | None, **extra: object) -> bytes:
+    """A snapshot as servers published them before issue 16 (format 1): dense float64."""
+    raw = old_snapshot(theta, variance=variance is not None, **extra)
+    if variance is None:
+        return raw
+    buffer = io.BytesIO()
+    np.save(buffer, variance, allow_pickle=False)
+    return raw + buffer.getvalue()
+
+
+def test_a_snapshot_of_the_dense_float64_format_still_loads():
+    """Snapshots kept in Redis from before the compact format are served as they were."""
+    rng = np.random.default_rng(4)
+    theta, variance = rng.normal(size=SPACE.dim), rng.random(SPACE.dim)
+    loaded = LinearModel.from_bytes(dense_snapshot(theta, variance), SPACE)
+    assert np.array_equal(loaded.theta, theta) and loaded.updates == 3
+    assert loaded.variance is not None
+    assert np.array_equal(loaded.variance, evidence_free(variance))
+
+
+def touched_model(space: FeatureSpace, touched: int, seed: int = 6) -> LinearModel:
+    """A model as a learner with l2 = 2 publishes it after ``touched`` features were seen."""
+    rng = np.random.default_rng(seed)
+    theta, variance = prior_theta(space.dim), np.full(space.dim, 0.5)
+    at = rng.choice(space.dim, size=touched, replace=False)
+    theta[at] = rng.normal(size=touched)
+    variance[at] = 1.0 / (2.0 + rng.random(touched) * 50)
+    return LinearModel("ridge-5", theta, space.layout, 11, evidence_free(variance))
+
+
+@pytest.mark.parametrize("touched", [0, 30, 200, SPACE.dim], ids=lambda t: f"touched-{t}")
+def test_a_snapshot_stores_float32_values_where_the_model_moved(touched):
+    model = touched_model(SPACE, touched)
+    raw = model.to_bytes()
+    loaded = LinearModel.from_bytes(raw, SPACE)
+    assert loaded.theta.dtype == np.float64 and loaded.theta.shape == (SPACE.dim,)
+    assert np.array_equal(loaded.theta, model.theta.astype(np.float32))
+    assert loaded.variance is not None and model.variance is not None
+    assert np.array_equal(loaded.variance, model.variance.astype(np.float32))
+    assert (loaded.version, loaded.layout, loaded.updates) == ("ridge-5", SPACE.layout, 11)
+    untouched = model.variance == 0.5
+    assert np.all(loaded.variance[untouched] == 0.5)  # the fill is kept exactly
+    # Positions and float32 values (two of them), never more than dense float32 plus a bitmap.
+    stored = touched + 3  # the prior's weights differ from 0 too
+    assert len(raw) < 300 + min(stored * 12, SPACE.dim * 8 + SPACE.dim // 8)
+    without = LinearModel.from_bytes(dataclasses.replace(model, variance=None).to_bytes(), SPACE)
+    assert without.variance is None and np.array_equal(without.theta, loaded.theta)
+
+
+def test_a_compact_snapshot_of_the_default_space_is_a_few_megabytes():
+    space = FeatureSpace(18)
+    raw = touched_model(space, space.dim).to_bytes()
+    assert len(raw) < 2.2e6  # 2^18 float32 twice and a bitmap; 4.2 MB dense float64
+    assert LinearModel.from_bytes(raw, space).theta.shape == (space.dim,)
+
+
+def compact_snapshot(edit: Callable[[dict, bytes], tuple[dict, bytes]]) -> bytes:
+    """A format 2 snapshot whose header and body ``edit`` changes."""
+    raw = touched_model(SPACE, 5).to_bytes()  # few enough for a list of positions
+    size = int.from_bytes(raw[:4], "big")
+    header, body = edit(json.loads(raw[4 : 4 + size]), raw[4 + size :])
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(4, "big") + encoded + body
+
+
+def _bitmap(header: dict, body: bytes) -> tuple[dict, bytes]:
+    count = header["count"]
+    at = np.frombuffer(body[: count * 4], "<i4")
+    bits = np.zeros(SPACE.dim, bool)
+    bits[at] = True
+    return {**header, "positions": "bitmap"}, np.packbits(bits).tobytes() + body[count * 4 :]
+
+
+def _padded_bitmap(header: dict, body: bytes) -> tuple[dict, bytes]:
+    header, body = _bitmap(header, body)
+    last = (SPACE.dim + 7) // 8 - 1  # its low bits are past the last weight (dim % 8 != 0)
+    return header, body[:last] + bytes([body[last] | 1]) + body[last + 1 :]
+
+
+def _bitmap_short_of_its_count(header: dict, body: bytes) -> tuple[dict, bytes]:
+    header, body = _bitmap(header, body)
+    return {**header, "count": header["count"] + 1}, body + bytes(8)
+
+
+def _swap_positions(header: dict, body: bytes) -> tuple[dict, bytes]:
+    at = np.frombuffer(body[:8], "<i4")
+    return header, at[::-1].tobytes() + body[8:]
+
+
+def _position(value: int) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    return lambda header, body: (header, np.array([value], "<i4").tobytes() + body[4:])
+
+
+def _value(offset: int, value: float) -> Callable[[dict, bytes], tuple[dict, bytes]]:
+    def edit(header: dict, body: bytes) -> tuple[dict, bytes]:
+        at = header["count"] * 4 + offset * header["count"] * 4
+        return header, body[:at] + np.array([value], "<f4").tobytes() + body[at + 4 :]
+
+    return edit
 
 
 def bad_variance_snapshots() -> list[bytes]:
@@ -428,11 +531,58 @@ def bad_variance_snapshots() -> list[bytes]:
         np.where(np.arange(SPACE.dim) == 9, np.inf, good),
         np.where(np.arange(SPACE.dim) == 9, -1e-3, good),  # a variance is never negative
     ):
-        out.append(LinearModel("ridge-v", theta, SPACE.layout, 1, variance).to_bytes())
+        out.append(dense_snapshot(theta, variance))
     # The header promises a variance the snapshot does not hold.
-    promised = LinearModel("ridge-w", theta, SPACE.layout, 1, good).to_bytes()
+    promised = dense_snapshot(theta, good)
     out.append(old_snapshot(theta, variance=True))
     out.append(promised[: len(promised) - 40])  # cut short
+    header = len(promised) - (SPACE.dim * 8 + 128) * 2 + 10  # in theta's .npy header
+    out.append(promised[:header] + bytes([promised[header] ^ 1]) + promised[header + 1 :])
+    out.append(promised.replace(b"(517,)", b"(517999999999999,)", 1))  # more than any RAM
+    for variance in (  # the compact format carries no dtype or shape, but values
+        np.where(np.arange(SPACE.dim) == 9, np.nan, good),
+        np.where(np.arange(SPACE.dim) == 9, np.inf, good),
+        np.where(np.arange(SPACE.dim) == 9, -1e-3, good),
+        np.full(SPACE.dim, -0.5),  # the fill itself
+    ):
+        out.append(LinearModel("ridge-v", theta, SPACE.layout, 1, variance).to_bytes())
+    return out
+
+
+def corrupt_compact_snapshots() -> list[bytes]:
+    good = touched_model(SPACE, 5).to_bytes()
+    assert SPACE.dim % 8 and json.loads(good[4 : 4 + good[3]])["positions"] == "list"
+    edits: list[Callable[[dict, bytes], tuple[dict, bytes]]] = [
+        lambda h, b: (h, b[:-1]),  # cut short
+        lambda h, b: (h, b + b"\0"),  # a byte too many
+        lambda h, b: ({**h, "format": 3}, b),  # a format this server does not know
+        lambda h, b: ({**h, "format": "2"}, b),
+        lambda h, b: ({**h, "dim": SPACE.dim * 2}, b),  # another space
+        lambda h, b: ({**h, "dim": 2**60}, b),
+        lambda h, b: ({**h, "dim": float(SPACE.dim)}, b),
+        lambda h, b: ({**h, "count": -1}, b),
+        lambda h, b: ({**h, "count": SPACE.dim + 1}, b),
+        lambda h, b: ({**h, "count": True}, b),
+        lambda h, b: ({**h, "positions": "ranges"}, b),
+        lambda h, b: ({**h, "variance": 1}, b),
+        lambda h, b: ({**h, "variance": False}, b),  # the body still holds it
+        lambda h, b: ({**h, "variance_fill": "0.5"}, b),
+        lambda h, b: ({**h, "variance_fill": None}, b),
+        lambda h, b: ({**h, "variance_fill": math.nan}, b),
+        lambda h, b: ({k: v for k, v in h.items() if k != "count"}, b),
+        lambda h, b: ({k: v for k, v in h.items() if k != "version"}, b),
+        _swap_positions,  # positions out of order
+        _position(-1),
+        _position(SPACE.dim),
+        _value(0, math.inf),  # a weight
+        _value(0, math.nan),
+        _value(1, -1.0),  # a variance
+        _padded_bitmap,  # a bit set past the last weight
+        _bitmap_short_of_its_count,
+    ]
+    out = [compact_snapshot(edit) for edit in edits]
+    out += [good[:3], good[:40], b"\xff\xff\xff\xff" + good[4:], b"\0\0\0\2[]" + good[6:]]
+    out.append(b"\0\x01\x86\xa0" + b"[" * 100_000)  # a header nested too deep to parse
     return out
 
 
@@ -440,6 +590,52 @@ def bad_variance_snapshots() -> list[bytes]:
 def test_a_snapshot_with_an_unusable_variance_is_refused(raw):
     with pytest.raises(SnapshotError):
         LinearModel.from_bytes(raw, SPACE)
+
+
+@pytest.mark.parametrize("raw", corrupt_compact_snapshots())
+def test_a_corrupt_compact_snapshot_is_refused(raw):
+    with pytest.raises(SnapshotError):
+        LinearModel.from_bytes(raw, SPACE)
+
+
+def test_the_bitmap_edit_above_makes_a_snapshot_that_loads():
+    """The corrupt bitmaps above are cut from this valid one."""
+    loaded = LinearModel.from_bytes(compact_snapshot(_bitmap), SPACE)
+    assert np.array_equal(
+        loaded.theta, LinearModel.from_bytes(compact_snapshot(lambda h, b: (h, b)), SPACE).theta
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_mangled_snapshot_loads_or_raises_snapshot_error(data):
+    """Whatever happened to the bytes on the way, loading them gives a model or a
+    SnapshotError: a server logs it and keeps its model, it never fails otherwise."""
+    base = data.draw(
+        st.sampled_from(
+            [
+                touched_model(SPACE, 20).to_bytes(),
+                touched_model(SPACE, SPACE.dim).to_bytes(),
+                dense_snapshot(prior_theta(SPACE.dim), np.full(SPACE.dim, 0.5)),
+            ]
+        )
+    )
+    raw = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if action == "flip" and raw:
+            raw[at] ^= data.draw(st.integers(1, 255))
+        elif action == "cut":
+            del raw[at : at + data.draw(st.integers(1, 64))]
+        else:
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        model = LinearModel.from_bytes(bytes(raw), SPACE)
+    except SnapshotError:
+        return
+    assert model.theta.shape == (SPACE.dim,) and np.all(np.isfinite(model.theta))
+    assert model.variance is None or np.all(model.variance >= 0)
 
 
 # --- exploration --------------------------------------------------------------------------
@@ -506,6 +702,7 @@ def test_served_propensities_match_observed_choices(catalog, decisioning, models
             keep=2,
             now=time.time(),
         )
+        assert decide_with_model(decisioning, "ridge-1").model_version == "ridge-1"
     n = 1500
     counts: dict[str, int] = {}
     reported: dict[str, float] = {}
@@ -550,6 +747,9 @@ def test_learning_moves_choices_toward_rewarded_offers(catalog, decisioning, mod
         event = d.OUTCOME_EVENT_CLICK if choice.offer_id == "good" else d.OUTCOME_EVENT_DISMISS
         report(decisioning, response.decision_id, choice.offer_id, event, f"o{i}")
         learner.step(block_ms=0)
+        if learner.published_version is not None:  # the next Decide decides with it
+            published = f"ridge-{learner.published_version}"
+            assert decide_with_model(decisioning, published).model_version == published
     learner.stop()
     late = shown[-40:]
     assert late.count("good") > 0.7 * len(late), late
@@ -578,7 +778,8 @@ def test_outcome_reaches_every_server_quickly(redis_proc, store, settings, catal
             start = time.perf_counter()
             report(one, response.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
             learner.step(block_ms=50)
-            after = two.Decide(d.DecideRequest(user_id="u", channel="web", dry_run=True))
+            # The first Decide to see the version has the other server load it meanwhile.
+            after = decide_with_model(two, f"ridge-{learner.published_version}", user_id="u")
             elapsed = time.perf_counter() - start
     finally:
         first.stop(None)
@@ -689,17 +890,20 @@ def test_a_bad_snapshot_is_rejected_and_the_previous_model_kept(
         keep=5,
         now=time.time(),
     )
-    assert decisioning.Decide(d.DecideRequest(user_id="u", channel="web")).model_version == (
-        f"ridge-{good}"
-    )
+    assert decide_with_model(decisioning, f"ridge-{good}").model_version == f"ridge-{good}"
     rejected = metrics.MODEL_REJECTED._value.get()
-    for payload in (
-        b"not a snapshot",
-        LinearModel("ridge-x", np.zeros(7), SERVED.layout).to_bytes(),  # wrong size
-        LinearModel("ridge-y", prior_theta(SERVED.dim), "other-layout/9").to_bytes(),
-        *bad_variance_snapshots()[:1],  # a variance of the wrong size
+    for count, payload in enumerate(
+        (
+            b"not a snapshot",
+            LinearModel("ridge-x", np.zeros(7), SERVED.layout).to_bytes(),  # wrong size
+            LinearModel("ridge-y", prior_theta(SERVED.dim), "other-layout/9").to_bytes(),
+            *bad_variance_snapshots()[:1],  # a variance of the wrong size
+        ),
+        start=1,
     ):
         models.publish(lambda v, p=payload: p, keep=5, now=time.time())
+        decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))  # sees it: a load
+        assert until(metrics.MODEL_REJECTED._value.get, lambda n, c=count: n == rejected + c)
         response = decisioning.Decide(d.DecideRequest(user_id="u", channel="web"))
         assert response.model_version == f"ridge-{good}"
     assert metrics.MODEL_REJECTED._value.get() == rejected + 4
@@ -716,14 +920,28 @@ class VersionedModels:
         return LinearModel(f"ridge-{version}", prior_theta(SPACE.dim), SPACE.layout).to_bytes()
 
 
+def served(cache: ModelCache, version: int) -> str:
+    """The model ``cache`` serves once fresh reads of ``version`` have had it loaded."""
+    return until(
+        lambda: cache.model(version, read_at=time.monotonic()).version,
+        lambda served: served == f"ridge-{version}",
+    )
+
+
 def test_a_request_that_read_before_a_rollback_does_not_switch_the_model_back():
     store = VersionedModels()
     cache = ModelCache(store, SPACE, kappa=1.0)
-    assert cache.model(3, read_at=time.monotonic()).version == "ridge-3"
+    assert served(cache, 3) == "ridge-3"
     in_flight = time.monotonic()  # a request read version 3 here, then a rollback to 2...
-    assert cache.model(2, read_at=time.monotonic()).version == "ridge-2"
+    assert served(cache, 2) == "ridge-2"
     assert cache.model(3, read_at=in_flight).version == "ridge-2"  # ...it keeps the rollback
-    assert cache.model(4, read_at=time.monotonic()).version == "ridge-4"  # a new one is used
+    stays = until(
+        lambda: (cache.model(2, read_at=in_flight).version, list(store.loaded)),
+        lambda now: now != ("ridge-2", [3, 2]),
+        timeout=0.3,
+    )
+    assert stays == ("ridge-2", [3, 2])  # and asks for no load of 3
+    assert served(cache, 4) == "ridge-4"  # a new one is used
     assert store.loaded == [3, 2, 4]
 
 
@@ -741,10 +959,9 @@ def test_rollback_pins_an_earlier_version(store, catalog, decisioning, models):
     assert current == v3 and [v for v, _ in versions] == [v2, v3]  # keeps the last 2
     with pytest.raises(KeyError):
         models.rollback(v1)
-    models.rollback(v2)
-    assert decisioning.Decide(d.DecideRequest(user_id="u", channel="web")).model_version == (
-        f"ridge-{v2}"
-    )
+    assert decide_with_model(decisioning, f"ridge-{v3}").model_version == f"ridge-{v3}"
+    models.rollback(v2)  # a lower version than the one served: it is loaded all the same
+    assert decide_with_model(decisioning, f"ridge-{v2}").model_version == f"ridge-{v2}"
     assert models.publish(snapshot, keep=2, now=4.0) is None  # pinned: nothing new served
     models.unpin()
     assert models.publish(snapshot, keep=2, now=5.0) is not None

@@ -27,7 +27,14 @@ from tactful.v1 import catalog_pb2_grpc, decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import profiles_pb2 as p
 
-from conftest import RoundTrips, make_settings, make_store, offer, redis_url
+from conftest import (
+    RoundTrips,
+    decide_with_model,
+    make_settings,
+    make_store,
+    offer,
+    redis_url,
+)
 
 STATED, IMPORTED = p.ATTRIBUTE_SOURCE_STATED, p.ATTRIBUTE_SOURCE_IMPORTED
 
@@ -396,7 +403,7 @@ def test_a_persona_taught_model_favours_its_topics_for_a_new_member(
     )
     theta = project(prior_theta(space.dim), settings.learning.kappa)
     theta[_persona_index(space, persona)] += 2.0
-    ModelStore(store.client).publish(
+    version = ModelStore(store.client).publish(
         lambda v: LinearModel(f"ridge-{v}", theta, space.layout, 500).to_bytes(),
         keep=5,
         now=time.time(),
@@ -408,6 +415,7 @@ def test_a_persona_taught_model_favours_its_topics_for_a_new_member(
         offer("shoes", ("running",), channels=["web"], priority=0.5),
         offer("books", ("reading",), channels=["web"], priority=0.6),
     )
+    assert decide_with_model(decisioning, f"ridge-{version}").model_version == f"ridge-{version}"
     before = decide(decisioning, "newbie", slots=2)
     assert before.model_version.startswith("ridge-") and ids(before) == ["books", "shoes"]
     attrs(profiles, "newbie", persona="runner")

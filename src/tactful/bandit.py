@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from tactful import snapshot
 from tactful.features import (
     EXPLICIT_LIKE,
     INFERRED_INTEREST,
@@ -130,32 +130,25 @@ class LinearModel:
         return out
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        header = json.dumps(
-            {
-                "version": self.version,
-                "layout": self.layout,
-                "updates": self.updates,
-                "variance": self.variance is not None,
-            }
-        ).encode()
-        buffer.write(len(header).to_bytes(4, "big") + header)
-        np.save(buffer, self.theta, allow_pickle=False)
-        if self.variance is not None:
-            np.save(buffer, self.variance, allow_pickle=False)
-        return buffer.getvalue()
+        """A snapshot in the compact format (``tactful.snapshot``)."""
+        meta = {"version": self.version, "layout": self.layout, "updates": self.updates}
+        return snapshot.encode(meta, self.theta, self.variance)
 
     @classmethod
     def from_bytes(cls, raw: bytes, space: FeatureSpace) -> LinearModel:
+        """A model from a snapshot of either format, checked before anything is served."""
         try:
-            size = int.from_bytes(raw[:4], "big")
-            header = json.loads(raw[4 : 4 + size])
-            body = io.BytesIO(raw[4 + size :])
-            theta = np.load(body, allow_pickle=False)
-            # A snapshot from before the variance was published has none: no bonus.
-            variance = np.load(body, allow_pickle=False) if header.get("variance") else None
+            header, theta, variance = snapshot.decode(raw, space.dim)
             version, updates = str(header["version"]), int(header.get("updates", 0))
-        except (ValueError, OSError, EOFError, TypeError, KeyError, AttributeError) as exc:
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
             raise SnapshotError(f"corrupt model snapshot: {exc!r}") from exc
         if header.get("layout") != space.layout or theta.shape != (space.dim,):
             raise SnapshotError(

@@ -1,5 +1,6 @@
 """The catalog (offers and compiled segments) and the model a process decides with, cached
-in process and reloaded when a Decide's one read shows a version not loaded yet."""
+in process and reloaded when a Decide's one read shows a version not loaded yet (the
+catalog in that Decide, the model in the background)."""
 
 from __future__ import annotations
 
@@ -82,8 +83,16 @@ class CatalogCache:
 
 class ModelCache:
     """The model this process decides with. Like the catalog, its version comes with every
-    Decide's one read; a new version is loaded once (one GET), and a snapshot that cannot be
-    used is rejected with a log line while the previous model stays in service.
+    Decide's one read; a snapshot that cannot be used is rejected with a log line while the
+    previous model stays in service.
+
+    A Decide never loads a model: one that sees a version not loaded yet asks for it and
+    decides with the model it has. One thread of this process loads (one GET and a decode,
+    a few MB at 2^18 features), one version at a time; if more versions are asked for
+    meanwhile, the one the latest read saw is loaded next, and the model is swapped in one
+    assignment. The thread starts when a version is asked for and ends when none was for a
+    minute, so it runs in the process that serves (after a fork, too: a thread does not
+    survive one).
 
     As for the catalog, only a read that started after the last load can switch models, so
     a request that was in flight while a rollback or a new version was loaded does not
@@ -94,34 +103,65 @@ class ModelCache:
         self._store = store
         self._space = space
         self._kappa = kappa
-        self._lock = threading.Lock()
         self._version = 0
         self._loaded_at = -math.inf  # monotonic time the last load's read started
         self._model = LinearModel("prior", project(prior_theta(space.dim), kappa), space.layout)
         self._rejected: set[int] = set()
+        self._asked = threading.Condition()
+        self._wanted: tuple[int, float] | None = None  # (version, read_at) to load next
+        self._loader: threading.Thread | None = None
 
     @property
     def space(self) -> FeatureSpace:
         return self._space
 
     def model(self, version: int, *, read_at: float) -> LinearModel:
-        if (
-            version == self._version
-            or version == 0
-            or version in self._rejected
-            or read_at <= self._loaded_at
-        ):
-            return self._model
-        with self._lock:
-            if (
-                version != self._version
-                and version not in self._rejected
-                and read_at > self._loaded_at
-            ):
-                self._load_locked(version)
-        return self._model
+        """The model to decide with now; ``version`` (read at ``read_at``) is loaded in the
+        background if it is one to switch to."""
+        model = self._model
+        if self._wants(version, read_at):
+            self._ask(version, read_at)
+        return model
 
-    def _load_locked(self, version: int) -> None:
+    def _wants(self, version: int, read_at: float) -> bool:
+        return (
+            version != self._version
+            and version != 0
+            and version not in self._rejected
+            and read_at > self._loaded_at
+        )
+
+    def _ask(self, version: int, read_at: float) -> None:
+        with self._asked:
+            if self._wanted is None or read_at > self._wanted[1]:
+                self._wanted = (version, read_at)
+            if self._loader is None or not self._loader.is_alive():
+                self._loader = threading.Thread(
+                    target=self._run_loader, name="tactful-model-loader", daemon=True
+                )
+                self._loader.start()
+            self._asked.notify()
+
+    def _run_loader(self) -> None:
+        while True:
+            with self._asked:
+                if self._wanted is None:
+                    self._asked.wait(_LOADER_IDLE)
+                if self._wanted is None:
+                    self._loader = None  # nothing asked for a while: the next ask starts one
+                    return
+                (version, read_at), self._wanted = self._wanted, None
+            if not self._wants(version, read_at):
+                continue  # loaded meanwhile, or a load since started after that read
+            try:
+                self._load(version)
+            except Exception:
+                # The store could not be read (the breaker is open, Redis is away): the
+                # next Decide that sees the version asks again; pause so as not to spin.
+                log.warning("model version %d not loaded, retrying", version, exc_info=True)
+                time.sleep(_LOAD_RETRY_PAUSE)
+
+    def _load(self, version: int) -> None:
         started = time.monotonic()
         raw = self._store.load_model(version=version)
         try:
@@ -140,3 +180,7 @@ class ModelCache:
             return
         self._model, self._version, self._loaded_at = model, version, started
         metrics.MODEL_VERSION.set(version)
+
+
+_LOAD_RETRY_PAUSE = 0.2  # seconds between failed reads of a snapshot
+_LOADER_IDLE = 60.0  # seconds the loading thread waits for a version before it ends

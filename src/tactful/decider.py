@@ -209,8 +209,9 @@ class Decider:
         return self._log(turn, draft, wanted)
 
     def _read(self, req: DecideRequest, decision_id: str, now: float) -> Turn | Decision:
-        """The one round trip: profile, catalog and model versions (a version this process
-        has not loaded yet reloads its cache). A request_id seen recently gets its earlier
+        """The one round trip: profile, catalog and model versions (a catalog version this
+        process has not loaded yet reloads its cache; a model version is loaded in the
+        background, see ``ModelCache``). A request_id seen recently gets its earlier
         answer again; a store that cannot be read, the answer made without it."""
         profile: Profile | None = None
         try:
