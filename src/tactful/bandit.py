@@ -43,7 +43,6 @@ probability of the whole slate (in pick order) is the product of its choices' pr
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import threading
 from dataclasses import dataclass

@@ -32,7 +32,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import orjson
@@ -64,15 +63,7 @@ LEASE_MS = 15_000
 # then refused).
 CLAIM_IDLE_MS = 10_000
 READ_COUNT = 4096  # entries per read: one batch
-
-
-def _vector(data: Any) -> Vector:
-    """A logged feature vector (``SparseVector.to_json``) as lists; numbers are checked with
-    the whole batch (``regression.usable_rows``)."""
-    indices, values = data[0], data[1]
-    if len(indices) != len(values):
-        raise ValueError("indices and values differ in length")
-    return indices, values, (data[2] if len(data) > 2 else [])
+LAG_SAMPLES = 64  # rewards per published version whose lag is observed
 
 
 class Learner:
@@ -102,7 +93,6 @@ class Learner:
         self._epoch = -1  # of the saved state this learner stands on
         self._merged = 0  # deltas of the list merged since the last save
         self._unacked: list[str] = []
-        self._held: set[str] = set()  # entries this learner has applied and not handed on
         self._unpublished_since: list[float] = []  # event times, for the lag metric
         self._last_publish = 0.0
         self._last_hand_on = time.monotonic()
@@ -121,7 +111,7 @@ class Learner:
         self.models.ensure_group()
         self._reload()
         if self.leader:
-            self._apply(self.models.claim_idle(self.consumer, min_idle_ms=self.claim_idle_ms))
+            self._claim()
 
     def _reload(self) -> None:
         self.regression = self._new_regression()
@@ -141,7 +131,7 @@ class Learner:
         if self.leader:
             self._merge_deltas()
         self.regression.take_delta()  # what follows is this learner's own work
-        self._unacked, self._held = [], set()
+        self._unacked = []
         self._apply(self.models.read_own_pending(self.consumer))
         log.info("learner at %d updates (%s)", self.regression.updates, self._role())
 
@@ -161,7 +151,7 @@ class Learner:
                 self._last_sweep = now
                 self.models.close_due_windows(now)
                 self.forget_gone_offers(now)
-                self._apply(self.models.claim_idle(self.consumer, min_idle_ms=self.claim_idle_ms))
+                self._claim()
             self.publish()
             self.checkpoint()
         else:
@@ -204,35 +194,41 @@ class Learner:
     # --- work -----------------------------------------------------------------------------
 
     def _apply(self, entries: list[Entry]) -> int:
-        """Learn these entries as one batch (a reward already applied is skipped; an
-        unreadable one is logged and acknowledged with the rest)."""
+        """Learn these entries as one batch (an unreadable one is logged and acknowledged
+        with the rest)."""
         vectors: list[Vector] = []
         rewards: list[float] = []
         times: list[float] = []
         ids: list[str] = []
+        loads = orjson.loads
         for entry_id, fields in entries:
-            if entry_id in self._held:
-                continue  # claimed back from ourselves: already applied
-            self._unacked.append(entry_id)
-            self._held.add(entry_id)
             try:
-                vector = _vector(orjson.loads(fields["x"]))
+                data = loads(fields["x"])
                 reward = float(fields["r"])
-                if not math.isfinite(reward):
-                    raise ValueError("reward is not finite")
+                if len(data[0]) != len(data[1]) or not math.isfinite(reward):
+                    raise ValueError("indices and values differ in length, or reward not finite")
+                vectors.append((data[0], data[1], data[2] if len(data) > 2 else []))
             except (KeyError, ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
                 log.error("reward %s skipped: unreadable (%s)", entry_id, exc)
                 continue
-            vectors.append(vector)
             rewards.append(reward)
-            times.append(float(fields.get("t", self.clock())))
+            times.append(float(fields.get("t") or 0.0))
             ids.append(entry_id)
+        self._unacked += [entry_id for entry_id, _ in entries]
         batch = self._batch(vectors, rewards, ids)
         if len(batch):
             self.learn(batch)
-            self._unpublished_since += times
+            now = self.clock()
+            self._unpublished_since += [t or now for t in times]
         metrics.LEARNER_APPLIED.inc(len(batch))
         return len(batch)
+
+    def _claim(self) -> int:
+        """Learn what dead learners left pending (claimed back from this learner itself
+        after a long stall, an entry is not learned twice)."""
+        held = set(self._unacked)
+        claimed = self.models.claim_idle(self.consumer, min_idle_ms=self.claim_idle_ms)
+        return self._apply([e for e in claimed if e[0] not in held])
 
     def _batch(self, vectors: list[Vector], rewards: list[float], ids: list[str]) -> Batch:
         try:
@@ -319,7 +315,9 @@ class Learner:
         self._last_publish = now
         if version is not None:
             self.published_version = version
-            for event_time in self._unpublished_since:
+            # A sample: one observe per reward would cost more than learning it.
+            since = self._unpublished_since
+            for event_time in since[:: max(1, len(since) // LAG_SAMPLES)]:
                 metrics.LEARNER_LAG_SECONDS.observe(max(0.0, now - event_time))
         self._unpublished_since = []
         return version
@@ -332,7 +330,7 @@ class Learner:
             return
         self.models.checkpoint(self.regression.to_bytes(), self._unacked, self._merged)
         self._epoch += 1
-        self._unacked, self._held, self._merged = [], set(), 0
+        self._unacked, self._merged = [], 0
         self._forgot = False
         self._last_checkpoint = time.monotonic()
         metrics.LEARNER_BACKLOG.set(self.models.backlog())
@@ -350,7 +348,7 @@ class Learner:
                 log.warning("some rewards were claimed by the lease holder: reloading")
                 self._reload()
                 return
-            self._unacked, self._held = [], set()
+            self._unacked = []
             self._unpublished_since = []
         if self.models.checkpoint_epoch() != self._epoch:
             self._rebase()

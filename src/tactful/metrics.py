@@ -135,7 +135,8 @@ LEARNER_APPLIED = Counter(
 )
 LEARNER_LAG_SECONDS = Histogram(
     "tactful_learner_lag_seconds",
-    "From an outcome (or a closed reward window) to the model version that includes it.",
+    "From an outcome (or a closed reward window) to the model version that includes it "
+    "(a sample of at most 64 rewards per version).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
 )
 REDIS_CIRCUIT_STATE = Gauge(

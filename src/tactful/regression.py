@@ -331,7 +331,10 @@ class OnlineRegression:
         for m in np.unique(sizes).tolist():
             chosen = np.flatnonzero(sizes == m)
             where = batch.block_positions[batch.block_bounds[chosen][:, None] + np.arange(m)]
-            covered, which = np.unique(batch.indices[where], axis=0, return_inverse=True)
+            # Rows of indices as single values, so grouping them is a 1-d unique.
+            rows = np.ascontiguousarray(batch.indices[where]).view(np.dtype((np.void, 8 * m)))
+            keys, which = np.unique(rows.ravel(), return_inverse=True)
+            covered = keys.view(np.int64).reshape(-1, m)
             order = np.argsort(which.ravel(), kind="stable")
             splits = np.cumsum(np.bincount(which.ravel(), minlength=len(covered)))[:-1]
             for indices, members in zip(covered, np.split(order, splits), strict=True):
