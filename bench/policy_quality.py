@@ -1484,11 +1484,14 @@ def run(args: argparse.Namespace) -> int:
             )
             figures[name] = {
                 policy: {
-                    "mean_reward": [float(np.mean(r.results[policy].rewards)) for r in runs],
-                    "mean_true_p": [float(np.mean(r.results[policy].expected)) for r in runs],
+                    "mean_reward": policy_means(runs, policy),
+                    "mean_true_p": policy_means(runs, policy, truth=True),
+                    "phase_mean_reward": [[f.mean for f in phase_figures(r, policy)] for r in runs],
                 }
                 for policy in runs[0].results
             }
+            for policy in runs[0].explored:
+                figures[name][policy]["explored"] = [r.explored[policy] for r in runs]
             for policy, values in cold_figures.items():
                 figures[name].setdefault(policy, {}).update(values)
             print("\n".join(lines) + "\n", flush=True)
