@@ -99,8 +99,9 @@ setting to every tactful server (the bench gives them none of its own environmen
 
     .venv/bin/python bench/policy_quality.py --scenarios all [--seeds 3]
 
-runs the suite (everything but coldstart) with each scenario's own number of rounds; SUITE_TIME
-on this 2-core machine with 3 seeds. ``--rounds N`` gives every scenario N rounds instead.
+runs the suite (everything but coldstart) with each scenario's own number of rounds: 23
+minutes on this 2-core machine with 3 seeds while other work kept its load average at 5-8
+(about 7 minutes a seed). ``--rounds N`` gives every scenario N rounds instead.
 
     .venv/bin/python bench/policy_quality.py --scenarios coldstart [--newcomers 600] [--first-k 3]
 
@@ -1174,6 +1175,14 @@ def phase_figures(run: SeedRun, name: str) -> list[PhaseFigures]:
     return out
 
 
+def recovered(waits: Sequence[int | None]) -> str:
+    """The worst seed's rounds to recover; "-" if one never did."""
+    if None in waits:
+        return "-"
+    worst = max(w or 0 for w in waits)
+    return f"<= {worst} rounds" if worst == RECOVERY_WINDOW else f"{worst} rounds"
+
+
 def by_phase(names: Sequence[str], runs: list[SeedRun]) -> list[str]:
     """Churn and drift: each policy's reward per phase, over the phase and over its first and
     last quarter, and how many rounds it took to come back to 95% of the previous phase's
@@ -1192,10 +1201,7 @@ def by_phase(names: Sequence[str], runs: list[SeedRun]) -> list[str]:
             cells = [
                 mean_sd([getattr(f, column) for f in seeds]) for column in ("mean", "first", "last")
             ]
-            waits = [f.recovered for f in seeds]
-            wait = (
-                "" if k == 0 else "-" if None in waits else f"{max(w or 0 for w in waits)} rounds"
-            )
+            wait = "" if k == 0 else recovered([f.recovered for f in seeds])
             label = name if k == 0 else ""
             lines.append(
                 f"  {label:<22}{k + 1:>6}" + "".join(f"{c:>16}" for c in cells) + f"{wait:>17}"
