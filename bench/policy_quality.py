@@ -1,14 +1,18 @@
 """Policy quality: tactful's learned policy against baselines, on a real server, in one run.
 
-Three scenarios (``sim`` and ``digits`` by default; ``coldstart`` when asked for), each run
-for several seeds. For every seed a fresh ``python -m tactful serve``
-(one per tactful variant, e.g. per exploration gamma) starts on 127.0.0.1 with its embedded
-redis-server in a fresh temporary directory, its embedded learner, no demo catalog, no control
-group and ``TACTFUL_SEED`` set; the world is loaded through the gRPC API. Then for each round
+Scenarios (``sim`` and ``digits`` by default; ``--scenarios all`` for the suite of issue 16,
+listed below; ``coldstart`` when asked for), each run for several seeds. For every seed a
+fresh ``python -m tactful serve`` (one per tactful variant, e.g. per exploration gamma) starts
+on 127.0.0.1 with its embedded redis-server in a fresh temporary directory, its embedded
+learner, no demo catalog, no control group and ``TACTFUL_SEED`` set; the world is loaded
+through the gRPC API. Then for each round
 every policy chooses one offer for the same (user, context) and is rewarded by the same draw
 (common random numbers: a click happens when one shared uniform falls below the chosen offer's
 click probability); tactful is asked with Decide (slots=1, every offer a candidate) and told the
 outcome with ReportOutcome (CLICK or IMPRESSION_IGNORED), so it learns while it is measured.
+
+The server is a black box: the bench speaks only its gRPC API (and reads /metrics), and
+``--set TACTFUL_X=...`` passes settings, so it measures any learner behind that API.
 
 ``sim`` (``tactful.sim``): users with hidden tastes from a few personas, some stating accurate
 but incomplete likes and dislikes, some consenting to noisy inferred signals; offers with
@@ -18,20 +22,50 @@ topics work; fatigue lowers clicks. Policies:
   tactful        the server's choice
   vw squarecb    Vowpal Wabbit ``--cb_explore_adf --squarecb`` on the same features (if the
                  ``vowpalwabbit`` package is importable)
+  explicit-first a fixed rule: offers on a topic the user likes first, then by the strongest
+  rule           inferred interest in their topics (users who consented), then by priority
   priority       the eligible offer with the highest business priority (tactful's control arm)
   uniform        uniformly at random among the eligible offers
 Eligibility (no disliked topic, a sensitive offer needs a like) is computed with
 ``tactful.sim.eligible``; tactful's own choice is checked to fall inside it.
 
-``digits`` (scikit-learn's bundled ``load_digits``, if scikit-learn is importable): a
-supervised-to-bandit conversion. Each image is a context, each of the 10 classes an offer with
-its own topic (``digit-<k>``), reward 1 when the chosen class is the label. The context goes
-through tactful's own features: the first ``--pca`` principal components (standardised) as
-``numeric_context``, which tactful hashes per topic (``t:digit-<k>|n:pc<j>``), so each class
-learns its own linear score. Policies: tactful, vw squarecb, uniform, and ``full-info ridge``:
-an online ridge regression that sees every label (all 10 rewards per round) and plays greedily,
-the full-information limit a bandit learner approaches. Every policy gets the same features
-(``sign(v)*log1p(|v|)`` of each component, as tactful computes them).
+``scale``: the ``sim`` world with ``--scale-offers`` (1,000) offers, every one a candidate of
+every Decide (the API's limit): a large catalog of few topics (12), so most of what can be
+learned is shared by topic, and each offer's own appeal needs its own evidence. A class per
+offer (1,000 classes) would leave a bandit about one round per class in a run this size.
+1,000 rounds by default: a round with 1,000 candidates takes about 60 ms here.
+
+Classification scenarios (scikit-learn's bundled sets, if scikit-learn is importable): a
+supervised-to-bandit conversion. Each example is a context (drawn with replacement), each class
+an offer with its own topic (``digit-<k>``, ``wine-<k>``, ...), reward 1 when the chosen class
+is the label. The features go in as ``numeric_context``, which tactful hashes per topic
+(``t:digit-<k>|n:pc<j>``), so each class learns its own linear score. Policies: tactful, vw
+squarecb, uniform, and ``full-info ridge``: an online ridge regression that sees every label
+(every class's reward each round) and plays greedily, the full-information limit a bandit
+learner approaches. Every policy gets the same features (``sign(v)*log1p(|v|)`` of each value,
+as tactful computes them).
+  digits-pca     ``load_digits``, the first ``--pca`` (16) principal components, standardised
+                 (``digits`` is its alias)
+  digits-raw     ``load_digits``, the 64 pixel values (0-16) as they come
+  wine, iris     ``load_wine`` (13 features, 3 classes), ``load_iris`` (4, 3), raw features;
+                 1,000 rounds by default (three classes are learned early)
+  synth          ``make_classification`` fixed per seed: 20 classes, 64 features (16
+                 informative, 8 redundant, 40 noise). 64 is the most a Decide's
+                 ``numeric_context`` accepts (more is INVALID_ARGUMENT), so a set of 100+
+                 features cannot be sent whole
+  churn          ``digits-raw`` with three catalogs in turn, 2,000 rounds each (6,000 by
+                 default): each phase deletes the previous offers and puts ten new ones with
+                 new offer ids and the same class topics (a topic is a real attribute of an
+                 offer, so what was learned about it can carry over). VW is given the offer id
+                 too, so its actions are new each phase as well. The per-phase table shows the
+                 reward per catalog; the target is the last catalog's within 2% of the first's
+  churn-fresh    the last catalog of ``churn`` alone on a fresh server: the same examples and
+                 draws as churn's last phase, a reference for how much carried over
+  drift          ``digits-pca`` where at half the rounds every offer starts paying for another
+                 class (a permutation without fixed points, per seed): tastes changed, what was
+                 learned is wrong. The full-information limit is told of the change and starts
+                 afresh. Per phase: reward over the phase, its first and last quarter, and the
+                 rounds until a 200-round moving mean is back to 95% of the reward before
 
 ``coldstart`` (``--scenarios coldstart``): learning at persona level. The ``sim`` world where
 a share of users (``--persona-share``, 0.7) state their persona as the STATED attribute
@@ -51,7 +85,10 @@ Policies: oracle, the two tactful servers, priority, uniform.
 
 Output: per scenario a table of mean reward, last-quarter reward and (sim) the mean true click
 probability of the chosen offers, mean ± sd over seeds; for tactful also how often it
-explored, and its learner lag (``tactful_learner_lag_seconds`` from /metrics).
+explored, and its learner lag (``tactful_learner_lag_seconds`` from /metrics). With more than
+one scenario, a summary: per scenario tactful, VW, tactful minus VW paired by seed, the limit
+(full-information ridge, or the oracle for sim and scale) and tactful's share of it, the fixed
+rule, and tactful's exploration share; then churn's and drift's per-phase figures.
 
     .venv/bin/python bench/policy_quality.py [--seeds 3] [--rounds 4000] [--gammas 200,1000]
         [--bonuses 0,0.4] [--set TACTFUL_EXPLORATION_GAMMA_SCALE=20]
@@ -59,6 +96,12 @@ explored, and its learner lag (``tactful_learner_lag_seconds`` from /metrics).
 The defaults (both scenarios, 3 seeds, 4000 rounds, one tactful server) take about 2 minutes
 on a 2-core machine; each extra gamma or bonus adds about a minute. ``--set`` passes a
 setting to every tactful server (the bench gives them none of its own environment's).
+
+    .venv/bin/python bench/policy_quality.py --scenarios all [--seeds 3]
+
+runs the suite (everything but coldstart) with each scenario's own number of rounds: 23
+minutes on this 2-core machine with 3 seeds while other work kept its load average at 5-8
+(about 7 minutes a seed). ``--rounds N`` gives every scenario N rounds instead.
 
     .venv/bin/python bench/policy_quality.py --scenarios coldstart [--newcomers 600] [--first-k 3]
 
@@ -113,6 +156,9 @@ NOTHING = -1  # a policy's choice when what it showed is not eligible: no reward
 DRAIN_TIMEOUT_S = 15.0
 DEFAULT_GAMMA = LearningSettings().exploration_gamma
 DEFAULT_BONUS = LearningSettings().exploration_bonus
+CHURN_ROUNDS = 6000  # three catalogs of 2000 rounds
+SCALE_ROUNDS = 1000  # a Decide over 1,000 candidates is slow
+SMALL_SET_ROUNDS = 1000  # wine and iris: three classes, learned early
 
 
 # --- rounds ---------------------------------------------------------------------------------
@@ -132,14 +178,20 @@ class Round:
     x: FloatArray | None = None  # dense context features (full-information ridge)
     cold: int = 0  # coldstart: the k-th decision (1-based) of a newcomer, 0 for others
     stated_persona: bool = False  # coldstart: that newcomer stated their persona
+    phase: int = 0  # churn and drift: which catalog or which tastes hold
+    stances: list[tuple[float, float]] = field(default_factory=list)  # sim: (like, inferred)
 
 
 class Scenario(Protocol):
     name: str
     description: str
     policies: tuple[str, ...]  # the baselines that apply, besides tactful
+    with_truth: bool  # true click probabilities are known (show them)
+    vw_interactions: str
 
     def load(self, channel: grpc.Channel) -> None: ...
+
+    def begin_phase(self, channel: grpc.Channel, phase: int) -> None: ...
 
     def rounds(self, n: int) -> Iterator[Round]: ...
 
@@ -150,9 +202,12 @@ def vw_token(text: str) -> str:
 
 class SimScenario:
     name = "sim"
-    policies = ("oracle", "vw", "priority", "uniform")
+    policies = ("oracle", "vw", "explicit-first", "priority", "uniform")
+    with_truth = True
+    vw_interactions = "-q ca"
 
-    def __init__(self, seed: int, n_users: int, n_offers: int) -> None:
+    def __init__(self, seed: int, n_users: int, n_offers: int, name: str = "sim") -> None:
+        self.name = name
         self.rng = np.random.default_rng(seed)
         self.population = sim.Population.generate(n_users, self.rng)
         self.catalog = sim.Catalog.generate(n_offers, self.population.topics, self.rng)
@@ -165,6 +220,9 @@ class SimScenario:
 
     def load(self, channel: grpc.Channel) -> None:
         sim.load(channel, self.population, self.catalog)
+
+    def begin_phase(self, channel: grpc.Channel, phase: int) -> None:
+        pass  # one phase
 
     def rounds(self, n: int) -> Iterator[Round]:
         users = self.population.users
@@ -196,18 +254,26 @@ class SimScenario:
             ),
             vw_actions=[self._vw_action(user, o) for o in eligible],
             u=u,
+            stances=[self._stance(user, o) for o in eligible],
         )
 
     @staticmethod
-    def _vw_action(user: sim.User, offer: sim.SimOffer) -> str:
+    def _stance(user: sim.User, offer: sim.SimOffer) -> tuple[float, float]:
+        """What the user said about the offer's topics (1: a like) and the strongest inferred
+        interest in them (0 without consent)."""
+        like = float(not user.likes.isdisjoint(offer.topics))
+        return like, user.strongest_signal(offer.topics) if user.consent else 0.0
+
+    @classmethod
+    def _vw_action(cls, user: sim.User, offer: sim.SimOffer) -> str:
         """tactful's features in VW's words: like / inferred / priority as dense values, topics
         and the offer id crossed with the context by ``-q ca``."""
         weight = 1.0 / math.sqrt(len(offer.topics))
         topics = " ".join(f"t={t}:{weight:.4f}" for t in offer.topics)
         dense = f"priority:{offer.priority}"
-        if not user.likes.isdisjoint(offer.topics):
+        like, strength = cls._stance(user, offer)
+        if like:
             dense += " like:1"
-        strength = user.strongest_signal(offer.topics) if user.consent else 0.0
         if strength > 0:
             dense += f" inferred:{strength / (1 + strength):.4f}"
         return f"|a {topics} o={vw_token(offer.offer_id)} |d {dense}"
@@ -271,66 +337,235 @@ def log_signed(values: FloatArray) -> FloatArray:
     return out
 
 
-class DigitsScenario:
-    name = "digits"
+@dataclass(frozen=True)
+class Labelled:
+    """A classification data set as a bandit sees it: what goes into ``numeric_context``
+    (one row per example, under ``keys``) and the labels 0..classes-1."""
+
+    z: FloatArray
+    labels: npt.NDArray[np.int64]
+    keys: list[str]
+    topic: str  # class k is the offer with topic ``<topic>-<k>``
+    description: str
+
+    @property
+    def classes(self) -> int:
+        return int(self.labels.max()) + 1
+
+
+def digits_pca(components: int) -> Labelled:
+    """``load_digits``: the first principal components of the pixels, standardised."""
+    from sklearn.datasets import load_digits  # optional: only these scenarios need it
+
+    data = load_digits()
+    images = np.asarray(data.data, dtype=np.float64) / 16.0
+    centred = images - images.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    scores = centred @ vt[:components].T
+    return Labelled(
+        scores / scores.std(axis=0),
+        np.asarray(data.target, dtype=np.int64),
+        [f"pc{j}" for j in range(components)],
+        "digit",
+        f"load_digits: {len(data.target)} images, {components} principal components",
+    )
+
+
+def digits_raw() -> Labelled:
+    """``load_digits``: the 64 pixel values (0..16) as they come."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return Labelled(
+        np.asarray(data.data, dtype=np.float64),
+        np.asarray(data.target, dtype=np.int64),
+        [f"px{j}" for j in range(data.data.shape[1])],
+        "digit",
+        f"load_digits: {len(data.target)} images, 64 raw pixel values (0-16)",
+    )
+
+
+def bundled(name: str) -> Labelled:
+    """A scikit-learn bundled set (``wine``, ``iris``) with its raw features."""
+    from sklearn import datasets
+
+    data = getattr(datasets, f"load_{name}")()
+    x = np.asarray(data.data, dtype=np.float64)
+    return Labelled(
+        x,
+        np.asarray(data.target, dtype=np.int64),
+        [f"f{j}" for j in range(x.shape[1])],
+        name,
+        f"load_{name}: {len(x)} examples, {x.shape[1]} raw features",
+    )
+
+
+SYNTH_FEATURES, SYNTH_INFORMATIVE, SYNTH_CLASSES, SYNTH_SAMPLES = 64, 16, 20, 5000
+
+
+def synthetic(seed: int) -> Labelled:
+    """``make_classification``: as many features as a Decide's ``numeric_context`` may hold
+    (64), a quarter of them informative, 8 redundant, the rest noise; fixed per seed."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=SYNTH_SAMPLES,
+        n_features=SYNTH_FEATURES,
+        n_informative=SYNTH_INFORMATIVE,
+        n_redundant=8,
+        n_classes=SYNTH_CLASSES,
+        n_clusters_per_class=1,
+        random_state=seed,
+    )
+    return Labelled(
+        np.asarray(x, dtype=np.float64),
+        np.asarray(y, dtype=np.int64),
+        [f"f{j}" for j in range(SYNTH_FEATURES)],
+        "synth",
+        f"make_classification: {SYNTH_SAMPLES} examples, {SYNTH_FEATURES} features "
+        f"({SYNTH_INFORMATIVE} informative, 8 redundant)",
+    )
+
+
+class ClassificationScenario:
+    """A supervised-to-bandit conversion: each example a context, each class an offer with its
+    own topic (``<topic>-<k>``), reward 1 when the chosen offer's class is the label. Examples
+    are drawn with replacement. The features go in as ``numeric_context``, which tactful hashes
+    per topic (``t:<topic>-<k>|n:<key>``), so each class learns its own linear score; VW and
+    the full-information ridge get the same values as tactful computes them
+    (``sign(v)*log1p(|v|)``).
+
+    ``phases`` splits the rounds evenly; subclasses say what changes between phases (the
+    catalog, the class each offer stands for), and ``first_phase`` plays only the rounds from
+    that phase on (same examples and draws: a reference on a fresh server)."""
+
     policies = ("full-info ridge", "vw", "uniform")
-    CLASSES = 10
+    with_truth = False
+    vw_interactions = "-q xa"
+    phases = 1
+    limit_restarts = False  # the full-information limit starts afresh at each phase
 
-    def __init__(self, seed: int, components: int) -> None:
-        from sklearn.datasets import load_digits  # optional: only this scenario needs it
-
-        data = load_digits()
-        images = np.asarray(data.data, dtype=np.float64) / 16.0
-        centred = images - images.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        scores = centred @ vt[:components].T
-        self.z = scores / scores.std(axis=0)  # what goes in numeric_context
-        self.phi = log_signed(self.z)  # what tactful's features make of it
-        self.labels = np.asarray(data.target, dtype=np.int64)
+    def __init__(self, name: str, data: Labelled, seed: int, first_phase: int = 0) -> None:
+        self.name = name
+        self.data = data
+        self.phi = log_signed(data.z)  # what tactful's features make of it
         self.rng = np.random.default_rng(seed)
         self.seed = seed
-        self.components = components
-        self.description = (
-            f"load_digits: {len(self.labels)} images, {self.CLASSES} classes as offers, "
-            f"{components} principal components as numeric_context"
-        )
+        self.first_phase = first_phase
+        self.dim = len(data.keys) + 1
+        self.description = f"{data.description}; {data.classes} classes as offers"
 
-    def load(self, channel: grpc.Channel) -> None:
+    def offer_ids(self, phase: int) -> list[str]:
+        return [f"{self.data.topic}-{k}" for k in range(self.data.classes)]
+
+    def label_of(self, phase: int) -> npt.NDArray[np.int64]:
+        """The class each offer pays for (index: the offer's class, as in its topic)."""
+        return np.arange(self.data.classes)
+
+    def put_catalog(self, channel: grpc.Channel, phase: int) -> None:
         stub = catalog_pb2_grpc.CatalogStub(channel)
-        for k in range(self.CLASSES):
+        for k, offer_id in enumerate(self.offer_ids(phase)):
             offer = catalog_pb2.Offer(
-                offer_id=f"digit-{k}",
-                title=f"the digit {k}",
-                topics=[f"digit-{k}"],
+                offer_id=offer_id,
+                title=f"class {k} of {self.data.topic}",
+                topics=[f"{self.data.topic}-{k}"],
                 channels=["web"],
                 priority=0.0,
             )
             stub.PutOffer(catalog_pb2.PutOfferRequest(offer=offer), timeout=RPC_TIMEOUT_S)
 
+    def load(self, channel: grpc.Channel) -> None:
+        self.put_catalog(channel, self.first_phase)
+
+    def begin_phase(self, channel: grpc.Channel, phase: int) -> None:
+        """A new catalog replaces the old one: the old offers are deleted, the new put."""
+        old, new = self.offer_ids(phase - 1), self.offer_ids(phase)
+        if old == new:
+            return
+        stub = catalog_pb2_grpc.CatalogStub(channel)
+        for offer_id in old:
+            stub.DeleteOffer(
+                catalog_pb2.DeleteOfferRequest(offer_id=offer_id), timeout=RPC_TIMEOUT_S
+            )
+        self.put_catalog(channel, phase)
+
+    def vw_action(self, k: int, offer_id: str) -> str:
+        return f"|a t={self.data.topic}-{k}"
+
     def rounds(self, n: int) -> Iterator[Round]:
-        ids = [f"digit-{k}" for k in range(self.CLASSES)]
+        labels = self.data.labels
         for t in range(n):
-            i = int(self.rng.integers(len(self.labels)))
-            probs = np.zeros(self.CLASSES)
-            probs[self.labels[i]] = 1.0
-            z, phi = self.z[i], self.phi[i]
+            i = int(self.rng.integers(len(labels)))
+            u = float(self.rng.random())
+            phase = t * self.phases // n
+            if phase < self.first_phase:
+                continue
+            ids = self.offer_ids(phase)
+            probs = (self.label_of(phase) == labels[i]).astype(np.float64)
+            z, phi = self.data.z[i], self.phi[i]
             yield Round(
                 request=decisioning_pb2.DecideRequest(
-                    user_id=f"digits-{self.seed}-{t}",
+                    user_id=f"{self.name}-{self.seed}-{t}",
                     channel="web",
-                    placement="digits",
-                    numeric_context={f"pc{j}": float(v) for j, v in enumerate(z)},
+                    placement=self.data.topic,
+                    numeric_context={
+                        key: float(v) for key, v in zip(self.data.keys, z, strict=True)
+                    },
                     candidate_offer_ids=ids,
                     slots=1,
                 ),
                 offer_ids=ids,
                 probs=probs,
-                priorities=[0.0] * self.CLASSES,
-                vw_shared="shared |x " + " ".join(f"pc{j}:{v:.5f}" for j, v in enumerate(phi)),
-                vw_actions=[f"|a d={k}" for k in range(self.CLASSES)],
-                u=float(self.rng.random()),
+                priorities=[0.0] * len(ids),
+                vw_shared="shared |x "
+                + " ".join(f"{key}:{v:.5f}" for key, v in zip(self.data.keys, phi, strict=True)),
+                vw_actions=[self.vw_action(k, offer_id) for k, offer_id in enumerate(ids)],
+                u=u,
                 x=np.concatenate(([1.0], phi)),
+                phase=phase,
             )
+
+
+class ChurnScenario(ClassificationScenario):
+    """The catalog is replaced ``phases`` times: each phase deletes the previous offers and
+    puts one new offer per class, with a new offer id and the class's topic (topics are real
+    attributes of an offer, so what was learned about them can carry over). VW is told the
+    offer id too, so it meets new actions as tactful does."""
+
+    def __init__(self, *args: Any, phases: int = 3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.phases = phases
+        self.description += f"; {phases} catalogs in turn, each with new offer ids"
+        if self.first_phase:
+            self.description += f"; only catalog {self.first_phase + 1}, on a fresh server"
+
+    def offer_ids(self, phase: int) -> list[str]:
+        return [f"c{phase + 1}-{self.data.topic}-{k}" for k in range(self.data.classes)]
+
+    def vw_action(self, k: int, offer_id: str) -> str:
+        return f"{super().vw_action(k, offer_id)} o={offer_id}"
+
+
+class DriftScenario(ClassificationScenario):
+    """Tastes change at half the rounds: from then on each offer pays for another class (a
+    permutation without fixed points, drawn per seed). Same offers, same features: what was
+    learned is now wrong. The full-information limit starts afresh at the change (it is told
+    when it happens)."""
+
+    phases = 2
+    limit_restarts = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shuffle = np.random.default_rng([self.seed, 3])
+        classes = self.data.classes
+        self.permuted = np.arange(classes)
+        while np.any(self.permuted == np.arange(classes)):
+            self.permuted = shuffle.permutation(classes)
+        self.description += "; at half the rounds every offer starts paying for another class"
+
+    def label_of(self, phase: int) -> npt.NDArray[np.int64]:
+        return self.permuted if phase else super().label_of(phase)
 
 
 # --- policies -------------------------------------------------------------------------------
@@ -344,6 +579,9 @@ class Policy:
 
     def learn(self, r: Round, chosen: int, reward: float) -> None:
         pass
+
+    def new_phase(self) -> None:
+        """The catalog or the tastes changed (churn, drift)."""
 
     def notes(self) -> str:
         return ""
@@ -375,15 +613,36 @@ class Priority(Policy):
         return min(range(len(r.offer_ids)), key=lambda i: (-r.priorities[i], r.offer_ids[i]))
 
 
+class ExplicitFirst(Policy):
+    """A fixed rule on what the user told us: offers on a topic they like first, then by the
+    strongest inferred interest in the offer's topics (users who consented), then by priority;
+    ties by offer id. What a team would ship without a learner."""
+
+    name = "explicit-first rule"
+
+    def choose(self, r: Round) -> int:
+        return min(
+            range(len(r.offer_ids)),
+            key=lambda i: (-r.stances[i][0], -r.stances[i][1], -r.priorities[i], r.offer_ids[i]),
+        )
+
+
 class FullInfoRidge(Policy):
     """One ridge regression per offer on the dense context, updated with every offer's reward
     each round (it sees the label): the full-information limit, played greedily."""
 
     name = "full-info ridge"
 
-    def __init__(self, n_actions: int, dim: int, l2: float = 1.0) -> None:
-        self.a_inv = np.eye(dim) / l2
-        self.b = np.zeros((dim, n_actions))
+    def __init__(self, n_actions: int, dim: int, *, restarts: bool = False) -> None:
+        self.shape, self.restarts = (dim, n_actions), restarts
+        self.a_inv, self.b = self._fresh()
+
+    def _fresh(self) -> tuple[FloatArray, FloatArray]:
+        return np.eye(self.shape[0]), np.zeros(self.shape)  # a ridge with l2 = 1
+
+    def new_phase(self) -> None:
+        if self.restarts:
+            self.a_inv, self.b = self._fresh()
 
     def choose(self, r: Round) -> int:
         assert r.x is not None
@@ -490,11 +749,14 @@ class Tactful(Policy):
             self.lost += 1
         self.seconds += time.perf_counter() - start
 
+    def explored_share(self) -> float:
+        return self.explored / max(1, self.decisions - self.fallbacks)
+
     def notes(self) -> str:
         n = max(1, self.decisions)
         personal = max(1, self.decisions - self.fallbacks)
         text = (
-            f"explored {self.explored / personal:.1%} of choices, mean propensity "
+            f"explored {self.explored_share():.1%} of choices, mean propensity "
             f"{self.propensity / personal:.2f}, Decide+ReportOutcome "
             f"{self.seconds / n * 1e3:.1f} ms"
         )
@@ -596,6 +858,30 @@ class SeedRun:
     reported: dict[str, int]  # outcomes stored through ReportOutcome, per tactful server
     seconds: float
     cold: list[tuple[int, bool]] = field(default_factory=list)  # per round: Round.cold, persona
+    phases: list[int] = field(default_factory=list)  # per round: Round.phase
+    explored: dict[str, float] = field(default_factory=dict)  # per tactful server: its share
+
+
+def baselines(scenario: Scenario, seed: int) -> list[Policy]:
+    """The policies the scenario compares tactful with, in its order."""
+    policies: list[Policy] = []
+    for name in scenario.policies:
+        if name == "oracle":
+            policies.append(Oracle())
+        elif name == "vw" and vowpalwabbit is not None:
+            policies.append(VowpalWabbit(seed, scenario.vw_interactions))
+        elif name == "explicit-first":
+            policies.append(ExplicitFirst())
+        elif name == "priority":
+            policies.append(Priority())
+        elif name == "uniform":
+            policies.append(Uniform(seed))
+        elif name == "full-info ridge" and isinstance(scenario, ClassificationScenario):
+            ridge = FullInfoRidge(
+                scenario.data.classes, scenario.dim, restarts=scenario.limit_restarts
+            )
+            policies.append(ridge)
+    return policies
 
 
 def run_seed(
@@ -607,29 +893,24 @@ def run_seed(
 ) -> SeedRun:
     started = time.monotonic()
     servers = start_servers(variants, seed, workdir / f"{scenario.name}-{seed}")
-    vw_policy: VowpalWabbit | None = None
+    others = baselines(scenario, seed)
     try:
         for server in servers:
             scenario.load(server.channel)
         tactful = [Tactful(s.name, s.channel) for s in servers]
-        policies: list[Policy] = list(tactful)
-        for name in scenario.policies:
-            if name == "oracle":
-                policies.insert(0, Oracle())
-            elif name == "vw" and vowpalwabbit is not None:
-                interactions = "-q ca" if scenario.name == "sim" else "-q xa"
-                vw_policy = VowpalWabbit(seed, interactions)
-                policies.append(vw_policy)
-            elif name == "priority":
-                policies.append(Priority())
-            elif name == "uniform":
-                policies.append(Uniform(seed))
-            elif name == "full-info ridge" and isinstance(scenario, DigitsScenario):
-                policies.insert(0, FullInfoRidge(scenario.CLASSES, scenario.components + 1))
+        limits = [p for p in others if isinstance(p, (Oracle, FullInfoRidge))]
+        policies = [*limits, *tactful, *(p for p in others if p not in limits)]
         results = {p.name: Result() for p in policies}
         cold: list[tuple[int, bool]] = []
+        phases: list[int] = []
         for r in scenario.rounds(rounds):
+            if phases and r.phase != phases[-1]:
+                for server in servers:
+                    scenario.begin_phase(server.channel, r.phase)
+                for policy in policies:
+                    policy.new_phase()
             cold.append((r.cold, r.stated_persona))
+            phases.append(r.phase)
             for policy in policies:
                 chosen = policy.choose(r)
                 p = 0.0 if chosen == NOTHING else float(r.probs[chosen])
@@ -650,10 +931,13 @@ def run_seed(
             progress(f"{server.name} log (last lines):\n{server.child.log_tail()}")
         raise
     finally:
-        if vw_policy is not None:
-            vw_policy.close()
+        for policy in others:
+            if isinstance(policy, VowpalWabbit):
+                policy.close()
         stop_servers(servers)
-    return SeedRun(results, notes, lag, reported, time.monotonic() - started, cold)
+    seconds = time.monotonic() - started
+    explored = {t.name: t.explored_share() for t in tactful}
+    return SeedRun(results, notes, lag, reported, seconds, cold, phases, explored)
 
 
 def lag_summary(figures: dict[str, float]) -> tuple[float, float, float]:
@@ -688,9 +972,10 @@ def report(
     runs: list[SeedRun],
     rounds: int,
     after_table: Sequence[str] = (),
+    *,
+    with_truth: bool = False,  # the true click probabilities are known: show them
 ) -> list[str]:
     names = list(runs[0].results)
-    with_truth = scenario_name in ("sim", "coldstart")  # the truth is known: show it
     lines = [
         f"== {scenario_name}: {description}",
         f"   {rounds} rounds x {len(runs)} seeds in {sum(r.seconds for r in runs):.0f} s; "
@@ -725,6 +1010,7 @@ def report(
         else f"  (Δ: mean reward minus {reference}'s, paired by seed)"
     )
     lines += after_table
+    lines += by_phase(names, runs)
     lines += horizons(names, runs, rounds)
     for name in names:
         notes = [run.notes[name] for run in runs if name in run.notes]
@@ -847,6 +1133,82 @@ def cold_start(runs: list[SeedRun], first_k: int) -> tuple[list[str], dict[str, 
     return lines, figures
 
 
+RECOVERY_WINDOW, RECOVERY_SHARE = 200, 0.95
+
+
+def recovery(rewards: FloatArray, before: float) -> int | None:
+    """Rounds into a phase until the mean of the last RECOVERY_WINDOW rounds is back to
+    RECOVERY_SHARE of ``before`` (None: not within the phase)."""
+    if len(rewards) < RECOVERY_WINDOW:
+        return None
+    moving = np.convolve(rewards, np.ones(RECOVERY_WINDOW) / RECOVERY_WINDOW, mode="valid")
+    hits = np.flatnonzero(moving >= RECOVERY_SHARE * before)
+    return int(hits[0]) + RECOVERY_WINDOW if len(hits) else None
+
+
+@dataclass(frozen=True)
+class PhaseFigures:
+    """One policy's reward in one phase of one seed."""
+
+    mean: float
+    first: float  # over the phase's first quarter
+    last: float  # over its last quarter
+    recovered: int | None  # rounds until back near the previous phase's last quarter
+
+
+def phase_figures(run: SeedRun, name: str) -> list[PhaseFigures]:
+    rewards = np.asarray(run.results[name].rewards)
+    phases = np.asarray(run.phases)
+    out: list[PhaseFigures] = []
+    for phase in sorted(set(run.phases)):
+        part = rewards[phases == phase]
+        quarter = max(1, len(part) // 4)
+        previous = out[-1].last if out else None
+        out.append(
+            PhaseFigures(
+                float(part.mean()),
+                float(part[:quarter].mean()),
+                float(part[-quarter:].mean()),
+                None if previous is None else recovery(part, previous),
+            )
+        )
+    return out
+
+
+def recovered(waits: Sequence[int | None]) -> str:
+    """The worst seed's rounds to recover; "-" if one never did."""
+    if None in waits:
+        return "-"
+    worst = max(w or 0 for w in waits)
+    return f"<= {worst} rounds" if worst == RECOVERY_WINDOW else f"{worst} rounds"
+
+
+def by_phase(names: Sequence[str], runs: list[SeedRun]) -> list[str]:
+    """Churn and drift: each policy's reward per phase, over the phase and over its first and
+    last quarter, and how many rounds it took to come back to 95% of the previous phase's
+    last-quarter reward (a 200-round moving mean; the worst seed, "-" if it never did)."""
+    if len(set(runs[0].phases)) < 2:
+        return []
+    lines = [
+        "  by phase (mean ± sd over seeds):",
+        f"  {'policy':<22}{'phase':>6}{'mean':>16}{'first quarter':>16}{'last quarter':>16}"
+        f"{'recovered after':>17}",
+    ]
+    for name in names:
+        figures = [phase_figures(run, name) for run in runs]
+        for k in range(len(figures[0])):
+            seeds = [f[k] for f in figures]
+            cells = [
+                mean_sd([getattr(f, column) for f in seeds]) for column in ("mean", "first", "last")
+            ]
+            wait = "" if k == 0 else recovered([f.recovered for f in seeds])
+            label = name if k == 0 else ""
+            lines.append(
+                f"  {label:<22}{k + 1:>6}" + "".join(f"{c:>16}" for c in cells) + f"{wait:>17}"
+            )
+    return lines
+
+
 def horizons(names: Sequence[str], runs: list[SeedRun], rounds: int) -> list[str]:
     """Mean reward over the first n rounds for growing n: how fast each policy learns. With
     a full-information learner in the table, each tactful variant's mean as a share of its."""
@@ -867,6 +1229,183 @@ def horizons(names: Sequence[str], runs: list[SeedRun], rounds: int) -> list[str
                     f"{100 * v / w:>8.1f}%" for v, w in zip(table[name], limit, strict=True)
                 )
                 lines.append(f"  {name + ' % full-info':<22}" + shares)
+    return lines
+
+
+# --- the suite ------------------------------------------------------------------------------
+
+
+Variants = list[tuple[str, dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    make: Callable[[int], Scenario]  # the scenario of one seed
+    rounds: int
+    servers: Variants  # the tactful servers it runs
+    sklearn: bool = False  # needs scikit-learn
+
+
+SUITE = (
+    "digits-pca", "digits-raw", "wine", "iris", "synth", "sim", "churn", "churn-fresh", "scale",
+    "drift",
+)  # fmt: skip
+ALIASES: dict[str, tuple[str, ...]] = {"all": SUITE, "suite": SUITE, "digits": ("digits-pca",)}
+
+
+def scenario_catalog(
+    args: argparse.Namespace, variants: Variants, paired: Variants
+) -> dict[str, Entry]:
+    """Every scenario by name, with its rounds (``--rounds``, else its own default: fewer
+    where a round is slow, more where the run has phases)."""
+
+    def rounds(default: int) -> int:
+        return int(args.rounds or default)
+
+    def classes(name: str, data: Callable[[int], Labelled], default: int = 4000) -> Entry:
+        make = functools.partial(ClassificationScenario, name)
+        return Entry(lambda seed: make(data(seed), seed), rounds(default), variants, sklearn=True)
+
+    def churn(name: str, first_phase: int) -> Entry:
+        def make(seed: int) -> Scenario:
+            return ChurnScenario(name, digits_raw(), seed, first_phase=first_phase)
+
+        return Entry(make, rounds(CHURN_ROUNDS), variants, sklearn=True)
+
+    return {
+        "sim": Entry(
+            lambda seed: SimScenario(seed, args.users, args.offers), rounds(4000), variants
+        ),
+        "scale": Entry(
+            lambda seed: SimScenario(seed, args.users, args.scale_offers, name="scale"),
+            rounds(SCALE_ROUNDS),
+            variants,
+        ),
+        "coldstart": Entry(
+            lambda seed: ColdStartScenario(
+                seed,
+                args.users,
+                args.offers,
+                newcomers=args.newcomers,
+                first_k=args.first_k,
+                persona_share=args.persona_share,
+            ),
+            rounds(4000),
+            paired,
+        ),
+        "digits-pca": classes("digits-pca", lambda seed: digits_pca(args.pca)),
+        "digits-raw": classes("digits-raw", lambda seed: digits_raw()),
+        "wine": classes("wine", lambda seed: bundled("wine"), SMALL_SET_ROUNDS),
+        "iris": classes("iris", lambda seed: bundled("iris"), SMALL_SET_ROUNDS),
+        "synth": classes("synth", synthetic),
+        "churn": churn("churn", 0),
+        "churn-fresh": churn("churn-fresh", 2),
+        "drift": Entry(
+            lambda seed: DriftScenario("drift", digits_pca(args.pca), seed),
+            rounds(4000),
+            variants,
+            sklearn=True,
+        ),
+    }
+
+
+def sklearn_installed() -> bool:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def policy_means(runs: list[SeedRun], policy: str, truth: bool = False) -> list[float]:
+    """Per seed, the policy's mean reward (or mean true click probability)."""
+    return [
+        float(np.mean(r.results[policy].expected if truth else r.results[policy].rewards))
+        for r in runs
+    ]
+
+
+def summary(suite: dict[str, list[SeedRun]]) -> list[str]:
+    """One line per scenario: tactful (its first server) against VW, the limit (the
+    full-information ridge, or the oracle where the truth is known) and the fixed rule."""
+    header = (
+        f"{'scenario':<13}{'rounds':>7}{'tactful':>16}{'explored':>9}{'vw squarecb':>16}"
+        f"{'tactful - vw':>16}{'ahead':>7}{'limit':>16}{'% of limit':>14}{'fixed rule':>16}"
+    )
+    lines = ["== summary: mean reward, mean ± sd over seeds", header]
+    notes: list[str] = []
+    for name, runs in suite.items():
+        names = list(runs[0].results)
+        tactful = next(n for n in names if n.startswith("tactful"))
+        means = functools.partial(policy_means, runs)
+        ours = means(tactful)
+        cells = [
+            f"{name:<13}{len(runs[0].phases):>7}{mean_sd(ours):>16}",
+            f"{np.mean([r.explored[tactful] for r in runs]):>9.1%}",
+        ]
+        if VowpalWabbit.name in names:
+            delta = [a - b for a, b in zip(ours, means(VowpalWabbit.name), strict=True)]
+            ahead = "yes" if np.mean(delta) > 0 else "no"
+            if len(delta) > 1 and abs(np.mean(delta)) < np.std(delta, ddof=1):
+                ahead += "?"
+            cells += [
+                f"{mean_sd(means(VowpalWabbit.name)):>16}",
+                f"{mean_sd(delta, signed=True):>16}",
+                f"{ahead:>7}",
+            ]
+        else:
+            cells += [f"{'':>16}{'':>16}{'':>7}"]
+        limit = next((n for n in names if n in (FullInfoRidge.name, Oracle.name)), None)
+        if limit is not None:
+            # The true click probability where it is known (for a classification set it is
+            # the reward itself): less noisy than clicks.
+            share = [
+                100 * a / b for a, b in zip(means(tactful, True), means(limit, True), strict=True)
+            ]
+            mark = "" if limit == FullInfoRidge.name else "*"
+            cells += [f"{mean_sd(means(limit)) + mark:>16}", f"{mean_sd(share, 1):>14}"]
+        else:
+            cells += [f"{'':>16}{'':>14}"]
+        if ExplicitFirst.name in names:
+            cells.append(f"{mean_sd(means(ExplicitFirst.name)):>16}")
+        lines.append("".join(cells))
+        notes += phase_notes(name, runs, [tactful, VowpalWabbit.name], suite)
+    lines += [
+        "  (explored: tactful's share of choices made by exploration; tactful - vw: paired by "
+        "seed, ahead '?' when the difference is within its sd; limit: the full-information "
+        "ridge, * the oracle; % of limit: of the true click probability; fixed rule: "
+        "explicit-first)",
+        *notes,
+    ]
+    return lines
+
+
+def phase_notes(
+    name: str, runs: list[SeedRun], policies: Sequence[str], suite: dict[str, list[SeedRun]]
+) -> list[str]:
+    """Churn: the last catalog's reward against the first's (target: within 2%), and against
+    the last catalog alone on a fresh server; drift: reward before and after the change."""
+    if len(set(runs[0].phases)) < 2:
+        return []
+    lines: list[str] = []
+    fresh = suite.get(f"{name}-fresh")
+    for policy in (p for p in policies if p in runs[0].results):
+        figures = [phase_figures(run, policy) for run in runs]
+        ratio = [100 * f[-1].mean / f[0].mean for f in figures]
+        text = f"  {name}, {policy}: phase means " + " / ".join(
+            mean_sd([f[k].mean for f in figures]) for k in range(len(figures[0]))
+        )
+        text += f"; last / first {mean_sd(ratio, 1)} %"
+        if fresh is not None and policy in fresh[0].results:
+            alone = mean_sd(policy_means(fresh, policy))
+            text += f"; the last catalog alone on a fresh server {alone}"
+        if len(figures[0]) == 2:
+            text += (
+                f"; before the change, last quarter {mean_sd([f[0].last for f in figures])}, "
+                f"after it first quarter {mean_sd([f[1].first for f in figures])}, "
+                f"last quarter {mean_sd([f[1].last for f in figures])}"
+            )
+        lines.append(text)
     return lines
 
 
@@ -911,73 +1450,64 @@ def run(args: argparse.Namespace) -> int:
         paired.append(
             (name + WITHOUT_SEGMENTS, {**env, **patient, "TACTFUL_SEGMENT_MAX_FEATURES": "0"})
         )
-    wanted = set(args.scenarios.split(","))
-    unknown = wanted - {"sim", "digits", "coldstart"}
-    if unknown:
-        progress(f"unknown scenarios: {', '.join(sorted(unknown))}")
-        return 2
-    scenarios: list[tuple[str, Callable[[int], Scenario], list[tuple[str, dict[str, str]]]]] = []
-    if "sim" in wanted:
-        scenarios.append(("sim", lambda seed: SimScenario(seed, args.users, args.offers), variants))
-    if "coldstart" in wanted:
-        scenarios.append(
-            (
-                "coldstart",
-                lambda seed: ColdStartScenario(
-                    seed,
-                    args.users,
-                    args.offers,
-                    newcomers=args.newcomers,
-                    first_k=args.first_k,
-                    persona_share=args.persona_share,
-                ),
-                paired,
-            )
-        )
-    if "digits" in wanted:
-        try:
-            import sklearn  # noqa: F401
-        except ImportError:
-            progress("scikit-learn is not installed: the digits scenario is skipped")
-        else:
-            scenarios.append(("digits", lambda seed: DigitsScenario(seed, args.pca), variants))
+    catalog = scenario_catalog(args, variants, paired)
+    wanted: list[str] = []
+    for word in args.scenarios.split(","):
+        for name in ALIASES.get(word, (word,)):
+            if name not in catalog:
+                progress(f"unknown scenario {name!r}: choose from {', '.join(ALIASES)}, "
+                         f"{', '.join(catalog)}")  # fmt: skip
+                return 2
+            if name not in wanted:
+                wanted.append(name)
+    if any(catalog[name].sklearn for name in wanted) and not sklearn_installed():
+        progress("scikit-learn is not installed: the classification scenarios are skipped")
+        wanted = [name for name in wanted if not catalog[name].sklearn]
     if vowpalwabbit is None:
         progress("vowpalwabbit is not installed: its policy is skipped")
 
     workdir = Path(tempfile.mkdtemp(prefix="tq-", dir="/tmp"))
     started = time.monotonic()
-    output: list[str] = []
     figures: dict[str, Any] = {}
+    suite: dict[str, list[SeedRun]] = {}
     try:
-        for name, make, servers in scenarios:
+        for name in wanted:
+            entry = catalog[name]
             runs: list[SeedRun] = []
             description = ""
             for seed in range(args.seed, args.seed + args.seeds):
-                scenario = make(seed)
+                scenario = entry.make(seed)
                 description = scenario.description
-                progress(f"{name}, seed {seed}: {args.rounds} rounds")
-                runs.append(run_seed(scenario, seed, args.rounds, servers, workdir))
+                progress(f"{name}, seed {seed}: {entry.rounds} rounds")
+                runs.append(run_seed(scenario, seed, entry.rounds, entry.servers, workdir))
             played = len(runs[0].cold)  # coldstart: the newcomers' rounds come on top
             cold_lines: list[str] = []
             cold_figures: dict[str, Any] = {}
             if name == "coldstart":
                 cold_lines, cold_figures = cold_start(runs, args.first_k)
-            lines = report(name, description, runs, played, cold_lines)
+            lines = report(
+                name, description, runs, played, cold_lines, with_truth=scenario.with_truth
+            )
             figures[name] = {
                 policy: {
-                    "mean_reward": [float(np.mean(r.results[policy].rewards)) for r in runs],
-                    "mean_true_p": [float(np.mean(r.results[policy].expected)) for r in runs],
+                    "mean_reward": policy_means(runs, policy),
+                    "mean_true_p": policy_means(runs, policy, truth=True),
+                    "phase_mean_reward": [[f.mean for f in phase_figures(r, policy)] for r in runs],
                 }
                 for policy in runs[0].results
             }
+            for policy in runs[0].explored:
+                figures[name][policy]["explored"] = [r.explored[policy] for r in runs]
             for policy, values in cold_figures.items():
                 figures[name].setdefault(policy, {}).update(values)
             print("\n".join(lines) + "\n", flush=True)
-            output += lines
+            suite[name] = runs
     finally:
         with no_interrupts():
             shutil.rmtree(workdir, ignore_errors=True)
     total = time.monotonic() - started
+    if len(suite) > 1:
+        print("\n".join(summary(suite)) + "\n", flush=True)
     print(f"total {total:.0f} s", flush=True)
     if args.json:
         path = Path(args.json)
@@ -990,11 +1520,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=positive, default=3, help="seeds (worlds) per scenario")
     parser.add_argument("--seed", type=int, default=1, help="the first seed")
-    parser.add_argument("--rounds", type=positive, default=4000, help="decisions per seed")
+    parser.add_argument(
+        "--rounds",
+        type=positive,
+        default=0,
+        help="decisions per seed in every scenario (default: each scenario's own, 4000 for "
+        f"most; {SMALL_SET_ROUNDS} for wine and iris, {CHURN_ROUNDS} for churn, "
+        f"{SCALE_ROUNDS} for scale)",
+    )
     parser.add_argument(
         "--scenarios",
         default="sim,digits",
-        help="comma-separated: sim, digits, coldstart (default: sim,digits)",
+        help=f"comma-separated: {', '.join(SUITE)}, coldstart; digits = digits-pca; all (or "
+        "suite): the whole suite without coldstart (default: sim,digits)",
     )
     parser.add_argument(
         "--gammas",
@@ -1025,6 +1563,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--users", type=positive, default=400, help="sim: users")
     parser.add_argument("--offers", type=positive, default=40, help="sim: offers")
+    parser.add_argument(
+        "--scale-offers", type=positive, default=1000, help="scale: offers (at most 1000)"
+    )
     parser.add_argument(
         "--newcomers", type=positive, default=600, help="coldstart: new users after the rounds"
     )
