@@ -25,6 +25,7 @@ from tactful.bandit import (
     SnapshotError,
     draw,
     evidence_free,
+    gamma_for_share,
     igw_probabilities,
     pick_slate,
     prior_theta,
@@ -639,6 +640,65 @@ def test_a_mangled_snapshot_loads_or_raises_snapshot_error(data):
 
 
 # --- exploration --------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.floats(0, 0.2, allow_nan=False), min_size=2, max_size=1000),
+    st.floats(0, 1e4),
+    st.floats(0.01, 0.5),
+)
+def test_a_slot_explores_at_most_about_the_share(predicted, gamma, share):
+    """Click-rate gaps or a thousand offers: gamma is raised so that the probability of an
+    exploration pick stays near the share (never far above it), and never lowered."""
+    scores = np.array(predicted)
+    best = int(scores.argmax())
+    raised = gamma_for_share(scores, best, gamma, share)
+    assert raised >= gamma
+    probs = igw_probabilities(scores, raised)
+    explore = float(probs[scores < scores[best]].sum())
+    assert explore <= share * 1.01 + 1e-9 or raised == gamma
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(-1, 1, allow_nan=False), min_size=2, max_size=30),
+    st.integers(1, 4),
+    st.integers(0, 2**32),
+)
+def test_a_slate_with_a_share_still_has_exact_propensities(predicted, slots, seed):
+    """The propensity of each pick is its probability at its slot, whatever gamma the share
+    made it use: drawing again with the same generator state gives the same picks, and each
+    propensity is the IGW probability at the gamma the slot used."""
+    scores = np.array(predicted)
+    picks = pick_slate(scores, slots, 50.0, np.random.default_rng(seed), share=0.1)
+    remaining = list(range(len(scores)))
+    for pick in picks:
+        left = scores[remaining]
+        best = int(left.argmax())
+        gamma = gamma_for_share(left, best, 50.0, 0.1)
+        probs = igw_probabilities(left, gamma)
+        assert pick.propensity == pytest.approx(probs[remaining.index(pick.index)])
+        remaining.remove(pick.index)
+
+
+def test_with_a_memory_the_model_keeps_up_with_changed_tastes():
+    """A feature rewarded 1 for 400 sightings, then 0: with a memory of 50 sightings its
+    evidence stops growing near 50 and the prediction follows the change within a few dozen
+    rewards; remembering everything, it is still far from 0."""
+    learners = {
+        memory: OnlineRegression(
+            SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), memory=memory
+        )
+        for memory in (50.0, math.inf)
+    }
+    x = ([7, 8], [1.0, 1.0], [])
+    for reward in [1.0] * 400 + [0.0] * 60:
+        for learner in learners.values():
+            learner.learn(batch_of([x], [reward]))
+    assert learners[50.0].squares[7] <= 50.0 + 1e-9
+    after = {m: float(learner.weights[[7, 8]].sum()) for m, learner in learners.items()}
+    assert after[50.0] < 0.35 < after[math.inf]
 
 
 @settings(max_examples=60, deadline=None)

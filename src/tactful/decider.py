@@ -352,7 +352,7 @@ class Decider:
         learning = self._learning
         gamma = turn.model.gamma(learning.exploration_gamma, learning.exploration_gamma_scale)
         rng = self._draws.generator(turn.req.user_id, turn.req.request_id or turn.decision_id)
-        picks = pick_slate(scores, slots, gamma, rng)
+        picks = pick_slate(scores, slots, gamma, rng, learning.exploration_share)
         picks.sort(key=lambda pick: (-scores[pick.index], offers[pick.index].offer_id))
         return picks
 

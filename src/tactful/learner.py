@@ -100,7 +100,10 @@ class Learner:
         self._last_sweep = 0.0
 
     def _new_regression(self) -> OnlineRegression:
-        return OnlineRegression(self.space, l2=self.settings.l2, rate=1.0, prior=self._prior)
+        memory = self.settings.memory or math.inf
+        return OnlineRegression(
+            self.space, l2=self.settings.l2, rate=1.0, prior=self._prior, memory=memory
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 

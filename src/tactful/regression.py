@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,13 +147,13 @@ class Block:
     the sums of z z^T learned (additive across learners), and the inverse of
     ``l2 * diag(scale^2) + sums``, remade when they change."""
 
-    __slots__ = ("indices", "inverse", "pending", "scaled_by", "sums")
+    __slots__ = ("base", "indices", "inverse", "scaled_by", "sums")
 
     def __init__(self, indices: IntArray) -> None:
         self.indices = indices
         m = len(indices)
         self.sums = np.zeros((m, m))
-        self.pending = np.zeros((m, m))  # added since the last delta was taken
+        self.base = np.zeros((m, m))  # the sums when the last delta was taken
         self.inverse: FloatArray | None = None
         self.scaled_by = np.zeros(m)  # the scales the inverse's prior was made with
 
@@ -164,10 +165,17 @@ class Block:
             self.scaled_by = scale
         return self.inverse
 
+    def fade(self, factor: float) -> None:
+        """Scale what the block has learned by ``factor`` (this learner's forgetting)."""
+        self.sums *= factor
+        self.inverse = None
+
     def add(self, gram: FloatArray, *, own: bool) -> None:
+        """Add to the sums: this learner's own learning, or (``own`` False) another's delta,
+        which is then no part of this learner's next delta."""
         self.sums += gram
-        if own:
-            self.pending += gram
+        if not own:
+            self.base += gram
         self.inverse = None
 
 
@@ -268,10 +276,22 @@ class OnlineRegression:
     """Weights, sums of squares and scales of every feature, and the numeric blocks (see the
     module doc)."""
 
-    def __init__(self, space: FeatureSpace, *, l2: float, rate: float, prior: FloatArray) -> None:
+    def __init__(
+        self,
+        space: FeatureSpace,
+        *,
+        l2: float,
+        rate: float,
+        prior: FloatArray,
+        memory: float = math.inf,
+    ) -> None:
         self.space = space
         self.l2 = l2
         self.rate = rate
+        # Evidence fades: each time a feature (or a block) is seen, what it was seen with
+        # before counts (1 - 1/memory) times less, so its precision stops growing near
+        # ``memory`` sightings and it keeps learning when tastes change.
+        self.keep = 1.0 - 1.0 / memory if math.isfinite(memory) else 1.0
         self.prior = prior
         self.weights = prior.astype(np.float64).copy()
         self.squares = np.zeros(space.dim)
@@ -306,8 +326,13 @@ class OnlineRegression:
             leverage = np.einsum("km,km->k", z @ block.inverted(self.l2, self.scales), z)
             np.add.at(newness, members, leverage)
             leverages.append(leverage)
+            if self.keep < 1.0:
+                block.fade(self.keep ** len(z))
             block.add(z.T @ z, own=True)
         step = (batch.rewards - predicted) / (1.0 + newness) * self.rate
+        if self.keep < 1.0:
+            seen, times = np.unique(idx, return_counts=True)
+            self.squares[seen] *= self.keep**times
         np.add.at(self.squares, idx, vals * vals)
         # Outside blocks: each feature's summed pull over its precision after the batch, so a
         # feature that n vectors share moves by about their mean residual, not n times it.
@@ -367,14 +392,18 @@ class OnlineRegression:
         self._base_squares = self.squares.copy()
         self._base_updates = self.updates
         for block in self.blocks.values():
-            block.pending[:] = 0.0
+            block.base = block.sums.copy()
 
     def take_delta(self) -> Delta:
         """What was learned since the last ``take_delta`` (or ``restore``), and mark now."""
         changed = np.flatnonzero(
             (self.weights != self._base_weights) | (self.squares != self._base_squares)
         )
-        blocks = [(b.indices, b.pending.copy()) for b in self.blocks.values() if b.pending.any()]
+        blocks = [
+            (b.indices, b.sums - b.base)
+            for b in self.blocks.values()
+            if not np.array_equal(b.sums, b.base)
+        ]
         delta = Delta(
             changed,
             self.weights[changed] - self._base_weights[changed],
@@ -390,7 +419,7 @@ class OnlineRegression:
         """Add another learner's delta to this state (not to this learner's own delta)."""
         idx = delta.indices
         self.weights[idx] += delta.weights
-        self.squares[idx] += delta.squares
+        self.squares[idx] = np.maximum(self.squares[idx] + delta.squares, 0.0)
         self.scales[idx] = np.maximum(self.scales[idx], delta.scales)
         self._base_weights[idx] += delta.weights
         self._base_squares[idx] += delta.squares

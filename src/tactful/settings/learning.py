@@ -23,6 +23,15 @@ class LearningSettings:
         "exploration narrows as evidence grows (0: fixed gamma).",
         min=0.0,
     )
+    exploration_share: float = setting(
+        "TACTFUL_EXPLORATION_SHARE",
+        0.1,
+        "Most probability with which a slot explores (picks an offer the model scores below "
+        "its best): gamma is raised for that Decide where the gaps between offers are small "
+        "or the offers many (1 = no limit). Exploration picks are counted in `tactful report`.",
+        min=0.0,
+        max=1.0,
+    )
     exploration_bonus: float = setting(
         "TACTFUL_EXPLORATION_BONUS",
         0.4,
@@ -41,6 +50,14 @@ class LearningSettings:
     )
     l2: float = setting(
         "TACTFUL_RIDGE_L2", 1.0, "Ridge prior strength (pull towards the fixed rule).", min=1e-6
+    )
+    memory: float = setting(
+        "TACTFUL_LEARNING_MEMORY",
+        0.0,
+        "How many sightings of a feature the learner remembers: each new one makes the "
+        "evidence before it count (1 - 1/memory) times less, so the model keeps adapting "
+        "when tastes change, at some cost in steady quality (0 = remember everything).",
+        min=0.0,
     )
     hashed_bits: int = setting(
         "TACTFUL_FEATURE_HASH_BITS",
