@@ -668,16 +668,13 @@ def test_a_slot_explores_at_most_about_the_share(predicted, gamma, share):
 )
 def test_a_slate_with_a_share_still_has_exact_propensities(predicted, slots, seed):
     """The propensity of each pick is its probability at its slot, whatever gamma the share
-    made it use: drawing again with the same generator state gives the same picks, and each
-    propensity is the IGW probability at the gamma the slot used."""
+    made the slate use: the IGW probability at that gamma over the offers left."""
     scores = np.array(predicted)
     picks = pick_slate(scores, slots, 50.0, np.random.default_rng(seed), share=0.1)
+    gamma = gamma_for_share(scores, int(scores.argmax()), 50.0, 0.1)  # once for the slate
     remaining = list(range(len(scores)))
     for pick in picks:
-        left = scores[remaining]
-        best = int(left.argmax())
-        gamma = gamma_for_share(left, best, 50.0, 0.1)
-        probs = igw_probabilities(left, gamma)
+        probs = igw_probabilities(scores[remaining], gamma)
         assert pick.propensity == pytest.approx(probs[remaining.index(pick.index)])
         remaining.remove(pick.index)
 
