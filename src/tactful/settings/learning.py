@@ -36,9 +36,9 @@ class LearningSettings:
         "TACTFUL_EXPLORATION_BONUS",
         0.4,
         "Optimism added to each offer's predicted reward before inverse gap weighting: this "
-        "times the model's uncertainty about the offer, sqrt(sum of x_i^2 / A_ii) over its "
-        "features (A_ii: ridge prior plus the sum of the feature's squared values learned; "
-        "the explicit-like and inferred-interest features are left out), so offers the model "
+        "times the model's uncertainty about the offer, sqrt(sum of x_i^2 / p_i) over its "
+        "features (p_i: ridge prior in the feature's unit plus the sum of its squared values "
+        "learned; the explicit-like and inferred-interest features are left out), so offers the model "
         "knows little about are tried sooner (0: no bonus).",
         min=0.0,
     )
@@ -49,7 +49,11 @@ class LearningSettings:
         min=1.0,
     )
     l2: float = setting(
-        "TACTFUL_RIDGE_L2", 1.0, "Ridge prior strength (pull towards the fixed rule).", min=1e-6
+        "TACTFUL_RIDGE_L2",
+        1.0,
+        "Ridge prior strength, in each feature's own unit (how many sightings it takes to move "
+        "a weight away from the fixed rule).",
+        min=1e-6,
     )
     memory: float = setting(
         "TACTFUL_LEARNING_MEMORY",
