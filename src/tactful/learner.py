@@ -272,9 +272,9 @@ class Learner:
         context teach and not from a dead offer's residue (at 2^18 buckets their hashed
         indices rarely meet, but they would stay in the published model for good). Returns
         the offers forgotten."""
-        version, offers, segments = self.models.catalog()
-        if version == self._catalog_version and now < self._next_expiry:
+        if self.models.catalog_version() == self._catalog_version and now < self._next_expiry:
             return []
+        version, offers, segments = self.models.catalog()
         self._catalog_version = version
         live = {o.offer_id: o for o in offers if o.end_time is None or now < o.end_time}
         ends = [o.end_time for o in live.values() if o.end_time is not None]
