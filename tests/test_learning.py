@@ -286,18 +286,19 @@ def test_projection_keeps_everything_else():
 
 
 def test_the_learner_publishes_each_weights_variance():
-    """``1 / p_i`` with ``p_i = l2 * scale_i^2 + sum x_i^2`` (scale: the largest |x_i|), so a
-    feature's uncertainty does not depend on its unit; 1 / l2 for a feature never seen."""
+    """``1 / p_i`` with ``p_i = l2 * min(scale_i, 1)^2 + sum x_i^2`` (scale: the largest
+    |x_i|), so a small-valued feature's uncertainty does not depend on its unit; 1 / l2 for a
+    feature never seen."""
     rng = np.random.default_rng(5)
     learner = OnlineRegression(SPACE, l2=2.0, rate=1.0, prior=prior_theta(SPACE.dim))
     squares, scales = np.zeros(SPACE.dim), np.zeros(SPACE.dim)
     for _ in range(30):
         idx = rng.choice(SPACE.dim, size=6, replace=False)
-        vals = rng.normal(size=6) * 1000.0  # any unit
+        vals = rng.normal(size=6) * rng.choice([1e-3, 1.0, 1e3])  # any unit
         learner.learn(batch_of([(idx.tolist(), vals.tolist(), [])], [float(rng.random())]))
         np.add.at(squares, idx, vals * vals)
         np.maximum.at(scales, idx, np.abs(vals))
-    precision = np.where(scales > 0, 2.0 * scales * scales, 2.0) + squares
+    precision = np.where(scales > 0, 2.0 * np.clip(scales, 1e-6, 1.0) ** 2, 2.0) + squares
     expected = 1.0 / precision
     expected[[EXPLICIT_LIKE, INFERRED_INTEREST]] = 0.0
     assert np.allclose(learner.variance(), expected)

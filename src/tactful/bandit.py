@@ -249,11 +249,15 @@ def gamma_for_share(scores: FloatArray, best: int, gamma: float, share: float) -
         if explore <= share * 1.01:
             return gamma
         slope = float((gaps * terms * terms).sum())  # -f'(gamma)
+        if slope <= 0.0:  # gaps too small for a float: take the bound
+            break
         gamma += (1.0 / share - 1.0 / explore) * explore * explore / slope
     if float((1.0 / (k + gamma * gaps)).sum()) <= share * 1.01:
         return gamma
     # Gaps at the edge of float precision are ties: gamma stays finite.
-    return min(max(gamma, float((1.0 / gaps).sum()) / share), MAX_GAMMA)
+    with np.errstate(divide="ignore", over="ignore"):
+        bound = float((1.0 / gaps).sum()) / share
+    return min(max(gamma, bound), MAX_GAMMA)
 
 
 def pick_slate(

@@ -5,10 +5,14 @@ at 2^18 hashed dimensions neither fits). What it keeps instead:
 
 * per feature i: the weight ``w_i`` (starting at the fixed rule's prior,
   ``bandit.prior_theta``), the sum of squares ``s_i`` of its values learned, and its scale
-  ``m_i`` (the largest |x_i| seen). Its precision is ``p_i = l2 * m_i^2 + s_i``: the ridge
-  prior in the feature's own unit, as Vowpal Wabbit's ``--normalized`` does, so a numeric
-  context value learns alike whatever its unit. ``1 / p_i`` is the weight's variance, what
-  the exploration bonus reads (``bandit.LinearModel.scores``).
+  ``m_i`` (the largest |x_i| seen). Its precision is ``p_i = l2 * min(m_i, 1)^2 + s_i``: for
+  a feature whose values are small, the ridge prior in the feature's own unit, as Vowpal
+  Wabbit's ``--normalized`` does, so a numeric context value of 0.001 learns as one of 1
+  does; larger values are already compressed (``sign(v) * log1p(|v|)``, ``features``), and
+  a prior grown with their scale slowed learning (wine 0.924 against 0.956, iris 0.882
+  against 0.891 over 1,000 rounds offline; raw digits, whose pixels reach 2.8 after log1p,
+  liked it: 0.895 against 0.869). ``1 / p_i`` is the weight's variance, what the
+  exploration bonus reads (``bandit.LinearModel.scores``).
 * per numeric block (``features.SparseVector.blocks``: a topic's own feature and its crosses
   with each numeric context value): the block's ``sum z z^T``. Numeric values are correlated
   and rarely centred; fitted one weight at a time they converge slowly (0.82 against ridge's
@@ -58,6 +62,7 @@ from tactful.features import EXPLICIT_LIKE, INFERRED_INTEREST, FeatureSpace, Flo
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 MIN_SCALE = 1e-6  # the least scale a feature's prior is measured in
+SCALE_CAP = 1.0  # and the largest (see the module doc)
 
 
 class StateError(ValueError):
@@ -160,7 +165,7 @@ class Block:
     def inverted(self, l2: float, scales: FloatArray) -> FloatArray:
         scale = scales[self.indices]
         if self.inverse is None or not np.array_equal(scale, self.scaled_by):
-            prior = np.where(scale > 0, l2 * np.maximum(scale, MIN_SCALE) ** 2, l2)
+            prior = np.where(scale > 0, l2 * np.clip(scale, MIN_SCALE, SCALE_CAP) ** 2, l2)
             self.inverse = np.linalg.inv(self.sums + np.diag(prior))
             self.scaled_by = scale
         return self.inverse
@@ -375,7 +380,7 @@ class OnlineRegression:
         # A feature never seen has no scale yet: its prior is l2 in its own unit. A scale
         # is floored so a feature only ever seen near 0 cannot make its precision 0.
         scale = self.scales[idx]
-        prior = np.where(scale > 0, self.l2 * np.maximum(scale, MIN_SCALE) ** 2, self.l2)
+        prior = np.where(scale > 0, self.l2 * np.clip(scale, MIN_SCALE, SCALE_CAP) ** 2, self.l2)
         return prior + self.squares[idx]
 
     def variance(self) -> FloatArray:

@@ -38,8 +38,8 @@ class LearningSettings:
         "Optimism added to each offer's predicted reward before inverse gap weighting: this "
         "times the model's uncertainty about the offer, sqrt(sum of x_i^2 / p_i) over its "
         "features (p_i: ridge prior in the feature's unit plus the sum of its squared values "
-        "learned; the explicit-like and inferred-interest features are left out), so offers the model "
-        "knows little about are tried sooner (0: no bonus).",
+        "learned; the explicit-like and inferred-interest features are left out), so offers "
+        "the model knows little about are tried sooner (0: no bonus).",
         min=0.0,
     )
     kappa: float = setting(
@@ -51,8 +51,8 @@ class LearningSettings:
     l2: float = setting(
         "TACTFUL_RIDGE_L2",
         1.0,
-        "Ridge prior strength, in each feature's own unit (how many sightings it takes to move "
-        "a weight away from the fixed rule).",
+        "Ridge prior strength (how many sightings it takes to move a weight away from the "
+        "fixed rule), in a feature's own unit where its values are below 1.",
         min=1e-6,
     )
     memory: float = setting(
