@@ -287,6 +287,25 @@ def undecoded(client: Client, *command: Any) -> Any:
     return client.execute_command(*command, **{NEVER_DECODE: []})  # type: ignore[no-untyped-call]
 
 
+def raw_reply(client: redis.Redis, *command: Any) -> Any:
+    """A command's reply as the server sent it: bytes in nested lists, without redis-py's
+    response callback (for a large reply the caller reads in one pass, such as a stream
+    read). On one pooled connection, not retried: a command that must not run twice (a
+    consumer group read moves the group on) fails instead."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command(*command)  # type: ignore[no-untyped-call]
+        return conn.read_response(disable_decoding=True)
+    except redis.exceptions.ResponseError:
+        raise  # an error reply, read whole
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]  # a reply half read must not be read by the next command
+        raise
+    finally:
+        pool.release(conn)
+
+
 RoundTrip = Callable[[Sequence[tuple[Any, ...]]], list[Any]]
 
 
