@@ -205,9 +205,10 @@ class Learner:
         """Read and apply what is new; holding the lease, merge the others' deltas, close due
         reward windows, publish and save when due; else hand the work on when due. Returns
         how many rewards were applied."""
-        with _collector_paused():
-            read = self.models.read_new(self.consumer, count=READ_COUNT, block_ms=block_ms)
-            applied = self._apply_read(read)
+        with _collector_paused():  # the read is freed inside: not walked when it resumes
+            applied = self._apply_read(
+                self.models.read_new(self.consumer, count=READ_COUNT, block_ms=block_ms)
+            )
         if self.leader:
             self._merge_deltas()
             now = self.clock()
