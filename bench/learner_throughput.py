@@ -15,17 +15,28 @@ numeric context values), featurized by tactful's own ``FeatureSpace``. Three mea
   read, apply, hand on deltas, merge, publish and save until every reward is in the saved
   state. Rewards/s counts from the release to that moment.
 
+* ``lag`` (``--lag``, instead of the rows above): rewards put on the stream at a steady
+  ``--rate`` (5,000/s) for ``--lag-seconds``, each with its send time, as ReportOutcome puts
+  them, while one ``tactful learn`` loop (a process, default settings) learns them. A watcher
+  polls the current version every few milliseconds and loads each new one as a server does
+  (GET and ``LinearModel.from_bytes``, timed). A version includes the first ``updates``
+  rewards (one learner learns them in stream order), so each reward's lag is the time from
+  its XADD to the first sight of the first version that includes it.
+
 The target (issue 16) is at least 50,000 rewards/s for one learner at the default space, and
-throughput that grows with the number of learners.
+throughput that grows with the number of learners; the outcome-to-model lag at 5,000
+rewards/s within a second.
 
     .venv/bin/python bench/learner_throughput.py [--rewards 100000] [--learners 1,2,4]
         [--bits 18,20]
+    .venv/bin/python bench/learner_throughput.py --lag [--rate 5000] [--lag-seconds 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import platform
 import random
@@ -41,7 +52,7 @@ import orjson
 from old_ridge import RidgeLearner
 
 from tactful import keys
-from tactful.bandit import prior_theta
+from tactful.bandit import LinearModel, prior_theta, project
 from tactful.domain import Offer
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.features import FeatureSpace, RequestContext, SparseVector, UserEvidence
@@ -49,7 +60,7 @@ from tactful.learner import READ_COUNT, Learner
 from tactful.regression import OnlineRegression, batch_of
 from tactful.settings import Settings
 from tactful.store.model_store import ModelStore
-from tactful.store.wire import connect
+from tactful.store.wire import connect, undecoded
 
 TARGET_REWARDS_PER_SECOND = 50_000
 
@@ -195,6 +206,106 @@ def learners_rate(n: int, bits: int, rewards: int, seed: int) -> dict[str, float
     return {"learners": n, "bits": bits, "rewards": rewards, "rate": rewards / elapsed}
 
 
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def lag(bits: int, rate: float, seconds: float, seed: int) -> dict[str, float]:
+    """Outcome to visible model at a steady ``rate`` (see the module's docstring)."""
+    space = FeatureSpace(bits)
+    stream = vectors(space, seed)
+    xs = [orjson.dumps(next(stream).to_json()) for _ in range(min(20_000, int(rate * seconds)))]
+    kappa = Settings.from_env({}).learning.kappa
+    context = multiprocessing.get_context("spawn")
+    sent: list[float] = []  # send time of reward k, in stream order
+    seen: list[tuple[float, int]] = []  # (first seen, updates) of each version
+    loads: list[float] = []  # seconds to load a version, as a server does
+    with tempfile.TemporaryDirectory() as data, EmbeddedRedis(data) as redis_server:
+        client = connect(
+            redis_server.url, socket_timeout=10.0, connect_timeout=2.0, max_connections=4
+        )
+        ModelStore(client).ensure_group()
+        ready, go, stop = context.Event(), context.Event(), context.Event()
+        child = context.Process(
+            target=learner_process, args=(redis_server.url, bits, "lag-0", ready, go, stop)
+        )
+        child.start()
+        ready.wait(60)
+        go.set()
+        done = threading.Event()
+
+        def watch() -> None:
+            watcher = connect(
+                redis_server.url, socket_timeout=10.0, connect_timeout=2.0, max_connections=2
+            )
+            last = 0
+            while not done.is_set():
+                current = int(watcher.get(keys.MODEL_CURRENT) or 0)
+                if current != last:
+                    at = time.time()
+                    started = time.perf_counter()
+                    raw = undecoded(watcher, "GET", keys.model_snapshot(current))
+                    if raw is not None:  # what ModelCache._load does
+                        model = LinearModel.from_bytes(bytes(raw), space)
+                        project(model.theta, kappa)
+                        loads.append(time.perf_counter() - started)
+                        seen.append((at, model.updates))
+                    last = current
+                time.sleep(0.002)
+            watcher.close()
+
+        watcher_thread = threading.Thread(target=watch, daemon=True)
+        watcher_thread.start()
+        rng = random.Random(seed)
+        tick = 0.01  # a pipeline of rate * tick rewards every tick
+        per_tick = max(1, round(rate * tick))
+        started = time.time()
+        k = 0
+        while time.time() - started < seconds:
+            due = started + (k // per_tick) * tick
+            pause = due - time.time()
+            if pause > 0:
+                time.sleep(pause)
+            pipe = client.pipeline(transaction=False)
+            now = time.time()
+            for _ in range(per_tick):
+                reward = 1.0 if rng.random() < 0.1 else 0.0
+                fields = {"d": f"decision-{k}", "o": "offer", "r": reward, "x": xs[k % len(xs)]}
+                pipe.xadd(keys.OUTCOME_STREAM, {**fields, "t": now})
+                sent.append(now)
+                k += 1
+            pipe.execute()
+        finish = time.time() + 5.0
+        while time.time() < finish and not (seen and seen[-1][1] >= len(sent)):
+            time.sleep(0.05)
+        done.set()
+        watcher_thread.join(5)
+        stop.set()
+        child.join(30)
+        client.close()
+    lags = []
+    versions = iter(seen)
+    at, updates = next(versions, (math.inf, 0))
+    for k, sent_at in enumerate(sent):
+        while updates <= k and at != math.inf:
+            at, updates = next(versions, (math.inf, 0))
+        lags.append(at - sent_at)
+    included = [x for x in lags if x != math.inf]
+    return {
+        "bits": bits,
+        "rate": len(sent) / seconds,
+        "rewards": len(sent),
+        "missing": len(lags) - len(included),
+        "versions": len(seen),
+        "lag_p50": percentile(included, 50),
+        "lag_p99": percentile(included, 99),
+        "lag_max": max(included, default=float("nan")),
+        "load_p50": percentile(loads, 50),
+        "load_p99": percentile(loads, 99),
+        "loads_per_second": len(loads) / seconds,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="18,20", help="hash sizes of today's learner")
@@ -203,6 +314,9 @@ def main() -> int:
     parser.add_argument("--rewards", type=int, default=100_000, help="rewards per learner row")
     parser.add_argument("--learners", default="1,2,4", help="learner processes per row")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lag", action="store_true", help="measure the lag instead")
+    parser.add_argument("--rate", type=float, default=5_000, help="rewards/s in --lag")
+    parser.add_argument("--lag-seconds", type=float, default=20.0, help="length of --lag")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
@@ -211,6 +325,23 @@ def main() -> int:
         f"machine: {platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}"
     )
     figures: dict[str, list[dict[str, float]]] = {"old": [], "model": [], "learners": []}
+    if args.lag:
+        row = lag(bits[0], args.rate, args.lag_seconds, args.seed)
+        figures["lag"] = [row]
+        print(
+            f"[bench] lag at {row['rate']:,.0f} rewards/s, bits {bits[0]}, "
+            f"{row['rewards']:,} rewards ({row['missing']} never seen), "
+            f"{row['versions']} versions: outcome -> model visible "
+            f"p50 {row['lag_p50'] * 1000:.0f} ms, p99 {row['lag_p99'] * 1000:.0f} ms, "
+            f"max {row['lag_max'] * 1000:.0f} ms; a server's load of a version "
+            f"p50 {row['load_p50'] * 1000:.1f} ms, p99 {row['load_p99'] * 1000:.1f} ms, "
+            f"{row['loads_per_second']:.1f} loads/s",
+            flush=True,
+        )
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(figures, out, indent=2)
+        return 0
     for b in (int(b) for b in args.old_bits.split(",")):
         row = old_model_rate(b, seconds=args.seconds, seed=args.seed)
         figures["old"].append(row)
