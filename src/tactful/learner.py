@@ -177,6 +177,9 @@ class Learner:
             self._claim()
 
     def _reload(self) -> None:
+        # A read sent ahead is delivered once taken: then its entries are among the
+        # pending ones learned again below.
+        self.models.take_read_ahead()
         self.regression = self._new_regression()
         saved = self.models.load_checkpoint()
         if saved is not None:
@@ -206,8 +209,9 @@ class Learner:
         reward windows, publish and save when due; else hand the work on when due. Returns
         how many rewards were applied."""
         with _collector_paused():  # the read is freed inside: not walked when it resumes
+            read = self.models.read_new
             applied = self._apply_read(
-                self.models.read_new(self.consumer, count=READ_COUNT, block_ms=block_ms)
+                read(self.consumer, count=READ_COUNT, block_ms=block_ms, read_ahead=True)
             )
         if self.leader:
             self._merge_deltas()
@@ -224,6 +228,7 @@ class Learner:
         return applied
 
     def stop(self) -> None:
+        self._apply_read(self.models.take_read_ahead())  # saved or handed on with the rest
         if self.leader:
             self.publish(force=True)
             self.checkpoint(force=True)

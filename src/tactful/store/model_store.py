@@ -13,7 +13,7 @@ from tactful import keys
 from tactful.domain import Offer
 from tactful.store import scripts
 from tactful.store.codecs import decode_offer, unlearned_vectors
-from tactful.store.wire import Client, raw_reply, undecoded
+from tactful.store.wire import Client, LaterReply, undecoded
 
 #: A stream entry as Redis sends it: its id, then its fields' names and values in turn.
 RawEntry = tuple[bytes, list[bytes]]
@@ -30,6 +30,7 @@ class ModelStore:
         self._publish_model = client.register_script(scripts.source("publish_model"))
         self._rollback_model = client.register_script(scripts.source("rollback_model"))
         self._push_delta = client.register_script(scripts.source("push_delta"))
+        self._ahead: tuple[str, LaterReply] | None = None  # (consumer, read sent ahead)
 
     def hold_lease(self, token: str, ttl_ms: int) -> bool:
         """Take the learner lease, or renew it if this token holds it."""
@@ -92,11 +93,21 @@ class ModelStore:
         version, offers, segments = pipe.execute()
         return int(version or 0), [decode_offer(raw) for raw in offers], list(segments)
 
-    def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[RawEntry]:
+    def read_new(
+        self, consumer: str, *, count: int, block_ms: int, read_ahead: bool = False
+    ) -> list[RawEntry]:
         """New entries for ``consumer``, as Redis sends them (``RawEntry``): the learner reads
         tens of thousands a second, and redis-py's reply parsing (a dict per entry, every
-        string decoded) cost it more than learning them. On a Redis Cluster, redis-py's
-        parsed reply, turned into the same shape."""
+        string decoded) cost it more than learning them.
+
+        ``read_ahead``: after a full read (a backlog), send the next read before returning,
+        so Redis prepares it (about 4 us an entry, as long as parsing them here) while the
+        caller learns these; the next call takes its reply. Its entries are delivered to
+        ``consumer`` once Redis runs it: a caller that stops or reloads first takes them
+        with ``take_read_ahead``.
+
+        On a Redis Cluster: redis-py's parsed reply, turned into the same shape, and no
+        read ahead."""
         if isinstance(self.client, RedisCluster):
             parsed: Any = self.client.xreadgroup(
                 keys.LEARNER_GROUP,
@@ -110,13 +121,23 @@ class ModelStore:
                 for _, entries in parsed or []
                 for entry_id, fields in entries
             ]
-        command: list[Any] = ["XREADGROUP", "GROUP", keys.LEARNER_GROUP, consumer, "COUNT", count]
-        if block_ms:
-            command += ["BLOCK", block_ms]
-        reply: Any = raw_reply(self.client, *command, "STREAMS", keys.OUTCOME_STREAM, ">")
-        if isinstance(reply, dict):  # RESP3: a map of streams
-            reply = list(reply.items())
-        return [(entry[0], entry[1] or []) for _, entries in reply or [] for entry in entries]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == consumer:
+            entries = _stream_entries(ahead[1].read())
+        else:
+            if ahead is not None:
+                ahead[1].read()  # another consumer's: its entries stay pending to it
+            read = LaterReply(self.client, *_read_group(consumer, count, block_ms))
+            entries = _stream_entries(read.read())
+        if read_ahead and len(entries) >= count:
+            self._ahead = (consumer, LaterReply(self.client, *_read_group(consumer, count, 0)))
+        return entries
+
+    def take_read_ahead(self) -> list[RawEntry]:
+        """The entries of the read ``read_new`` sent ahead, if any (delivered: pending to
+        its consumer until acknowledged)."""
+        ahead, self._ahead = self._ahead, None
+        return [] if ahead is None else _stream_entries(ahead[1].read())
 
     def close_due_windows(
         self, now: float, *, batch: int = 500, max_batches: int = 20, per_script: int = 100
@@ -240,3 +261,18 @@ class ModelStore:
     def backlog(self) -> int:
         groups: Any = self.client.xinfo_groups(keys.OUTCOME_STREAM)
         return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups)
+
+
+def _read_group(consumer: str, count: int, block_ms: int) -> list[Any]:
+    """The learner group's XREADGROUP of new entries for ``consumer``."""
+    command: list[Any] = ["XREADGROUP", "GROUP", keys.LEARNER_GROUP, consumer, "COUNT", count]
+    if block_ms:
+        command += ["BLOCK", block_ms]
+    return [*command, "STREAMS", keys.OUTCOME_STREAM, ">"]
+
+
+def _stream_entries(reply: Any) -> list[RawEntry]:
+    """The entries of a raw XREADGROUP reply on one stream (RESP2 lists, or a RESP3 map)."""
+    if isinstance(reply, dict):
+        reply = list(reply.items())
+    return [(entry[0], entry[1] or []) for _, entries in reply or [] for entry in entries]

@@ -287,23 +287,42 @@ def undecoded(client: Client, *command: Any) -> Any:
     return client.execute_command(*command, **{NEVER_DECODE: []})  # type: ignore[no-untyped-call]
 
 
+class LaterReply:
+    """A command sent now on a pooled connection, its reply read later, as the server sent
+    it (bytes in nested lists, without redis-py's response callback): the caller works
+    meanwhile, and Redis on another core. The connection is out of the pool until then.
+    Not retried: a command that must not run twice (a consumer group read moves the group
+    on) fails instead."""
+
+    def __init__(self, client: redis.Redis, *command: Any) -> None:
+        self._pool = client.connection_pool
+        conn: Any = self._pool.get_connection()
+        try:
+            conn.send_command(*command)
+        except BaseException:
+            conn.disconnect()
+            self._pool.release(conn)
+            raise
+        self._conn: Any = conn
+
+    def read(self) -> Any:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("reply already read")
+        try:
+            return conn.read_response(disable_decoding=True)
+        except redis.exceptions.ResponseError:
+            raise  # an error reply, read whole
+        except BaseException:
+            conn.disconnect()  # a reply half read must not be read by the next command
+            raise
+        finally:
+            self._pool.release(conn)
+
+
 def raw_reply(client: redis.Redis, *command: Any) -> Any:
-    """A command's reply as the server sent it: bytes in nested lists, without redis-py's
-    response callback (for a large reply the caller reads in one pass, such as a stream
-    read). On one pooled connection, not retried: a command that must not run twice (a
-    consumer group read moves the group on) fails instead."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_command(*command)  # type: ignore[no-untyped-call]
-        return conn.read_response(disable_decoding=True)
-    except redis.exceptions.ResponseError:
-        raise  # an error reply, read whole
-    except BaseException:
-        conn.disconnect()  # type: ignore[no-untyped-call]  # a reply half read must not be read by the next command
-        raise
-    finally:
-        pool.release(conn)
+    """A command's reply as the server sent it (``LaterReply``, read at once)."""
+    return LaterReply(client, *command).read()
 
 
 RoundTrip = Callable[[Sequence[tuple[Any, ...]]], list[Any]]
