@@ -428,6 +428,8 @@ class Learner:
         if not force and elapsed_ms < self.settings.publish_interval_ms:
             return
         self._last_hand_on = time.monotonic()
+        # The push must cover every entry pending to this learner: a read sent ahead too.
+        self._apply_read(self.models.take_read_ahead())
         if self._unacked:
             delta = self.regression.take_delta()
             if not self.models.push_delta(self.consumer, delta.to_bytes(), self._unacked):
