@@ -118,9 +118,10 @@ def test_multi_slot_decisions_are_left_out_of_ope() -> None:
 @pytest.fixture
 def settings() -> Settings:
     base = make_settings(control_share=0.3)
-    return dataclasses.replace(
-        base, learning=dataclasses.replace(base.learning, exploration_gamma=20.0)
-    )
+    # Much exploration, so the estimates of other policies have support: a low gamma, and
+    # no cap on the share of exploration picks (TACTFUL_EXPLORATION_SHARE).
+    learning = dataclasses.replace(base.learning, exploration_gamma=20.0, exploration_share=1.0)
+    return dataclasses.replace(base, learning=learning)
 
 
 def test_report_and_export_end_to_end(

@@ -186,7 +186,7 @@ class ModelStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(keys.LEARNER_STATE, "state", state)
         pipe.hincrby(keys.LEARNER_STATE, "epoch", 1)
-        pipe.hdel(keys.LEARNER_STATE, "last_id")  # written by releases before 0.2
+        pipe.hdel(keys.LEARNER_STATE, "last_id")  # written by the earlier learner
         for first in range(0, len(acked), 10_000):
             pipe.xack(keys.OUTCOME_STREAM, keys.LEARNER_GROUP, *acked[first : first + 10_000])
         if merged_deltas:
