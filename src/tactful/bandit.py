@@ -251,7 +251,10 @@ def gamma_for_share(scores: FloatArray, best: int, gamma: float, share: float) -
         slope = float((gaps * terms * terms).sum())  # -f'(gamma)
         if slope <= 0.0:  # gaps too small for a float: take the bound
             break
-        gamma += (1.0 / share - 1.0 / explore) * explore * explore / slope
+        with np.errstate(over="ignore"):
+            gamma = min(
+                gamma + (1.0 / share - 1.0 / explore) * explore * explore / slope, MAX_GAMMA
+            )
     if float((1.0 / (k + gamma * gaps)).sum()) <= share * 1.01:
         return gamma
     # Gaps at the edge of float precision are ties: gamma stays finite.
