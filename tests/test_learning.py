@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tactful import keys, metrics
+from tactful import keys, metrics, regression
 from tactful.bandit import (
     MAX_GAMMA,
     LinearModel,
@@ -51,6 +51,7 @@ from tactful.features import (
 from tactful.learner import Learner
 from tactful.regression import Delta, OnlineRegression, StateError, batch_of
 from tactful.store.model_store import ModelStore
+from tactful.store.reward_vectors import pack
 from tactful.store.wire import undecoded
 from tactful.transport.server import build_server
 from tactful.v1 import catalog_pb2, decisioning_pb2_grpc
@@ -373,6 +374,52 @@ def test_a_forgotten_feature_is_as_if_never_seen():
     assert learner.variance()[indices[0]] == 1.0  # 1 / l2
     assert not learner.blocks  # the block held it
     assert learner.weights[indices[1]] != 0.0  # the others keep what they learned
+
+
+def random_batch(rng: np.random.Generator, n: int, spread: int) -> object:
+    """n vectors of 3 to 9 features among the first ``spread``, a block in every other."""
+    vectors = []
+    for k in range(n):
+        size = int(rng.integers(3, 10))
+        indices = rng.choice(np.arange(N_DENSE, N_DENSE + spread), size=size, replace=False)
+        blocks = [[0, 1, 2]] if k % 2 else []
+        vectors.append((indices.tolist(), rng.uniform(-2, 2, size).tolist(), blocks))
+    return batch_of(vectors, rng.random(n).tolist())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.lists(st.sampled_from(["learn", "merge", "forget"])))
+def test_the_published_variance_is_always_the_precision_remade_whole(seed, steps):
+    """The variance is kept between publishes and remade only where a precision changed:
+    after any learning, merging and forgetting it is what remaking it whole gives."""
+    rng = np.random.default_rng(seed)
+    model = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    other = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    for step in steps:
+        model.variance()  # a publish in between: what it kept must not go stale
+        if step == "learn":
+            model.learn(random_batch(rng, int(rng.integers(1, 40)), 60))
+        elif step == "merge":
+            other.learn(random_batch(rng, 5, 60))
+            model.merge(other.take_delta())
+        else:
+            model.forget(rng.choice(np.arange(N_DENSE, N_DENSE + 60), size=3))
+    whole = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    whole.restore(model.to_bytes())
+    assert np.array_equal(model.variance(), whole.variance())
+
+
+def test_a_large_batch_learns_as_a_small_one_would(monkeypatch):
+    """A batch large enough to sum its pulls over the whole space moves the weights as
+    summing them over its distinct features does."""
+    batch = random_batch(np.random.default_rng(11), 200, SPACE.dim - N_DENSE)
+    models = []
+    for share in (1, 0):  # dense, then never dense
+        monkeypatch.setattr(regression, "DENSE_SHARE", share)
+        model = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+        model.learn(batch)
+        models.append(model)
+    assert np.allclose(models[0].weights, models[1].weights, rtol=1e-12, atol=1e-15)
 
 
 def test_the_bonus_is_the_spread_of_each_vector_times_the_setting():
@@ -932,6 +979,42 @@ def test_an_outcome_retried_after_a_failed_send_reaches_the_learner_once(
         report(decisioning, shown.decision_id, "a", d.OUTCOME_EVENT_CLICK, "o1")
     (entry,) = store.client.xrange(keys.OUTCOME_STREAM)
     assert entry[1]["d"] == shown.decision_id and entry[1]["r"] == "1.0"
+
+
+def _stream_entry(vector_field, reward="1.0") -> dict:
+    return {"d": "decision", "o": "a", "r": reward, "x": vector_field, "t": repr(time.time())}
+
+
+@pytest.mark.parametrize("odd", ["json", "unreadable", "nan"])
+def test_a_read_with_an_odd_entry_learns_every_readable_one(store, models, caplog, odd):
+    """A read is learned in one pass when every entry is packed alike; one written as JSON
+    (by a server from before the packed form) is learned too, and one the learner cannot
+    read is logged by id and acknowledged with the rest, never retried forever."""
+    vectors = [
+        SERVED.featurize(
+            RequestContext(channel="web", placement="home", hour=9, numeric=(("n", float(k)),)),
+            Offer(f"o{k}", "title", topics=(f"t{k % 3}",), channels=("web",), priority=0.5),
+            UserEvidence(liked=k % 2 == 0, inferred=0.0, contacts_today=0),
+        )
+        for k in range(6)
+    ]
+    for vector in vectors:
+        store.client.xadd(keys.OUTCOME_STREAM, _stream_entry(pack(vector.to_json())))
+    field, reward, learned = {
+        "json": (json.dumps(vectors[0].to_json()), "1.0", 7),
+        "unreadable": ("ff" * 24, "1.0", 6),
+        "nan": (pack(vectors[0].to_json()), "nan", 6),
+    }[odd]
+    odd_id = store.client.xadd(keys.OUTCOME_STREAM, _stream_entry(field, reward))
+    learner = new_learner(models)
+    learner.start()
+    learner.step(block_ms=0)
+    assert learner.regression.updates == learned
+    if learned == 6:
+        assert f"reward {odd_id} skipped: unreadable" in caplog.text
+    learner.step(block_ms=0)  # saves, and acknowledges all seven
+    assert store.client.xpending(keys.OUTCOME_STREAM, keys.LEARNER_GROUP)["pending"] == 0
+    learner.stop()
 
 
 def _stream_fields(store, decisions):

@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from operator import itemgetter
 
 import numpy as np
-import orjson
 
 from tactful import metrics
 from tactful.bandit import LinearModel, prior_theta, project
@@ -48,11 +47,13 @@ from tactful.regression import (
     OnlineRegression,
     StateError,
     Vector,
+    batch_from_arrays,
     batch_of,
     select,
     usable_rows,
 )
 from tactful.settings import LearningSettings
+from tactful.store import reward_vectors
 from tactful.store.model_store import ModelStore, RawEntry
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,14 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _readable(read: list[RawEntry]) -> tuple[list[Vector], list[float], list[float]] | None:
-    """The vectors, rewards and event times of a read whose entries all have the same
-    fields in the same order, each a readable vector and a finite reward (what the reward
-    scripts write), taken with a few passes in C over the whole read rather than a Python
-    loop over its entries; None if some entry is otherwise."""
+def _readable(read: list[RawEntry]) -> tuple[Batch, list[float]] | None:
+    """The batch, and a sample of the event times, of a read whose entries all have the same
+    fields in the same order, each a readable vector in one form (``reward_vectors``) and a
+    finite reward (what the reward scripts write), taken with a few passes in C over the
+    whole read rather than a Python loop over its entries; None if some entry is
+    otherwise."""
     if not read:
-        return [], [], []
+        return batch_of([], []), []
     fields = [raw for _, raw in read]
     names = fields[0][0::2]
     if b"x" not in names or b"r" not in names or len(set(names)) != len(names):
@@ -100,21 +102,27 @@ def _readable(read: list[RawEntry]) -> tuple[list[Vector], list[float], list[flo
         return None
     x_at, r_at = 2 * names.index(b"x") + 1, 2 * names.index(b"r") + 1
     try:
-        data = list(map(orjson.loads, map(itemgetter(x_at), fields)))
+        xs = list(map(itemgetter(x_at), fields))
         rewards = list(map(float, map(itemgetter(r_at), fields)))
-        vectors: list[Vector] = [(d[0], d[1], d[2] if len(d) > 2 else []) for d in data]
-        if list(map(len, map(itemgetter(0), vectors))) != list(
-            map(len, map(itemgetter(1), vectors))
-        ) or not all(map(math.isfinite, rewards)):
+        if not all(map(math.isfinite, rewards)):
             return None
+        json_vectors = sum(map(reward_vectors.is_json, xs))
+        if json_vectors == 0:
+            batch = batch_from_arrays(*reward_vectors.unpack(xs), rewards)
+        elif json_vectors == len(xs):  # written by a server from before the packed form
+            batch = batch_of(list(map(reward_vectors.vector_of, xs)), rewards)
+        else:
+            return None
+        # Event times only feed the lag metric's sample: a sample of them is enough.
+        sample = fields[:: max(1, len(fields) // LAG_SAMPLES)]
         if b"t" in names:
             t_at = 2 * names.index(b"t") + 1
-            times = [float(t or 0.0) for t in map(itemgetter(t_at), fields)]
+            times = [float(t or 0.0) for t in map(itemgetter(t_at), sample)]
         else:
-            times = [0.0] * len(fields)
+            times = [0.0] * len(sample)
     except (KeyError, ValueError, TypeError, IndexError):  # orjson's errors are ValueErrors
         return None
-    return vectors, rewards, times
+    return batch, times
 
 
 def _fields(raw: list[bytes]) -> dict[str, str]:
@@ -270,22 +278,21 @@ class Learner:
         rewards: list[float] = []
         times: list[float] = []
         ids: list[str] = []
-        loads = orjson.loads
         for entry_id, fields in entries:
             try:
-                data = loads(fields["x"])
+                vector = reward_vectors.vector_of(fields["x"])
                 reward = float(fields["r"])
-                if len(data[0]) != len(data[1]) or not math.isfinite(reward):
-                    raise ValueError("indices and values differ in length, or reward not finite")
-                vectors.append((data[0], data[1], data[2] if len(data) > 2 else []))
-            except (KeyError, ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
+                if not math.isfinite(reward):
+                    raise ValueError("reward not finite")
+            except (KeyError, ValueError, TypeError, IndexError) as exc:
                 log.error("reward %s skipped: unreadable (%s)", entry_id, exc)
                 continue
+            vectors.append(vector)
             rewards.append(reward)
             times.append(float(fields.get("t") or 0.0))
             ids.append(entry_id)
         self._unacked += [entry_id for entry_id, _ in entries]
-        return self._learn_rows(vectors, rewards, times, ids)
+        return self._learn_batch(self._batch(vectors, rewards, ids, times), times, ids)
 
     def _apply_read(self, read: list[RawEntry]) -> int:
         """``_apply`` for a stream read as Redis sent it: when every entry is as the reward
@@ -296,16 +303,18 @@ class Learner:
         if readable is None:
             return self._apply([(i, _fields(raw)) for i, (_, raw) in zip(ids, read, strict=True)])
         self._unacked += ids
-        return self._learn_rows(*readable, ids)
+        return self._learn_batch(*readable, ids)
 
-    def _learn_rows(
-        self, vectors: list[Vector], rewards: list[float], times: list[float], ids: list[str]
-    ) -> int:
-        batch = self._batch(vectors, rewards, ids)
+    def _learn_batch(self, batch: Batch, times: list[float], ids: list[str]) -> int:
+        """Learn the batch's usable rewards (one it cannot use is logged and skipped)."""
+        keep = usable_rows(batch, self.space.dim)
+        for k in np.flatnonzero(~keep).tolist():
+            log.error("reward %s skipped: outside this feature layout", ids[k])
+        batch = select(batch, keep)
         if len(batch):
             self.learn(batch)
             now = self.clock()
-            self._unpublished_since += [t or now for t in times]
+            self._unpublished_since += [t or now for t in times] or [now]
         metrics.LEARNER_APPLIED.inc(len(batch))
         return len(batch)
 
@@ -316,7 +325,11 @@ class Learner:
         claimed = self.models.claim_idle(self.consumer, min_idle_ms=self.claim_idle_ms)
         return self._apply([e for e in claimed if e[0] not in held])
 
-    def _batch(self, vectors: list[Vector], rewards: list[float], ids: list[str]) -> Batch:
+    def _batch(
+        self, vectors: list[Vector], rewards: list[float], ids: list[str], times: list[float]
+    ) -> Batch:
+        """The vectors as a batch; one with a number that is not a number is logged and left
+        out (and from ``ids`` and ``times``)."""
         try:
             batch = batch_of(vectors, rewards)
         except (TypeError, ValueError):
@@ -329,11 +342,9 @@ class Learner:
                 except (TypeError, ValueError) as exc:
                     log.error("reward %s skipped: unreadable (%s)", ids[k], exc)
             batch = batch_of([vectors[k] for k in usable], [rewards[k] for k in usable])
-            ids = [ids[k] for k in usable]
-        keep = usable_rows(batch, self.space.dim)
-        for k in np.flatnonzero(~keep).tolist():
-            log.error("reward %s skipped: outside this feature layout", ids[k])
-        return select(batch, keep)
+            ids[:] = [ids[k] for k in usable]
+            times[:] = [times[k] for k in usable]
+        return batch
 
     def learn(self, batch: Batch) -> None:
         self.regression.learn(batch)

@@ -45,6 +45,7 @@ from tactful.domain import (
     Stance,
     TopicPreference,
 )
+from tactful.store import reward_vectors
 from tactful.store.scripts import ERASED
 from tactful.store.types import ContactSpend, ProfileWrite, RequestTaken
 
@@ -64,18 +65,19 @@ def decode_record(raw: str | bytes) -> dict[str, Any]:
 
 
 def compact_json(value: Any) -> str:
-    """An outcome or a feature vector as the scripts store and stream it."""
+    """An outcome as the scripts store it."""
     return json.dumps(value, separators=(",", ":"))
 
 
 def offer_vector(record: str, offer_id: str) -> str:
-    """The feature vector a logged decision holds for ``offer_id``, as the learner takes it."""
-    return compact_json(decode_record(record)["features"][offer_id])
+    """The feature vector a logged decision holds for ``offer_id``, as the reward stream
+    carries it (``reward_vectors``)."""
+    return reward_vectors.pack(decode_record(record)["features"][offer_id])
 
 
 def unlearned_vectors(record: str | None) -> list[Any]:
     """A logged decision's chosen offers that have a feature vector, as the closing script
-    takes them: n, then n (offer_id, vector JSON) pairs."""
+    takes them: n, then n (offer_id, packed vector) pairs."""
     if record is None:  # expired or erased: the window just closes
         return [0]
     decision = decode_record(record)
@@ -83,7 +85,7 @@ def unlearned_vectors(record: str | None) -> list[Any]:
     pairs: list[Any] = []
     for offer_id in decision["offer_ids"]:
         if offer_id in features:
-            pairs += [offer_id, compact_json(features[offer_id])]
+            pairs += [offer_id, reward_vectors.pack(features[offer_id])]
     return [len(pairs) // 2, *pairs]
 
 

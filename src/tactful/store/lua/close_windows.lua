@@ -8,7 +8,7 @@
       KEYS[2] the learned hash (decision_id -> JSON list of the offers whose reward was sent)
       KEYS[3] the reward stream
       ARGV[1] now (seconds)
-      ARGV[2..] per decision: decision id, n, and n (offer_id, feature vector JSON) pairs
+      ARGV[2..] per decision: decision id, n, and n (offer_id, packed feature vector) pairs
     Output:
       the number of rewards sent
 ]]

@@ -9,7 +9,7 @@
       ARGV[1] decision id
       ARGV[2] offer id
       ARGV[3] reward
-      ARGV[4] the offer's feature vector, JSON
+      ARGV[4] the offer's feature vector, packed (store/reward_vectors.py)
       ARGV[5] now (seconds)
     Output:
       1 if the reward was sent, 0 if not (the window is closed, or it was sent before)
