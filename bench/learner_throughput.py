@@ -13,7 +13,11 @@ numeric context values), featurized by tactful's own ``FeatureSpace``. Three mea
   in a temporary directory): ``--rewards`` rewards are put on the reward stream first, then
   1, 2 and 4 ``tactful learn`` loops (``Learner.run``, separate processes, released together)
   read, apply, hand on deltas, merge, publish and save until every reward is in the saved
-  state. Rewards/s counts from the release to that moment.
+  state. Two rates: through the backlog (the slope of deliveries between 20% and 80% of the
+  stream: what learners sustain while behind, the target's measure) and from the release to
+  the last save (with the processes' start and the last save's wait, up to a checkpoint
+  interval: shorter runs show less). ``--json-stream`` adds one learner on a stream of JSON
+  vectors, as servers wrote them before the packed form.
 
 * ``lag`` (``--lag``, instead of the rows above): rewards put on the stream at a steady
   ``--rate`` (5,000/s) for ``--lag-seconds``, each with its send time, as ReportOutcome puts
@@ -35,6 +39,7 @@ rewards/s within a second.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import multiprocessing
@@ -59,6 +64,7 @@ from tactful.features import FeatureSpace, RequestContext, SparseVector, UserEvi
 from tactful.learner import READ_COUNT, Learner
 from tactful.regression import OnlineRegression, batch_of
 from tactful.settings import Settings
+from tactful.store import reward_vectors
 from tactful.store.model_store import ModelStore
 from tactful.store.wire import connect, undecoded
 
@@ -133,18 +139,31 @@ def model_rate(bits: int, *, seconds: float, seed: int) -> dict[str, float]:
     return {"bits": bits, "rate": done / (time.perf_counter() - started)}
 
 
-def fill_stream(client: Any, space: FeatureSpace, rewards: int, seed: int) -> None:
+def fill_stream(
+    client: Any, space: FeatureSpace, rewards: int, seed: int, form: str = "packed"
+) -> list[tuple[int, int]]:
+    """``rewards`` entries as the reward scripts write them; ``form`` "json" writes the
+    vectors as servers did before the packed form (``store/reward_vectors.py``). Returns
+    their ids, in order."""
+    encode = reward_vectors.pack if form == "packed" else orjson.dumps
     stream = vectors(space, seed)
     rng = random.Random(seed)
     now = time.time()
+    ids: list[tuple[int, int]] = []
     for start in range(0, rewards, 2_000):
         pipe = client.pipeline(transaction=False)
         for i in range(start, min(rewards, start + 2_000)):
-            x = orjson.dumps(next(stream).to_json())
+            x = encode(next(stream).to_json())
             reward = 1.0 if rng.random() < 0.1 else 0.0
             fields = {"d": f"decision-{i}", "o": "offer", "r": reward, "x": x, "t": now}
             pipe.xadd(keys.OUTCOME_STREAM, fields)
-        pipe.execute()
+        ids += [_id(entry_id) for entry_id in pipe.execute()]
+    return ids
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 def learner_process(url: str, bits: int, name: str, ready: Any, go: Any, stop: Any) -> None:
@@ -161,18 +180,28 @@ def learner_process(url: str, bits: int, name: str, ready: Any, go: Any, stop: A
     learner.run(halt)
 
 
-def all_saved(client: Any, total: int) -> bool:
-    """Every reward delivered, none pending, no delta waiting: all in the saved state."""
-    groups = client.xinfo_groups(keys.OUTCOME_STREAM)
-    read = sum(int(g.get("entries-read") or 0) for g in groups)
-    pending = sum(int(g["pending"]) for g in groups)
-    last = [g["last-delivered-id"] for g in groups]
-    newest = client.xinfo_stream(keys.OUTCOME_STREAM)["last-generated-id"]
-    delivered = read >= total or (last and last[0] == newest)
-    return bool(delivered and pending == 0 and client.llen(keys.LEARNER_DELTAS) == 0)
+def progress(client: Any, ids: list[tuple[int, int]]) -> tuple[int, bool]:
+    """How many rewards were delivered to the learners (Redis 6 has no "entries-read": the
+    position of the group's last delivered id among the stream's), and whether all are in
+    the saved state (every one delivered, none pending, no delta waiting)."""
+    (group,) = client.xinfo_groups(keys.OUTCOME_STREAM)
+    read = bisect.bisect_right(ids, _id(group["last-delivered-id"]))
+    saved = read == len(ids) and group["pending"] == 0 and client.llen(keys.LEARNER_DELTAS) == 0
+    return read, bool(saved)
 
 
-def learners_rate(n: int, bits: int, rewards: int, seed: int) -> dict[str, float]:
+def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
+    """Rewards/s while the learners work through the backlog: the slope of deliveries
+    between 20% and 80% of the stream (a learner reads one batch ahead of what it learned),
+    without the start (processes taking the lease, loading) and the end (the last save)."""
+    low = next((t, n) for t, n in samples if n >= 0.2 * total)
+    high = next((t, n) for t, n in samples if n >= 0.8 * total)
+    return (high[1] - low[1]) / (high[0] - low[0]) if high[0] > low[0] else float("nan")
+
+
+def learners_rate(
+    n: int, bits: int, rewards: int, seed: int, form: str = "packed"
+) -> dict[str, Any]:
     space = FeatureSpace(bits)
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as data, EmbeddedRedis(data) as redis_server:
@@ -180,7 +209,7 @@ def learners_rate(n: int, bits: int, rewards: int, seed: int) -> dict[str, float
             redis_server.url, socket_timeout=10.0, connect_timeout=2.0, max_connections=4
         )
         ModelStore(client).ensure_group()
-        fill_stream(client, space, rewards, seed)
+        ids = fill_stream(client, space, rewards, seed, form)
         ready = [context.Event() for _ in range(n)]
         go, stop = context.Event(), context.Event()
         children = [
@@ -196,14 +225,26 @@ def learners_rate(n: int, bits: int, rewards: int, seed: int) -> dict[str, float
             event.wait(60)
         started = time.perf_counter()
         go.set()
-        while not all_saved(client, rewards):
+        samples: list[tuple[float, int]] = []
+        while True:
+            delivered, saved = progress(client, ids)
+            samples.append((time.perf_counter(), delivered))
+            if saved:
+                break
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
         stop.set()
         for child in children:
             child.join(30)
         client.close()
-    return {"learners": n, "bits": bits, "rewards": rewards, "rate": rewards / elapsed}
+    return {
+        "learners": n,
+        "bits": bits,
+        "rewards": rewards,
+        "form": form,
+        "rate": rewards / elapsed,
+        "steady": steady_rate(samples, rewards),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -214,7 +255,8 @@ def lag(bits: int, rate: float, seconds: float, seed: int) -> dict[str, float]:
     """Outcome to visible model at a steady ``rate`` (see the module's docstring)."""
     space = FeatureSpace(bits)
     stream = vectors(space, seed)
-    xs = [orjson.dumps(next(stream).to_json()) for _ in range(min(20_000, int(rate * seconds)))]
+    count = min(20_000, int(rate * seconds))
+    xs = [reward_vectors.pack(next(stream).to_json()) for _ in range(count)]
     kappa = Settings.from_env({}).learning.kappa
     context = multiprocessing.get_context("spawn")
     sent: list[float] = []  # send time of reward k, in stream order
@@ -317,6 +359,11 @@ def main() -> int:
     parser.add_argument("--lag", action="store_true", help="measure the lag instead")
     parser.add_argument("--rate", type=float, default=5_000, help="rewards/s in --lag")
     parser.add_argument("--lag-seconds", type=float, default=20.0, help="length of --lag")
+    parser.add_argument(
+        "--json-stream",
+        action="store_true",
+        help="also one learner on a stream of JSON vectors (as servers wrote them before)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
@@ -350,21 +397,31 @@ def main() -> int:
         row = model_rate(b, seconds=args.seconds, seed=args.seed)
         figures["model"].append(row)
         print(f"[bench] model   online regression  bits {b:2d}: {row['rate']:>10,.0f} rewards/s")
+    rows: list[tuple[int, int, str]] = []
     for b in bits:
-        for n in (int(k) for k in args.learners.split(",")):
-            row = learners_rate(n, b, args.rewards, args.seed)
-            figures["learners"].append(row)
-            print(
-                f"[bench] learners {n} (processes, stream to saved state) bits {b:2d}: "
-                f"{row['rate']:>10,.0f} rewards/s ({args.rewards:,} rewards)",
-                flush=True,
-            )
-    one = [r for r in figures["learners"] if r["learners"] == 1 and r["bits"] == bits[0]]
+        if args.json_stream:
+            rows.append((1, b, "json"))
+        rows += [(int(k), b, "packed") for k in args.learners.split(",")]
+    for n, b, form in rows:
+        row = learners_rate(n, b, args.rewards, args.seed, form)
+        figures["learners"].append(row)
+        print(
+            f"[bench] learners {n} ({form} stream) bits {b:2d}: "
+            f"{row['steady']:>10,.0f} rewards/s through the backlog, "
+            f"{row['rate']:>10,.0f} rewards/s from release to saved state "
+            f"({args.rewards:,} rewards)",
+            flush=True,
+        )
+    one = [
+        r
+        for r in figures["learners"]
+        if r["learners"] == 1 and r["bits"] == bits[0] and r["form"] == "packed"
+    ]
     if one:
-        met = one[0]["rate"] >= TARGET_REWARDS_PER_SECOND
+        met = one[0]["steady"] >= TARGET_REWARDS_PER_SECOND
         print(
             f"target: one learner >= {TARGET_REWARDS_PER_SECOND:,} rewards/s at "
-            f"{bits[0]} bits: {one[0]['rate']:,.0f} ({'met' if met else 'NOT MET'})"
+            f"{bits[0]} bits: {one[0]['steady']:,.0f} ({'met' if met else 'NOT MET'})"
         )
     if args.json:
         with open(args.json, "w") as out:
