@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import redis
 from old_ridge import RidgeLearner
 
 from tactful import keys
@@ -180,6 +181,22 @@ def learner_process(url: str, bits: int, name: str, ready: Any, go: Any, stop: A
     learner.run(halt)
 
 
+def settle_append_only_file(client: Any) -> None:
+    """Rewrite the append-only file now and wait for it: filling the stream grows the file
+    past Redis's rewrite threshold, and a rewrite (a fork copying the stream, on the other
+    core) starting while the learners run would time the fill, not the learners."""
+    try:
+        client.bgrewriteaof()
+    except redis.exceptions.ResponseError as exc:  # one the fill set off: wait for it
+        if "already in progress" not in str(exc):
+            raise
+    while True:
+        persistence = client.info("persistence")
+        if not (persistence["aof_rewrite_in_progress"] or persistence["aof_rewrite_scheduled"]):
+            return
+        time.sleep(0.05)
+
+
 def progress(client: Any, ids: list[tuple[int, int]]) -> tuple[int, bool]:
     """How many rewards were delivered to the learners (Redis 6 has no "entries-read": the
     position of the group's last delivered id among the stream's), and whether all are in
@@ -210,6 +227,7 @@ def learners_rate(
         )
         ModelStore(client).ensure_group()
         ids = fill_stream(client, space, rewards, seed, form)
+        settle_append_only_file(client)
         ready = [context.Event() for _ in range(n)]
         go, stop = context.Event(), context.Event()
         children = [
@@ -223,16 +241,22 @@ def learners_rate(
             child.start()
         for event in ready:
             event.wait(60)
+        before = client.info()
         started = time.perf_counter()
         go.set()
         samples: list[tuple[float, int]] = []
+        rewrites, rewriting = 0, False
         while True:
             delivered, saved = progress(client, ids)
             samples.append((time.perf_counter(), delivered))
+            now_rewriting = bool(client.info("persistence")["aof_rewrite_in_progress"])
+            rewrites += now_rewriting and not rewriting
+            rewriting = now_rewriting
             if saved:
                 break
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
+        after = client.info()
         stop.set()
         for child in children:
             child.join(30)
@@ -244,6 +268,11 @@ def learners_rate(
         "form": form,
         "rate": rewards / elapsed,
         "steady": steady_rate(samples, rewards),
+        # What Redis did meanwhile: its CPU per reward, and append-only file rewrites.
+        "redis_us_per_reward": 1e6
+        * sum(after[k] - before[k] for k in ("used_cpu_user", "used_cpu_sys"))
+        / rewards,
+        "aof_rewrites": rewrites,
     }
 
 
@@ -409,7 +438,8 @@ def main() -> int:
             f"[bench] learners {n} ({form} stream) bits {b:2d}: "
             f"{row['steady']:>10,.0f} rewards/s through the backlog, "
             f"{row['rate']:>10,.0f} rewards/s from release to saved state "
-            f"({args.rewards:,} rewards)",
+            f"({args.rewards:,} rewards; redis-server {row['redis_us_per_reward']:.1f} us "
+            f"CPU a reward, {row['aof_rewrites']} AOF rewrites)",
             flush=True,
         )
     one = [
