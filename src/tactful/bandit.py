@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tactful import _slate, snapshot
+from tactful import snapshot
 from tactful.features import (
     EXPLICIT_LIKE,
     INFERRED_INTEREST,
@@ -58,6 +58,13 @@ from tactful.features import (
     FeatureSpace,
     FloatArray,
 )
+
+try:  # built on install (pyproject.toml); without a C compiler, the reference runs
+    from tactful import _slate
+
+    COMPILED = True
+except ImportError:  # pragma: no cover - every CI machine has a compiler
+    COMPILED = False
 
 MAX_GAMMA = 1e15
 PRIOR = {EXPLICIT_LIKE: 1.0, INFERRED_INTEREST: 0.5, PRIORITY: 1.0}
@@ -302,6 +309,8 @@ def pick_slate(
 ) -> list[Pick]:
     """``pick_slate_reference``, compiled (``_slate.pyx``): a Decide's slate at a few
     microseconds instead of a numpy call per step of every slot."""
+    if not COMPILED:
+        return pick_slate_reference(predicted, slots, gamma, rng, share)
     scores = np.ascontiguousarray(predicted, dtype=np.float64)
     return [
         Pick(index, propensity, explored)
