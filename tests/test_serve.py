@@ -436,3 +436,23 @@ def test_learn_on_its_own_exports_its_metrics_and_stops_cleanly(redis_proc, redi
         stop(process)
     assert "tactful_learner_backlog" in text
     assert "tactful_learner_rewards_applied_total" in text
+
+
+def test_a_learner_without_redis_logs_one_traceback_then_a_line_now_and_then(caplog, monkeypatch):
+    """While Redis stays down the learner retries every second: its first failure is logged
+    with the traceback, the next ones as one short line per OUTAGE_LOG_SECONDS, so an
+    outage does not bury the log under a traceback a second."""
+    from conftest import make_settings
+
+    monkeypatch.setattr(runtime, "OUTAGE_LOG_SECONDS", 1.5)
+    stop = threading.Event()
+    caplog.set_level("ERROR", logger="tactful")
+    thread = runtime.start_learner(make_settings(), f"redis://127.0.0.1:{free_port()}", stop)
+    time.sleep(3.6)  # failures at about 0, 1, 2 and 3 s: a traceback, then one line
+    stop.set()
+    thread.join(10)
+    failures = [r for r in caplog.records if r.name == "tactful" and r.levelname == "ERROR"]
+    with_traceback = [r for r in failures if r.exc_info]
+    assert len(with_traceback) == 1, [r.getMessage() for r in failures]
+    assert any("learner still failing" in r.getMessage() for r in failures)
+    assert len(failures) <= 3

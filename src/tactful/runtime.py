@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 PROCESS_LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
 #: How often a main thread waiting for a stop signal wakes up (see ``wait_for_stop``).
 WAKE_SECONDS = 0.25
+# While Redis is down the learner retries every second; it logs the first failure with its
+# traceback, then one line a minute. A learner that ran this long before failing again had
+# recovered: that failure starts a new outage.
+OUTAGE_LOG_SECONDS = 60.0
+RECOVERED_AFTER_SECONDS = 30.0
 
 
 def client(settings: Settings, url: str) -> Any:
@@ -79,11 +85,23 @@ def start_learner(settings: Settings, url: str, stop: threading.Event) -> thread
     )
 
     def run() -> None:
+        failures = 0  # in a row: an outage
+        said = 0.0  # when the outage was last logged
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 learner.run(stop)
-            except Exception:  # a Redis outage must not end learning for good
-                log.exception("learner failed; retrying in 1 s")
+            except Exception as exc:  # a Redis outage must not end learning for good
+                if time.monotonic() - started >= RECOVERED_AFTER_SECONDS:
+                    failures = 0  # it had been working: a new failure, not the same outage
+                failures += 1
+                if failures == 1:
+                    log.exception("learner failed; retrying every second")
+                    said = time.monotonic()
+                elif time.monotonic() - said >= OUTAGE_LOG_SECONDS:
+                    # One line a minute, not a traceback a second, while Redis stays down.
+                    log.error("learner still failing (%d attempts): %s", failures, exc)
+                    said = time.monotonic()
                 stop.wait(1.0)
         log.info("learner stopped")
 
