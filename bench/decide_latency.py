@@ -1,6 +1,7 @@
 """Decide latency next to a bare gRPC echo server, measured in the same run.
 
-Three rows, each measured one call at a time from this process through real gRPC stubs:
+Three rows (four with ``--aio-echo``), each measured one call at a time from this process
+through real gRPC stubs:
 
 * ``grpc echo``: a bare Python grpc sync server (same grpcio, same ThreadPoolExecutor style as
   tactful) whose one unary method returns its request bytes unchanged. The client sends the same
@@ -10,6 +11,9 @@ Three rows, each measured one call at a time from this process through real gRPC
   consent and inferred signals (the full scoring path), cycling over many users so every
   profile read is real; two Redis round trips (read, then log the decision).
 * ``Decide dry_run``: the same requests with ``dry_run``: one Redis round trip.
+* ``grpc.aio echo`` (with ``--aio-echo``): the same echo on grpc.aio's server (one event
+  loop, no thread pool), in its own subprocess: how much of echo's cost is the sync
+  server's own, against the other server grpcio ships.
 
 Both servers run in their own subprocess (``python -m tactful serve`` with its embedded
 redis-server in a temporary directory), on 127.0.0.1 only. The catalog and profiles are loaded
@@ -105,6 +109,37 @@ def serve_echo(port: int, max_workers: int) -> int:
         pass
     server.stop(0.5).wait()
     return 0
+
+
+def serve_echo_aio(port: int) -> int:
+    """The same echo on grpc.aio's server (one event loop, no thread pool): what the sync
+    server's own per-call cost is, against the other server grpcio ships."""
+    import asyncio
+
+    async def serve() -> int:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+
+        async def echo_handler(request: bytes, context: Any) -> bytes:
+            return request
+
+        echo = grpc.unary_unary_rpc_method_handler(echo_handler)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": echo}),)
+        )
+        if server.add_insecure_port(f"{HOST}:{port}") == 0:
+            print(f"echo: could not bind {HOST}:{port}", file=sys.stderr)
+            return 1
+        await server.start()
+        print(f"echo serving on {HOST}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        await server.stop(0.5)
+        return 0
+
+    return asyncio.run(serve())
 
 
 # --- subprocesses -------------------------------------------------------------------------
@@ -414,7 +449,7 @@ def report(rows: list[Row], args: argparse.Namespace, workload: Workload) -> dic
     lines.append("")
     server_ms: dict[str, float] = {}
     for row in rows[1:]:
-        if row.server_calls:
+        if row.tactful and row.server_calls:
             in_handler = row.server_seconds / row.server_calls * 1e3
             server_ms[row.name] = in_handler
             lines.append(
@@ -422,7 +457,8 @@ def report(rows: list[Row], args: argparse.Namespace, workload: Workload) -> dic
                 f"{stats[row.name]['mean'] - in_handler:.3f} ms in gRPC, network and client"
             )
     for row in rows[1:]:
-        lines.append("check " + check_decisions(row))
+        if row.tactful:
+            lines.append("check " + check_decisions(row))
     lines.append("")
     p50, p99 = stats[decide.name]["p50"], stats[decide.name]["p99"]
     met_p50, met_p99 = p50 <= TARGET_P50_MS, p99 <= TARGET_P99_MS
@@ -494,7 +530,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     max_workers = ServerSettings().max_workers
-    echo_port, grpc_port, metrics_port = free_ports(3)
+    echo_port, grpc_port, metrics_port, aio_port = free_ports(4)
     workdir = Path(tempfile.mkdtemp(prefix="tactful-bench-", dir="/tmp"))
     children: list[Child] = []
 
@@ -514,6 +550,15 @@ def run(args: argparse.Namespace) -> int:
                 workdir,
             )
         )
+        if args.aio_echo:
+            children.append(
+                Child.start(
+                    "echo-aio",
+                    [sys.executable, __file__, "--serve-echo-aio", str(aio_port)],
+                    dict(os.environ),
+                    workdir,
+                )
+            )
         children.append(
             Child.start(
                 "tactful",
@@ -525,6 +570,7 @@ def run(args: argparse.Namespace) -> int:
         with (
             grpc.insecure_channel(f"{HOST}:{echo_port}") as echo_channel,
             grpc.insecure_channel(f"{HOST}:{grpc_port}") as tactful_channel,
+            grpc.insecure_channel(f"{HOST}:{aio_port}") as aio_channel,
         ):
             echo = echo_channel.unary_unary(
                 ECHO_METHOD,
@@ -538,8 +584,19 @@ def run(args: argparse.Namespace) -> int:
                 f"echo serving on {HOST}:{echo_port}",
                 lambda: echo(workload.decide[0], timeout=1.0) is not None,
             )
+            aio_echo = aio_channel.unary_unary(
+                ECHO_METHOD,
+                request_serializer=decisioning_pb2.DecideRequest.SerializeToString,
+                response_deserializer=decisioning_pb2.DecideRequest.FromString,
+            )
+            if args.aio_echo:
+                wait_ready(
+                    children[1],
+                    f"echo serving on {HOST}:{aio_port}",
+                    lambda: aio_echo(workload.decide[0], timeout=1.0) is not None,
+                )
             wait_ready(
-                children[1],
+                children[-1],
                 f"serving gRPC on {HOST}:{grpc_port},",
                 lambda: (
                     health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == serving
@@ -556,6 +613,8 @@ def run(args: argparse.Namespace) -> int:
                 Row("Decide", decide, workload.decide, tactful=True),
                 Row("Decide dry_run", decide, workload.dry_run, tactful=True),
             ]
+            if args.aio_echo:
+                rows.append(Row("grpc.aio echo", aio_echo, workload.decide))
             progress(f"warming up ({args.warmup} calls per row), then measuring")
             measure(
                 rows,
@@ -622,7 +681,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated workload")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--serve-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-echo-aio", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--aio-echo",
+        action="store_true",
+        help="also measure the echo on grpc.aio's server (the sync server's own cost)",
+    )
     args = parser.parse_args(argv)
+    if args.serve_echo_aio is not None:
+        return serve_echo_aio(args.serve_echo_aio)
     if args.serve_echo is not None:
         return serve_echo(args.serve_echo, int(os.environ.get("BENCH_ECHO_WORKERS", "16")))
     return run_until_stopped(run, args)
