@@ -422,6 +422,131 @@ def test_a_large_batch_learns_as_a_small_one_would(monkeypatch):
     assert np.allclose(models[0].weights, models[1].weights, rtol=1e-12, atol=1e-15)
 
 
+# --- change detection ---------------------------------------------------------------------
+
+
+def one_unit(seed: int) -> tuple[list[int], np.random.Generator]:
+    """One numeric block as a unit: its own feature (1 in every vector) and 3 numbers."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(np.arange(N_DENSE, SPACE.dim), size=4, replace=False).tolist(), rng
+
+
+def click_rewards(
+    model: OnlineRegression,
+    unit: list[int],
+    rng: np.random.Generator,
+    rounds: int,
+    chance: Callable[[np.ndarray], float],
+    batch: int = 1,
+) -> list[float]:
+    """``rounds`` 0/1 rewards of the unit at ``chance(values)`` learned ``batch`` at a
+    time; the absolute error of the model's prediction before each."""
+    errors, vectors, rewards = [], [], []
+    for _ in range(rounds):
+        values = np.concatenate([[1.0], rng.uniform(-1, 1, 3)])
+        errors.append(abs(float(model.weights[unit] @ values) - chance(values)))
+        vectors.append((unit, values.tolist(), [[0, 1, 2, 3]]))
+        rewards.append(float(rng.random() < chance(values)))
+        if len(vectors) == batch:
+            model.learn(batch_of(vectors, rewards))
+            vectors, rewards = [], []
+    return errors
+
+
+@given(
+    st.floats(-5, 5),
+    st.lists(st.floats(-5, 5), max_size=60),
+    st.sampled_from([regression.DRIFT_RATE, regression.NOISE_RATE, 0.5]),
+)
+def test_the_moving_mean_of_a_batch_is_the_one_at_a_time_mean(start, values, rate):
+    mean = start
+    for value in values:
+        mean = (1 - rate) * mean + rate * value
+    assert math.isclose(regression._moving_mean(start, np.array(values), rate), mean, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_unit_whose_rewards_changed_is_found_and_relearned_at_once(seed):
+    """A unit that paid 9 times in 10 for 600 sightings and then 1 in 10: the change is
+    found within a few sightings, and the unit's prediction is right again within 100,
+    where a learner that never looks stays far off: 600 sightings of the old rewards
+    outweigh 100 of the new."""
+    unit, rng = one_unit(seed)
+    watching = OnlineRegression(
+        SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=4.0
+    )
+    blind = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    after = {}
+    for name, model in (("watching", watching), ("blind", blind)):
+        rng = np.random.default_rng(seed)
+        click_rewards(model, unit, rng, 600, lambda _: 0.9)
+        assert model.changes_detected == 0
+        counted = model.updates
+        errors = click_rewards(model, unit, rng, 100, lambda _: 0.1)
+        after[name] = np.mean(errors[-20:])
+        if name == "watching":
+            assert model.changes_detected == 1
+            # The evidence it let go no longer narrows exploration.
+            assert model.updates < counted
+    assert after["watching"] < 0.1 < 0.3 < after["blind"]
+
+
+@pytest.mark.parametrize("chance", [0.05, 0.2, 0.5])
+@pytest.mark.parametrize("batch", [1, 20])
+def test_steady_click_rewards_are_not_taken_for_a_change(chance, batch):
+    """0/1 rewards are noisy: a unit's residuals run in streaks of one sign by chance. The
+    noise of each unit sets how far its mean residual may stray, so 3,000 sightings of
+    steady rewards find no change."""
+    unit, rng = one_unit(7)
+    model = OnlineRegression(
+        SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=4.0
+    )
+    click_rewards(model, unit, rng, 3000, lambda values: chance * (1 + 0.5 * values[1]), batch)
+    assert model.changes_detected == 0
+    assert model.updates == 3000
+
+
+def test_watching_for_changes_does_not_change_what_is_learned_until_one_is_found():
+    rng = np.random.default_rng(12)
+    batches = [random_batch(rng, 10, 40) for _ in range(30)]
+    models = [
+        OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=h)
+        for h in (0.0, 1e9)
+    ]
+    for model in models:
+        for batch in batches:
+            model.learn(batch)
+    assert np.array_equal(models[0].weights, models[1].weights)
+    assert np.array_equal(models[0].variance(), models[1].variance())
+
+
+def test_evidence_taken_back_by_one_learner_is_taken_back_in_the_merged_state():
+    """A learner that found a change hands on a delta with fewer updates than it learned;
+    merged, the shared count goes down by as much, and never below zero."""
+    unit, rng = one_unit(3)
+    base = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    click_rewards(base, unit, rng, 600, lambda _: 0.9)
+    saved = base.to_bytes()
+    finder = OnlineRegression(
+        SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=4.0
+    )
+    finder.restore(saved)
+    click_rewards(finder, unit, rng, 200, lambda _: 0.9)  # measures the unit's noise
+    click_rewards(finder, unit, rng, 50, lambda _: 0.1)
+    assert finder.changes_detected == 1
+    delta = Delta.from_bytes(finder.take_delta().to_bytes(), SPACE.dim)
+    assert delta.updates < 0
+    shared = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    shared.restore(saved)
+    shared.merge(delta)
+    assert shared.updates == finder.updates == 600 + delta.updates
+    assert np.allclose(shared.weights, finder.weights)
+    empty = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    empty.merge(delta)
+    assert empty.updates == 0
+    assert empty.take_delta().updates == 0  # what it merged is not its own to hand on
+
+
 def test_the_bonus_is_the_spread_of_each_vector_times_the_setting():
     ctx = RequestContext("web", "home", 14, (("device", "mobile"),), (("cart", 42.0),))
     offers = [Offer(f"o{i}", "t", ("running", f"t{i}"), ("web",), i / 10) for i in range(5)]

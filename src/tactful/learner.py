@@ -170,7 +170,12 @@ class Learner:
     def _new_regression(self) -> OnlineRegression:
         memory = self.settings.memory or math.inf
         return OnlineRegression(
-            self.space, l2=self.settings.l2, rate=1.0, prior=self._prior, memory=memory
+            self.space,
+            l2=self.settings.l2,
+            rate=1.0,
+            prior=self._prior,
+            memory=memory,
+            drift_threshold=self.settings.drift_threshold,
         )
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -347,7 +352,10 @@ class Learner:
         return batch
 
     def learn(self, batch: Batch) -> None:
+        before = self.regression.changes_detected
         self.regression.learn(batch)
+        if changes := self.regression.changes_detected - before:
+            metrics.LEARNER_CHANGES.inc(changes)
 
     def _merge_deltas(self) -> None:
         for raw in self.models.read_deltas(self._merged):

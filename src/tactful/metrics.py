@@ -133,6 +133,11 @@ MODEL_REJECTED = Counter(
 LEARNER_APPLIED = Counter(
     "tactful_learner_rewards_applied_total", "Rewards the learner applied to the model."
 )
+LEARNER_CHANGES = Counter(
+    "tactful_learner_changes_detected_total",
+    "Times the learner found an offer's or topic's rewards changed and let its next rewards "
+    "move the model faster (TACTFUL_DRIFT_THRESHOLD).",
+)
 LEARNER_LAG_SECONDS = Histogram(
     "tactful_learner_lag_seconds",
     "From an outcome (or a closed reward window) to the model version that includes it "

@@ -41,6 +41,27 @@ inverse.
 
 Squares and block sums add up, and scales take maxima, across learners; weights move by
 deltas. So learners on separate shares of the stream merge their work (``Delta``).
+
+Tastes change. A precision that grew with every sighting makes the weights of a unit seen
+thousands of times move by a thousandth of each new residual, so a unit whose rewards changed
+keeps its old prediction for thousands of sightings more (on the drift scenario,
+bench/README.md, the model never recovered). Fading all evidence alike
+(``TACTFUL_LEARNING_MEMORY``) costs steady quality everywhere to buy a little speed where a
+change happened. Instead each numeric block (an offer's or a topic's own feature crossed with
+the numeric context) keeps a moving mean of its residuals and of their squares. A well fitted
+unit's residuals average zero; when their recent mean strays more than ``drift_threshold``
+standard errors from zero (the standard error from the unit's own residual noise, so a noisy
+unit needs more evidence than a near-deterministic one: click rewards are noisy), the unit's
+rewards changed. The block and the diagonal features of the vectors that saw it then keep the
+weights they have but only the precision of ``RESET_SIGHTINGS`` sightings, so the next rewards
+move them quickly; the sightings discarded also leave ``updates``, the evidence count that
+narrows exploration, since what the unit's rewards are now has to be found again. (A CUSUM of
+residuals in reward units was tried first: it found the drift scenario's change within a few
+sightings but fired every 40 to 140 sightings on a unit of steady 0/1 rewards.) What this
+misses: a change that leaves the unit's mean residual near zero over the contexts it is
+chosen in, as when offers swap the audiences they pay for (the drift scenario: an offer
+loses its old audience, is no longer chosen there after a few sightings, and its new
+audience is found only by exploring).
 """
 
 from __future__ import annotations
@@ -66,6 +87,27 @@ SCALE_CAP = 1.0  # and the largest (see the module doc)
 # A batch with at least dim / DENSE_SHARE non-zeros outside blocks sums its pulls over the
 # whole space (one pass) rather than over its distinct features (a sort).
 DENSE_SHARE = 16
+# Change detection (module doc): the weight of each new residual in a block's moving mean of
+# residuals (about its last 1 / DRIFT_RATE sightings) and of their squares (slower: the noise
+# a change is measured against must not follow the change), a floor on that noise in mean
+# non-zero rewards (a perfectly fitted unit is not changed by rounding), and the sightings a
+# changed unit's precision is cut back to (10 relearned the drift scenario slower than 3).
+# On units of steady 0/1 rewards paying 2% to 50% of the time, a rate of 0.05 fired about once
+# in 3,000 sightings at low rates, 0.02 once in 24,000; it finds a fall from 0.6 to 0.06 within
+# 20 to 30 sightings, from 0.2 to 0.04 within about 100.
+DRIFT_RATE = 0.02
+NOISE_RATE = 0.01
+SUSPECT = 3.0  # standard errors past which the noise stops being learned (``Block.changed``)
+NOISE_FLOOR = 0.05
+RESET_SIGHTINGS = 3.0
+# A new unit, or one relearning after a change, has residuals of one sign for a while: they
+# are the learning, not a change, so a block is watched only once it has this many sightings
+# (at 30, steady units of 5% rewards fired just after it, at 50 to 60 sightings).
+WATCH_AFTER_SIGHTINGS = 100.0
+# ... and at least this many per feature of the block: a unit fitted on few sightings per
+# feature predicts the contexts it is chosen in too high (it is chosen where its errors
+# flatter it), and that steady bias looked like a change (the synth scenario, 64 features).
+WATCH_PER_FEATURE = 10.0
 
 
 class StateError(ValueError):
@@ -170,7 +212,7 @@ class Block:
     the sums of z z^T learned (additive across learners), and the inverse of
     ``l2 * diag(scale^2) + sums``, remade when they change."""
 
-    __slots__ = ("base", "indices", "inverse", "scaled_by", "sums")
+    __slots__ = ("base", "drift", "indices", "inverse", "noise", "scaled_by", "sums")
 
     def __init__(self, indices: IntArray) -> None:
         self.indices = indices
@@ -179,6 +221,36 @@ class Block:
         self.base = np.zeros((m, m))  # the sums when the last delta was taken
         self.inverse: FloatArray | None = None
         self.scaled_by = np.zeros(m)  # the scales the inverse's prior was made with
+        # The moving means of its residuals and of their squares (change detection, module
+        # doc): this learner's own, not saved or merged. None: not measured yet.
+        self.drift = 0.0
+        self.noise: float | None = None
+
+    def changed(self, residuals: FloatArray, threshold: float, floor: float) -> bool:
+        """Add these residuals (in order) to the moving means; True, and the mean of the
+        residuals starts again, when it is more than ``threshold`` of its standard errors
+        from zero. The error is the noise before these residuals, at least ``floor``."""
+        before = self.noise
+        self.drift = _moving_mean(self.drift, residuals, DRIFT_RATE)
+        squares = residuals * residuals
+        if before is None:
+            self.noise = _moving_mean(float(squares.mean()), squares, NOISE_RATE)
+            return False
+        error = math.sqrt(max(before, floor * floor) * DRIFT_RATE / (2.0 - DRIFT_RATE))
+        if abs(self.drift) <= SUSPECT * error:
+            # The noise is learned only while the unit looks steady: the large residuals of
+            # a change must not raise the bar it is measured against while it builds up.
+            self.noise = _moving_mean(before, squares, NOISE_RATE)
+        if abs(self.drift) <= threshold * error:
+            return False
+        self.drift = 0.0
+        return True
+
+    def sightings(self, scales: FloatArray) -> float:
+        """About how many vectors the block has learned: its unit's own feature is 1 in
+        each; a numeric feature in its own unit at most that."""
+        scale = np.clip(scales[self.indices], MIN_SCALE, SCALE_CAP)
+        return float((np.diag(self.sums) / (scale * scale)).max(initial=0.0))
 
     def inverted(self, l2: float, scales: FloatArray) -> FloatArray:
         scale = scales[self.indices]
@@ -200,6 +272,13 @@ class Block:
         if not own:
             self.base += gram
         self.inverse = None
+
+
+def _moving_mean(start: float, values: FloatArray, rate: float) -> float:
+    """``m = (1 - rate) m + rate v`` over ``values`` in order from ``start``, in closed form
+    (no Python loop over a backlog's rewards)."""
+    keep = (1.0 - rate) ** np.arange(len(values) - 1, -1, -1, dtype=np.float64)
+    return float((1.0 - rate) ** len(values) * start + rate * (keep @ values))
 
 
 def _sums(groups: IntArray, weights: FloatArray, n: int) -> FloatArray:
@@ -307,10 +386,17 @@ class OnlineRegression:
         rate: float,
         prior: FloatArray,
         memory: float = math.inf,
+        drift_threshold: float = 0.0,
     ) -> None:
         self.space = space
         self.l2 = l2
         self.rate = rate
+        self.drift_threshold = drift_threshold  # 0: no change detection (module doc)
+        # The mean non-zero reward so far, the unit residuals are measured in: this
+        # learner's own, not saved or merged.
+        self._reward_sum = 0.0
+        self._rewarded = 0
+        self.changes_detected = 0  # blocks whose precision was cut back, this process
         # Evidence fades: each time a feature (or a block) is seen, what it was seen with
         # before counts (1 - 1/memory) times less, so its precision stops growing near
         # ``memory`` sightings and it keeps learning when tastes change.
@@ -341,10 +427,12 @@ class OnlineRegression:
         diagonal = ~in_block
         # The scales first: a feature's prior is measured in its unit from its first value on.
         np.maximum.at(self.scales, idx, np.abs(vals))
-        before = self._precision(idx)
         predicted = _sums(rows, self.weights[idx] * vals, n)
-        newness = _sums(rows[diagonal], (vals * vals / before)[diagonal], n)
         groups = self._block_groups(batch)
+        if self.drift_threshold > 0:
+            self._reset_changed(batch, groups, batch.rewards - predicted, diagonal)
+        before = self._precision(idx)
+        newness = _sums(rows[diagonal], (vals * vals / before)[diagonal], n)
         leverages = []
         for block, members, z in groups:
             # How new each vector's block is: z A^-1 z, with A before this batch.
@@ -379,6 +467,45 @@ class OnlineRegression:
             target = z.T @ (step[members] * (1.0 + leverage))
             np.add.at(self.weights, block.indices, block.inverted(self.l2, self.scales) @ target)
         self.updates += n
+
+    def _reset_changed(
+        self,
+        batch: Batch,
+        groups: list[tuple[Block, IntArray, FloatArray]],
+        residuals: FloatArray,
+        diagonal: BoolArray,
+    ) -> None:
+        """Cut back the precision of the units whose rewards changed (module doc), before
+        this batch is learned: its rewards are the first to count at the new precision."""
+        rewards = batch.rewards[batch.rewards != 0]
+        self._reward_sum += float(np.abs(rewards).sum())
+        self._rewarded += len(rewards)
+        unit = self._reward_sum / self._rewarded if self._rewarded else 1.0
+        changed_rows = np.zeros(len(batch), dtype=bool)
+        for block, members, _ in groups:
+            sightings = block.sightings(self.scales)
+            changed = block.changed(residuals[members], self.drift_threshold, NOISE_FLOOR * unit)
+            if sightings < max(WATCH_AFTER_SIGHTINGS, WATCH_PER_FEATURE * len(block.indices)):
+                block.drift = 0.0
+            elif changed:
+                block.fade(RESET_SIGHTINGS / sightings)
+                # The evidence it discards leaves the count that narrows exploration too
+                # (bandit.ModelSnapshot.gamma): finding what the unit's rewards are now
+                # takes exploring again. Without this the drift scenario relearned half
+                # as fast (bench/README.md).
+                self.updates = max(0, self.updates - int(sightings - RESET_SIGHTINGS))
+                changed_rows[members] = True
+                self.changes_detected += 1
+        if not changed_rows.any():
+            return
+        # The vectors' own diagonal features too (an offer's bias, its topic's crosses with
+        # categorical context), but not the explicit and inferred weights every offer shares.
+        hit = np.unique(batch.indices[diagonal & changed_rows[batch.rows]])
+        hit = hit[(hit != EXPLICIT_LIKE) & (hit != INFERRED_INTEREST)]
+        scale = np.clip(self.scales[hit], MIN_SCALE, SCALE_CAP)
+        sightings = self.squares[hit] / (scale * scale)
+        self.squares[hit] *= np.minimum(1.0, RESET_SIGHTINGS / np.maximum(sightings, 1.0))
+        self._changed[hit] = True
 
     def _block_groups(self, batch: Batch) -> list[tuple[Block, IntArray, FloatArray]]:
         """The batch's blocks, grouped by the features they cover: (block, the vectors that
@@ -471,8 +598,11 @@ class OnlineRegression:
         self._changed[idx] = True
         self._base_weights[idx] += delta.weights
         self._base_squares[idx] += delta.squares
-        self.updates += delta.updates
-        self._base_updates += delta.updates
+        # A delta's count can be negative (a learner that found a change took evidence
+        # back); the count stays >= 0, and this learner's own delta unchanged.
+        updates = max(0, self.updates + delta.updates)
+        self._base_updates += updates - self.updates
+        self.updates = updates
         for indices, sums in delta.blocks:
             key = indices.tobytes()
             block = self.blocks.get(key)

@@ -63,6 +63,15 @@ class LearningSettings:
         "when tastes change, at some cost in steady quality (0 = remember everything).",
         min=0.0,
     )
+    drift_threshold: float = setting(
+        "TACTFUL_DRIFT_THRESHOLD",
+        4.0,
+        "How many standard errors (of its own residual noise) the recent mean residual of an "
+        "offer or topic must stray from zero before the learner takes its rewards to have "
+        "changed, keeps only 3 sightings' worth of what it learned of it and explores more "
+        "again (0 = never).",
+        min=0.0,
+    )
     hashed_bits: int = setting(
         "TACTFUL_FEATURE_HASH_BITS",
         18,
