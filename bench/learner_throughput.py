@@ -59,11 +59,12 @@ from old_ridge import RidgeLearner
 
 from tactful import keys
 from tactful.bandit import LinearModel, prior_theta, project
+from tactful.batches import batch_of
 from tactful.domain import Offer
 from tactful.embedded_redis import EmbeddedRedis
 from tactful.features import FeatureSpace, RequestContext, SparseVector, UserEvidence
 from tactful.learner import READ_COUNT, Learner
-from tactful.regression import OnlineRegression, batch_of
+from tactful.regression import OnlineRegression
 from tactful.settings import Settings
 from tactful.store import reward_vectors
 from tactful.store.model_store import ModelStore

@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tactful import keys, metrics, regression
+from tactful import changes, keys, metrics, regression
 from tactful.bandit import (
     MAX_GAMMA,
     LinearModel,
@@ -32,6 +32,7 @@ from tactful.bandit import (
     prior_theta,
     project,
 )
+from tactful.batches import batch_of
 from tactful.caches import ModelCache
 from tactful.domain import Offer
 from tactful.features import (
@@ -49,7 +50,7 @@ from tactful.features import (
     dot_many,
 )
 from tactful.learner import Learner
-from tactful.regression import Delta, OnlineRegression, StateError, batch_of
+from tactful.regression import Delta, OnlineRegression, StateError
 from tactful.store.model_store import ModelStore
 from tactful.store.reward_vectors import pack
 from tactful.store.wire import undecoded
@@ -456,13 +457,13 @@ def click_rewards(
 @given(
     st.floats(-5, 5),
     st.lists(st.floats(-5, 5), max_size=60),
-    st.sampled_from([regression.DRIFT_RATE, regression.NOISE_RATE, 0.5]),
+    st.sampled_from([changes.DRIFT_RATE, changes.NOISE_RATE, 0.5]),
 )
 def test_the_moving_mean_of_a_batch_is_the_one_at_a_time_mean(start, values, rate):
     mean = start
     for value in values:
         mean = (1 - rate) * mean + rate * value
-    assert math.isclose(regression._moving_mean(start, np.array(values), rate), mean, abs_tol=1e-9)
+    assert math.isclose(changes.moving_mean(start, np.array(values), rate), mean, abs_tol=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

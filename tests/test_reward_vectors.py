@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tactful.regression import batch_from_arrays, batch_of
+from tactful.batches import batch_from_arrays, batch_of
 from tactful.store import reward_vectors
 
 

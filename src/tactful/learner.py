@@ -40,18 +40,9 @@ import numpy as np
 
 from tactful import metrics
 from tactful.bandit import LinearModel, prior_theta, project
+from tactful.batches import Batch, Vector, batch_from_arrays, batch_of, select, usable_rows
 from tactful.features import FeatureSpace
-from tactful.regression import (
-    Batch,
-    Delta,
-    OnlineRegression,
-    StateError,
-    Vector,
-    batch_from_arrays,
-    batch_of,
-    select,
-    usable_rows,
-)
+from tactful.regression import Delta, OnlineRegression, StateError
 from tactful.settings import LearningSettings
 from tactful.store import reward_vectors
 from tactful.store.model_store import ModelStore, RawEntry

@@ -42,26 +42,9 @@ inverse.
 Squares and block sums add up, and scales take maxima, across learners; weights move by
 deltas. So learners on separate shares of the stream merge their work (``Delta``).
 
-Tastes change. A precision that grew with every sighting makes the weights of a unit seen
-thousands of times move by a thousandth of each new residual, so a unit whose rewards changed
-keeps its old prediction for thousands of sightings more (on the drift scenario,
-bench/README.md, the model never recovered). Fading all evidence alike
-(``TACTFUL_LEARNING_MEMORY``) costs steady quality everywhere to buy a little speed where a
-change happened. Instead each numeric block (an offer's or a topic's own feature crossed with
-the numeric context) keeps a moving mean of its residuals and of their squares. A well fitted
-unit's residuals average zero; when their recent mean strays more than ``drift_threshold``
-standard errors from zero (the standard error from the unit's own residual noise, so a noisy
-unit needs more evidence than a near-deterministic one: click rewards are noisy), the unit's
-rewards changed. The block and the diagonal features of the vectors that saw it then keep the
-weights they have but only the precision of ``RESET_SIGHTINGS`` sightings, so the next rewards
-move them quickly; the sightings discarded also leave ``updates``, the evidence count that
-narrows exploration, since what the unit's rewards are now has to be found again. (A CUSUM of
-residuals in reward units was tried first: it found the drift scenario's change within a few
-sightings but fired every 40 to 140 sightings on a unit of steady 0/1 rewards.) What this
-misses: a change that leaves the unit's mean residual near zero over the contexts it is
-chosen in, as when offers swap the audiences they pay for (the drift scenario: an offer
-loses its old audience, is no longer chosen there after a few sightings, and its new
-audience is found only by exploring).
+Tastes change: each numeric block watches its residuals (``changes``), and a unit whose
+rewards changed keeps its weights but only the precision of ``RESET_SIGHTINGS`` sightings,
+so the next rewards move them quickly (``OnlineRegression._reset_changed``).
 """
 
 from __future__ import annotations
@@ -70,141 +53,31 @@ import io
 import json
 import math
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from tactful.batches import Batch, BoolArray, IntArray
+from tactful.changes import (
+    NOISE_FLOOR,
+    RESET_SIGHTINGS,
+    WATCH_AFTER_SIGHTINGS,
+    WATCH_PER_FEATURE,
+    ResidualWatch,
+)
 from tactful.features import EXPLICIT_LIKE, INFERRED_INTEREST, FeatureSpace, FloatArray
 
-IntArray = npt.NDArray[np.int64]
-BoolArray = npt.NDArray[np.bool_]
 MIN_SCALE = 1e-6  # the least scale a feature's prior is measured in
 SCALE_CAP = 1.0  # and the largest (see the module doc)
 # A batch with at least dim / DENSE_SHARE non-zeros outside blocks sums its pulls over the
 # whole space (one pass) rather than over its distinct features (a sort).
 DENSE_SHARE = 16
-# Change detection (module doc): the weight of each new residual in a block's moving mean of
-# residuals (about its last 1 / DRIFT_RATE sightings) and of their squares (slower: the noise
-# a change is measured against must not follow the change), a floor on that noise in mean
-# non-zero rewards (a perfectly fitted unit is not changed by rounding), and the sightings a
-# changed unit's precision is cut back to (10 relearned the drift scenario slower than 3).
-# On units of steady 0/1 rewards paying 2% to 50% of the time, a rate of 0.05 fired about once
-# in 3,000 sightings at low rates, 0.02 once in 24,000; it finds a fall from 0.6 to 0.06 within
-# 20 to 30 sightings, from 0.2 to 0.04 within about 100.
-DRIFT_RATE = 0.02
-NOISE_RATE = 0.01
-SUSPECT = 3.0  # standard errors past which the noise stops being learned (``Block.changed``)
-NOISE_FLOOR = 0.05
-RESET_SIGHTINGS = 3.0
-# A new unit, or one relearning after a change, has residuals of one sign for a while: they
-# are the learning, not a change, so a block is watched only once it has this many sightings
-# (at 30, steady units of 5% rewards fired just after it, at 50 to 60 sightings).
-WATCH_AFTER_SIGHTINGS = 100.0
-# ... and at least this many per feature of the block: a unit fitted on few sightings per
-# feature predicts the contexts it is chosen in too high (it is chosen where its errors
-# flatter it), and that steady bias looked like a change (the synth scenario, 64 features).
-WATCH_PER_FEATURE = 10.0
 
 
 class StateError(ValueError):
     """A saved learner state that cannot be used (corrupt, or for another feature layout)."""
-
-
-Vector = tuple[list[int], list[float], list[list[int]]]  # indices, values, blocks
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Rewards laid end to end: non-zero k belongs to vector ``rows[k]``. Numeric block b
-    belongs to vector ``block_rows[b]`` and covers the non-zeros at
-    ``block_positions[block_bounds[b]:block_bounds[b + 1]]``."""
-
-    indices: IntArray
-    values: FloatArray
-    rows: IntArray
-    rewards: FloatArray
-    block_rows: IntArray
-    block_positions: IntArray
-    block_bounds: IntArray
-
-    def __len__(self) -> int:
-        return len(self.rewards)
-
-
-def batch_of(vectors: Sequence[Vector], rewards: Sequence[float]) -> Batch:
-    """A ``Batch`` from (indices, values, blocks) triples, blocks as positions in the vector.
-    The lists are read in C loops (``chain`` into ``fromiter``): at tens of thousands of
-    rewards a second, a Python loop over their numbers would cost more than learning them."""
-    n = len(vectors)
-    lengths = np.fromiter(map(len, (v[0] for v in vectors)), dtype=np.int64, count=n)
-    total = int(lengths.sum())
-    indices = np.fromiter(chain.from_iterable(v[0] for v in vectors), np.int64, count=total)
-    values = np.fromiter(chain.from_iterable(v[1] for v in vectors), np.float64, count=total)
-    per_vector = np.fromiter(map(len, (v[2] for v in vectors)), dtype=np.int64, count=n)
-    blocks = list(chain.from_iterable(v[2] for v in vectors))
-    sizes = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
-    positions = np.fromiter(chain.from_iterable(blocks), np.int64, count=int(sizes.sum()))
-    return batch_from_arrays(indices, values, lengths, per_vector, sizes, positions, rewards)
-
-
-def batch_from_arrays(
-    indices: IntArray,
-    values: FloatArray,
-    lengths: IntArray,
-    blocks_per_vector: IntArray,
-    block_sizes: IntArray,
-    positions: IntArray,
-    rewards: Sequence[float],
-) -> Batch:
-    """A ``Batch`` from vectors laid end to end: ``lengths[j]`` non-zeros and
-    ``blocks_per_vector[j]`` blocks for vector j, block positions within their vector."""
-    n = len(lengths)
-    rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    block_rows = np.repeat(np.arange(n, dtype=np.int64), blocks_per_vector)
-    if len(positions) and (
-        positions.min() < 0 or (positions >= np.repeat(lengths[block_rows], block_sizes)).any()
-    ):
-        raise ValueError("a block outside its vector")
-    starts = np.cumsum(lengths) - lengths  # where each vector begins in the batch
-    positions = positions + np.repeat(starts[block_rows], block_sizes)
-    bounds = np.concatenate(([0], np.cumsum(block_sizes)))
-    return Batch(
-        indices, values, rows, np.asarray(rewards, np.float64), block_rows, positions, bounds
-    )
-
-
-def usable_rows(batch: Batch, dim: int) -> BoolArray:
-    """Which vectors of the batch a learner can use: indices inside the layout, finite
-    values (blocks and lengths ``batch_of`` checks)."""
-    bad = np.zeros(len(batch), dtype=bool)
-    outside = (batch.indices < 0) | (batch.indices >= dim) | ~np.isfinite(batch.values)
-    bad[batch.rows[outside]] = True
-    return ~bad
-
-
-def select(batch: Batch, keep: BoolArray) -> Batch:
-    """The batch without the vectors ``keep`` leaves out."""
-    if keep.all():
-        return batch
-    new_row = np.cumsum(keep) - 1
-    nonzero = keep[batch.rows]
-    moved = np.cumsum(nonzero) - 1  # where each kept non-zero lands
-    kept_blocks = keep[batch.block_rows]
-    sizes = np.diff(batch.block_bounds)
-    in_kept = np.repeat(kept_blocks, sizes)
-    return Batch(
-        batch.indices[nonzero],
-        batch.values[nonzero],
-        new_row[batch.rows[nonzero]],
-        batch.rewards[keep],
-        new_row[batch.block_rows[kept_blocks]],
-        moved[batch.block_positions[in_kept]],
-        np.concatenate(([0], np.cumsum(sizes[kept_blocks]))),
-    )
 
 
 class Block:
@@ -212,7 +85,7 @@ class Block:
     the sums of z z^T learned (additive across learners), and the inverse of
     ``l2 * diag(scale^2) + sums``, remade when they change."""
 
-    __slots__ = ("base", "drift", "indices", "inverse", "noise", "scaled_by", "sums")
+    __slots__ = ("base", "indices", "inverse", "scaled_by", "sums", "watch")
 
     def __init__(self, indices: IntArray) -> None:
         self.indices = indices
@@ -221,30 +94,7 @@ class Block:
         self.base = np.zeros((m, m))  # the sums when the last delta was taken
         self.inverse: FloatArray | None = None
         self.scaled_by = np.zeros(m)  # the scales the inverse's prior was made with
-        # The moving means of its residuals and of their squares (change detection, module
-        # doc): this learner's own, not saved or merged. None: not measured yet.
-        self.drift = 0.0
-        self.noise: float | None = None
-
-    def changed(self, residuals: FloatArray, threshold: float, floor: float) -> bool:
-        """Add these residuals (in order) to the moving means; True, and the mean of the
-        residuals starts again, when it is more than ``threshold`` of its standard errors
-        from zero. The error is the noise before these residuals, at least ``floor``."""
-        before = self.noise
-        self.drift = _moving_mean(self.drift, residuals, DRIFT_RATE)
-        squares = residuals * residuals
-        if before is None:
-            self.noise = _moving_mean(float(squares.mean()), squares, NOISE_RATE)
-            return False
-        error = math.sqrt(max(before, floor * floor) * DRIFT_RATE / (2.0 - DRIFT_RATE))
-        if abs(self.drift) <= SUSPECT * error:
-            # The noise is learned only while the unit looks steady: the large residuals of
-            # a change must not raise the bar it is measured against while it builds up.
-            self.noise = _moving_mean(before, squares, NOISE_RATE)
-        if abs(self.drift) <= threshold * error:
-            return False
-        self.drift = 0.0
-        return True
+        self.watch = ResidualWatch()  # this learner's own, not saved or merged
 
     def sightings(self, scales: FloatArray) -> float:
         """About how many vectors the block has learned: its unit's own feature is 1 in
@@ -272,13 +122,6 @@ class Block:
         if not own:
             self.base += gram
         self.inverse = None
-
-
-def _moving_mean(start: float, values: FloatArray, rate: float) -> float:
-    """``m = (1 - rate) m + rate v`` over ``values`` in order from ``start``, in closed form
-    (no Python loop over a backlog's rewards)."""
-    keep = (1.0 - rate) ** np.arange(len(values) - 1, -1, -1, dtype=np.float64)
-    return float((1.0 - rate) ** len(values) * start + rate * (keep @ values))
 
 
 def _sums(groups: IntArray, weights: FloatArray, n: int) -> FloatArray:
@@ -484,9 +327,11 @@ class OnlineRegression:
         changed_rows = np.zeros(len(batch), dtype=bool)
         for block, members, _ in groups:
             sightings = block.sightings(self.scales)
-            changed = block.changed(residuals[members], self.drift_threshold, NOISE_FLOOR * unit)
+            changed = block.watch.changed(
+                residuals[members], self.drift_threshold, NOISE_FLOOR * unit
+            )
             if sightings < max(WATCH_AFTER_SIGHTINGS, WATCH_PER_FEATURE * len(block.indices)):
-                block.drift = 0.0
+                block.watch.restart()
             elif changed:
                 block.fade(RESET_SIGHTINGS / sightings)
                 # The evidence it discards leaves the count that narrows exploration too
