@@ -1023,12 +1023,13 @@ def report(
         changes = [
             int(run.lag[name].get("tactful_learner_changes_detected_total", 0)) for run in runs
         ]
+        restarts = [int(run.lag[name].get("tactful_learner_restarts_total", 0)) for run in runs]
         lines.append(
             f"  {name}: learner lag mean {np.nanmean([s[0] for s in summaries]) * 1e3:.1f} ms, "
             f"median <= {max(s[1] for s in summaries) * 1e3:.0f} ms, "
             f"p99 <= {max(s[2] for s in summaries) * 1e3:.0f} ms (histogram buckets); "
             f"rewards applied {int(sum(applied))} of {sum(reported)} reported; "
-            f"changes detected per seed {changes}"
+            f"changes detected per seed {changes}, model restarts {restarts}"
         )
     return lines
 

@@ -548,6 +548,158 @@ def test_evidence_taken_back_by_one_learner_is_taken_back_in_the_merged_state():
     assert empty.take_delta().updates == 0  # what it merged is not its own to hand on
 
 
+def greedy_bandit(
+    model: OnlineRegression,
+    units: list[list[int]],
+    rng: np.random.Generator,
+    rounds: int,
+    pays: Callable[[int, np.ndarray], float],
+    batch: int = 10,
+) -> list[float]:
+    """A bandit over ``units`` (one numeric block each, as ``one_unit``'s) that picks the one
+    the model predicts highest, one in 20 at random; each pick pays 1 at ``pays(unit,
+    context)`` and carries the explicit like too (1 on one unit in three). The rewards, in
+    order."""
+    got, vectors, rewards = [], [], []
+    for _ in range(rounds):
+        context = rng.uniform(-1, 1, 3)
+        values = np.concatenate([[1.0], context])
+        predicted = [float(model.weights[u] @ values) for u in units]
+        k = int(rng.integers(len(units))) if rng.random() < 0.05 else int(np.argmax(predicted))
+        liked = float(k % 3 == 0)
+        vectors.append(([EXPLICIT_LIKE, *units[k]], [liked, *values], [[1, 2, 3, 4]]))
+        rewards.append(float(rng.random() < pays(k, context)))
+        got.append(rewards[-1])
+        if len(vectors) == batch:
+            model.learn(batch_of(vectors, rewards))
+            vectors, rewards = [], []
+    return got
+
+
+AUDIENCES = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1]], dtype=float)
+
+
+def audiences(k: int, context: np.ndarray) -> float:
+    """Unit k pays most to the contexts along its own direction (its audience): from 0.02
+    to 0.98, 0.5 on average."""
+    return float(np.clip(0.5 + 0.9 * AUDIENCES[k] @ context, 0.02, 0.98))
+
+
+def classes(k: int, context: np.ndarray) -> float:
+    """Unit k pays 1 to the contexts nearest its direction (its class), as the drift
+    scenario's offers do, and 0 elsewhere."""
+    return float(np.argmax(AUDIENCES @ context) == k)
+
+
+def bandit_units(seed: int) -> tuple[list[list[int]], np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    spread = rng.choice(np.arange(N_DENSE, SPACE.dim), size=20, replace=False)
+    return [spread[k * 4 : k * 4 + 4].tolist() for k in range(5)], rng
+
+
+@pytest.mark.parametrize("batch", [1, 10])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("pays", [audiences, classes])
+def test_a_greedy_policy_learning_steady_rewards_does_not_restart_its_model(pays, seed, batch):
+    """A model that picks what it predicts highest predicts its picks too high while it
+    learns (it picks them where its errors flatter it): its residuals do not average zero,
+    and a test of all of them against zero took that for a change of tastes. Over 4,000
+    steady rewards the model never starts again."""
+    units, rng = bandit_units(seed)
+    model = OnlineRegression(
+        SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=4.0
+    )
+    got = greedy_bandit(model, units, rng, 4000, pays, batch)
+    assert model.restarts == 0
+    assert np.mean(got[-1000:]) > 0.55  # it learned the audiences (at random: 0.2 to 0.5)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_when_every_unit_changes_class_the_learner_finds_it_and_relearns(seed):
+    """Each unit starts paying for the next unit's class. A unit that loses its class
+    unlearns it within a few sightings, often too few for its own watch; then the residuals
+    of all of them together fall at once, and the model starts again (from the prior, but
+    keeping what a stated like is worth). A learner that does not look stays near 0.1: what
+    it learned of 3,000 rewards outweighs the new ones."""
+    moved = {}
+    for threshold in (4.0, 0.0):
+        units, rng = bandit_units(seed)
+        model = OnlineRegression(
+            SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=threshold
+        )
+        greedy_bandit(model, units, rng, 3000, classes)
+        like = model.weights[EXPLICIT_LIKE]
+        changes_before = model.changes_detected
+        got = greedy_bandit(model, units, rng, 1000, lambda k, c: classes((k + 1) % 5, c))
+        if threshold:
+            assert model.restarts + model.changes_detected - changes_before > 0
+            if model.restarts:
+                # What a stated like is worth is not forgotten (only the units' rewards
+                # changed): its weight moved by the 1,000 new rewards only.
+                assert model.weights[EXPLICIT_LIKE] == pytest.approx(like, abs=0.1)
+        moved[threshold] = np.mean(got)
+    assert moved[0.0] < 0.15
+    assert moved[4.0] > 0.35
+
+
+def test_the_model_watch_sees_a_fall_that_holds_and_nothing_else():
+    """The whole model's watch (``changes.ModelWatch``), on residuals as a learned model
+    has them: mostly small, a miss (-0.9) one time in 16. A fall that holds is found once
+    it has held ``MODEL_CONFIRM_REWARDS`` rewards; a burst of ten misses in a row, the
+    residuals of a model learning fast (their mean rising towards zero), and anything
+    before the model has learned ``MODEL_WATCH_AFTER`` rewards are not."""
+    rng = np.random.default_rng(4)
+
+    def residuals(n: int, miss: float = 1 / 16) -> np.ndarray:
+        return np.where(rng.random(n) < miss, -0.9, rng.normal(0.05, 0.05, n))
+
+    def first_alarm(watch: changes.ModelWatch, stream: np.ndarray, learned: int) -> int | None:
+        for k, residual in enumerate(stream):
+            if watch.changed(np.array([residual]), learned + k, 8.0, 0.05):
+                return k
+        return None
+
+    steady = residuals(3000)
+    watch = changes.ModelWatch()
+    assert first_alarm(watch, steady, 0) is None
+    fallen = residuals(200, miss=0.6)  # the picks miss six times in ten now
+    found = first_alarm(watch, fallen, 3000)
+    assert found is not None and changes.MODEL_CONFIRM_REWARDS <= found < 80
+    for disturbance in (
+        np.full(10, -0.9),  # a burst of misses, then steady again
+        np.linspace(-0.3, 0.0, 400) + rng.normal(0, 0.05, 400),  # learning fast
+    ):
+        watch = changes.ModelWatch()
+        first_alarm(watch, steady, 0)
+        assert first_alarm(watch, np.concatenate([disturbance, residuals(300)]), 3000) is None
+    young = changes.ModelWatch()
+    assert first_alarm(young, np.concatenate([steady[:300], fallen]), 0) is None
+
+
+def test_a_restart_found_by_one_learner_restarts_the_merged_state():
+    """Learners share the stream: the one that finds the change hands on a delta that takes
+    the shared state back to the prior too (and its evidence count to zero). (A world
+    where the restart, not the units' own watches, finds the change.)"""
+    units, rng = bandit_units(3)
+    base = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    greedy_bandit(base, units, rng, 2500, classes, batch=10)
+    saved = base.to_bytes()
+    finder = OnlineRegression(
+        SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim), drift_threshold=4.0
+    )
+    finder.restore(saved)
+    greedy_bandit(finder, units, rng, 500, classes, batch=10)  # measures the residuals' noise
+    finder.take_delta()  # the other learner has merged this much already
+    shared = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    shared.restore(finder.to_bytes())
+    greedy_bandit(finder, units, rng, 300, lambda k, c: classes((k + 1) % 5, c), batch=10)
+    assert finder.restarts == 1
+    shared.merge(Delta.from_bytes(finder.take_delta().to_bytes(), SPACE.dim))
+    assert shared.updates == finder.updates < 300
+    assert np.allclose(shared.weights, finder.weights)
+    assert np.allclose(shared.variance(), finder.variance())
+
+
 def test_the_bonus_is_the_spread_of_each_vector_times_the_setting():
     ctx = RequestContext("web", "home", 14, (("device", "mobile"),), (("cart", 42.0),))
     offers = [Offer(f"o{i}", "t", ("running", f"t{i}"), ("web",), i / 10) for i in range(5)]

@@ -343,10 +343,12 @@ class Learner:
         return batch
 
     def learn(self, batch: Batch) -> None:
-        before = self.regression.changes_detected
+        changes, restarts = self.regression.changes_detected, self.regression.restarts
         self.regression.learn(batch)
-        if changes := self.regression.changes_detected - before:
+        if changes := self.regression.changes_detected - changes:
             metrics.LEARNER_CHANGES.inc(changes)
+        if restarts := self.regression.restarts - restarts:
+            metrics.LEARNER_RESTARTS.inc(restarts)
 
     def _merge_deltas(self) -> None:
         for raw in self.models.read_deltas(self._merged):

@@ -138,6 +138,11 @@ LEARNER_CHANGES = Counter(
     "Times the learner found an offer's or topic's rewards changed and let its next rewards "
     "move the model faster (TACTFUL_DRIFT_THRESHOLD).",
 )
+LEARNER_RESTARTS = Counter(
+    "tactful_learner_restarts_total",
+    "Times the learner found the whole model's rewards changed and started it again from "
+    "the prior (TACTFUL_DRIFT_THRESHOLD).",
+)
 LEARNER_LAG_SECONDS = Histogram(
     "tactful_learner_lag_seconds",
     "From an outcome (or a closed reward window) to the model version that includes it "

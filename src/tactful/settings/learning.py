@@ -69,7 +69,8 @@ class LearningSettings:
         "How many standard errors (of its own residual noise) the recent mean residual of an "
         "offer or topic must stray from zero before the learner takes its rewards to have "
         "changed, keeps only 3 sightings' worth of what it learned of it and explores more "
-        "again (0 = never).",
+        "again; twice as many, for the mean residual of the whole model, before it starts "
+        "the model again from the prior (0 = never).",
         min=0.0,
     )
     hashed_bits: int = setting(
