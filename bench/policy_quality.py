@@ -49,10 +49,9 @@ as tactful computes them).
   digits-raw     ``load_digits``, the 64 pixel values (0-16) as they come
   wine, iris     ``load_wine`` (13 features, 3 classes), ``load_iris`` (4, 3), raw features;
                  1,000 rounds by default (three classes are learned early)
-  synth          ``make_classification`` fixed per seed: 20 classes, 64 features (16
-                 informative, 8 redundant, 40 noise). 64 is the most a Decide's
-                 ``numeric_context`` accepts (more is INVALID_ARGUMENT), so a set of 100+
-                 features cannot be sent whole
+  synth          ``make_classification`` fixed per seed: 20 classes, 128 features (24
+                 informative, 8 redundant, 96 noise), the most a Decide's
+                 ``numeric_context`` accepts (more is INVALID_ARGUMENT)
   churn          ``digits-raw`` with three catalogs in turn, 2,000 rounds each (6,000 by
                  default): each phase deletes the previous offers and puts ten new ones with
                  new offer ids and the same class topics (a topic is a real attribute of an
@@ -400,12 +399,12 @@ def bundled(name: str) -> Labelled:
     )
 
 
-SYNTH_FEATURES, SYNTH_INFORMATIVE, SYNTH_CLASSES, SYNTH_SAMPLES = 64, 16, 20, 5000
+SYNTH_FEATURES, SYNTH_INFORMATIVE, SYNTH_CLASSES, SYNTH_SAMPLES = 128, 24, 20, 5000
 
 
 def synthetic(seed: int) -> Labelled:
     """``make_classification``: as many features as a Decide's ``numeric_context`` may hold
-    (64), a quarter of them informative, 8 redundant, the rest noise; fixed per seed."""
+    (128), 24 informative, 8 redundant, the rest noise; fixed per seed."""
     from sklearn.datasets import make_classification
 
     x, y = make_classification(

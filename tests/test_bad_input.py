@@ -186,9 +186,9 @@ DECIDE_BAD = [
         id="categorical-value-258-bytes-utf8",
     ),
     pytest.param(
-        decide_req(numeric_context={f"k{i}": 1.0 for i in range(65)}),
+        decide_req(numeric_context={f"k{i}": 1.0 for i in range(129)}),
         {"numeric_context"},
-        id="numeric-65-entries",
+        id="numeric-129-entries",
     ),
     pytest.param(
         decide_req(categorical_context={f"k{i}": "v" for i in range(65)}),

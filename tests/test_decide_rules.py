@@ -327,6 +327,20 @@ def test_decision_is_logged_with_context_and_propensities(store, catalog, decisi
     assert store.client.ttl(keys.DecisionKeys.of(response.decision_id).record) > 0
 
 
+def test_a_data_sets_hundred_and_more_numeric_features_are_taken_whole(store, catalog, decisioning):
+    """128 numeric values (a data set's raw features) are answered and logged whole; one
+    more is INVALID_ARGUMENT (tests/test_bad_input.py)."""
+    import json
+
+    from tactful import keys
+
+    put(catalog, offer("a", priority=0.9))
+    numbers = {f"f{i}": float(i) for i in range(128)}
+    response = decide(decisioning, numeric_context=numbers)
+    logged = json.loads(store.client.get(keys.DecisionKeys.of(response.decision_id).record))
+    assert logged["numeric_context"] == numbers
+
+
 def test_dry_run_counts_and_logs_nothing(store, catalog, decisioning, profiles):
     from tactful import keys
 

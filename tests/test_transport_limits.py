@@ -254,7 +254,7 @@ def largest_valid_requests() -> dict[str, Any]:
         user_id=CHAR4 * 64,  # 256 bytes
         channel="w" * 32,
         placement="p" * 128,
-        numeric_context={f"{i:02d}" + "n" * 62: 1.5e300 for i in range(64)},
+        numeric_context={f"{i:03d}" + "n" * 61: 1.5e300 for i in range(128)},
         categorical_context={f"{i:02d}" + "k" * 62: CHAR4 * 64 for i in range(64)},
         candidate_offer_ids=[f"{i:04d}" + "o" * 124 for i in range(1000)],
         slots=10,

@@ -24,7 +24,10 @@ from tactful.errors import FieldViolation, InvalidArgument
 MAX_USER_ID_BYTES = 256
 MAX_CANDIDATES = 1000
 MAX_SLOTS = 10
-MAX_CONTEXT_ENTRIES = 64
+MAX_CONTEXT_ENTRIES = 64  # categorical_context
+# A data set's raw features, sent whole (issue 16: a hundred and more). Each is crossed with
+# every candidate's offer and topics, so a Decide's work grows with them: a bound, not a goal.
+MAX_NUMERIC_CONTEXT_ENTRIES = 128
 MAX_CONTEXT_KEY_BYTES = 64
 MAX_CONTEXT_VALUE_BYTES = 256
 MAX_PLACEMENT_BYTES = 128
@@ -187,12 +190,12 @@ def check_decide(req: DecideRequest) -> Violations:
     out = check_user_id(req.user_id) + check_channel(req.channel)
     if _utf8_len(req.placement) > MAX_PLACEMENT_BYTES:
         out.append(FieldViolation("placement", f"must be at most {MAX_PLACEMENT_BYTES} bytes"))
-    for name, entries in (
-        ("numeric_context", req.numeric_context),
-        ("categorical_context", req.categorical_context),
+    for name, entries, most in (
+        ("numeric_context", req.numeric_context, MAX_NUMERIC_CONTEXT_ENTRIES),
+        ("categorical_context", req.categorical_context, MAX_CONTEXT_ENTRIES),
     ):
-        if len(entries) > MAX_CONTEXT_ENTRIES:
-            out.append(FieldViolation(name, f"at most {MAX_CONTEXT_ENTRIES} entries"))
+        if len(entries) > most:
+            out.append(FieldViolation(name, f"at most {most} entries"))
     for key, number in req.numeric_context:
         out += _check_context_key(key, f"numeric_context[{key[:40]!r}]")
         out += _check_finite(number, f"numeric_context[{key[:40]!r}]")
