@@ -410,6 +410,19 @@ def test_the_published_variance_is_always_the_precision_remade_whole(seed, steps
     assert np.array_equal(model.variance(), whole.variance())
 
 
+@pytest.mark.parametrize("width", [4, 16, 17, 64, 129])
+def test_a_wide_blocks_prior_grows_with_its_width(width):
+    """Up to ``PRIOR_WIDTH`` values a block's prior is l2 in each feature's unit; past it,
+    that many times stronger as the block is wider, so a new vector's leverage (how far its
+    first reward moves the fit) does not grow with the number of values."""
+    block = regression.Block(np.arange(N_DENSE, N_DENSE + width, dtype=np.int64))
+    scales = np.zeros(SPACE.dim)
+    scales[block.indices] = 0.5
+    inverse = block.inverted(2.0, scales)
+    strength = 2.0 * max(1.0, width / regression.PRIOR_WIDTH)
+    assert np.allclose(inverse, np.eye(width) / (strength * 0.25))
+
+
 def test_a_large_batch_learns_as_a_small_one_would(monkeypatch):
     """A batch large enough to sum its pulls over the whole space moves the weights as
     summing them over its distinct features does."""

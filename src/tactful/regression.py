@@ -17,7 +17,8 @@ at 2^18 hashed dimensions neither fits). What it keeps instead:
   with each numeric context value): the block's ``sum z z^T``. Numeric values are correlated
   and rarely centred; fitted one weight at a time they converge slowly (0.82 against ridge's
   0.99 on the wine data set, bench/README.md), so within a block the fit is ridge, exact.
-  A block is as large as the request's numeric context, not as the feature space.
+  A block is as large as the request's numeric context, not as the feature space; past
+  ``PRIOR_WIDTH`` values its prior grows with it, so a wide context does not overfit.
 
 A reward r of vector x moves the weights along ``P x``, where P is ``1/p_i`` on features
 outside blocks and the block's ``A^-1`` (ridge prior in the features' units plus its sum)
@@ -74,6 +75,13 @@ from tactful.features import EXPLICIT_LIKE, INFERRED_INTEREST, FeatureSpace, Flo
 
 MIN_SCALE = 1e-6  # the least scale a feature's prior is measured in
 SCALE_CAP = 1.0  # and the largest (see the module doc)
+# A block wider than this many features has its prior made that many times stronger: a new
+# vector's leverage (``z A^-1 z``) grows with the number of its values, so on a wide block
+# the first rewards of a unit overfit its noise features (128 features: 0.134 against
+# 0.188 with the scaled prior, digits' 64 raw pixels 0.887 against 0.899; bench/README.md).
+# 16 is the width the defaults were chosen at (digits in 16 principal components), where
+# nothing moves.
+PRIOR_WIDTH = 16
 # A batch with at least dim / DENSE_SHARE non-zeros outside blocks sums its pulls over the
 # whole space (one pass) rather than over its distinct features (a sort).
 DENSE_SHARE = 16
@@ -86,7 +94,7 @@ class StateError(ValueError):
 class Block:
     """Exact ridge over one numeric block (a unit's own feature and its numeric crosses):
     the sums of z z^T learned (additive across learners), and the inverse of
-    ``l2 * diag(scale^2) + sums``, remade when they change."""
+    ``l2 * max(1, m / PRIOR_WIDTH) * diag(scale^2) + sums``, remade when they change."""
 
     __slots__ = ("base", "indices", "inverse", "scaled_by", "sums", "watch")
 
@@ -108,6 +116,7 @@ class Block:
     def inverted(self, l2: float, scales: FloatArray) -> FloatArray:
         scale = scales[self.indices]
         if self.inverse is None or not np.array_equal(scale, self.scaled_by):
+            l2 *= max(1.0, len(self.indices) / PRIOR_WIDTH)
             prior = np.where(scale > 0, l2 * np.clip(scale, MIN_SCALE, SCALE_CAP) ** 2, l2)
             self.inverse = np.linalg.inv(self.sums + np.diag(prior))
             self.scaled_by = scale
