@@ -373,13 +373,17 @@ class OnlineRegression:
             return False
         # The vectors' own diagonal features too (an offer's bias, its topic's crosses with
         # categorical context), but not the explicit and inferred weights every offer shares.
-        hit = np.unique(batch.indices[diagonal & changed_rows[batch.rows]])
-        hit = hit[(hit != EXPLICIT_LIKE) & (hit != INFERRED_INTEREST)]
+        self._cut_back(np.unique(batch.indices[diagonal & changed_rows[batch.rows]]))
+        return False
+
+    def _cut_back(self, indices: IntArray) -> None:
+        """Keep at most ``RESET_SIGHTINGS`` sightings' worth of precision on these diagonal
+        features, but not on the explicit and inferred ones every offer shares."""
+        hit = indices[(indices != EXPLICIT_LIKE) & (indices != INFERRED_INTEREST)]
         scale = np.clip(self.scales[hit], MIN_SCALE, SCALE_CAP)
         sightings = self.squares[hit] / (scale * scale)
         self.squares[hit] *= np.minimum(1.0, RESET_SIGHTINGS / np.maximum(sightings, 1.0))
         self._changed[hit] = True
-        return False
 
     def _restart(self) -> None:
         """The whole model's rewards changed (``changes.ModelWatch``): what it learned is
@@ -390,16 +394,13 @@ class OnlineRegression:
         changed, not what a stated like means). Keeping the weights at that precision
         relearned the drift scenario's second half at 0.37; starting from the prior, 0.82
         (bench/README.md)."""
-        shared = [EXPLICIT_LIKE, INFERRED_INTEREST]
         for block in self.blocks.values():
             seen = block.sightings(self.scales)
             if seen > RESET_SIGHTINGS:
                 block.fade(RESET_SIGHTINGS / seen)
             block.watch.restart()
-        scale = np.clip(self.scales, MIN_SCALE, SCALE_CAP)
-        factor = np.minimum(1.0, RESET_SIGHTINGS / np.maximum(self.squares / (scale * scale), 1.0))
-        factor[shared] = 1.0
-        self.squares *= factor
+        self._cut_back(np.flatnonzero(self.squares))
+        shared = [EXPLICIT_LIKE, INFERRED_INTEREST]
         kept = self.weights[shared]
         self.weights[:] = self.prior
         self.weights[shared] = kept
