@@ -29,11 +29,21 @@ from tactful.v1 import decisioning_pb2 as d
 from tactful.v1 import decisioning_pb2_grpc, profiles_pb2_grpc
 from tactful.v1 import profiles_pb2 as p
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port on 127.0.0.1 that no earlier call in this test process handed out: the
+    kernel may offer a port again as soon as its probe socket is closed, and a test that asks
+    for a gRPC port and then a metrics port got the same one twice (its workers then failed
+    to bind: Address already in use)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture
