@@ -43,7 +43,7 @@ from tactful.features import FloatArray
 # 20 to 30 sightings, from 0.2 to 0.04 within about 100.
 DRIFT_RATE = 0.02
 NOISE_RATE = 0.01
-SUSPECT = 3.0  # standard errors past which the noise stops being learned (``changed``)
+SUSPECT = 3.0  # standard errors past which the noise stops being learned (``strays``)
 NOISE_FLOOR = 0.05
 RESET_SIGHTINGS = 3.0
 # A new unit, or one relearning after a change, has residuals of one sign for a while: they
@@ -151,9 +151,10 @@ class ModelWatch:
         if not len(residuals):
             return False
         falls = self.watch.strays(residuals - self.baseline, threshold, floor, below_only=True)
-        if learned < MODEL_WATCH_AFTER or not falls:
-            if learned < MODEL_WATCH_AFTER:
-                self.watch.restart()
+        if learned < MODEL_WATCH_AFTER:
+            self.watch.restart()
+            falls = False
+        if not falls:
             self.suspected_for = None
             self.baseline = moving_mean(self.baseline, residuals, MODEL_BASELINE_RATE)
             return False

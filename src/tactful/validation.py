@@ -24,7 +24,7 @@ from tactful.errors import FieldViolation, InvalidArgument
 MAX_USER_ID_BYTES = 256
 MAX_CANDIDATES = 1000
 MAX_SLOTS = 10
-MAX_CONTEXT_ENTRIES = 64  # categorical_context
+MAX_CATEGORICAL_CONTEXT_ENTRIES = 64
 # A data set's raw features, sent whole (issue 16: a hundred and more). Each is crossed with
 # every candidate's offer and topics, so a Decide's work grows with them: a bound, not a goal.
 MAX_NUMERIC_CONTEXT_ENTRIES = 128
@@ -192,7 +192,7 @@ def check_decide(req: DecideRequest) -> Violations:
         out.append(FieldViolation("placement", f"must be at most {MAX_PLACEMENT_BYTES} bytes"))
     for name, entries, most in (
         ("numeric_context", req.numeric_context, MAX_NUMERIC_CONTEXT_ENTRIES),
-        ("categorical_context", req.categorical_context, MAX_CONTEXT_ENTRIES),
+        ("categorical_context", req.categorical_context, MAX_CATEGORICAL_CONTEXT_ENTRIES),
     ):
         if len(entries) > most:
             out.append(FieldViolation(name, f"at most {most} entries"))
