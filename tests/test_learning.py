@@ -272,7 +272,7 @@ def test_a_reward_moves_its_prediction_toward_it_and_never_past_it():
         idx = rng.choice(SPACE.dim, size=8, replace=False)
         x = (idx.tolist(), rng.normal(size=8).tolist(), [])
         reward = float(rng.random() < 0.3)
-        # Units first: where one grows, the weight shrinks with it (the test above); from
+        # Units first: where one grows, the weight shrinks with it (the next test); from
         # where the prediction then stands, the reward moves it.
         learner._grow_scales(idx, np.array(x[1]))
         before = float(learner.weights[idx] @ np.array(x[1]))
