@@ -688,7 +688,8 @@ def test_the_model_watch_sees_a_fall_that_holds_and_nothing_else():
 
     def first_alarm(watch: changes.ModelWatch, stream: np.ndarray, learned: int) -> int | None:
         for k, residual in enumerate(stream):
-            if watch.changed(np.array([residual]), learned + k, 8.0, 0.05):
+            threshold = changes.MODEL_THRESHOLD_FACTOR * 4.0  # the default's
+            if watch.changed(np.array([residual]), learned + k, threshold, 0.05):
                 return k
         return None
 
@@ -700,7 +701,7 @@ def test_the_model_watch_sees_a_fall_that_holds_and_nothing_else():
     assert found is not None and changes.MODEL_CONFIRM_REWARDS <= found < 80
     for disturbance in (
         np.full(10, -0.9),  # a burst of misses, then steady again
-        np.linspace(-0.3, 0.0, 400) + rng.normal(0, 0.05, 400),  # learning fast
+        np.linspace(-0.2, 0.0, 400) + rng.normal(0, 0.05, 400),  # learning fast
     ):
         watch = changes.ModelWatch()
         first_alarm(watch, steady, 0)

@@ -22,7 +22,8 @@ contexts it is chosen in, as when offers swap the audiences they pay for (the dr
 scenario: an offer loses its old audience, is no longer chosen there after a few sightings,
 and its new audience is found only by exploring). When that happens to every unit at once,
 the residuals of all of them stray together: ``ModelWatch`` sees it, and the whole model
-starts again. A false alarm there forgets everything, so its bar is twice a unit's.
+starts again. A false alarm there forgets everything, so its bar is higher than a unit's
+(``MODEL_THRESHOLD_FACTOR``).
 """
 
 from __future__ import annotations
@@ -112,11 +113,15 @@ def moving_mean(start: float, values: FloatArray, rate: float) -> float:
 # the test must still hold after it first does. On every scenario of the policy suite with
 # no change (bench/README.md, about 80 runs), the statistic stayed within 3.7 standard
 # errors but once, when a two-sided test without confirmation passed 8 and restarted a
-# model; at the drift scenario's change it passes 8 within a dozen rewards, stays past
-# it, and reaches 12 to 19.
+# model; at the drift scenario's change it usually passes 8 within a dozen rewards, stays
+# past it, and reaches 12 to 19. Not always: in 3 drift seeds of 30 (the learner and the
+# policy in one process, bench/offline_policy.py) the units unlearned their old audiences
+# fast enough that the fall peaked under 8 and the model never restarted (second half
+# 0.03 to 0.18). At 1.5 times a unit's threshold (6) all 30 restart, once each, and
+# 180 seed runs of the scenarios without a change (30 each) restart none.
 MODEL_BASELINE_RATE = 0.002
 MODEL_WATCH_AFTER = 500
-MODEL_THRESHOLD_FACTOR = 2.0
+MODEL_THRESHOLD_FACTOR = 1.5
 MODEL_CONFIRM_REWARDS = 25
 
 
