@@ -265,6 +265,44 @@ def test_a_numeric_block_is_learned_as_ridge_exactly(one_batch):
     assert learner.updates == 30
 
 
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_twins_are_learned_as_one_feature_standing_for_them_all(batch):
+    """Features seen so far in exactly the same rewards (an offer's bias and its bias on the
+    site's one channel, say) are learned as one feature would be that stands for them all
+    (value sqrt(3) for three of value 1): after any rewards, one at a time or in batches,
+    they predict what it predicts. Taken one by one, each took a share of every residual as
+    if it alone explained it: three twins moved their prediction about three times as far."""
+    rng = np.random.default_rng(batch)
+    twins = rng.choice(np.arange(N_DENSE, SPACE.dim), size=4, replace=False)
+    one, twins = twins[:1], twins[1:]
+    rewards = [float(rng.random() < 0.3) for _ in range(40)]
+    model = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    alone = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    for start in range(0, len(rewards), batch):
+        chunk = rewards[start : start + batch]
+        model.learn(batch_of([(twins.tolist(), [1.0] * 3, [])] * len(chunk), chunk))
+        alone.learn(batch_of([(one.tolist(), [math.sqrt(3)], [])] * len(chunk), chunk))
+        predicted = model.weights[twins].sum()
+        assert predicted == pytest.approx(alone.weights[one[0]] * math.sqrt(3))
+    assert len(set(model.histories[twins].tolist())) == 1
+
+
+def test_twins_that_part_are_learned_on_their_own_again():
+    """Once one of two twins is seen without the other, their histories differ, and a vector
+    with one of them moves its prediction as that feature's own evidence says."""
+    a, b = N_DENSE + 11, N_DENSE + 12
+    model = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    model.learn(batch_of([([a, b], [1.0, 1.0], [])] * 5, [1.0] * 5))
+    model.learn(batch_of([([a], [1.0], [])], [0.0]))
+    assert model.histories[a] != model.histories[b]
+    before = model.weights[a]
+    model.learn(batch_of([([a], [1.0], [])], [0.0]))
+    # A feature's own diagonal step: the residual over (1 + x^2 / its precision before),
+    # then over its precision after (l2 and six sightings before, seven after).
+    step = -before / (1.0 + 1.0 / 7.0)
+    assert model.weights[a] == pytest.approx(before + step / 8.0)
+
+
 def test_a_reward_moves_its_prediction_toward_it_and_never_past_it():
     rng = np.random.default_rng(4)
     learner = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
@@ -337,6 +375,7 @@ def test_a_saved_state_is_taken_up_whole_and_a_foreign_one_refused():
     restored.restore(learner.to_bytes())
     assert np.array_equal(restored.weights, learner.weights)
     assert np.array_equal(restored.variance(), learner.variance())
+    assert np.array_equal(restored.histories, learner.histories)
     assert restored.updates == learner.updates
     (block,) = restored.blocks.values()
     assert np.array_equal(block.sums, next(iter(learner.blocks.values())).sums)
@@ -381,6 +420,9 @@ def test_learners_on_shares_of_the_stream_add_up_through_their_deltas():
     (block,) = merged.blocks.values()
     assert np.allclose(block.sums, next(iter(alone.blocks.values())).sums)
     assert np.allclose(merged.weights, halves[0].weights + halves[1].weights - base.weights)
+    # Histories add too: features seen in the same rewards of either half stay twins.
+    together = merged.histories[indices]
+    assert len(set(together.tolist())) == 1 and together[0] != 0
     # A delta is taken once: the next one holds only what was learned after it.
     assert halves[0].take_delta().updates == 0
 
