@@ -50,7 +50,8 @@ from tactful.features import (
     dot_many,
 )
 from tactful.learner import Learner
-from tactful.regression import Delta, OnlineRegression, StateError
+from tactful.learner_state import Delta, StateError
+from tactful.regression import OnlineRegression
 from tactful.store.model_store import ModelStore
 from tactful.store.reward_vectors import pack
 from tactful.store.wire import undecoded

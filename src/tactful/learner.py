@@ -10,7 +10,7 @@ loads it in the background.
 Several learners. Any number of learner processes share the stream: the consumer group
 gives each entry to one of them. One holds the lease (SET NX PX, renewed while it runs): it
 merges the others' work, closes windows, publishes and saves the state. The others hand
-their work to it as deltas (``regression.Delta``) at the publish interval, and take up the
+their work to it as deltas (``learner_state.Delta``) at the publish interval, and take up the
 saved state again each time it is saved, so they learn on top of what the whole fleet
 learned. The model stays one: the lease holder's.
 
@@ -42,7 +42,8 @@ from tactful import metrics
 from tactful.bandit import LinearModel, prior_theta, project
 from tactful.batches import Batch, Vector, batch_from_arrays, batch_of, select, usable_rows
 from tactful.features import FeatureSpace
-from tactful.regression import Delta, OnlineRegression, StateError
+from tactful.learner_state import Delta, StateError
+from tactful.regression import OnlineRegression
 from tactful.settings import LearningSettings
 from tactful.store import reward_vectors
 from tactful.store.model_store import ModelStore, RawEntry

@@ -71,15 +71,10 @@ model's rewards changed at once, it starts again from the prior (``OnlineRegress
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import zlib
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from tactful.batches import Batch, BoolArray, IntArray
 from tactful.changes import (
@@ -98,6 +93,7 @@ from tactful.features import (
     FeatureSpace,
     FloatArray,
 )
+from tactful.learner_state import Delta, StateError, pack, pack_blocks, unpack, unpack_blocks
 
 MIN_SCALE = 1e-6  # the least scale a feature's prior is measured in
 SCALE_CAP = 1.0  # and the largest (see the module doc)
@@ -114,10 +110,6 @@ DENSE_SHARE = 16
 # Mixes a vector's row number into its features' fingerprints, so that twins are found within
 # one vector at a time (``OnlineRegression._twins``).
 ROW_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-class StateError(ValueError):
-    """A saved learner state that cannot be used (corrupt, or for another feature layout)."""
 
 
 class Block:
@@ -169,99 +161,6 @@ def _sums(groups: IntArray, weights: FloatArray, n: int) -> FloatArray:
     """``weights`` summed per group, as floats even when there are none (``bincount`` then
     answers integers)."""
     return np.bincount(groups, weights=weights, minlength=n).astype(np.float64, copy=False)
-
-
-def _pack(arrays: dict[str, npt.NDArray[Any]]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **arrays)
-    return zlib.compress(buffer.getvalue(), 1)
-
-
-def _unpack(raw: bytes) -> dict[str, npt.NDArray[Any]]:
-    try:
-        with np.load(io.BytesIO(zlib.decompress(raw)), allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (ValueError, OSError, zlib.error, EOFError) as exc:
-        raise StateError(f"unreadable learner state: {exc!r}") from exc
-
-
-def _pack_blocks(blocks: list[tuple[IntArray, FloatArray]]) -> dict[str, npt.NDArray[Any]]:
-    """Blocks of several sizes as three flat arrays."""
-    return {
-        "block_sizes": np.array([len(i) for i, _ in blocks], dtype=np.int64),
-        "block_indices": np.concatenate([i for i, _ in blocks] or [np.zeros(0, np.int64)]),
-        "block_sums": np.concatenate([g.ravel() for _, g in blocks] or [np.zeros(0)]),
-    }
-
-
-def _unpack_blocks(
-    data: dict[str, npt.NDArray[Any]], dim: int
-) -> list[tuple[IntArray, FloatArray]]:
-    sizes = data["block_sizes"].astype(np.int64)
-    indices = data["block_indices"].astype(np.int64)
-    sums = data["block_sums"].astype(np.float64)
-    if int(sizes.sum()) != len(indices) or int((sizes * sizes).sum()) != len(sums):
-        raise StateError("learner blocks of inconsistent sizes")
-    if len(indices) and (indices.min() < 0 or indices.max() >= dim):
-        raise StateError("learner blocks for another feature layout")
-    out: list[tuple[IntArray, FloatArray]] = []
-    at = square = 0
-    for m in sizes.tolist():
-        out.append((indices[at : at + m], sums[square : square + m * m].reshape(m, m)))
-        at, square = at + m, square + m * m
-    return out
-
-
-@dataclass
-class Delta:
-    """What a learner added to the shared state since its last delta: sparse, so merging it
-    costs its non-zeros. Weights, squares, histories and block sums add; scales take the
-    maximum."""
-
-    indices: IntArray
-    weights: FloatArray
-    squares: FloatArray
-    scales: FloatArray
-    updates: int
-    blocks: list[tuple[IntArray, FloatArray]]
-    histories: npt.NDArray[np.uint64] | None = None  # None from a learner before twins
-
-    def to_bytes(self) -> bytes:
-        return _pack(
-            {
-                "indices": self.indices,
-                "weights": self.weights,
-                "squares": self.squares,
-                "scales": self.scales,
-                "updates": np.array(self.updates),
-                **_pack_blocks(self.blocks),
-                **({} if self.histories is None else {"histories": self.histories}),
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, raw: bytes, dim: int) -> Delta:
-        data = _unpack(raw)
-        try:
-            delta = cls(
-                data["indices"].astype(np.int64),
-                data["weights"].astype(np.float64),
-                data["squares"].astype(np.float64),
-                data["scales"].astype(np.float64),
-                int(data["updates"]),
-                _unpack_blocks(data, dim),
-                data["histories"].astype(np.uint64) if "histories" in data else None,
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise StateError(f"unreadable learner delta: {exc!r}") from exc
-        n = len(delta.indices)
-        if not (len(delta.weights) == len(delta.squares) == len(delta.scales) == n):
-            raise StateError("learner delta arrays of different lengths")
-        if delta.histories is not None and len(delta.histories) != n:
-            raise StateError("learner delta arrays of different lengths")
-        if n and (delta.indices.min() < 0 or delta.indices.max() >= dim):
-            raise StateError("learner delta for another feature layout")
-        return delta
 
 
 class OnlineRegression:
@@ -620,7 +519,7 @@ class OnlineRegression:
 
     def to_bytes(self) -> bytes:
         touched = np.flatnonzero(self.scales > 0)
-        return _pack(
+        return pack(
             {
                 "dim": np.array(self.space.dim),
                 "weights": self.weights,  # dense: what the prior gave counts too
@@ -630,13 +529,13 @@ class OnlineRegression:
                 "histories": self.histories[touched],
                 "updates": np.array(self.updates),
                 "offers": np.frombuffer(json.dumps(self.offers).encode(), dtype=np.uint8),
-                **_pack_blocks([(b.indices, b.sums) for b in self.blocks.values()]),
+                **pack_blocks([(b.indices, b.sums) for b in self.blocks.values()]),
             }
         )
 
     def restore(self, raw: bytes) -> None:
         """Take up a saved state (and mark it: the next delta starts from here)."""
-        data = _unpack(raw)
+        data = unpack(raw)
         dim = self.space.dim
         try:
             if int(data["dim"]) != dim:
@@ -649,7 +548,7 @@ class OnlineRegression:
             else:  # saved before twins: each feature its own history, as it was learned
                 histories = self._reward_ids.integers(1, 2**63, len(touched), dtype=np.uint64)
             updates = int(data["updates"])
-            blocks = _unpack_blocks(data, dim)
+            blocks = unpack_blocks(data, dim)
             offers = json.loads(data["offers"].tobytes()) if "offers" in data else {}
             if not isinstance(offers, dict):
                 raise TypeError("offers is not a mapping")
