@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tactful import changes, keys, metrics, regression
+from tactful import changes, keys, learner_state, metrics, regression
 from tactful.bandit import (
     MAX_GAMMA,
     LinearModel,
@@ -388,6 +388,27 @@ def test_a_saved_state_is_taken_up_whole_and_a_foreign_one_refused():
             restored.restore(raw)
     with pytest.raises(StateError):
         other.restore(learner.to_bytes())  # another layout
+
+
+def test_a_state_and_a_delta_from_before_twins_are_taken_up_without_twins():
+    """A state saved (or a delta handed on) by a learner from before the histories: taken
+    up, with each feature its own history, so none is taken for another's twin."""
+    learner = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    together = np.arange(N_DENSE, N_DENSE + 6)
+    learner.learn(batch_of([(together.tolist(), [1.0] * 6, [])] * 3, [1.0, 0.0, 1.0]))
+    delta = learner.take_delta()
+    data = learner_state.unpack(learner.to_bytes())
+    del data["histories"]
+    restored = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    restored.restore(learner_state.pack(data))
+    histories = restored.histories[together]
+    assert np.all(histories != 0) and len(set(histories.tolist())) == len(together)
+    assert np.array_equal(restored.weights, learner.weights)
+    old_delta = learner_state.unpack(delta.to_bytes())
+    del old_delta["histories"]
+    merged = OnlineRegression(SPACE, l2=1.0, rate=1.0, prior=prior_theta(SPACE.dim))
+    merged.merge(Delta.from_bytes(learner_state.pack(old_delta), SPACE.dim))
+    assert np.allclose(merged.weights, learner.weights)
 
 
 def _old_ridge_state() -> bytes:
