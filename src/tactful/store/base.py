@@ -34,6 +34,7 @@ from tactful.store.wire import (
     NotSent,
     RenderBudget,
     connection_refused,
+    decide_round_trip,
     round_trip,
     write_refused,
 )
@@ -86,6 +87,7 @@ class RedisBase:
         self._put_segment = register(source("put_segment"))
         self._delete_segment = register(source("delete_segment"))
         self._round_trip = round_trip(client)
+        self._decide_round_trip = decide_round_trip(client)
         self._cluster = isinstance(client, RedisCluster)
 
     def _run(

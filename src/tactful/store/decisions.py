@@ -43,7 +43,7 @@ class DecisionOperations(RedisBase):
         if request_id:
             commands.append(("HGET", k.requests, request_id))
         replies = self._run(
-            "read_for_decision", lambda: self._round_trip(commands), budget=self.render
+            "read_for_decision", lambda: self._decide_round_trip(commands), budget=self.render
         )
         claim = replies[7] if request_id else None
         replay_decision_id, replay_made_at = codecs.decode_claim(claim) if claim else (None, None)
@@ -171,7 +171,7 @@ class DecisionOperations(RedisBase):
 
     def _send_in_order(self, records: list[Command], user: list[Command]) -> list[Any]:
         if not self._cluster:
-            return self._round_trip([*records, *user])[len(records) :]
+            return self._decide_round_trip([*records, *user])[len(records) :]
         self._round_trip(records)
         return self._round_trip(user)
 

@@ -9,8 +9,11 @@ path sends its commands, on one Redis server or on a Redis Cluster.
 from __future__ import annotations
 
 import functools
+import os
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from typing import Any
 import hiredis
 import redis
 import redis.exceptions
+from redis._parsers import BaseParser
 from redis.backoff import NoBackoff
 from redis.client import NEVER_DECODE
 from redis.cluster import RedisCluster
@@ -329,7 +333,7 @@ RoundTrip = Callable[[Sequence[tuple[Any, ...]]], list[Any]]
 
 
 def round_trip(client: Client) -> RoundTrip:
-    """How the Decide path sends its commands in one round trip, chosen here, once, by the
+    """How the store sends several commands in one round trip, chosen here, once, by the
     client: on one Redis server, a hand-packed write on one pooled connection (less client
     time than a pipeline: ``_single_node_round_trip``); on a Redis Cluster, redis-py's
     ClusterPipeline, which sends each node its commands together and follows MOVED/ASK.
@@ -338,6 +342,16 @@ def round_trip(client: Client) -> RoundTrip:
     if isinstance(client, RedisCluster):
         return functools.partial(_cluster_round_trip, client)
     return functools.partial(_single_node_round_trip, client.connection_pool)
+
+
+def decide_round_trip(client: Client) -> RoundTrip:
+    """``round_trip`` for the two round trips of every Decide (its read and its log write):
+    on one Redis server, on the calling thread's own connection (``Lanes``); on a cluster,
+    as ``round_trip``. Only for idempotent commands: a lane finds out that Redis closed its
+    connection (a restart) by failing a round trip, which the store then sends again."""
+    if isinstance(client, RedisCluster):
+        return round_trip(client)
+    return Lanes(client.connection_pool).round_trip
 
 
 def _cluster_round_trip(client: RedisCluster, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -378,3 +392,105 @@ def _exchange(conn: redis.Connection, commands: Sequence[tuple[Any, ...]]) -> li
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply
     return replies
+
+
+#: The reader's "no whole reply yet" (hiredis returns False by default; RESP3 has booleans).
+_MORE = object()
+#: Bytes read from the socket at a time (a Decide's replies are a few KB).
+_READ_SIZE = 65536
+
+
+class Lanes:
+    """Round trips on a connection that each thread keeps (its lane), replies read by hiredis
+    straight from the socket.
+
+    Why: taking a connection from redis-py's pool and giving it back on every round trip,
+    and reading each reply through redis-py's reply layers, cost the Decide path about as
+    much client CPU as the round trip itself (the pool's lock, fork check, connection events
+    and metrics, a readiness poll on every checkout, per reply a few calls deep;
+    bench/README.md, "Store round trips"). A lane is a connection of the pool's own class
+    and settings (its handshake, TLS, the attempt's budget as socket timeout), made outside
+    the pool so that serving threads cannot starve it. A thread's lane goes with the thread,
+    and every lane with this object; a forked child makes its own."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._local = threading.local()
+        self._pid = os.getpid()
+        options = pool.connection_kwargs
+        self._decoding = (
+            {"encoding": options.get("encoding", "utf-8"),
+             "errors": options.get("encoding_errors", "strict")}
+            if options.get("decode_responses") else {}
+        )  # fmt: skip
+
+    def round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The commands in one write, then their replies (as ``_single_node_round_trip``)."""
+        lane: _Lane | None = getattr(self._local, "lane", None)
+        if lane is None or self._pid != os.getpid():
+            lane = self._local.lane = self._new_lane()
+        return lane.exchange(commands)
+
+    def _new_lane(self) -> _Lane:
+        self._pid = os.getpid()
+        pool = self._pool
+        conn = pool.connection_class(**pool.connection_kwargs)
+        return _Lane(conn, self._decoding)
+
+
+class _Lane:
+    """One connection, its reply reader and its read buffer (``Lanes``)."""
+
+    def __init__(self, conn: Any, decoding: dict[str, str]) -> None:
+        self._conn = conn
+        self._decoding = decoding
+        self._reader = self._fresh_reader()
+        self._buffer = bytearray(_READ_SIZE)
+        # Closed with the thread that keeps it (redis-py closes a connection it collects too,
+        # but not before the garbage collector gets to it).
+        weakref.finalize(self, conn.disconnect)
+
+    def _fresh_reader(self) -> hiredis.Reader:
+        return hiredis.Reader(
+            protocolError=redis.exceptions.InvalidResponse,
+            replyError=BaseParser.parse_error,  # NOSCRIPT, OOM, READONLY...: redis-py's classes
+            notEnoughData=_MORE,
+            **self._decoding,
+        )
+
+    def exchange(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        conn = self._conn
+        # Sent by the connection (``_Budgeted``: the attempt's budget as socket timeout, a
+        # connection made if there is none, NotSent if that fails), read here.
+        packed = b"".join([hiredis.pack_command(command) for command in commands])
+        conn.send_packed_command([packed], check_health=False)
+        try:
+            replies = self._read(conn._sock, len(commands))
+        except BaseException as error:
+            # A reply half read must not be read by the next round trip: start afresh.
+            conn.disconnect()
+            self._reader = self._fresh_reader()
+            if isinstance(error, socket.timeout):
+                raise redis.exceptions.TimeoutError("Timeout reading from socket") from error
+            if isinstance(error, OSError):
+                reason = f"Error reading from socket: {error}"
+                raise redis.exceptions.ConnectionError(reason) from error
+            raise
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.RedisError):
+                raise reply  # after every reply was read: the connection stays in step
+        return replies
+
+    def _read(self, sock: socket.socket, count: int) -> list[Any]:
+        reader, buffer = self._reader, self._buffer
+        replies: list[Any] = []
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is _MORE:
+                received = sock.recv_into(buffer)
+                if not received:
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+                reader.feed(buffer, 0, received)  # type: ignore[arg-type]  # takes any buffer
+            else:
+                replies.append(reply)
+        return replies
