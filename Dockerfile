@@ -43,7 +43,7 @@ COPY src ./src
 RUN /opt/protoc/bin/python -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src \
         --grpc_python_out=src proto/tactful/v1/*.proto \
     && /opt/venv/bin/pip install . \
-    && /opt/venv/bin/python -c "import tactful.transport.server, tactful._slate"
+    && /opt/venv/bin/python -c "import tactful.transport.server, tactful._slate, tactful._features"
 
 # --- runtime ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -16,7 +16,7 @@ RELEASED := proto/released/tactful-v1.binpb
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml src/tactful/_slate.pyx
+$(STAMP): pyproject.toml src/tactful/_slate.pyx src/tactful/_features.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

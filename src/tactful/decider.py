@@ -40,7 +40,7 @@ from tactful.domain import (
 )
 from tactful.errors import Abandoned, Aborted, Unavailable
 from tactful.fallback import without_store
-from tactful.features import FeatureBatch, FloatArray, RequestContext, SparseVector, squash
+from tactful.features import FeatureBatch, FloatArray, RequestContext, SparseVector, evidence
 from tactful.hard_rules import HardRules, RecentRules, candidates, eligible
 from tactful.outcomes import Outcomes
 from tactful.privacy import Pseudonymizer, in_control_group
@@ -328,12 +328,12 @@ class Decider:
             categorical=req.categorical_context,
             numeric=req.numeric_context,
         )
-        liked_flags = [not liked.isdisjoint(offer.topics) for offer in offers]
+        liked_flags, strengths = evidence(offers, liked, view.inferred)
         batch = self._space.featurize_many(
             context,
             offers,
             liked=liked_flags,
-            inferred=[squash(view.strongest_inferred(offer)[1]) for offer in offers],
+            inferred=strengths,
             contacts_today=room.counts.get((req.channel, ""), 0),
             segments=book.features(audience.member_ids, self._max_feature_segments) if book else (),
         )

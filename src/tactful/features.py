@@ -55,7 +55,8 @@ from __future__ import annotations
 import math
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, chain
@@ -65,6 +66,13 @@ import numpy as np
 import numpy.typing as npt
 
 from tactful.domain import Offer
+
+try:  # built on install (pyproject.toml); without a C compiler, the references run
+    from tactful import _features
+
+    COMPILED = True
+except ImportError:  # pragma: no cover - every CI machine has a compiler
+    COMPILED = False
 
 BIAS, EXPLICIT_LIKE, INFERRED_INTEREST, PRIORITY, CONTACTS_TODAY = range(5)
 FEATURE_SETS = ("shared+offer", "shared", "offer")
@@ -78,6 +86,92 @@ FloatArray = npt.NDArray[np.float64]
 def squash(strength: float) -> float:
     """Inferred strength of any size into [0, 1)."""
     return strength / (1.0 + strength) if strength > 0 else 0.0
+
+
+def offer_rows_reference(
+    offers: list[Offer],
+    liked: list[bool],
+    inferred: list[float],
+    contacts_today: int,
+    contacts: float,
+    table: dict[tuple[str, tuple[str, ...]], array[int]],
+    indices_of: Callable[[Offer], array[int]],
+    hashed_values: dict[int, array[float]],
+    values_of: Callable[[int], array[float]],
+    segment_indices: array[int],
+    crossed_of: Callable[[Offer], array[int]] | None,
+) -> tuple[array[int], array[float], list[int]]:
+    """The rows of ``FeatureSpace.featurize_many``, one offer after another: each row's dense
+    features (bias, priority, then explicit_like, inferred_interest and contacts_today where
+    they are not 0), the offer's hashed indices in this context (``table``, filled by
+    ``indices_of``), the user's segment indices and their crosses with the offer
+    (``crossed_of``, None when the user is in no segment that is a feature), and the hashed
+    values, the same for every offer with as many topics (``hashed_values``, filled by
+    ``values_of``). Returns the indices, the values and each row's end.
+
+    The reference: Decide runs the compiled ``tactful._features.offer_rows``, which gives the
+    same rows (tests/test_feature_kernel.py)."""
+    if not len(offers) == len(liked) == len(inferred):
+        raise ValueError("offers, liked and inferred differ in length")
+    # Typed arrays, not lists: the cached parts are appended as memory copies, and the dot
+    # product reads them without a conversion.
+    indices = array("q")
+    values = array("d")
+    bounds = [0]
+    for offer, is_liked, strength in zip(offers, liked, inferred, strict=True):
+        indices.extend((BIAS, PRIORITY))
+        values.extend((1.0, offer.priority))
+        if is_liked:
+            indices.append(EXPLICIT_LIKE)
+            values.append(1.0)
+        if strength > 0:
+            indices.append(INFERRED_INTEREST)
+            values.append(strength)
+        if contacts_today:
+            indices.append(CONTACTS_TODAY)
+            values.append(contacts)
+        own = table.get((offer.offer_id, offer.topics))
+        if own is None:
+            own = table[offer.offer_id, offer.topics] = indices_of(offer)
+        indices.extend(own)
+        n_topics = len(offer.topics)
+        hashed = hashed_values.get(n_topics)
+        if hashed is None:
+            hashed = hashed_values[n_topics] = values_of(n_topics)
+        if crossed_of is not None:
+            indices.extend(segment_indices)
+            indices.extend(crossed_of(offer))
+        values.extend(hashed)
+        bounds.append(len(indices))
+    return indices, values, bounds
+
+
+def evidence_reference(
+    offers: Sequence[Offer], liked_topics: AbstractSet[str], inferred: Mapping[str, float]
+) -> tuple[list[bool], list[float]]:
+    """The user's evidence on each offer, the ``explicit_like`` and ``inferred_interest``
+    features: whether they like one of its topics, and their strongest inferred strength on
+    its topics, squashed (0 without consent: ``inferred`` is then empty).
+
+    The reference of the compiled ``tactful._features.evidence``."""
+    liked = [not liked_topics.isdisjoint(offer.topics) for offer in offers]
+    strengths = []
+    for offer in offers:
+        best = 0.0
+        for topic in offer.topics:
+            strength = inferred.get(topic, 0.0)
+            if strength > best:
+                best = strength
+        strengths.append(squash(best))
+    return liked, strengths
+
+
+if COMPILED:
+    offer_rows = _features.offer_rows
+    evidence = _features.evidence
+else:  # pragma: no cover - every CI machine has a compiler
+    offer_rows = offer_rows_reference
+    evidence = evidence_reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,42 +294,27 @@ class FeatureSpace:
         # The user's own segment indices: the same for every offer of this request.
         segment_indices = array("q", [self.index(f"s:{s}") for s in memberships])
         by_offer = self.feature_set == "offer"
-        # Typed arrays, not lists: the cached parts are appended as memory copies, and the dot
-        # product reads them without a conversion.
-        indices = array("q")
-        values = array("d")
-        bounds = [0]
-        for offer, is_liked, strength in zip(offers, liked, inferred, strict=True):
-            indices.extend((BIAS, PRIORITY))
-            values.extend((1.0, offer.priority))
-            if is_liked:
-                indices.append(EXPLICIT_LIKE)
-                values.append(1.0)
-            if strength > 0:
-                indices.append(INFERRED_INTEREST)
-                values.append(strength)
-            if contacts_today:
-                indices.append(CONTACTS_TODAY)
-                values.append(contacts)
-            offer_indices = table.get((offer.offer_id, offer.topics))
-            if offer_indices is None:
-                offer_indices = self._offer_indices(offer.offer_id, offer.topics, key)
-                table[offer.offer_id, offer.topics] = offer_indices
-            indices.extend(offer_indices)
-            n_topics = len(offer.topics)
-            offer_values = hashed_values.get(n_topics)
-            if offer_values is None:
-                offer_values = hashed_values[n_topics] = self._offer_values(
-                    n_topics, names_per_topic, numeric, len(memberships)
-                )
-            if memberships:
-                indices.extend(segment_indices)
-                if by_offer:
-                    indices.extend(self._crossed_indices("o", (offer.offer_id,), memberships))
-                else:
-                    indices.extend(self._crossed_indices("t", offer.topics, memberships))
-            values.extend(offer_values)
-            bounds.append(len(indices))
+
+        def crossed(offer: Offer) -> array[int]:
+            if by_offer:
+                return self._crossed_indices("o", (offer.offer_id,), memberships)
+            return self._crossed_indices("t", offer.topics, memberships)
+
+        indices, values, bounds = offer_rows(
+            offers if isinstance(offers, list) else list(offers),
+            liked if isinstance(liked, list) else list(liked),
+            inferred if isinstance(inferred, list) else list(inferred),
+            contacts_today,
+            contacts,
+            table,
+            lambda o: self._offer_indices(o.offer_id, o.topics, key),
+            hashed_values,
+            lambda n_topics: self._offer_values(
+                n_topics, names_per_topic, numeric, len(memberships)
+            ),
+            segment_indices,
+            crossed if memberships else None,
+        )
         layout = None
         if numeric:
             prefix = 2 if self.feature_set == "shared+offer" else 0
