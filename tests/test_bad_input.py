@@ -144,6 +144,11 @@ DECIDE_BAD = [
         decide_req(candidate_offer_ids=[""]), {"candidate_offer_ids[0]"}, id="candidate-empty"
     ),
     pytest.param(
+        decide_req(candidate_offer_ids=["ok", "two\nids"]),
+        {"candidate_offer_ids[1]"},
+        id="candidate-with-newline",
+    ),
+    pytest.param(
         decide_req(candidate_offer_ids=["-dash-first"]),
         {"candidate_offer_ids[0]"},
         id="candidate-starts-with-dash",

@@ -15,6 +15,7 @@ from tactful import metrics
 from tactful.bandit import LinearModel, SnapshotError, prior_theta, project
 from tactful.domain import Offer
 from tactful.features import FeatureSpace
+from tactful.offer_table import EMPTY, OfferTable
 from tactful.segment_book import SegmentBook
 from tactful.store import Store
 
@@ -23,10 +24,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class CatalogSnapshot:
-    """Offers and segments of one catalog version, swapped in together."""
+    """Offers and segments of one catalog version, swapped in together, with the offers as
+    arrays for eligibility (built here, when the version loads, not per request)."""
 
     offers: Mapping[str, Offer] = field(default_factory=dict)
     segments: SegmentBook = field(default_factory=lambda: SegmentBook(()))
+    table: OfferTable = EMPTY
 
 
 class CatalogCache:
@@ -75,7 +78,8 @@ class CatalogCache:
         started = time.monotonic()
         version, offers, segments = self._store.load_catalog()
         # One object, one assignment: a request sees offers and segments of one version.
-        self._snapshot = CatalogSnapshot({o.offer_id: o for o in offers}, SegmentBook(segments))
+        by_id = {o.offer_id: o for o in offers}
+        self._snapshot = CatalogSnapshot(by_id, SegmentBook(segments), OfferTable(by_id))
         self._version = version
         self._loaded_at = started
         metrics.CATALOG_RELOADS.inc()

@@ -41,7 +41,8 @@ from tactful.domain import (
 from tactful.errors import Abandoned, Aborted, Unavailable
 from tactful.fallback import without_store
 from tactful.features import FeatureBatch, FloatArray, RequestContext, SparseVector, evidence
-from tactful.hard_rules import HardRules, RecentRules, candidates, eligible
+from tactful.hard_rules import HardRules, RecentRules
+from tactful.offer_table import OfferTable
 from tactful.outcomes import Outcomes
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.segment_book import SegmentBook, with_segment
@@ -105,6 +106,7 @@ class Turn(NamedTuple):
     req: DecideRequest
     profile: Profile
     offers: Mapping[str, Offer]
+    table: OfferTable  # the same offers, as arrays for eligibility
     book: SegmentBook
     model: LinearModel
     decision_id: str
@@ -247,6 +249,7 @@ class Decider:
             req,
             inputs.profile,
             snapshot.offers,
+            snapshot.table,
             snapshot.segments,
             model,
             decision_id,
@@ -285,7 +288,9 @@ class Decider:
         member_ids = book.members_of(req, profile, rules.liked, rules.disliked, inferred)
         members = frozenset(member_ids)
         logged_segments = book.logged(member_ids) if book else None
-        offers = eligible(candidates(req, turn.offers), req.channel, now, rules, book, members)
+        offers = turn.table.eligible(
+            req.candidate_offer_ids, req.channel, now, rules, book, members
+        )
         if not offers:
             raise turn.hold(HoldReason.NO_ELIGIBLE_OFFER, segments=logged_segments)
         view = scoring.UserView(liked_topics=rules.liked, inferred=inferred)
@@ -294,6 +299,8 @@ class Decider:
     def _under_offer_caps(self, turn: Turn, room: Room, audience: Audience) -> list[Offer]:
         """The eligible offers not yet at their own daily cap for this user."""
         window, counts = room.plan.window, room.counts
+        if not turn.table.any_capped:
+            return audience.offers  # no offer has a cap of its own
         offers = [o for o in audience.offers if self._contacts.under_offer_cap(o, counts)]
         if not offers:
             raise turn.hold(HoldReason.FATIGUE_CAP, window.end, audience.segments)
