@@ -76,9 +76,12 @@ class OfferTable:
             count=len(candidate_ids),
         )
         found = found[found >= 0]
-        if len(found) > 1 and np.bincount(found, minlength=self.size).max() > 1:
-            # Named more than once: the first time counts (rare, so the slow way).
-            found = np.array(list(dict.fromkeys(found.tolist())), dtype=np.intp)
+        if len(found) > 1:
+            named = np.zeros(self.size, dtype=bool)
+            named[found] = True
+            if np.count_nonzero(named) < len(found):
+                # Named more than once: the first time counts (rare, so the slow way).
+                found = np.array(list(dict.fromkeys(found.tolist())), dtype=np.intp)
         return found
 
     def eligible(
@@ -103,15 +106,16 @@ class OfferTable:
         if rules.disliked:
             keep &= ~self._about(rules.disliked)[at]
         if self._any_sensitive:
+            # A sensitive offer needs an explicit like of one of its topics.
             sensitive = self._sensitive[at]
-            if sensitive.any():  # a sensitive offer needs an explicit like of one of its topics
+            if np.count_nonzero(sensitive):
                 keep &= ~sensitive | self._about(rules.liked)[at]
         if rules.cooling:
             keep &= ~self._cooling(rules.cooling)[at]
         at = at[keep]
         if self._any_targeted and len(at):
             targeted = self._targeted[at]
-            if targeted.any():
+            if np.count_nonzero(targeted):
                 offers = self.offers
                 allowed = [
                     not t or book.allows(offers[i], members)
