@@ -2,14 +2,17 @@
 ``hard_rules.eligible(candidates(...))``: the same offers in the same order for every
 catalog, request, user and segment membership: offers timed, sensitive, targeted, on other
 channels; candidates named twice or unknown; stances, opt-outs and cooldowns of every kind.
-And the one-match check of the candidate ids against the per-id pattern."""
+The user's evidence on those offers against ``features.evidence_reference``, and the one-match
+check of the candidate ids against the per-id pattern."""
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tactful.domain import DecideRequest, Offer, Segment
+from tactful.features import evidence_reference
 from tactful.hard_rules import NOTHING_KNOWN, HardRules, candidates, eligible
 from tactful.offer_table import OfferTable
 from tactful.segment_book import SegmentBook
@@ -91,3 +94,24 @@ def test_candidate_ids_are_checked_at_once_as_one_by_one(ids):
     """Decide's candidates are validated in one match (validation._all_offer_ids): it
     accepts exactly the lists whose every id matches OFFER_ID_RE."""
     assert _all_offer_ids(ids) == all(OFFER_ID_RE.fullmatch(i) for i in ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    OFFERS,
+    st.data(),
+    TOPIC_SETS,
+    st.dictionaries(
+        st.sampled_from(["sports", "travel", "health", "none-offered"]),
+        st.one_of(st.floats(-1.0, 50.0), st.integers(0, 4)),
+    ),
+)
+def test_the_table_finds_the_reference_evidence(offers, data, liked, inferred):
+    """The user's evidence on the eligible offers, from their topic numbers, is
+    ``features.evidence_reference`` on those offers exactly (explicit like, and the
+    strongest inferred strength squashed), whatever the positions and their order."""
+    table = OfferTable({o.offer_id: o for o in offers})
+    order = data.draw(st.permutations(range(table.size)))
+    at = np.array(order[: data.draw(st.integers(0, table.size))], dtype=np.intp)
+    expected = evidence_reference(table.offers_at(at), liked, inferred)
+    assert table.evidence(at, liked, inferred) == expected

@@ -21,3 +21,10 @@ def offer_rows(
 def evidence(
     offers: Sequence[Any], liked_topics: AbstractSet[str], inferred: Mapping[str, float]
 ) -> tuple[list[bool], list[float]]: ...
+def evidence_at(
+    at: Any,
+    topic_start: Any,
+    topic_ids: Any,
+    liked_topic: Any,
+    strength_of_topic: Any,
+) -> tuple[list[bool], list[float]]: ...

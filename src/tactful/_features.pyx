@@ -111,3 +111,36 @@ def evidence(offers, liked_topics, inferred):
         liked.append(any_liked)
         strengths.append(best / (1.0 + best) if best > 0 else 0.0)
     return liked, strengths
+
+
+def evidence_at(
+    const Py_ssize_t[:] at,
+    const long long[:] topic_start,
+    const int[:] topic_ids,
+    const unsigned char[:] liked_topic,
+    const double[:] strength_of_topic,
+):
+    """``evidence`` for the offers at positions ``at`` of an ``OfferTable``, their topics
+    as numbers: offer ``p``'s are ``topic_ids[topic_start[p]:topic_start[p + 1]]``, and
+    ``liked_topic`` and ``strength_of_topic`` are the user's stances and strengths by topic
+    number. The same comparisons and the same division as ``features.evidence_reference``."""
+    cdef Py_ssize_t i, j, p, n = at.shape[0]
+    cdef list liked = []
+    cdef list strengths = []
+    cdef double best, strength
+    cdef bint any_liked
+    cdef int topic
+    for i in range(n):
+        p = at[i]
+        any_liked = False
+        best = 0.0
+        for j in range(topic_start[p], topic_start[p + 1]):
+            topic = topic_ids[j]
+            if liked_topic[topic]:
+                any_liked = True
+            strength = strength_of_topic[topic]
+            if strength > best:
+                best = strength
+        liked.append(any_liked)
+        strengths.append(best / (1.0 + best) if best > 0 else 0.0)
+    return liked, strengths

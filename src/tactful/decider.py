@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from tactful import metrics, scoring, validation
 from tactful.bandit import LinearModel, Pick, SlateDraws, pick_slate
 from tactful.caches import CatalogCache, ModelCache
@@ -40,9 +42,9 @@ from tactful.domain import (
 )
 from tactful.errors import Abandoned, Aborted, Unavailable
 from tactful.fallback import without_store
-from tactful.features import FeatureBatch, FloatArray, RequestContext, SparseVector, evidence
+from tactful.features import FeatureBatch, FloatArray, RequestContext, SparseVector
 from tactful.hard_rules import HardRules, RecentRules
-from tactful.offer_table import OfferTable
+from tactful.offer_table import OfferTable, Positions
 from tactful.outcomes import Outcomes
 from tactful.privacy import Pseudonymizer, in_control_group
 from tactful.segment_book import SegmentBook, with_segment
@@ -137,6 +139,7 @@ class Audience(NamedTuple):
     """The offers the hard rules and targeting allow, and what the user was judged on."""
 
     offers: list[Offer]
+    at: Positions  # their positions in the catalog's table
     view: scoring.UserView
     member_ids: tuple[str, ...]
     members: frozenset[str]
@@ -191,11 +194,11 @@ class Decider:
         try:
             room = self._channel_rules(turn)
             audience = self._eligible(turn)
-            offers = self._under_offer_caps(turn, room, audience)
+            offers, at = self._under_offer_caps(turn, room, audience)
             if turn.arm is Arm.CONTROL:
                 draft = self._by_priority(turn, room, audience, offers)
             else:
-                batch, liked = self._features(turn, room, audience, offers)
+                batch, liked = self._features(turn, room, audience, offers, at)
                 predicted, scores = self._scores(turn, batch)
                 picks = self._pick(turn, offers, scores, room.slots)
                 choices = self._reasons(turn, audience, offers, scores, picks)
@@ -288,23 +291,26 @@ class Decider:
         member_ids = book.members_of(req, profile, rules.liked, rules.disliked, inferred)
         members = frozenset(member_ids)
         logged_segments = book.logged(member_ids) if book else None
-        offers = turn.table.eligible(
-            req.candidate_offer_ids, req.channel, now, rules, book, members
-        )
-        if not offers:
+        table = turn.table
+        at = table.eligible_at(req.candidate_offer_ids, req.channel, now, rules, book, members)
+        if not len(at):
             raise turn.hold(HoldReason.NO_ELIGIBLE_OFFER, segments=logged_segments)
         view = scoring.UserView(liked_topics=rules.liked, inferred=inferred)
-        return Audience(offers, view, member_ids, members, logged_segments)
+        return Audience(table.offers_at(at), at, view, member_ids, members, logged_segments)
 
-    def _under_offer_caps(self, turn: Turn, room: Room, audience: Audience) -> list[Offer]:
-        """The eligible offers not yet at their own daily cap for this user."""
+    def _under_offer_caps(
+        self, turn: Turn, room: Room, audience: Audience
+    ) -> tuple[list[Offer], Positions]:
+        """The eligible offers not yet at their own daily cap for this user, and their
+        positions."""
         window, counts = room.plan.window, room.counts
         if not turn.table.any_capped:
-            return audience.offers  # no offer has a cap of its own
-        offers = [o for o in audience.offers if self._contacts.under_offer_cap(o, counts)]
-        if not offers:
+            return audience.offers, audience.at  # no offer has a cap of its own
+        under = [self._contacts.under_offer_cap(o, counts) for o in audience.offers]
+        if not any(under):
             raise turn.hold(HoldReason.FATIGUE_CAP, window.end, audience.segments)
-        return offers
+        offers = [o for o, ok in zip(audience.offers, under, strict=True) if ok]
+        return offers, audience.at[np.array(under, dtype=bool)]
 
     def _by_priority(
         self, turn: Turn, room: Room, audience: Audience, offers: list[Offer]
@@ -323,7 +329,7 @@ class Decider:
         return Draft(turn.decision(choices), {}, room.plan, segments=audience.segments)
 
     def _features(
-        self, turn: Turn, room: Room, audience: Audience, offers: list[Offer]
+        self, turn: Turn, room: Room, audience: Audience, offers: list[Offer], at: Positions
     ) -> tuple[FeatureBatch, list[bool]]:
         """Each offer's sparse feature vector, and whether the user explicitly likes it."""
         req, view, book = turn.req, audience.view, turn.book
@@ -335,7 +341,7 @@ class Decider:
             categorical=req.categorical_context,
             numeric=req.numeric_context,
         )
-        liked_flags, strengths = evidence(offers, liked, view.inferred)
+        liked_flags, strengths = turn.table.evidence(at, liked, view.inferred)
         batch = self._space.featurize_many(
             context,
             offers,

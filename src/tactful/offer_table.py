@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from itertools import repeat
 from operator import itemgetter
 
@@ -18,8 +19,12 @@ import numpy as np
 import numpy.typing as npt
 
 from tactful.domain import Offer
+from tactful.features import COMPILED, evidence_reference
 from tactful.hard_rules import HardRules
 from tactful.segment_book import SegmentBook
+
+if COMPILED:
+    from tactful import _features
 
 Positions = npt.NDArray[np.intp]
 Mask = npt.NDArray[np.bool_]
@@ -64,6 +69,13 @@ class OfferTable:
             mask[at] = True
             self._on_channel[channel] = mask
         self._about_topic = {t: np.array(at, dtype=np.intp) for t, at in about_topic.items()}
+        # Each offer's topics as numbers, for the user's evidence on it (``evidence``).
+        self._topic_number = {topic: k for k, topic in enumerate(about_topic)}
+        self._topic_start = np.zeros(n + 1, dtype=np.int64)
+        self._topic_start[1:] = np.cumsum([len(o.topics) for o in self.offers])
+        self._topic_ids = np.array(
+            [self._topic_number[t] for o in self.offers for t in o.topics], dtype=np.int32
+        )
 
     def candidates(self, candidate_ids: Sequence[str]) -> Positions:
         """``hard_rules.candidates`` as positions: every offer in catalog order when no ids
@@ -96,10 +108,23 @@ class OfferTable:
         """``hard_rules.eligible(candidates(req, offers), channel, now, rules, book, members)``:
         the candidates that are active, on ``channel``, allowed by the user's hard rules and
         by targeting, in candidate order."""
+        at = self.eligible_at(candidate_ids, channel, now, rules, book, members)
+        return self.offers_at(at)
+
+    def eligible_at(
+        self,
+        candidate_ids: Sequence[str],
+        channel: str,
+        now: float,
+        rules: HardRules,
+        book: SegmentBook,
+        members: frozenset[str],
+    ) -> Positions:
+        """``eligible``, as the positions of those offers."""
         at = self.candidates(candidate_ids)
         on_channel = self._on_channel.get(channel)
         if on_channel is None or not len(at):
-            return []
+            return _NONE
         keep = on_channel[at]
         if self._timed:
             keep &= (self._start[at] <= now) & (now < self._end[at])
@@ -122,7 +147,27 @@ class OfferTable:
                     for i, t in zip(at.tolist(), targeted.tolist(), strict=True)
                 ]
                 at = at[np.array(allowed, dtype=bool)]
-        return self._offers_at(at)
+        return at
+
+    def evidence(
+        self, at: Positions, liked_topics: AbstractSet[str], inferred: Mapping[str, float]
+    ) -> tuple[list[bool], list[float]]:
+        """``features.evidence`` of the offers at ``at``: the user's explicit like and
+        strongest inferred strength on each, squashed, from the offers' topic numbers."""
+        if not COMPILED:  # pragma: no cover - every CI machine has a compiler
+            return evidence_reference(self.offers_at(at), liked_topics, inferred)
+        number = self._topic_number
+        liked = np.zeros(len(number), dtype=np.uint8)
+        strength = np.zeros(len(number), dtype=float)
+        for topic in liked_topics:
+            k = number.get(topic)
+            if k is not None:
+                liked[k] = 1
+        for topic, value in inferred.items():
+            k = number.get(topic)
+            if k is not None:
+                strength[k] = value
+        return _features.evidence_at(at, self._topic_start, self._topic_ids, liked, strength)
 
     def _about(self, topics: Iterable[str]) -> Mask:
         """Whether each offer is about one of ``topics`` (by position, whole catalog)."""
@@ -145,7 +190,8 @@ class OfferTable:
                     mask[i] = True
         return mask
 
-    def _offers_at(self, at: Positions) -> list[Offer]:
+    def offers_at(self, at: Positions) -> list[Offer]:
+        """The offers at positions ``at``, in that order."""
         if len(at) == 0:
             return []
         if len(at) == 1:
