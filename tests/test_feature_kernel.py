@@ -100,3 +100,21 @@ def test_rows_of_mismatched_lengths_are_refused():
             rows(
                 [offer], [True, False], [0.0], 0, 0.0, {}, None, {}, None, features.array("q"), None
             )
+
+
+@pytest.mark.parametrize("feature_set", FEATURE_SETS)
+def test_an_offer_whose_topics_changed_gets_the_new_topics_indices(feature_set):
+    """The rows are cached by offer id in each context: a new catalog version that changes an
+    offer's topics must not be featurized with the old ones."""
+    ctx = RequestContext("web", "home", 10)
+    before = Offer("o1", "", ("sports",), ("web",))
+    after = Offer("o1", "", ("travel", "food"), ("web",))
+    space = FeatureSpace(12, feature_set)
+    space.featurize_many(ctx, [before], [False], [0.0], 0)
+    again = space.featurize_many(ctx, [after], [False], [0.0], 0).vector(0)
+    fresh = FeatureSpace(12, feature_set).featurize_many(ctx, [after], [False], [0.0], 0)
+    assert again == fresh.vector(0)
+    if feature_set != "offer":  # there the offer's id alone is its unit
+        assert again != FeatureSpace(12, feature_set).featurize(
+            ctx, before, features.UserEvidence(False, 0.0, 0)
+        )

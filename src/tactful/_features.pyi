@@ -11,7 +11,7 @@ def offer_rows(
     inferred: list[float],
     contacts_today: int,
     contacts: float,
-    table: dict[tuple[str, tuple[str, ...]], array[int]],
+    table: dict[str, tuple[tuple[str, ...], array[int]]],
     indices_of: Callable[[Any], array[int]],
     hashed_values: dict[int, array[float]],
     values_of: Callable[[int], array[float]],

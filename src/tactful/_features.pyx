@@ -47,7 +47,7 @@ def offer_rows(
     cdef int k
     cdef double strength
     cdef array.array own, hashed
-    cdef object offer, topics, key, n_topics
+    cdef object offer, topics, offer_id, cached, n_topics
     for i in range(n):
         offer = offers[i]
         dense_indices[0] = BIAS
@@ -71,11 +71,15 @@ def offer_rows(
         array.extend_buffer(indices, <char*> dense_indices, k)
         array.extend_buffer(values, <char*> dense_values, k)
         topics = offer.topics
-        key = (offer.offer_id, topics)
-        own = table.get(key)
-        if own is None:
+        offer_id = offer.offer_id
+        cached = table.get(offer_id)
+        if cached is not None and (
+            (<tuple> cached)[0] is topics or (<tuple> cached)[0] == topics
+        ):
+            own = (<tuple> cached)[1]
+        else:
             own = indices_of(offer)
-            table[key] = own
+            table[offer_id] = (topics, own)
         array.extend(indices, own)
         n_topics = len(topics)
         hashed = hashed_values.get(n_topics)

@@ -94,7 +94,7 @@ def offer_rows_reference(
     inferred: list[float],
     contacts_today: int,
     contacts: float,
-    table: dict[tuple[str, tuple[str, ...]], array[int]],
+    table: dict[str, tuple[tuple[str, ...], array[int]]],
     indices_of: Callable[[Offer], array[int]],
     hashed_values: dict[int, array[float]],
     values_of: Callable[[int], array[float]],
@@ -103,11 +103,12 @@ def offer_rows_reference(
 ) -> tuple[array[int], array[float], list[int]]:
     """The rows of ``FeatureSpace.featurize_many``, one offer after another: each row's dense
     features (bias, priority, then explicit_like, inferred_interest and contacts_today where
-    they are not 0), the offer's hashed indices in this context (``table``, filled by
-    ``indices_of``), the user's segment indices and their crosses with the offer
-    (``crossed_of``, None when the user is in no segment that is a feature), and the hashed
-    values, the same for every offer with as many topics (``hashed_values``, filled by
-    ``values_of``). Returns the indices, the values and each row's end.
+    they are not 0), the offer's hashed indices in this context (``table``, by offer id with
+    the topics they were made for, filled by ``indices_of``), the user's segment indices
+    and their crosses with the offer (``crossed_of``, None when the user is in no segment
+    that is a feature), and the hashed values, the same for every offer with as many topics
+    (``hashed_values``, filled by ``values_of``). Returns the indices, the values and each
+    row's end.
 
     The reference: Decide runs the compiled ``tactful._features.offer_rows``, which gives the
     same rows (tests/test_feature_kernel.py)."""
@@ -130,9 +131,12 @@ def offer_rows_reference(
         if contacts_today:
             indices.append(CONTACTS_TODAY)
             values.append(contacts)
-        own = table.get((offer.offer_id, offer.topics))
-        if own is None:
-            own = table[offer.offer_id, offer.topics] = indices_of(offer)
+        cached = table.get(offer.offer_id)
+        if cached is not None and cached[0] == offer.topics:
+            own = cached[1]
+        else:
+            own = indices_of(offer)
+            table[offer.offer_id] = (offer.topics, own)
         indices.extend(own)
         n_topics = len(offer.topics)
         hashed = hashed_values.get(n_topics)
@@ -387,8 +391,10 @@ def _context_key(ctx: RequestContext) -> ContextKey:
     )
 
 
-def _new_table(key: ContextKey) -> dict[tuple[str, tuple[str, ...]], array[int]]:
-    """An empty table of (offer id, topics) -> hashed indices, for one context key."""
+def _new_table(key: ContextKey) -> dict[str, tuple[tuple[str, ...], array[int]]]:
+    """An empty table of offer id -> (its topics, its hashed indices), for one context key:
+    keyed by the id alone (a string hashes once; a tuple of id and topics on every lookup),
+    the topics checked on each hit, since a new catalog version may change them."""
     return {}
 
 
