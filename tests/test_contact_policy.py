@@ -31,6 +31,28 @@ def ts(text: str) -> float:
     return dt.datetime.fromisoformat(text).timestamp()
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.floats(1.7e9, 1.8e9),  # 2023 to 2027: DST changes included
+    st.lists(
+        st.tuples(
+            st.integers(-2 * 86400, 2 * 86400),  # around that time, on both sides of midnights
+            st.sampled_from(["", "Europe/Paris", "America/Los_Angeles", "Asia/Kolkata"]),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_the_remembered_day_is_the_day_worked_out_afresh(base, times):
+    """``window`` remembers each zone's last day: whatever the order of the times asked, it
+    answers what a policy that never saw another time would."""
+    policy = ContactPolicy(ContactSettings())
+    for offset, zone in times:
+        now = base + offset
+        profile = Profile("u", quiet_hours=QuietHours(0, 0, zone) if zone else None)
+        assert policy.window(now, profile) == ContactPolicy(ContactSettings()).window(now, profile)
+
+
 def test_a_day_is_the_calendar_day_in_the_users_zone():
     paris = Profile("u", quiet_hours=QuietHours(22, 7, "Europe/Paris"))
     window = POLICY.window(ts("2026-11-26T23:30:00+00:00"), paris)  # 00:30 on the 27th in Paris

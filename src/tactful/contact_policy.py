@@ -130,14 +130,22 @@ class ContactPolicy:
         self.interruptive = frozenset(settings.interruptive_channels)
         self.cooldown_seconds = settings.dismiss_cooldown_hours * 3600.0
         self.cools_topics = settings.dismiss_cools_topics
+        # The last day worked out in each time zone: any time within it has that same day,
+        # so most Decides skip the calendar arithmetic (a few µs). Bounded by the zones.
+        self._days: dict[str, Window] = {}
 
     def window(self, now: float, profile: Profile) -> Window:
-        zone = _zone(profile.quiet_hours.time_zone if profile.quiet_hours else "")
+        name = profile.quiet_hours.time_zone if profile.quiet_hours else ""
+        day = self._days.get(name)
+        if day is not None and day.start <= now < day.end:
+            return day
+        zone = _zone(name)
         local = dt.datetime.fromtimestamp(now, zone)
         midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
         tomorrow = (midnight + dt.timedelta(days=1)).replace(tzinfo=None)
         end = tomorrow.replace(tzinfo=zone).timestamp()  # DST-safe: local midnight again
-        return Window(midnight.timestamp(), end)
+        day = self._days[name] = Window(midnight.timestamp(), end)
+        return day
 
     def quiet_until(self, now: float, profile: Profile, channel: str) -> float | None:
         """When the user's quiet hours end, if they hold this channel now."""
