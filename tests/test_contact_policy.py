@@ -9,7 +9,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tactful.contact_policy import (
@@ -37,12 +37,16 @@ def ts(text: str) -> float:
     st.lists(
         st.tuples(
             st.integers(-2 * 86400, 2 * 86400),  # around that time, on both sides of midnights
-            st.sampled_from(["", "Europe/Paris", "America/Los_Angeles", "Asia/Kolkata"]),
+            st.sampled_from(
+                ["", "Europe/Paris", "America/Los_Angeles", "Atlantic/Azores", "America/Havana"]
+            ),
         ),
         min_size=1,
         max_size=30,
     ),
 )
+@example(1761442200.0, [(-3600, "Atlantic/Azores"), (14400, "Atlantic/Azores")])
+@example(1762059600.0, [(0, "America/Havana"), (18000, "America/Havana")])
 def test_the_remembered_day_is_the_day_worked_out_afresh(base, times):
     """``window`` remembers each zone's last day: whatever the order of the times asked, it
     answers what a policy that never saw another time would."""
@@ -51,6 +55,10 @@ def test_the_remembered_day_is_the_day_worked_out_afresh(base, times):
         now = base + offset
         profile = Profile("u", quiet_hours=QuietHours(0, 0, zone) if zone else None)
         assert policy.window(now, profile) == ContactPolicy(ContactSettings()).window(now, profile)
+        # A day runs from one local midnight (the first, where the clocks went back) to the
+        # next: a fresh policy gives the same day to any time within it.
+        day = policy.window(now, profile)
+        assert ContactPolicy(ContactSettings()).window(day.start, profile) == day
 
 
 def test_a_day_is_the_calendar_day_in_the_users_zone():

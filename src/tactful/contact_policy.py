@@ -103,6 +103,7 @@ Counts = Mapping[tuple[str, str], int]
 #: A channel's last contact this long ago no longer matters to any minimum gap: the caps
 #: script drops its mark.
 STALE_CONTACT_SECONDS = 30 * 86400
+ZONES_KEPT = 1024  # time zones whose current day ContactPolicy.window keeps
 
 
 def todays_counts(counters: Iterable[ContactCounter], window: Window, now: float) -> Counts:
@@ -131,7 +132,8 @@ class ContactPolicy:
         self.cooldown_seconds = settings.dismiss_cooldown_hours * 3600.0
         self.cools_topics = settings.dismiss_cools_topics
         # The last day worked out in each time zone: any time within it has that same day,
-        # so most Decides skip the calendar arithmetic (a few µs). Bounded by the zones.
+        # so most Decides skip the calendar arithmetic (a few µs). Zone names come from
+        # profiles: past ZONES_KEPT of them, the kept days start over.
         self._days: dict[str, Window] = {}
 
     def window(self, now: float, profile: Profile) -> Window:
@@ -141,9 +143,13 @@ class ContactPolicy:
             return day
         zone = _zone(name)
         local = dt.datetime.fromtimestamp(now, zone)
-        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        # fold=0: in a zone whose clocks go back over midnight (Azores, Havana), a time in
+        # the repeated hour still has the day that began at the first midnight.
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
         tomorrow = (midnight + dt.timedelta(days=1)).replace(tzinfo=None)
         end = tomorrow.replace(tzinfo=zone).timestamp()  # DST-safe: local midnight again
+        if len(self._days) >= ZONES_KEPT:
+            self._days = {}
         day = self._days[name] = Window(midnight.timestamp(), end)
         return day
 
